@@ -1,0 +1,1 @@
+"""Service stage: command line, gRPC services and batch jobs."""

@@ -1,0 +1,24 @@
+"""`tessera bench TARGET`: each benchmark runs the project and the reference side by side in one
+process and prints throughputs and ratios. Targets register here by module path."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# target -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
+TARGETS: dict[str, tuple[str, str]] = {
+    "preprocess": ("vision.bench_preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+    for name, (module_name, help_text) in TARGETS.items():
+        sub = targets.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_bench_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._bench_module).run(args) or 0)

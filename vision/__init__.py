@@ -1,0 +1,1 @@
+"""Vision stage: image decoding and validation, Pan & Scan tiling, SigLIP encoder and projector."""
