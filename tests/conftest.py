@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-weight Gemma 3 checkpoints written with the reference library."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_IMAGE_TOKEN = 500  # image placeholder id of the tiny vision-language checkpoint
+
+
+def tiny_vlm_config():
+    """A small Gemma 3 vision-language config that keeps every structural feature of the real ones:
+    local and global layers, a sliding window shorter than test prompts, GQA with 2 KV heads, linear
+    RoPE scaling on global layers, and a SigLIP tower at the true 896 px / 14 px patch geometry
+    (64×64 patches pooled to 256 soft tokens) with a narrow width."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=7,  # layers 0-4 and 6 local, layer 5 global
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=24,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=896,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    return Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=256,
+        image_token_index=TINY_IMAGE_TOKEN,
+        boi_token_index=498,
+        eoi_token_index=499,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A sharded safetensors checkpoint of a random `Gemma3ForConditionalGeneration`, written by the
+    installed transformers' `save_pretrained` (its key layout: `language_model.model.*`,
+    `vision_tower.*` without `vision_model.`, `multi_modal_projector.*`). Tests that need the
+    published or the `model.*` layout rename keys from this one."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(tiny_vlm_config()).eval()
+    # Random norm weights: the default init (zeros with 1 + w) would hide a missing "+ 1".
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("tiny-vlm")
+    model.save_pretrained(path, max_shard_size="200KB", safe_serialization=True)
+    return path
