@@ -1,0 +1,105 @@
+"""Which keys each query may attend to: pure mask functions, and the no-cache attention context.
+
+Gemma 3 attention is causal; local (sliding-window) layers also drop keys `sliding_window` or more
+positions back; and the 256 tokens of one image tile see each other bidirectionally (a tile never
+sees a later tile, since tiles have distinct ids and causality still holds between them).
+
+The window applies to image tokens too, exactly as in the reference (`transformers`
+`create_masks_for_vision_model`: local = window AND (causal OR same tile)): a tile token sees the
+later tokens of its own tile, but on a local layer never a key `sliding_window` or more positions
+before it. With the released windows (512, 1024) a 256-token tile always fits inside the window, so
+this only matters for tiny test configs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lm.config import LAYER_TYPES, SLIDING, TextConfig
+
+
+class AttentionContext(Protocol):
+    def kv(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Given this step's keys/values (B, kv_heads, T, head_dim) for layer `layer_idx` (already
+        normed and roped), store them if the context caches, and return the keys and values to attend
+        over (B, kv_heads, S, head_dim) and a boolean mask (B, 1, T, S), True = attend."""
+        ...
+
+
+def attention_mask(
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    sliding_window: int | None,
+    q_tile: Tensor | None = None,
+    k_tile: Tensor | None = None,
+) -> Tensor:
+    """Boolean mask (B, 1, T, S), True = the query may attend to the key.
+
+    q_pos (B, T), k_pos (B, S): absolute positions; a key slot with k_pos < 0 is empty or padding and
+    is never attended. q_tile (B, T), k_tile (B, S): id of the image tile a token belongs to, -1 for
+    text; tokens of the same tile attend to each other in both directions.
+    allowed = valid & (k_pos <= q_pos | same tile) & (window is None | q_pos - k_pos < window)
+    """
+    if (q_tile is None) != (k_tile is None):
+        raise ValueError("attention_mask: give both q_tile and k_tile, or neither")
+    q = q_pos[:, None, :, None]  # (B, 1, T, 1)
+    k = k_pos[:, None, None, :]  # (B, 1, 1, S)
+    allowed = k <= q
+    if q_tile is not None:
+        qt = q_tile[:, None, :, None]  # (B, 1, T, 1)
+        kt = k_tile[:, None, None, :]  # (B, 1, 1, S)
+        allowed = allowed | ((qt >= 0) & (qt == kt))
+    if sliding_window is not None:
+        allowed = allowed & (q - k < sliding_window)
+    return allowed & (k >= 0)
+
+
+def tile_ids_from_mask(image_mask: Tensor, tokens_per_tile: int, *, first_id: int | Tensor = 0) -> Tensor:
+    """Tile id of every token (B, T): the i-th run of `tokens_per_tile` placeholders in a row gets id
+    first_id + i, text gets -1. `first_id` (int or (B,)) lets a caller continue the numbering of
+    tiles already in its cache. A tile must be contiguous and whole: a placeholder count that is not a
+    multiple of `tokens_per_tile`, or a tile interrupted by text, is a ValueError."""
+    if image_mask.dtype != torch.bool or image_mask.dim() != 2:
+        raise ValueError(f"image_mask must be a (B, T) bool tensor, got {image_mask.dtype} {tuple(image_mask.shape)}")
+    counts = image_mask.sum(dim=1)  # (B,)
+    if bool((counts % tokens_per_tile).any()):
+        raise ValueError(
+            f"image placeholders per sequence {counts.tolist()} are not multiples of "
+            f"{tokens_per_tile} tokens per tile"
+        )
+    index = image_mask.long().cumsum(dim=1) - 1  # (B, T) running placeholder index
+    previous = torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]  # (B, T) placeholder just before
+    if bool((image_mask & (index % tokens_per_tile != 0) & ~previous).any()):
+        raise ValueError(f"an image tile's {tokens_per_tile} placeholders are interrupted by other tokens")
+    first = torch.as_tensor(first_id, device=image_mask.device).reshape(-1, 1)  # (B or 1, 1)
+    tiles = index.div(tokens_per_tile, rounding_mode="floor") + first
+    return torch.where(image_mask, tiles, torch.full_like(tiles, -1))
+
+
+class FullAttention:
+    """No cache: every layer attends over exactly this step's tokens (recompute from scratch).
+
+    positions (B, T), -1 marking padding; tile_ids (B, T) or None for text only. One mask per layer
+    type is built once here. A padding query attends to itself alone, so its row stays finite (an
+    all-masked row would give NaN) and no real token ever sees it."""
+
+    def __init__(self, config: TextConfig, positions: Tensor, tile_ids: Tensor | None = None) -> None:
+        self.layer_types = config.layer_types
+        padding = positions < 0  # (B, T)
+        self_only = torch.diag_embed(padding)[:, None]  # (B, 1, T, T)
+        self.masks = {
+            layer_type: attention_mask(
+                positions, positions,
+                sliding_window=config.sliding_window if layer_type == SLIDING else None,
+                q_tile=tile_ids, k_tile=tile_ids,
+            ) | self_only
+            for layer_type in LAYER_TYPES
+            if layer_type in set(config.layer_types)
+        }
+
+    def kv(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return keys, values, self.masks[self.layer_types[layer_idx]]

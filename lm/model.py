@@ -1,0 +1,189 @@
+"""The Gemma 3 text decoder in plain torch: only the network.
+
+It takes token ids, absolute positions and an `AttentionContext` (which owns any KV cache and decides
+the mask) and returns the final-norm hidden states; `logits` applies the tied head. Numerics follow
+the reference (`transformers` Gemma 3): RMSNorm in fp32 with (1 + w) then cast back, QK-norm before
+RoPE, RoPE tables in fp32 cast to the model dtype, embeddings scaled by sqrt(d_model) rounded to the
+model dtype, soft tokens written unscaled over the placeholder rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lm.attention import AttentionContext
+from lm.config import FULL, SLIDING, TextConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, linear_factor: float) -> Tensor:
+    """(head_dim / 2,) fp32 inverse frequencies; linear scaling divides them (= positions / factor).
+    Computed on the CPU like the reference, whatever device the model runs on."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    return 1.0 / (theta**exponents) / linear_factor
+
+
+def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, head_dim) for absolute positions (B, T), computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, head_dim / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, heads, T, head_dim) by tables (B, T, head_dim), rotate-half convention."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        hidden, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        k, v, mask = attention.kv(self.layer_idx, k, v)  # (B, KV, S, D) x2, (B, 1, T, S)
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k  # (B, H, S, D)
+        v = v.repeat_interleave(groups, dim=1) if groups > 1 else v  # (B, H, S, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H * D)
+        return self.o_proj(out)
+
+
+class GeGLU(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Attention and GeGLU, each wrapped in a pre-norm and a post-norm before its residual add."""
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_global = config.is_global(layer_idx)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GeGLU(config)
+        self.post_ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, attention))
+        return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
+
+
+class Gemma3TextModel(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        if config.attn_logit_softcapping is not None:
+            raise ValueError("attn_logit_softcapping is set in the config; Gemma 3 has none and it is not supported")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # fp32 RoPE frequencies per layer type; not weights (never saved or loaded).
+        self.register_buffer(
+            "local_inv_freq", rope_inv_freq(config.head_dim, config.rope_local_theta, 1.0), persistent=False
+        )
+        self.register_buffer(
+            "global_inv_freq",
+            rope_inv_freq(config.head_dim, config.rope_global_theta, config.rope_global_scaling),
+            persistent=False,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T)
+        positions: Tensor,  # (B, T) absolute positions, for RoPE
+        attention: AttentionContext,
+        soft_tokens: Tensor | None = None,  # (num_tiles, tokens_per_tile, hidden)
+        image_mask: Tensor | None = None,  # (B, T) True at image placeholder positions
+    ) -> Tensor:  # (B, T, hidden) after the final norm
+        x = self.embed_tokens(input_ids, soft_tokens, image_mask)
+        inv_freq = {SLIDING: self.local_inv_freq, FULL: self.global_inv_freq}
+        tables = {kind: rope_tables(positions, inv_freq[kind], x.dtype) for kind in set(self.config.layer_types)}
+        for layer in self.layers:
+            cos, sin = tables[FULL if layer.is_global else SLIDING]
+            x = layer(x, cos, sin, attention)
+        return self.final_norm(x)
+
+    def embed_tokens(self, input_ids: Tensor, soft_tokens: Tensor | None, image_mask: Tensor | None) -> Tensor:
+        """(B, T, hidden): scaled text embeddings with soft tokens written over the placeholder rows."""
+        dtype = self.embed.weight.dtype
+        if image_mask is None or soft_tokens is None:
+            if soft_tokens is not None or (image_mask is not None and bool(image_mask.any())):
+                raise ValueError("soft_tokens and image_mask must be given together")
+            return self.embed(input_ids) * self._embed_scale(dtype)
+        self._check_soft_tokens(soft_tokens, image_mask)
+        # Placeholder ids may lie beyond the vocabulary: never look them up.
+        x = self.embed(input_ids.masked_fill(image_mask, 0)) * self._embed_scale(dtype)
+        rows = soft_tokens.to(device=x.device, dtype=dtype).reshape(-1, x.shape[-1])  # (tiles * tokens, hidden)
+        return x.masked_scatter(image_mask[..., None], rows)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., vocab_size) fp32 logits from final-norm hidden states (..., hidden)."""
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, head).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def _embed_scale(self, dtype: torch.dtype) -> Tensor:
+        # sqrt(d_model) rounded to the model dtype first, as the reference does (55.43 -> 55.5 in bf16).
+        return torch.tensor(self.config.hidden_size**0.5).to(dtype)
+
+    def _check_soft_tokens(self, soft_tokens: Tensor, image_mask: Tensor) -> None:
+        if soft_tokens.dim() != 3 or soft_tokens.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"soft_tokens must be (num_tiles, tokens_per_tile, {self.config.hidden_size}), "
+                f"got {tuple(soft_tokens.shape)}"
+            )
+        placeholders = int(image_mask.sum())
+        features = soft_tokens.shape[0] * soft_tokens.shape[1]
+        if placeholders != features:
+            raise ValueError(
+                f"image placeholders and soft tokens differ: {placeholders} placeholder tokens in the "
+                f"input, {features} soft tokens ({soft_tokens.shape[0]} tiles x {soft_tokens.shape[1]})"
+            )
