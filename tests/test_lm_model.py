@@ -1,0 +1,228 @@
+"""The decoder against the reference on tiny random checkpoints: logits of `lm.model.Gemma3TextModel`
+equal those of transformers' `Gemma3ForConditionalGeneration` / `Gemma3ForCausalLM` on the same
+weights, token ids and image soft tokens (random tensors standing in for the vision stage)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_IMAGE_TOKEN, tiny_vlm_config
+from lm.attention import FullAttention, tile_ids_from_mask
+from lm.weights import load_text_model
+
+TOKENS_PER_TILE = 256
+BOI, EOI = 498, 499  # tiny config's <start_of_image> / <end_of_image>
+NEWLINES, SPACE = 108, 237  # stand-ins for "\n\n" and " " (any text ids work)
+TOLERANCE = 1e-4
+
+
+def _text(generator: torch.Generator, n: int) -> list[int]:
+    return torch.randint(3, BOI, (n,), generator=generator).tolist()
+
+
+def _tile() -> list[int]:
+    return [NEWLINES, BOI] + [TINY_IMAGE_TOKEN] * TOKENS_PER_TILE + [EOI, NEWLINES]
+
+
+def _image(generator: torch.Generator, num_crops: int) -> list[int]:
+    """Placeholder span of one image; with crops, the Pan & Scan layout (original tile, then the
+    crop tiles separated by spaces, all joined by wording tokens)."""
+    if num_crops == 0:
+        return _tile()
+    ids = _text(generator, 5) + _tile() + _text(generator, 9)
+    for i in range(num_crops):
+        ids += ([SPACE] if i else []) + _tile()
+    return ids
+
+
+def _prompt(seed: int, layout: list) -> list[int]:
+    """ids from a layout: ints are text runs of that length, ("image", k) an image with k crops."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = [2]
+    for part in layout:
+        ids += _text(generator, part) if isinstance(part, int) else _image(generator, part[1])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm_dir):
+    from transformers import Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration.from_pretrained(tiny_vlm_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_vlm_dir):
+    return load_text_model(tiny_vlm_dir, dtype=torch.float32, device="cpu")
+
+
+def _reference_logits(reference, ids: torch.Tensor, soft: torch.Tensor | None, bidirectional: bool = True):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    kwargs = {}
+    if soft is not None:
+        # The public hook for precomputed vision features: it replaces get_image_features' output.
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=soft)}
+        if bidirectional:
+            kwargs["token_type_ids"] = (ids == TINY_IMAGE_TOKEN).long()  # activates the per-tile blocks
+    with torch.no_grad():
+        out = reference(input_ids=ids, use_cache=False, **kwargs)
+    if soft is not None:
+        assert torch.equal(out.image_hidden_states, soft)  # the reference really used our soft tokens
+    return out.logits
+
+
+def _our_logits(ours, ids: torch.Tensor, soft: torch.Tensor | None, bidirectional: bool = True, config=None):
+    config_loaded, model = ours
+    config = config or config_loaded
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    image_mask = ids == TINY_IMAGE_TOKEN if soft is not None else None
+    tiles = tile_ids_from_mask(image_mask, TOKENS_PER_TILE) if soft is not None and bidirectional else None
+    with torch.no_grad():
+        hidden = model(ids, positions, FullAttention(config, positions, tiles), soft, image_mask)
+        return model.logits(hidden)
+
+
+CASES = {
+    "text only": [[60]],
+    "one image, no crops": [[20, ("image", 0), 30]],
+    "one image, two crops": [[12, ("image", 2), 25]],
+    "two images": [[8, ("image", 0), 15, ("image", 2), 10]],
+    "batch of two": [[10, ("image", 0), 40], [45, ("image", 0), 5]],
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_reference(reference, ours, name):
+    rows = [_prompt(seed, layout) for seed, layout in enumerate(CASES[name])]
+    ids = torch.tensor(rows)  # (B, T); the batch case has equal lengths by construction
+    assert ids.shape[1] > tiny_vlm_config().text_config.sliding_window  # local masking matters
+    num_tiles = int((ids == TINY_IMAGE_TOKEN).sum()) // TOKENS_PER_TILE
+    soft = torch.randn(num_tiles, TOKENS_PER_TILE, 64, generator=torch.Generator().manual_seed(7)) if num_tiles else None
+    expected = _reference_logits(reference, ids, soft)
+    got = _our_logits(ours, ids, soft)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_bidirectional_tile_masking_is_active_in_both(reference, ours):
+    """Without token_type_ids the reference is purely causal; with them, tile tokens see later tokens
+    of their tile. Both behaviours must be matched, and they must differ (else the case proves nothing)."""
+    ids = torch.tensor([_prompt(3, [6, ("image", 0), 6])])
+    soft = torch.randn(1, TOKENS_PER_TILE, 64, generator=torch.Generator().manual_seed(1))
+    bidirectional = _reference_logits(reference, ids, soft, bidirectional=True)
+    causal = _reference_logits(reference, ids, soft, bidirectional=False)
+    assert (bidirectional - causal).abs().max().item() > 100 * TOLERANCE
+    assert (_our_logits(ours, ids, soft, bidirectional=False) - causal).abs().max().item() < TOLERANCE
+
+
+def test_soft_tokens_and_window_change_the_output(reference, ours):
+    """Guards for the parity cases: different soft tokens change the reference's logits, and so does
+    widening the sliding window in our model (the window really cuts attention at these lengths)."""
+    ids = torch.tensor([_prompt(4, [6, ("image", 0), 30])])
+    generator = torch.Generator().manual_seed(2)
+    soft_a, soft_b = torch.randn(2, 1, TOKENS_PER_TILE, 64, generator=generator)
+    assert (_reference_logits(reference, ids, soft_a) - _reference_logits(reference, ids, soft_b)).abs().max() > 1e-3
+    config, _ = ours
+    wide = dataclasses.replace(config, sliding_window=10_000)
+    assert (_our_logits(ours, ids, soft_a) - _our_logits(ours, ids, soft_a, config=wide)).abs().max() > 1e-3
+
+
+def test_left_padding_does_not_change_real_tokens(ours):
+    config, model = ours
+    ids = torch.tensor([_prompt(5, [40])])
+    pad = 7
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    positions = torch.cat([torch.full((1, pad), -1), torch.arange(ids.shape[1])[None]], dim=1)
+    with torch.no_grad():
+        alone = model(ids, torch.arange(ids.shape[1])[None], FullAttention(config, torch.arange(ids.shape[1])[None]))
+        with_padding = model(padded, positions, FullAttention(config, positions))
+    assert torch.isfinite(with_padding).all()
+    assert (with_padding[:, pad:] - alone).abs().max().item() < 1e-5
+
+
+def test_placeholder_count_mismatch_is_an_error(ours):
+    config, model = ours
+    ids = torch.tensor([_prompt(6, [5, ("image", 0), 5])])
+    positions = torch.arange(ids.shape[1])[None]
+    mask = ids == TINY_IMAGE_TOKEN
+    with pytest.raises(ValueError, match=r"256 placeholder tokens.*512 soft tokens"):
+        model(ids, positions, FullAttention(config, positions), torch.zeros(2, TOKENS_PER_TILE, 64), mask)
+    with pytest.raises(ValueError, match="together"):
+        model(ids, positions, FullAttention(config, positions), None, mask)
+
+
+def test_placeholders_beyond_vocabulary_are_never_looked_up(ours):
+    """Real checkpoints' placeholder id (262144) lies outside the embedding table."""
+    config, model = ours
+    ids = torch.tensor([_prompt(8, [5, ("image", 0), 5])])
+    mask = ids == TINY_IMAGE_TOKEN
+    positions = torch.arange(ids.shape[1])[None]
+    soft = torch.randn(1, TOKENS_PER_TILE, 64)
+    attention = FullAttention(config, positions, tile_ids_from_mask(mask, TOKENS_PER_TILE))
+    with torch.no_grad():
+        inside = model(ids, positions, attention, soft, mask)
+        outside = model(ids.masked_fill(mask, config.vocab_size + 100), positions, attention, soft, mask)
+    assert torch.equal(inside, outside)
+
+
+def _tiny_causal_lm():
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(tiny_vlm_config().text_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+PUBLISHED_STYLE = {  # how the released text-only config.json states RoPE and the layer pattern
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "sliding_window_pattern": 6,
+}
+
+
+@pytest.mark.parametrize("config_style", ["transformers 5", "published"])
+def test_causal_lm_checkpoint_matches_reference(tmp_path, config_style):
+    from transformers import Gemma3ForCausalLM
+
+    _tiny_causal_lm().save_pretrained(tmp_path)
+    if config_style == "published":
+        config = json.loads((tmp_path / "config.json").read_text())
+        for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+            config.pop(key, None)
+        (tmp_path / "config.json").write_text(json.dumps({**config, **PUBLISHED_STYLE}))
+    reference = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    if config_style == "published":  # the reference read the same structure from the old keys
+        assert reference.config.rope_parameters["full_attention"]["factor"] == 8.0
+    config, model = load_text_model(tmp_path, dtype=torch.float32)
+    assert config.rope_global_scaling == 8.0 and config.is_global(5) and not config.is_global(6)
+    ids = torch.tensor([_prompt(9, [70])])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=False).logits
+        got = model.logits(model(ids, positions, FullAttention(config, positions)))
+    assert (got - expected).abs().max().item() < TOLERANCE
+
+
+def test_bfloat16_matches_reference(tmp_path):
+    """Same dtype path as the reference: bf16 weights, fp32 RMSNorm, embed scale rounded to bf16."""
+    from transformers import Gemma3ForCausalLM
+
+    _tiny_causal_lm().save_pretrained(tmp_path)
+    reference = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    config, model = load_text_model(tmp_path, dtype=torch.bfloat16)
+    ids = torch.tensor([_prompt(10, [40])])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=False).logits.float()
+        got = model.logits(model(ids, positions, FullAttention(config, positions)))
+    assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
