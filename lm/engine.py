@@ -1,0 +1,312 @@
+"""The inference engine: continuous batching over a slot KV cache, chunked prefill, streaming.
+
+Scheduling, one step at a time:
+  1. Finished and cancelled sequences leave; their slots are freed and the decode rows compacted,
+     so decoding sequences always occupy slots [0, B).
+  2. If no prompt is being prefilled, the oldest waiting request is admitted into slot B (FIFO).
+  3. That prompt advances by one chunk of at most `prefill_chunk` tokens (never splitting an image
+     tile); when the prompt is complete its first token is sampled and it joins the decode batch.
+  4. All decoding sequences advance by one token in one batched forward pass.
+Decoding never waits for a long prompt to finish (chunks interleave with decode steps), and
+admission is first come, first served, so no request starves.
+
+The engine owns the model, the cache and the thread that drives them; callers talk to it through
+`submit()` and the RequestHandle it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from lm.attention import tile_ids_from_mask
+from lm.config import TextConfig
+from lm.kv_cache import CacheShape, DecodeAttention, KVCache, PrefillAttention, kv_bytes_per_token
+from lm.requests import (
+    Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
+)
+from lm.sampling import make_generator, sample
+from lm.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_seq_len: int = 4096  # longest context (prompt + generated tokens) of one request
+    kv_budget_bytes: int = 1 << 30  # memory for the KV cache, allocated at start-up
+    max_batch: int = 16  # most sequences decoded together (also bounded by the budget)
+    prefill_chunk: int = 512  # prompt tokens processed per step
+    max_queue: int = 256  # waiting requests beyond which new ones are refused as overloaded
+    stop_token_ids: tuple[int, ...] = (1, 106)  # <eos>, <end_of_turn>: default stops
+    seed: int = 0  # seeds requests that bring no seed of their own
+
+    def __post_init__(self) -> None:
+        for name in ("max_seq_len", "kv_budget_bytes", "max_batch", "prefill_chunk", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    prefilling: int
+    slots: int
+    kv_bytes_per_token: int
+    kv_bytes_total: int
+    kv_tokens_used: int
+
+
+class Engine:
+    def __init__(self, model, config: TextConfig, engine_config: EngineConfig = EngineConfig(), *,
+                 tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """`model` follows lm/model.py's contract; `tokenizer` (optional) supplies `decode(ids)` for
+        streamed text and stop strings."""
+        self.model = model
+        self.config = config
+        self.engine_config = engine_config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._decode_text = tokenizer.decode if tokenizer is not None else None
+        shape = CacheShape.from_budget(
+            config, budget_bytes=engine_config.kv_budget_bytes, max_seq_len=engine_config.max_seq_len,
+            dtype=dtype, max_slots=engine_config.max_batch,
+        )
+        self.cache = KVCache(config, shape, dtype=dtype, device=self.device)
+        self._rng = torch.Generator().manual_seed(engine_config.seed)
+        self._waiting: deque[Sequence] = deque()
+        self._decoding: list[Sequence] = []  # sequence in slot i is _decoding[i]
+        self._prefilling: Sequence | None = None  # always in slot len(_decoding)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ----- caller side -------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request. Raises PromptTooLong / InvalidRequest for a bad request and
+        EngineOverloaded when the queue is full."""
+        sequence = self._make_sequence(request)
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down and takes no new requests")
+            if len(self._waiting) >= self.engine_config.max_queue:
+                raise EngineOverloaded(
+                    f"overloaded: {len(self._waiting)} requests already waiting (limit "
+                    f"{self.engine_config.max_queue}); retry later"
+                )
+            self._waiting.append(sequence)
+            self._lock.notify()
+        return sequence.handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
+        """Submit and wait; drives the engine itself when no background thread runs."""
+        handle = self.submit(request)
+        if self._thread is None:
+            while not handle.done:
+                self.step()
+        return handle.result(timeout)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, cancel_pending: bool = True) -> None:
+        """Stop the background thread; requests still queued or running are cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if cancel_pending:
+            for sequence in list(self._waiting) + self._decoding + ([self._prefilling] if self._prefilling else []):
+                sequence.handle.cancel()
+            self._retire_cancelled()
+
+    def stats(self) -> EngineStats:
+        used = sum(s.prompt_len + len(s.generated) for s in self._decoding)
+        if self._prefilling is not None:
+            used += self._prefilling.prefilled
+        return EngineStats(
+            waiting=len(self._waiting), running=len(self._decoding), prefilling=int(self._prefilling is not None),
+            slots=self.cache.shape.num_slots, kv_bytes_per_token=kv_bytes_per_token(self.config, self.dtype),
+            kv_bytes_total=self.cache.total_bytes, kv_tokens_used=used,
+        )
+
+    # ----- engine side -------------------------------------------------------------------------
+
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty")
+        if prompt_len >= self.engine_config.max_seq_len:
+            raise PromptTooLong(
+                f"prompt is {prompt_len} tokens; the limit is {self.engine_config.max_seq_len - 1} "
+                f"(max_seq_len {self.engine_config.max_seq_len} includes at least one generated token)"
+            )
+        image_mask = torch.zeros(prompt_len, dtype=torch.bool)
+        if request.image_mask is not None:
+            image_mask = torch.as_tensor(request.image_mask, dtype=torch.bool).reshape(-1)
+            if image_mask.shape[0] != prompt_len:
+                raise InvalidRequest(f"image_mask has {image_mask.shape[0]} entries for {prompt_len} prompt tokens")
+        tiles = 0 if request.soft_tokens is None else request.soft_tokens.shape[0]
+        per_tile = self.config.mm_tokens_per_image
+        if int(image_mask.sum()) != tiles * per_tile:
+            raise InvalidRequest(
+                f"prompt has {int(image_mask.sum())} image placeholders but {tiles} tiles of soft tokens "
+                f"were given ({tiles} × {per_tile} = {tiles * per_tile} expected)"
+            )
+        if request.soft_tokens is not None:
+            expected = (tiles, per_tile, self.config.hidden_size)
+            if tuple(request.soft_tokens.shape) != expected:
+                raise InvalidRequest(f"soft_tokens shape {tuple(request.soft_tokens.shape)}, expected {expected}")
+        try:
+            tile_ids = tile_ids_from_mask(image_mask[None], per_tile)[0]
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        spans = _tile_spans(tile_ids)
+        stops = request.params.stop_token_ids
+        return Sequence(
+            request, RequestHandle(request.request_id),
+            stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
+            tile_ids=tile_ids, tile_spans=spans,
+            generator=make_generator(request.params.seed, self._rng), decode=self._decode_text,
+        )
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._has_work():
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._decoding or self._prefilling)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        self._retire_cancelled()
+        if self._prefilling is None:
+            with self._lock:
+                if self._waiting and len(self._decoding) < self.cache.shape.num_slots:
+                    self._prefilling = self._waiting.popleft()
+                    self._prefilling.slot = len(self._decoding)
+                    self.cache.clear_slot(self._prefilling.slot)
+        if self._prefilling is not None:
+            self._prefill_step(self._prefilling)
+        if self._decoding:
+            self._decode_step()
+
+    def _prefill_step(self, sequence: Sequence) -> None:
+        try:
+            start, end = sequence.next_chunk(self.engine_config.prefill_chunk)
+            request = sequence.request
+            ids = torch.tensor(request.prompt_ids[start:end], device=self.device)[None]  # (1, T)
+            positions = torch.arange(start, end, device=self.device)
+            tile_ids = sequence.tile_ids[start:end].to(self.device)
+            attention = PrefillAttention(self.cache, sequence.slot, positions, tile_ids)
+            soft_tokens, image_mask = None, None
+            if (tile_ids >= 0).any():
+                soft_tokens = request.soft_tokens[sequence.tiles_in(start, end)].to(self.device, self.dtype)
+                image_mask = (tile_ids >= 0)[None]
+            hidden = self.model(ids, positions[None], attention, soft_tokens=soft_tokens, image_mask=image_mask)
+            sequence.prefilled = end
+            if end < sequence.prompt_len:
+                return
+            logits = self.model.logits(hidden[:, -1])[0]  # (vocab,) only the last position
+            self._prefilling = None
+            reason = sequence.append(sample(logits, sequence.params, sequence.generator))
+            if reason is None and sequence.prompt_len + 1 >= self.cache.shape.max_seq_len:
+                reason = "length"
+            self._decoding.append(sequence)
+            if reason is not None:
+                self._finish(sequence, reason)
+        except Exception as exc:  # one bad request must not take the others down
+            log.exception("prefill failed for request %s", sequence.request.request_id)
+            self._prefilling = None
+            self._finish_unslotted(sequence, "error", f"{type(exc).__name__}: {exc}")
+
+    def _decode_step(self) -> None:
+        batch = self._decoding
+        try:
+            ids = torch.tensor([s.generated[-1] for s in batch], device=self.device)[:, None]  # (B, 1)
+            positions = torch.tensor([s.next_position for s in batch], device=self.device)  # (B,)
+            attention = DecodeAttention(self.cache, positions)
+            hidden = self.model(ids, positions[:, None], attention)
+            logits = self.model.logits(hidden[:, -1])  # (B, vocab)
+            greedy = all(s.params.greedy for s in batch)
+            choices = torch.argmax(logits, dim=-1).tolist() if greedy else None
+        except Exception as exc:
+            log.exception("decode step failed for %d sequences", len(batch))
+            for sequence in list(batch):
+                self._finish(sequence, "error", f"{type(exc).__name__}: {exc}")
+            return
+        finished = []
+        for row, sequence in enumerate(batch):
+            token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
+            reason = sequence.append(token)
+            if reason is None and sequence.next_position + 1 >= self.cache.shape.max_seq_len:
+                reason = "length"
+            if reason is not None:
+                finished.append((sequence, reason))
+        for sequence, reason in finished:
+            self._finish(sequence, reason)
+
+    def _retire_cancelled(self) -> None:
+        for sequence in [s for s in self._decoding if s.handle.cancelled]:
+            self._finish(sequence, "cancelled")
+        if self._prefilling is not None and self._prefilling.handle.cancelled:
+            sequence, self._prefilling = self._prefilling, None
+            self._finish_unslotted(sequence, "cancelled")
+        with self._lock:
+            cancelled = [s for s in self._waiting if s.handle.cancelled]
+            for sequence in cancelled:
+                self._waiting.remove(sequence)
+        for sequence in cancelled:
+            sequence.handle._finish(sequence.completion("cancelled"))
+
+    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
+        """Complete a decoding sequence and compact the decode rows into [0, B-1)."""
+        slot = self._decoding.index(sequence)
+        last = len(self._decoding) - 1
+        if slot != last:
+            self.cache.move_slot(last, slot)
+            self._decoding[slot] = self._decoding[last]
+            self._decoding[slot].slot = slot
+        self._decoding.pop()
+        self.cache.clear_slot(last)
+        if self._prefilling is not None:  # keep the prompt being prefilled right after the batch
+            self.cache.move_slot(self._prefilling.slot, last)
+            self._prefilling.slot = last
+        sequence.slot = -1
+        sequence.handle._finish(sequence.completion(reason, error))
+
+    def _finish_unslotted(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
+        if sequence.slot >= 0:
+            self.cache.clear_slot(sequence.slot)
+            sequence.slot = -1
+        sequence.handle._finish(sequence.completion(reason, error))
+
+
+def _tile_spans(tile_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each tile's placeholder run, in prompt order."""
+    spans: list[tuple[int, int]] = []
+    ids = tile_ids.tolist()
+    for pos, tile in enumerate(ids):
+        if tile < 0:
+            continue
+        if spans and ids[spans[-1][0]] == tile:
+            spans[-1] = (spans[-1][0], pos + 1)
+        else:
+            spans.append((pos, pos + 1))
+    return spans

@@ -1,0 +1,118 @@
+"""What a caller hands the engine and what it gets back: requests, streamed events, results."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from lm.sampling import SamplingParams
+
+
+class EngineError(Exception):
+    """Base of the errors the engine reports to callers; `code` is a stable short reason."""
+
+    code = "engine_error"
+
+
+class PromptTooLong(EngineError, ValueError):
+    code = "prompt_too_long"
+
+
+class InvalidRequest(EngineError, ValueError):
+    code = "invalid_request"
+
+
+class EngineOverloaded(EngineError):
+    code = "overloaded"
+
+
+class EngineStopped(EngineError):
+    code = "stopped"
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]  # token ids, image placeholders included
+    params: SamplingParams = field(default_factory=SamplingParams)
+    soft_tokens: torch.Tensor | None = None  # (tiles, tokens_per_tile, hidden), in placeholder order
+    image_mask: torch.Tensor | None = None  # (T,) bool, True at placeholder positions
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int | None  # None for text held back until the end (a pending stop-string prefix)
+    text: str  # newly complete text (may be empty while a character or stop string is pending)
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    total_time_s: float
+    error: str | None = None  # set when finish_reason == "error"
+
+
+_DONE = object()
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate for TokenEvents, or wait for the Completion.
+
+    Thread-safe: the engine thread publishes, any one consumer thread reads. `cancel()` asks the
+    engine to stop the request and free its cache slot at its next step."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._finished = threading.Event()
+        self._completion: Completion | None = None
+
+    # engine side
+    def _publish(self, event: TokenEvent) -> None:
+        self._events.put(event)
+
+    def _finish(self, completion: Completion) -> None:
+        self._completion = completion
+        self._finished.set()
+        self._events.put(_DONE)
+
+    # caller side
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def __iter__(self):
+        while True:
+            event = self._events.get()
+            if event is _DONE:
+                return
+            yield event
+
+    def next_event(self, timeout: float | None = None) -> TokenEvent | None:
+        """The next token event; None once the request has finished. Raises queue.Empty on timeout."""
+        event = self._events.get(timeout=timeout)
+        return None if event is _DONE else event
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._completion is not None
+        return self._completion

@@ -1,0 +1,134 @@
+"""Per-request state inside the engine: tokens, prefill progress, image tiles, streamed text."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lm.requests import Completion, GenerationRequest, RequestHandle, TokenEvent
+from lm.sampling import SamplingParams
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings.
+
+    Text is released only when it is complete: a trailing partial UTF-8 character (decoded as
+    U+FFFD) and any tail that could still grow into a stop string are held back."""
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self._decode = decode  # list[int] -> str
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # ids before this are fully released text
+        self._read_offset = 0
+        self.text = ""  # released so far
+        self._pending = ""  # decoded but not released
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (newly released text, whether a stop string was hit)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._pending += full[len(prefix):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._release()
+
+    def _release(self) -> tuple[str, bool]:
+        candidate = self.text + self._pending
+        search_from = max(0, len(self.text) - self._hold)
+        hits = [i for i in (candidate.find(s, search_from) for s in self._stop) if i >= 0]
+        if hits:
+            out = candidate[len(self.text):min(hits)]
+            self.text += out
+            self._pending = ""
+            return out, True
+        keep = min(self._hold, len(self._pending))
+        out = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(out):]
+        self.text += out
+        return out, False
+
+    def flush(self) -> str:
+        """Release whatever is held (at the end of generation)."""
+        out, self._pending = self._pending, ""
+        self.text += out
+        return out
+
+
+class Sequence:
+    """One request in the engine, from admission to completion."""
+
+    def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
+                 tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]], generator: torch.Generator,
+                 decode):
+        self.request = request
+        self.handle = handle
+        self.params: SamplingParams = request.params
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.prompt_len = len(request.prompt_ids)
+        self.tile_ids = tile_ids  # (T,) tile id per prompt token, -1 for text
+        self.tile_spans = tile_spans  # [start, end) of each tile's placeholders, in order
+        self.generator = generator
+        self.text = TextStream(decode, request.params.stop) if decode is not None else None
+        self.generated: list[int] = []
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.slot = -1
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def next_position(self) -> int:
+        return self.prompt_len + len(self.generated) - 1  # position of the last sampled token
+
+    def next_chunk(self, budget: int) -> tuple[int, int]:
+        """[start, end) of the next prefill chunk: at most `budget` tokens, never splitting a tile
+        (a tile larger than the budget is taken whole)."""
+        start = self.prefilled
+        end = min(start + budget, self.prompt_len)
+        for tile_start, tile_end in self.tile_spans:
+            if tile_start < end < tile_end:
+                end = tile_start if tile_start > start else tile_end
+                break
+        return start, end
+
+    def tiles_in(self, start: int, end: int) -> slice:
+        """Indices of the tiles whose placeholders lie in [start, end)."""
+        inside = [i for i, (s, e) in enumerate(self.tile_spans) if start <= s and e <= end]
+        return slice(inside[0], inside[-1] + 1) if inside else slice(0, 0)
+
+    def append(self, token_id: int) -> str | None:
+        """Record a sampled token, stream it, and return the finish reason if it ends the request."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.generated.append(token_id)
+        if token_id in self.stop_token_ids:
+            return "stop"
+        delta, hit_stop = ("", False) if self.text is None else self.text.push(token_id)
+        self.handle._publish(TokenEvent(token_id=token_id, text=delta))
+        if hit_stop:
+            return "stop"
+        if len(self.generated) >= self.params.max_new_tokens:
+            return "length"
+        return None
+
+    def completion(self, reason: str, error: str | None = None) -> Completion:
+        if self.text is not None and reason != "error":
+            tail = self.text.flush()
+            if tail:
+                self.handle._publish(TokenEvent(token_id=None, text=tail))
+        now = time.perf_counter()
+        ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
+        return Completion(
+            request_id=self.request.request_id,
+            text=self.text.text if self.text is not None else "",
+            token_ids=list(self.generated),
+            finish_reason=reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=len(self.generated),
+            time_to_first_token_s=ttft,
+            total_time_s=now - self.submitted_at,
+            error=error,
+        )
