@@ -65,14 +65,14 @@ class EngineStats:
 class Engine:
     def __init__(self, model, config: TextConfig, engine_config: EngineConfig = EngineConfig(), *,
                  tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        """`model` follows lm/model.py's contract; `tokenizer` (optional) supplies `decode(ids)` for
-        streamed text and stop strings."""
+        """`model` follows lm/model.py's contract; `tokenizer` (optional, lm.tokenizer.Tokenizer)
+        supplies incremental decoders for streamed text and stop strings."""
         self.model = model
         self.config = config
         self.engine_config = engine_config
         self.device = torch.device(device)
         self.dtype = dtype
-        self._decode_text = tokenizer.decode if tokenizer is not None else None
+        self.tokenizer = tokenizer
         shape = CacheShape.from_budget(
             config, budget_bytes=engine_config.kv_budget_bytes, max_seq_len=engine_config.max_seq_len,
             dtype=dtype, max_slots=engine_config.max_batch,
@@ -177,7 +177,8 @@ class Engine:
             request, RequestHandle(request.request_id),
             stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
             tile_ids=tile_ids, tile_spans=spans,
-            generator=make_generator(request.params.seed, self._rng), decode=self._decode_text,
+            generator=make_generator(request.params.seed, self._rng),
+            decoder=self.tokenizer.incremental_decoder() if self.tokenizer is not None else None,
         )
 
     def _loop(self) -> None:

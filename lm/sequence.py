@@ -11,32 +11,20 @@ from lm.sampling import SamplingParams
 
 
 class TextStream:
-    """Incremental detokenisation with stop strings.
+    """Streamed text with stop strings, over an incremental detokeniser (`push(id) -> str`,
+    `flush() -> str`, e.g. lm.tokenizer.IncrementalDecoder, which already holds back partial UTF-8
+    characters). Any tail that could still grow into a stop string is held back too."""
 
-    Text is released only when it is complete: a trailing partial UTF-8 character (decoded as
-    U+FFFD) and any tail that could still grow into a stop string are held back."""
-
-    def __init__(self, decode, stop: tuple[str, ...]):
-        self._decode = decode  # list[int] -> str
+    def __init__(self, decoder, stop: tuple[str, ...]):
+        self._decoder = decoder
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
-        self._ids: list[int] = []
-        self._prefix_offset = 0  # ids before this are fully released text
-        self._read_offset = 0
         self.text = ""  # released so far
         self._pending = ""  # decoded but not released
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly released text, whether a stop string was hit)."""
-        self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._pending += full[len(prefix):]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return self._release()
-
-    def _release(self) -> tuple[str, bool]:
+        self._pending += self._decoder.push(token_id)
         candidate = self.text + self._pending
         search_from = max(0, len(self.text) - self._hold)
         hits = [i for i in (candidate.find(s, search_from) for s in self._stop) if i >= 0]
@@ -53,7 +41,7 @@ class TextStream:
 
     def flush(self) -> str:
         """Release whatever is held (at the end of generation)."""
-        out, self._pending = self._pending, ""
+        out, self._pending = self._pending + self._decoder.flush(), ""
         self.text += out
         return out
 
@@ -63,7 +51,7 @@ class Sequence:
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
                  tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]], generator: torch.Generator,
-                 decode):
+                 decoder):
         self.request = request
         self.handle = handle
         self.params: SamplingParams = request.params
@@ -72,7 +60,7 @@ class Sequence:
         self.tile_ids = tile_ids  # (T,) tile id per prompt token, -1 for text
         self.tile_spans = tile_spans  # [start, end) of each tile's placeholders, in order
         self.generator = generator
-        self.text = TextStream(decode, request.params.stop) if decode is not None else None
+        self.text = TextStream(decoder, request.params.stop) if decoder is not None else None
         self.generated: list[int] = []
         self.prefilled = 0  # prompt tokens already in the cache
         self.slot = -1

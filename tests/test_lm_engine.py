@@ -14,6 +14,7 @@ from lm.engine import Engine, EngineConfig
 from lm.model import Gemma3TextModel
 from lm.requests import EngineOverloaded, GenerationRequest, InvalidRequest, PromptTooLong
 from lm.sampling import SamplingParams
+from lm.tokenizer import IncrementalDecoder
 
 TILE = 4  # tokens per image tile in the tiny config
 IMAGE_ID = 90
@@ -185,7 +186,10 @@ def test_stop_token_ends_generation(model_and_config):
 class CharTokenizer:
     """Token t decodes to one character; tokens 80..95 form 2-byte UTF-8 characters in pairs."""
 
-    def decode(self, ids):
+    def incremental_decoder(self):
+        return IncrementalDecoder(self)
+
+    def decode(self, ids, skip_special_tokens=False):
         data = bytearray()
         for t in ids:
             data += bytes([0xC3, 0x80 + (t - 80)]) if 80 <= t < 96 else bytes([0xC3]) if t == 79 else chr(97 + t % 26).encode()
