@@ -1,0 +1,106 @@
+"""Attention masks: the rules one by one, and the whole mask against the reference's mask builder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm.attention import FullAttention, attention_mask, tile_ids_from_mask
+from lm.config import TextConfig
+
+
+def _positions(n: int) -> torch.Tensor:
+    return torch.arange(n)[None]  # (1, n)
+
+
+def test_causal_without_window():
+    mask = attention_mask(_positions(6), _positions(6), sliding_window=None)
+    assert mask.shape == (1, 1, 6, 6)
+    assert torch.equal(mask[0, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_window_boundary():
+    window = 4
+    mask = attention_mask(_positions(10), _positions(10), sliding_window=window)[0, 0]
+    q = 8
+    assert mask[q, q - (window - 1)]  # q - k == window - 1: inside
+    assert not mask[q, q - window]  # q - k == window: outside
+    assert mask[q, q] and not mask[q, q + 1]
+
+
+def test_tile_is_bidirectional_and_never_sees_a_later_tile():
+    # text, tile 0 (positions 1-3), text, tile 1 (positions 5-7), text
+    tiles = torch.tensor([[-1, 0, 0, 0, -1, 1, 1, 1, -1]])
+    mask = attention_mask(_positions(9), _positions(9), sliding_window=None, q_tile=tiles, k_tile=tiles)[0, 0]
+    assert mask[1, 3] and mask[3, 1]  # both directions inside tile 0
+    assert mask[5, 7]
+    assert not mask[3, 5] and not mask[1, 7]  # tile 0 never sees tile 1
+    assert mask[7, 1]  # a later tile sees an earlier one causally
+    assert not mask[0, 1] and not mask[4, 5]  # text before a tile does not see it
+    assert not mask[2, 4]  # a tile token does not see the text after it
+
+
+def test_window_also_bounds_tile_tokens_like_the_reference():
+    tiles = torch.tensor([[0] * 8])
+    mask = attention_mask(_positions(8), _positions(8), sliding_window=3, q_tile=tiles, k_tile=tiles)[0, 0]
+    assert mask[0, 7]  # later tokens of the same tile: always
+    assert mask[7, 5] and not mask[7, 4]  # earlier ones: only within the window
+
+
+def test_empty_slots_are_refused():
+    k_pos = torch.tensor([[0, 1, -1, 3]])
+    k_tile = torch.tensor([[-1, -1, 0, -1]])
+    q_tile = torch.tensor([[0]])
+    mask = attention_mask(torch.tensor([[3]]), k_pos, sliding_window=None, q_tile=q_tile, k_tile=k_tile)
+    assert mask[0, 0, 0].tolist() == [True, True, False, True]
+
+
+def test_tile_ids_from_mask():
+    image = torch.tensor([[False, True, True, False, True, True, False], [True, True, False, False, False, False, False]])
+    assert tile_ids_from_mask(image, 2).tolist() == [[-1, 0, 0, -1, 1, 1, -1], [0, 0, -1, -1, -1, -1, -1]]
+    assert tile_ids_from_mask(image, 2, first_id=torch.tensor([3, 0])).tolist()[0] == [-1, 3, 3, -1, 4, 4, -1]
+    adjacent = torch.tensor([[True] * 4])
+    assert tile_ids_from_mask(adjacent, 2).tolist() == [[0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [[[True, True, True, False]], [[True, False, True, False]]],
+    ids=["count not a multiple", "tile interrupted by text"],
+)
+def test_tile_ids_refuse_partial_tiles(image):
+    with pytest.raises(ValueError, match="placeholders"):
+        tile_ids_from_mask(torch.tensor(image), 2)
+
+
+def test_masks_equal_the_reference_mask_builder():
+    """Our per-layer-type masks against transformers' create_masks_for_vision_model on a layout with
+    two tiles longer than the window."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    reference_config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, sliding_window=5,
+    )
+    reference_config._attn_implementation = "sdpa"
+    image = torch.zeros(1, 40, dtype=torch.bool)
+    image[0, 3:11] = True  # tile 0
+    image[0, 14:22] = True  # tile 1
+    image[0, 30:38] = True  # tile 2
+    positions = _positions(40)
+    reference = create_masks_for_vision_model(
+        config=reference_config,
+        inputs_embeds=torch.zeros(1, 40, 16),
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=positions,
+        block_sequence_ids=get_block_sequence_ids_for_mask(image.long()),
+    )
+    ours = FullAttention(TextConfig.from_dict(reference_config.to_dict()), positions, tile_ids_from_mask(image, 8))
+    for layer_type, mask in ours.masks.items():
+        assert reference[layer_type].dtype == torch.bool
+        assert torch.equal(mask, reference[layer_type].expand_as(mask)), layer_type
