@@ -1,0 +1,165 @@
+"""The checkpoint's own tokenizer (tokenizer.json through `tokenizers`), its special ids, and an
+incremental detokeniser for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+# Placeholder id of image soft tokens when the checkpoint states none (the text-only 270M): one past
+# the 262,144-entry Gemma 3 vocabulary, as in the vision-language releases. It is never looked up in
+# the embedding table; the model overwrites those rows with soft tokens.
+DEFAULT_IMAGE_TOKEN_ID = 262_144
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+START_OF_IMAGE = "<start_of_image>"
+END_OF_IMAGE = "<end_of_image>"
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos_id: int  # <bos>, first token of every prompt
+    eos_id: int  # <eos>
+    pad_id: int | None  # <pad>
+    start_of_turn_id: int  # <start_of_turn> (105 in Gemma 3)
+    end_of_turn_id: int  # <end_of_turn> (106), where instruction-tuned models stop
+    start_of_image_id: int  # <start_of_image> (255999), opens each image tile
+    end_of_image_id: int  # <end_of_image> (256000), closes it
+    image_token_id: int  # placeholder of one soft token; may lie outside the vocabulary
+    stop_ids: tuple[int, ...]  # generation ends on any of these (eos ids of the checkpoint + end_of_turn)
+
+
+class Tokenizer:
+    def __init__(self, backend, special: SpecialTokens, *, add_bos: bool = True) -> None:
+        self.backend = backend  # tokenizers.Tokenizer
+        self.special = special
+        self.add_bos = add_bos  # the checkpoint's default for encode()
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """From a checkpoint directory holding tokenizer.json (+ tokenizer_config.json, config.json,
+        generation_config.json where present)."""
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json; a checkpoint directory must hold one")
+        backend = Backend.from_file(str(path / "tokenizer.json"))
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        config = _read_json(path / "config.json")
+        generation = _read_json(path / "generation_config.json")
+
+        def required(token: str) -> int:
+            token_id = backend.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{path}/tokenizer.json has no {token!r} token; is this a Gemma 3 tokenizer?")
+            return token_id
+
+        bos_id = required(_token_text(tokenizer_config.get("bos_token")) or "<bos>")
+        eos_id = required(_token_text(tokenizer_config.get("eos_token")) or "<eos>")
+        pad_token = _token_text(tokenizer_config.get("pad_token")) or "<pad>"
+        end_of_turn_id = required(END_OF_TURN)
+        image_token_id = config.get("image_token_index", config.get("image_token_id"))
+        if image_token_id is None:
+            image_token_id = backend.token_to_id("<image_soft_token>")
+        stop = {eos_id, end_of_turn_id}
+        for source in (config, config.get("text_config") or {}, generation):
+            stop.update(_ids(source.get("eos_token_id")))
+        special = SpecialTokens(
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=backend.token_to_id(pad_token),
+            start_of_turn_id=required(START_OF_TURN),
+            end_of_turn_id=end_of_turn_id,
+            start_of_image_id=required(START_OF_IMAGE),
+            end_of_image_id=required(END_OF_IMAGE),
+            image_token_id=int(image_token_id) if image_token_id is not None else DEFAULT_IMAGE_TOKEN_ID,
+            stop_ids=tuple(sorted(stop)),
+        )
+        return cls(backend, special, add_bos=bool(tokenizer_config.get("add_bos_token", True)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. "<start_of_turn>") become their
+        ids. `add_bos` defaults to the checkpoint's choice (Gemma: yes)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            ids.insert(0, self.special.bos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def incremental_decoder(self, *, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Turns a stream of generated token ids into text deltas.
+
+    Byte-fallback tokens can split one UTF-8 character over several tokens; text ending in U+FFFD
+    (an incomplete character) is held back until the character completes. Only a short window of
+    recent tokens is decoded each step, so a step costs O(1) in the sequence length."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0  # tokens before this have been emitted as text
+
+    def push(self, token_ids: int | Iterable[int]) -> str:
+        """Add generated token(s); returns the new text they complete (possibly "")."""
+        self._ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return full_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end decodes as U+FFFD)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full_text[len(prefix_text):]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
