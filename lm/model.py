@@ -38,9 +38,25 @@ def rope_inv_freq(head_dim: int, theta: float, linear_factor: float) -> Tensor:
     return 1.0 / (theta**exponents) / linear_factor
 
 
+class RotaryFrequencies(nn.Module):
+    """fp32 RoPE inverse frequencies of one layer type. They follow the model across devices but
+    never take its dtype: `model.to(torch.bfloat16)` would otherwise round them and shift every
+    angle. Not a weight (never saved or loaded)."""
+
+    def __init__(self, head_dim: int, theta: float, linear_factor: float) -> None:
+        super().__init__()
+        self.spec = (head_dim, theta, linear_factor)
+        self.register_buffer("inv_freq", rope_inv_freq(*self.spec), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        device = fn(self.inv_freq).device  # where the model is going; the dtype is ignored
+        self.inv_freq = rope_inv_freq(*self.spec).to(device)
+        return self
+
+
 def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin (B, T, head_dim) for absolute positions (B, T), computed in fp32."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, head_dim / 2)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -124,15 +140,10 @@ class Gemma3TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # fp32 RoPE frequencies per layer type; not weights (never saved or loaded).
-        self.register_buffer(
-            "local_inv_freq", rope_inv_freq(config.head_dim, config.rope_local_theta, 1.0), persistent=False
-        )
-        self.register_buffer(
-            "global_inv_freq",
-            rope_inv_freq(config.head_dim, config.rope_global_theta, config.rope_global_scaling),
-            persistent=False,
-        )
+        self.rope = nn.ModuleDict({
+            SLIDING: RotaryFrequencies(config.head_dim, config.rope_local_theta, 1.0),
+            FULL: RotaryFrequencies(config.head_dim, config.rope_global_theta, config.rope_global_scaling),
+        })
 
     def forward(
         self,
@@ -143,8 +154,7 @@ class Gemma3TextModel(nn.Module):
         image_mask: Tensor | None = None,  # (B, T) True at image placeholder positions
     ) -> Tensor:  # (B, T, hidden) after the final norm
         x = self.embed_tokens(input_ids, soft_tokens, image_mask)
-        inv_freq = {SLIDING: self.local_inv_freq, FULL: self.global_inv_freq}
-        tables = {kind: rope_tables(positions, inv_freq[kind], x.dtype) for kind in set(self.config.layer_types)}
+        tables = {kind: rope_tables(positions, self.rope[kind].inv_freq, x.dtype) for kind in set(self.config.layer_types)}
         for layer in self.layers:
             cos, sin = tables[FULL if layer.is_global else SLIDING]
             x = layer(x, cos, sin, attention)

@@ -80,7 +80,10 @@ def test_only_decoder_shards_are_read(tmp_path, tiny_vlm_dir):
 def test_dtype_and_device_come_from_the_caller(tiny_vlm_dir):
     config, model = load_text_model(tiny_vlm_dir, dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.global_inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32
+    assert model.rope["full_attention"].inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32
+    before = model.rope["sliding_attention"].inv_freq.clone()
+    model.to(torch.float16)
+    assert torch.equal(model.rope["sliding_attention"].inv_freq, before)
     assert not model.training
 
 
