@@ -64,7 +64,9 @@ def tile_ids_from_mask(image_mask: Tensor, tokens_per_tile: int, *, first_id: in
     tiles already in its cache. A tile must be contiguous and whole: a placeholder count that is not a
     multiple of `tokens_per_tile`, or a tile interrupted by text, is a ValueError."""
     if image_mask.dtype != torch.bool or image_mask.dim() != 2:
-        raise ValueError(f"image_mask must be a (B, T) bool tensor, got {image_mask.dtype} {tuple(image_mask.shape)}")
+        raise ValueError(
+            f"image_mask must be a (B, T) bool tensor, got {image_mask.dtype} {tuple(image_mask.shape)}"
+        )
     counts = image_mask.sum(dim=1)  # (B,)
     if bool((counts % tokens_per_tile).any()):
         raise ValueError(

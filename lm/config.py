@@ -194,7 +194,9 @@ class TextConfig:
 
 def _check_model_type(outer: dict[str, Any], text: dict[str, Any]) -> None:
     if outer and outer.get("model_type", "gemma3") != "gemma3":
-        raise ValueError(f"config.json: model_type {outer['model_type']!r} is not a Gemma 3 checkpoint (gemma3)")
+        raise ValueError(
+            f"config.json: model_type {outer['model_type']!r} is not a Gemma 3 checkpoint (gemma3)"
+        )
     if text.get("model_type", "gemma3_text") != "gemma3_text":
         raise ValueError(
             f"config.json: text model_type {text['model_type']!r} is not a Gemma 3 decoder (gemma3_text)"

@@ -77,7 +77,8 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.query_pre_attn_scalar**-0.5
-        hidden, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        hidden = config.hidden_size
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden, q_width, bias=False)
         self.k_proj = nn.Linear(hidden, kv_width, bias=False)
         self.v_proj = nn.Linear(hidden, kv_width, bias=False)
@@ -87,9 +88,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionContext) -> Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         k, v, mask = attention.kv(self.layer_idx, k, v)  # (B, KV, S, D) x2, (B, 1, T, S)
@@ -134,12 +136,13 @@ class Gemma3TextModel(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         if config.attn_logit_softcapping is not None:
-            raise ValueError("attn_logit_softcapping is set in the config; Gemma 3 has none and it is not supported")
+            raise ValueError("attn_logit_softcapping is set in the config: not supported (no Gemma 3 uses it)")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        untied = not config.tie_word_embeddings
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if untied else None
         self.rope = nn.ModuleDict({
             SLIDING: RotaryFrequencies(config.head_dim, config.rope_local_theta, 1.0),
             FULL: RotaryFrequencies(config.head_dim, config.rope_global_theta, config.rope_global_scaling),
@@ -154,7 +157,9 @@ class Gemma3TextModel(nn.Module):
         image_mask: Tensor | None = None,  # (B, T) True at image placeholder positions
     ) -> Tensor:  # (B, T, hidden) after the final norm
         x = self.embed_tokens(input_ids, soft_tokens, image_mask)
-        tables = {kind: rope_tables(positions, self.rope[kind].inv_freq, x.dtype) for kind in set(self.config.layer_types)}
+        tables = {  # cos, sin per layer type, computed once for all layers of that type
+            kind: rope_tables(positions, self.rope[kind].inv_freq, x.dtype) for kind in set(self.config.layer_types)
+        }
         for layer in self.layers:
             cos, sin = tables[FULL if layer.is_global else SLIDING]
             x = layer(x, cos, sin, attention)

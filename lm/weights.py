@@ -33,7 +33,9 @@ class KeyLayout:
 # Checked in order; the first whose embedding key is present wins ("model.language_model." before
 # its own prefix "model.").
 KEY_LAYOUTS = (
-    KeyLayout("model.language_model.* (newer Gemma3ForConditionalGeneration)", "model.language_model.", "lm_head.weight"),
+    KeyLayout(
+        "model.language_model.* (newer Gemma3ForConditionalGeneration)", "model.language_model.", "lm_head.weight"
+    ),
     KeyLayout(
         "language_model.model.* (published Gemma3ForConditionalGeneration)",
         "language_model.model.",
@@ -129,7 +131,9 @@ def _key_files(path: Path) -> dict[str, str]:
     if (path / SINGLE_FILE).is_file():
         with safe_open(path / SINGLE_FILE, framework="pt", device="cpu") as handle:
             return {key: SINGLE_FILE for key in handle.keys()}
-    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found; expected a safetensors checkpoint")
+    raise FileNotFoundError(
+        f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found; expected a safetensors checkpoint directory"
+    )
 
 
 def _detect_layout(path: Path, key_files: dict[str, str]) -> KeyLayout:
@@ -158,7 +162,9 @@ def _check_key_set(path: Path, layout: KeyLayout, expected: dict[str, str], key_
         raise CheckpointError(f"{path} ({layout.name}): " + "; ".join(problems))
 
 
-def _check_shapes(path: Path, files: list[str], expected: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_shapes(
+    path: Path, files: list[str], expected: dict[str, str], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """Compare every expected tensor's shape (read from the file headers) with the model's."""
     wrong = []
     for file in files:
