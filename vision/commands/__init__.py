@@ -1,0 +1,1 @@
+"""`tessera` subcommands implemented by the vision stage (each exposes add_arguments and run)."""
