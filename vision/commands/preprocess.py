@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         return _usage_error(f"--workers must be at least 1, got {args.workers}")
 
-    failures = tiles = 0
+    failures = crops = 0
     for start in range(0, len(args.images), _CHUNK):
         names = args.images[start : start + _CHUNK]
         for name, result in zip(names, preprocess_batch(names, config, num_workers=args.workers)):
@@ -63,14 +63,16 @@ def run(args: argparse.Namespace) -> int:
                 failures += 1
                 line = {"image": name, "error": {"code": result.code, "message": result.message}}
             else:
-                tiles += result.tiles.shape[0]
+                crops += result.num_crops
                 line = {"image": name, "width": result.width, "height": result.height,
                         "num_crops": result.num_crops, "boxes": [list(box) for box in result.boxes]}
                 if args.out is not None:
                     _save(args.out, result.tiles)
             print(json.dumps(line), flush=True)
 
-    summary = f"preprocess: {len(args.images) - failures} of {len(args.images)} images -> {tiles} tiles of 896x896"
+    done = len(args.images) - failures
+    summary = (f"preprocess: {done} of {len(args.images)} images -> {done + crops} tiles of 896x896 "
+               f"({done} whole + {crops} Pan & Scan crops)")
     if failures:
         summary += f"; {failures} failed (see the error lines)"
     if args.out is not None and not failures:
