@@ -226,3 +226,25 @@ def test_bfloat16_matches_reference(tmp_path):
         expected = reference(input_ids=ids, use_cache=False).logits.float()
         got = model.logits(model(ids, positions, FullAttention(config, positions)))
     assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
+
+
+def test_embedding_scale_is_rounded_to_the_model_dtype_like_the_reference():
+    """sqrt(72) = 8.485 becomes 8.5 in bf16; the reference multiplies by the rounded value."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from lm.model import Gemma3TextModel
+    from lm.presets import preset
+
+    config = dataclasses.replace(
+        preset("gemma3-1b"), vocab_size=16, hidden_size=72, intermediate_size=8, num_hidden_layers=1,
+        layer_types=("full_attention",), head_dim=8,
+    )
+    model = Gemma3TextModel(config).to(torch.bfloat16)
+    reference = Gemma3TextScaledWordEmbedding(16, 72, 0, embed_scale=72**0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        reference.weight.copy_(model.embed.weight)
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        expected = reference(ids)
+        assert torch.equal(model.embed_tokens(ids, None, None), expected)
+        assert not torch.equal(expected, (model.embed.weight.float() * 72**0.5).to(torch.bfloat16)[None])
