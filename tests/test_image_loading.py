@@ -95,6 +95,13 @@ def test_bad_inputs_give_typed_errors(name, data, code):
     assert error_of(data).code == code
 
 
+def test_image_error_pickles():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(error_of(b"")))
+    assert (error.code, str(error)) == ("empty", "the image is empty (0 bytes)")
+
+
 def test_formats_pillow_knows_but_we_refuse():
     for fmt in ("PPM", "ICO", "TGA"):
         assert error_of(encode(pattern(32, 32), fmt)).code == "unsupported_format"
