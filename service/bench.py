@@ -8,6 +8,7 @@ import importlib
 
 # target -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 TARGETS: dict[str, tuple[str, str]] = {
+    "lm": ("lm.bench_lm", "decode/prefill tok/s vs transformers and llama.cpp on the embedded 270M"),
     "preprocess": ("vision.bench_preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
 }
 

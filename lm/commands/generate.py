@@ -1,0 +1,123 @@
+"""`tessera generate`: text (and images, with a vision-language checkpoint) in, a continuation out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="gemma3-270m",
+                        help="gemma3-270m (the embedded default), a .gguf file or a checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the user's message (sent as one chat turn unless --raw)")
+    source.add_argument("--messages", type=Path, help="JSON file: a list of chat messages {role, content}")
+    parser.add_argument("--raw", action="store_true", help="send --prompt as plain text, without the chat format")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image (repeatable); needs a vision-language checkpoint")
+    parser.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
+    add_sampling_arguments(parser)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", choices=["int8"], help="weight quantisation (CPU)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from lm.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        params = sampling_params(args)
+        messages = _messages(args)
+    except (ValueError, OSError) as error:
+        print(f"tessera generate: {error}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from lm.requests import EngineError, GenerationRequest
+    from lm.runtime import DTYPES, load_language_model
+    from service.pipeline import ImageInputError, encode_images
+
+    try:
+        lm = load_language_model(args.model, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize)
+    except (ValueError, OSError) as error:
+        print(f"tessera generate: cannot load model {args.model!r}: {error}", file=sys.stderr)
+        return 2
+    try:
+        images = encode_images(lm, args.image, pan_and_scan=args.pan_and_scan)
+        prompt = _layout(lm, args, messages, images.tiles_per_image)
+        request = GenerationRequest(prompt.token_ids, params, soft_tokens=images.soft_tokens,
+                                    image_mask=torch.tensor(prompt.image_mask))
+        engine = lm.engine()
+        engine.start()
+        try:
+            handle = engine.submit(request)
+            if not args.json:
+                for event in handle:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            result = handle.result()
+        finally:
+            engine.stop()
+    except (ImageInputError, EngineError, ValueError) as error:
+        print(f"tessera generate: {error}", file=sys.stderr)
+        return 2
+    if result.finish_reason == "error":
+        print(f"tessera generate: generation failed: {result.error}", file=sys.stderr)
+        return 1
+    decode_s = result.total_time_s - (result.time_to_first_token_s or 0.0)
+    summary = {
+        "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        "images": [{"image": p, "tiles": t} for p, t in zip(args.image, images.tiles_per_image)],
+        "timings": {"load_s": round(lm.load_seconds, 3), "encode_s": round(images.seconds, 3),
+                    "time_to_first_token_s": round(result.time_to_first_token_s or 0.0, 3),
+                    "total_s": round(result.total_time_s, 3),
+                    "decode_tokens_per_s": round((result.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else None},
+    }
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        t = summary["timings"]
+        print(f"[{result.finish_reason}; {result.prompt_tokens} prompt + {result.completion_tokens} generated tokens; "
+              f"first token {t['time_to_first_token_s']} s; {t['decode_tokens_per_s']} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _messages(args: argparse.Namespace):
+    if args.messages is None:
+        return None
+    messages = json.loads(args.messages.read_text(encoding="utf-8"))
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{args.messages}: expected a JSON list of {{role, content}} objects")
+    return messages
+
+
+def _layout(lm, args, messages, tiles_per_image):
+    from lm.prompt import IMAGE_MARKER, layout_chat, layout_text
+
+    if messages is not None:
+        return layout_chat(lm.tokenizer, messages, tiles_per_image)
+    if args.raw:
+        return layout_text(lm.tokenizer, IMAGE_MARKER * len(tiles_per_image) + args.prompt, tiles_per_image)
+    content = [{"type": "image"} for _ in tiles_per_image] + [{"type": "text", "text": args.prompt}]
+    return layout_chat(lm.tokenizer, [{"role": "user", "content": content}], tiles_per_image)
