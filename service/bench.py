@@ -10,6 +10,7 @@ import importlib
 TARGETS: dict[str, tuple[str, str]] = {
     "lm": ("lm.bench_lm", "decode/prefill tok/s vs transformers and llama.cpp on the embedded 270M"),
     "preprocess": ("vision.bench_preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
+    "vision": ("vision.bench_vision", "SigLIP + projector tiles/s (torch, ONNX fp32/int8) vs transformers"),
 }
 
 
