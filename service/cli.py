@@ -13,6 +13,7 @@ import sys
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("vision.commands.preprocess", "decode, validate and tile images (Pan & Scan)"),
+    "encode": ("vision.commands.encode", "images -> soft tokens with a checkpoint's SigLIP + projector"),
     "generate": ("lm.commands.generate", "generate text with the Gemma 3 decoder (and images)"),
     "bench": ("service.bench", "benchmarks against the reference, side by side"),
 }
