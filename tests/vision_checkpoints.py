@@ -43,7 +43,8 @@ def write_sharded(tensors: dict[str, torch.Tensor], dst: Path, src_config_dir: P
 def write_single(tensors: dict[str, torch.Tensor], dst: Path, src_config_dir: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(src_config_dir / "config.json", dst / "config.json")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
 
 

@@ -53,7 +53,9 @@ class VisionEncoder:
         self.options = options
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, options: EncoderOptions = EncoderOptions()) -> "VisionEncoder":
+    def from_checkpoint(
+        cls, checkpoint_dir: str | Path, options: EncoderOptions = EncoderOptions()
+    ) -> "VisionEncoder":
         from vision.weights import load_vision_model, model_identity
 
         config = VisionConfig.from_checkpoint(checkpoint_dir)
@@ -63,17 +65,15 @@ class VisionEncoder:
         else:
             from vision.onnx_backend import OnnxRunner, default_cache_dir, onnx_model_path
 
-            identity = model_identity(checkpoint_dir, dtype=torch.float32)
-            cache_dir = options.onnx_cache_dir or default_cache_dir()
             path = onnx_model_path(
                 lambda: load_vision_model(checkpoint_dir, config=config),
-                identity=identity,
-                cache_dir=cache_dir,
+                identity=model_identity(checkpoint_dir),
+                cache_dir=options.onnx_cache_dir or default_cache_dir(),
                 int8=options.int8,
             )
             run_batch = OnnxRunner(path, intra_op_threads=options.intra_op_threads)
-        variant = f"{options.backend}-{str(options.dtype).removeprefix('torch.')}" + ("-int8" if options.int8 else "")
-        identity = f"{model_identity(checkpoint_dir)}-{variant}"
+        dtype_name = str(options.dtype).removeprefix("torch.")
+        identity = f"{model_identity(checkpoint_dir)}-{options.backend}-{dtype_name}" + ("-int8" if options.int8 else "")
         return cls(run_batch, config, identity=identity, options=options)
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def detect_layout(keys) -> KeyLayout:
     raise CheckpointError(f"no vision tower in this checkpoint: none of {tried} is present")
 
 
-def model_identity(checkpoint_dir: str | Path, *, dtype: torch.dtype | str = "float32") -> str:
+def model_identity(checkpoint_dir: str | Path) -> str:
     """A short hash naming one set of vision weights, for soft-token and ONNX caches.
 
     Covers the resolved path, config.json, and the name, size and modification time of every file
@@ -171,7 +171,6 @@ def model_identity(checkpoint_dir: str | Path, *, dtype: torch.dtype | str = "fl
     for file_name in sorted(files):
         stat = (checkpoint_dir / file_name).stat()
         digest.update(f"\0{file_name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    digest.update(str(dtype).encode())
     return digest.hexdigest()[:16]
 
 
