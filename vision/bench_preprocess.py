@@ -4,7 +4,8 @@ Both sides get the same generated photos (4032x3024, 1920x1080 and 1080x1920 JPE
 800x600 PNG), Pan & Scan on at the defaults, and are timed twice: from decoded RGB images, and from
 encoded bytes with decoding included. Tessera uses a pool of `--threads` workers; the reference is
 called the way transformers runs it, once on the list of images. Runs alternate between the sides, and
-the median of `--repeats` runs is reported (the best run too: the machine may be shared).
+the median of `--repeats` runs is reported (the best run too: the machine may be shared), with the CPU
+time per tile (all threads), which other load on the machine disturbs less than wall time.
 """
 
 from __future__ import annotations
@@ -94,15 +95,18 @@ def run(args: argparse.Namespace) -> int:
         goals = {"decoded": 5.0, "bytes": 2.5}
         for kind, runners in sides.items():
             times = {name: [] for name in runners}
+            cpu = {name: [] for name in runners}
             for _ in range(args.repeats):
                 for name, runner in runners.items():  # alternate, so load from elsewhere hits both sides
-                    started = time.perf_counter()
+                    cpu_started, started = time.process_time(), time.perf_counter()
                     runner()
                     times[name].append(time.perf_counter() - started)
+                    cpu[name].append(time.process_time() - cpu_started)
             print(f"\nfrom {kind}:")
             for name, samples in times.items():
                 print(f"  {name:34s} {num_tiles / statistics.median(samples):7.1f} tiles/s median "
-                      f"({num_tiles / min(samples):7.1f} best)")
+                      f"({num_tiles / min(samples):7.1f} best); "
+                      f"{1000 * statistics.median(cpu[name]) / num_tiles:5.1f} CPU ms per tile")
             references = [name for name in runners if name.startswith("reference")]
             for ours_name in [name for name in runners if name.startswith("tessera")]:
                 for name in references:

@@ -100,7 +100,11 @@ def preprocess_batch(
 
 
 def _decoded(source, limits: ImageLimits, exact: bool) -> tuple[Image.Image, Image.Image | np.ndarray]:
-    image = source if isinstance(source, Image.Image) else load_image(source, limits)
+    if isinstance(source, Image.Image):
+        image = source
+        image.load()  # here, once: tile jobs share the image and must not race on a lazy load
+    else:
+        image = load_image(source, limits)
     return image, _tile_source(image, exact)
 
 
