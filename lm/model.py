@@ -180,8 +180,8 @@ class Gemma3TextModel(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., vocab_size) fp32 logits from final-norm hidden states (..., hidden)."""
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, head).float()
+        # An explicit head module (untied checkpoints, or one swapped in by quantisation) wins.
+        logits = (F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

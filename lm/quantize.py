@@ -1,31 +1,56 @@
-"""Int8 quantisation of a loaded decoder, applied from outside the model by swapping modules.
+"""Weight-only int8 quantisation of a loaded decoder, applied from outside the model by swapping
+modules (the model code knows nothing of it).
 
-`int8`: every projection and the LM head become dynamically quantised linears (int8 weights, one
-scale per output channel; activations quantised per call), run by PyTorch's x86/fbgemm kernels.
-Embedding lookups stay in the original dtype: they read one row per token, so they cost nothing.
-CPU only: these kernels do not exist on CUDA.
+Every projection and the LM head keep int8 weights with one scale per output channel (symmetric,
+round-to-nearest); activations are not quantised. On the CPU the matmul runs in PyTorch's
+int8-weight kernel with bf16 activations and fp32 results; elsewhere the weights are dequantised on
+the fly. The embedding lookup keeps the original table: it reads one row per token.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 SCHEMES = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T with q int8 (out, in) and scale (out,)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        weight = weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", quantized)
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if flat.device.type == "cpu":
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
+        else:
+            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     """Quantise `model` (a Gemma3TextModel) in place and return it."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation {scheme!r}; available: {', '.join(SCHEMES)}")
-    if model.embed.weight.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
-        raise ValueError("int8 quantisation runs on the CPU from float32 weights; load the model with "
-                         "device cpu and dtype float32")
-    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
-    source = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    head.weight = nn.Parameter(source.detach(), requires_grad=False)
-    model.lm_head = head
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    with torch.no_grad():
+        _swap_linears(model.layers)
+        source = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = Int8Linear(source)
     return model
+
+
+def _swap_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child.weight))
+        else:
+            _swap_linears(child)
