@@ -14,9 +14,11 @@ Cost is dominated by Pillow's resize (about 80% of the CPU time), which releases
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 from PIL import Image
@@ -74,25 +76,33 @@ def preprocess_batch(
     """Decode (bytes, paths) and tile many images on a thread pool; results in input order.
 
     A source that fails to load gives its `ImageError` in place of a result. Decoded `PIL.Image`s are
-    taken as they are and must be RGB. Pass `executor` to reuse a pool across calls. `exact` as in
-    `preprocess`."""
+    taken as they are and must be RGB. Pass `executor` (with `num_workers` threads) to reuse a pool
+    across calls. `exact` as in `preprocess`."""
     if executor is None:
         with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="preprocess") as pool:
             return preprocess_batch(sources, pan_and_scan, limits=limits, size=size, executor=pool, exact=exact)
 
-    decoded = [executor.submit(_decoded, source, limits, exact) for source in sources]
+    # Decodes run at most `lookahead` images ahead of tiling, so decoded images never pile up in memory;
+    # tile jobs are queued as each decode finishes and overlap the next decodes.
+    lookahead = 2 * num_workers
+    pending = iter(sources)
+    decoding: deque[Future] = deque(
+        executor.submit(_decoded, source, limits, exact) for source in islice(pending, lookahead)
+    )
     results: list[PreprocessedImage | ImageError] = []
     tile_jobs: list[Future] = []
-    # Tile jobs are queued as each decode finishes, so decoding later images overlaps resizing earlier ones.
-    for future in decoded:
+    while decoding:
+        future = decoding.popleft()
+        for source in islice(pending, 1):
+            decoding.append(executor.submit(_decoded, source, limits, exact))
         try:
-            image, source = future.result()
+            image, tile_source = future.result()
         except ImageError as error:
             results.append(error)
             continue
         boxes, tiles = _plan(image, pan_and_scan, size)
         for index, box in enumerate((None, *boxes)):
-            tile_jobs.append(executor.submit(_render_tile, source, box, size, tiles[index]))
+            tile_jobs.append(executor.submit(_render_tile, tile_source, box, size, tiles[index]))
         results.append(PreprocessedImage(tiles, len(boxes), tuple(boxes), image.width, image.height))
     for job in tile_jobs:
         job.result()  # re-raises a tiling failure (a bug, not a bad image)
