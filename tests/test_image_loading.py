@@ -234,3 +234,25 @@ def test_animated_gif_uses_first_frame():
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     assert Image.open(io.BytesIO(data)).n_frames == 2
     np.testing.assert_array_equal(np.asarray(load_image(data))[5, 5], [255, 0, 0])
+
+
+def test_corrupted_files_never_crash():
+    """Random byte flips, overwritten headers and cuts of valid files: an RGB image or an ImageError."""
+    rng = np.random.default_rng(1)
+    originals = [encode(pattern(96, 64), fmt) for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")]
+    for trial in range(300):
+        data = bytearray(originals[trial % len(originals)])
+        kind = trial % 3
+        if kind == 0:
+            for position in rng.integers(0, len(data), rng.integers(1, 10)):
+                data[position] = rng.integers(0, 256)
+        elif kind == 1:
+            data = data[: rng.integers(0, len(data))]
+        else:
+            start = rng.integers(0, 64)
+            data[start : start + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        try:
+            assert load_image(bytes(data)).mode == "RGB"
+        except ImageError as error:
+            assert error.code in {"empty", "truncated", "decode_failed", "unsupported_format",
+                                  "too_many_pixels", "zero_size"}
