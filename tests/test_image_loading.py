@@ -129,6 +129,14 @@ def test_decompression_bomb_refused_from_header(width, height):
     assert Image.MAX_IMAGE_PIXELS == pixels_max_before  # Pillow's global is left alone
 
 
+@pytest.mark.parametrize("side", [20_000, 9_000])
+def test_gif_frame_larger_than_its_screen_refused(side):
+    data = bytearray(encode(Image.new("P", (10, 10)), "GIF"))
+    descriptor = data.find(b",")  # image descriptor: ",", x, y, width, height (little-endian u16)
+    data[descriptor + 5 : descriptor + 9] = struct.pack("<HH", side, side)
+    assert error_of(bytes(data)).code == "too_many_pixels"
+
+
 def test_pixel_and_byte_limits_are_configurable():
     data = encode(pattern(100, 50), "PNG")
     assert error_of(data, ImageLimits(max_pixels=4_999)).code == "too_many_pixels"

@@ -97,6 +97,8 @@ def load_image(source: bytes | bytearray | memoryview | str | os.PathLike, limit
         rgb = to_rgb(image)
     except ImageError:
         raise
+    except Image.DecompressionBombError as error:  # e.g. a TIFF tile far larger than the image
+        raise ImageError("too_many_pixels", f"{image.format} image exceeds Pillow's hard pixel limit ({error})") from error
     except _DECODE_ERRORS as error:
         raise _decode_error(image.format, error) from error
     if orientation in _ORIENTATION_FIX:
@@ -163,6 +165,8 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
             raise ImageError("unsupported_format", f"{fmt} variant not supported: {verdict}")
         try:
             return factory(io.BytesIO(data), None)
+        except Image.DecompressionBombError as error:  # e.g. a GIF frame far larger than its screen
+            raise ImageError("too_many_pixels", f"{fmt} image exceeds Pillow's hard pixel limit ({error})") from error
         except _DECODE_ERRORS as error:
             if _riff_truncated(data):  # libwebp only says "could not create decoder object"
                 raise ImageError("truncated", f"{fmt} data is truncated ({_riff_truncated(data)})") from error
