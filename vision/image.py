@@ -75,8 +75,9 @@ class ImageLimits:
             )
 
 
-def load_image(source: bytes | bytearray | memoryview | str | os.PathLike, limits: ImageLimits = ImageLimits()
-               ) -> Image.Image:
+def load_image(
+    source: bytes | bytearray | memoryview | str | os.PathLike, limits: ImageLimits = ImageLimits()
+) -> Image.Image:
     """Decode `source` (encoded bytes or a file path) into an upright 8-bit RGB image, or raise ImageError."""
     data = _read(source, limits)
     image = _open_header(data, limits)
@@ -119,10 +120,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):  # I;16, I;16L, I;16B, I;16N, I: 16-bit greyscale in practice
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         grey = (values * 255 + 32767) // 65535  # round(v * 255 / 65535): 0 -> 0, 65535 -> 255
-        return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     if image.mode == "F":
         grey = np.rint(np.clip(np.nan_to_num(np.asarray(image)), 0.0, 1.0) * 255.0)
-        return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
 
