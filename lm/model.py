@@ -95,10 +95,10 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         k, v, mask = attention.kv(self.layer_idx, k, v)  # (B, KV, S, D) x2, (B, 1, T, S)
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k  # (B, H, S, D)
-        v = v.repeat_interleave(groups, dim=1) if groups > 1 else v  # (B, H, S, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, D)
+        # GQA without copying keys/values: each KV head serves H / KV query heads.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, H * D)
         return self.o_proj(out)
 
