@@ -48,7 +48,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     tiles = torch.rand(args.tiles, 3, 896, 896, generator=torch.Generator().manual_seed(1)) * 2 - 1
     vision = config_dict["vision_config"]
     print(f"SigLIP {vision['num_hidden_layers']} layers, width {vision['hidden_size']}, "
-          f"d_model {args.d_model}; {args.tiles} tile(s) per backend in one batch; {args.threads} threads")
+          f"d_model {args.d_model}; {args.tiles} tile(s) per backend in one batch; {args.threads} threads",
+          flush=True)
 
     results: dict[str, tuple[float, torch.Tensor]] = {}
     tower, projector = reference
@@ -56,6 +57,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         start = time.perf_counter()
         expected = projector(tower(pixel_values=tiles).last_hidden_state)
         results["reference (transformers)"] = (time.perf_counter() - start, expected)
+    print(f"  (reference: {results['reference (transformers)'][0]:.1f} s)", flush=True)
     del reference, tower, projector
 
     variants = {
@@ -75,7 +77,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         soft_tokens = encoder.encode(tiles)
         results[name] = (time.perf_counter() - start, soft_tokens)
         steps = {"torch": "load", "onnx": "load + export" + (" + quantise" if options.int8 else "")}
-        print(f"  ({name} setup: {steps[options.backend]}, reusing cached files, {setup:.1f} s)")
+        print(f"  ({name}: {results[name][0]:.1f} s; setup: {steps[options.backend]}, {setup:.1f} s)", flush=True)
         if name == "tessera torch":
             torch_seconds_per_tile = results[name][0] / args.tiles
             identity = encoder.identity
