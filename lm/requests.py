@@ -77,17 +77,28 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._completion: Completion | None = None
+        self._notify = None  # called (engine thread) after each event and at the finish
 
     # engine side
     def _publish(self, event: TokenEvent) -> None:
         self._events.put(event)
+        if self._notify is not None:
+            self._notify()
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
         self._finished.set()
         self._events.put(_DONE)
+        if self._notify is not None:
+            self._notify()
 
     # caller side
+    def set_notifier(self, notify) -> None:
+        """`notify()` (no arguments) is called from the engine thread after every event and when the
+        request finishes, so an event loop can wait for events without blocking a thread (e.g.
+        `lambda: loop.call_soon_threadsafe(flag.set)`); drain with `next_event(timeout=0)`."""
+        self._notify = notify
+
     def cancel(self) -> None:
         self._cancelled.set()
 

@@ -1,0 +1,1 @@
+"""Subcommands of `tessera` that belong to the serving layer (serve, query, caption)."""

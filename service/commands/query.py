@@ -1,0 +1,84 @@
+"""`tessera query [--target HOST:PORT] [--image PATH ...] [--pan-and-scan] [--stream] PROMPT`:
+ask a running gateway (`tessera serve gateway` or `all`) and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the question or instruction")
+    parser.add_argument("--target", default="localhost:50050", help="gateway address (default localhost:50050)")
+    parser.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
+                        help="an image to send (repeatable)")
+    parser.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    parser.add_argument("--ca-cert", type=Path, help="PEM root certificate: connect with TLS")
+    parser.add_argument("--auth-token", help="bearer token (default: env TESSERA_AUTH_TOKEN)")
+    parser.add_argument("--max-message-mb", type=int, default=64)
+
+
+def build_request(args: argparse.Namespace):
+    from proto.tessera.common.v1 import tensor_pb2
+    from proto.tessera.gateway.v1 import gateway_pb2
+    from proto.tessera.lm.v1 import lm_pb2
+
+    sampling = lm_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    images = [tensor_pb2.Image(data=path.read_bytes()) for path in args.image]
+    return gateway_pb2.QueryRequest(prompt=args.prompt, images=images, sampling=sampling,
+                                    pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=args.pan_and_scan))
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto.tessera.gateway.v1 import gateway_pb2_grpc
+
+    try:
+        request = build_request(args)
+    except OSError as error:
+        print(f"tessera query: {error}", file=sys.stderr)
+        return 2
+    limit = args.max_message_mb << 20
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    if args.ca_cert:
+        channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(args.ca_cert.read_bytes()), options)
+    else:
+        channel = grpc.insecure_channel(args.target, options)
+    token = args.auth_token or os.environ.get("TESSERA_AUTH_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    try:
+        if args.stream:
+            done = None
+            for message in stub.QueryStream(request, timeout=args.timeout, metadata=metadata):
+                if message.HasField("done"):
+                    done = message.done
+                else:
+                    sys.stdout.write(message.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            done = stub.Query(request, timeout=args.timeout, metadata=metadata)
+            print(done.text)
+    except grpc.RpcError as error:
+        print(f"tessera query: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    if done is not None:
+        print(f"[{done.finish_reason}; {done.prompt_tokens} prompt + {done.completion_tokens} generated tokens; "
+              f"first token {done.time_to_first_token_s:.3f} s; total {done.total_time_s:.3f} s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,52 @@
+"""`tessera serve vision|lm|gateway|all`: run a gRPC service until SIGTERM (graceful drain).
+
+Every flag can also come from TESSERA_<FLAG> (e.g. TESSERA_METRICS_PORT); a flag on the command line
+wins. The effective configuration is printed as one JSON line on stderr at start-up, secrets redacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from service.config import ROLES, add_arguments as add_config_arguments
+
+    parser.add_argument("role", choices=ROLES,
+                        help="vision, lm, gateway (image+text entry point calling the other two), or all in one process")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from service.config import from_args
+
+    try:
+        config = from_args(args.role, args, os.environ)
+    except ValueError as error:
+        print(f"tessera serve: {error}", file=sys.stderr)
+        return 2
+    print(config.redacted_json(), file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config) -> int:
+    from service.server import TesseraServer
+
+    server = TesseraServer(config)
+    try:
+        port = await server.start()
+    except (OSError, RuntimeError, ValueError) as error:
+        print(f"tessera serve: cannot start on {config.host}:{config.port}: {error}", file=sys.stderr)
+        return 2
+    print(f"tessera serve {config.role}: listening on {config.host}:{port}"
+          + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), file=sys.stderr, flush=True)
+    status = await server.serve_until_signal()
+    if server.load_error is not None:
+        print(f"tessera serve: loading {config.model!r} failed: {server.load_error}", file=sys.stderr)
+    return status

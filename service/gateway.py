@@ -1,0 +1,120 @@
+"""`tessera.gateway.v1.GatewayService`: the user's entry point, image bytes + text in, text out.
+
+It calls the vision service when images are present, then the language model. Both are reached
+through small client objects: `Remote*` over gRPC (the services deployed apart; the caller's
+deadline and token travel with each call) or `Local*` (the servicers in this process, `serve all`;
+the call runs in the caller's task, so its deadline and cancellation apply directly).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
+from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
+
+SERVICE_NAME = "tessera.gateway.v1.GatewayService"
+
+
+class LocalVision:
+    def __init__(self, servicer):
+        self.servicer = servicer
+
+    async def encode(self, request, timeout):
+        return await self.servicer.encode(request)
+
+
+class LocalLanguageModel:
+    def __init__(self, servicer):
+        self.servicer = servicer
+
+    async def generate_stream(self, request, timeout) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
+        async for message in self.servicer.stream(request):
+            yield message
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class RemoteVision:
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = ()):
+        self.stub = vision_pb2_grpc.VisionServiceStub(channel)
+        self.metadata = metadata
+
+    async def encode(self, request, timeout):
+        return await self.stub.Encode(request, timeout=timeout, metadata=self.metadata)
+
+
+class RemoteLanguageModel:
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = ()):
+        self.stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+        self.metadata = metadata
+
+    async def generate_stream(self, request, timeout) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
+        call = self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
+        try:
+            async for message in call:
+                yield message
+        finally:
+            call.cancel()  # no-op once finished; otherwise the LM frees the request's slot
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, vision, language_model):
+        """`vision` None: this deployment has no vision service; image queries are refused."""
+        self.vision = vision
+        self.language_model = language_model
+
+    async def Query(self, request, context):
+        done = None
+        async for message in self.stream(request, context.time_remaining()):
+            if message.HasField("done"):
+                done = message.done
+        return done
+
+    async def QueryStream(self, request, context):
+        async for message in self.stream(request, context.time_remaining()):
+            yield message
+
+    async def stream(self, request: gateway_pb2.QueryRequest, timeout: float | None
+                     ) -> AsyncIterator[gateway_pb2.QueryStreamResponse]:
+        started = time.perf_counter()
+        deadline = None if timeout is None else started + timeout
+
+        def remaining() -> float | None:  # what is left of the caller's deadline, passed downstream
+            return None if deadline is None else max(deadline - time.perf_counter(), 0.001)
+
+        images, tiles = [], []
+        if request.images:
+            if self.vision is None:
+                raise ValueError("this deployment has no vision service (the model is text-only); "
+                                 "send text only or serve a vision-language checkpoint")
+            encoded = await self.vision.encode(
+                vision_pb2.EncodeRequest(images=request.images, pan_and_scan=request.pan_and_scan), remaining())
+            images = [item.soft_tokens for item in encoded.images]
+            tiles = [item.num_crops + 1 for item in encoded.images]
+        encode_s = time.perf_counter() - started
+        lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, images=images, sampling=request.sampling,
+                                            request_id=request.request_id)
+        first_token_s = None
+        async for message in self.language_model.generate_stream(lm_request, remaining()):
+            if message.HasField("done"):
+                done = message.done
+                yield gateway_pb2.QueryStreamResponse(done=gateway_pb2.QueryResponse(
+                    request_id=done.request_id, text=done.text, finish_reason=done.finish_reason,
+                    prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                    tiles_per_image=tiles, encode_time_s=encode_s,
+                    time_to_first_token_s=first_token_s or 0.0, total_time_s=time.perf_counter() - started,
+                    token_ids=done.token_ids))
+                return
+            if first_token_s is None and message.HasField("token_id"):
+                first_token_s = time.perf_counter() - started
+            if message.text:
+                yield gateway_pb2.QueryStreamResponse(text=message.text)
+        raise RuntimeError("the language model's stream ended without a final message")

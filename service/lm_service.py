@@ -1,0 +1,212 @@
+"""`tessera.lm.v1.LanguageModelService`: prompts (+ image soft tokens) in, text out, on the engine.
+
+The engine runs on its own thread; this servicer only lays out the prompt, submits it and relays the
+handle's events into the event loop (the handle notifies the loop, nothing blocks it). When the RPC
+ends early - the client cancelled, its deadline passed, the server stops - the request is cancelled
+in the engine, which frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import torch
+
+from lm.engine import Engine
+from lm.requests import GenerationRequest
+from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
+from service.interceptors import NotReady
+from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tessera.lm.v1.LanguageModelService"
+
+
+@dataclass
+class LoadedLanguageModel:
+    lm: object  # lm.runtime.LanguageModel
+    engine: Engine  # started
+
+
+class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
+    def __init__(self, load: Callable[[], LoadedLanguageModel], *, model_name: str, max_message_bytes: int,
+                 metrics=None):
+        self._load = load  # blocking; runs on a worker thread
+        self.model_name = model_name
+        self.max_message_bytes = max_message_bytes
+        self.metrics = metrics
+        self.loaded: LoadedLanguageModel | None = None
+
+    async def load(self) -> LoadedLanguageModel:
+        self.loaded = await asyncio.to_thread(self._load)
+        if self.metrics is not None:
+            self._register_gauges(self.loaded.engine)
+        return self.loaded
+
+    def stop(self) -> None:
+        if self.loaded is not None:
+            self.loaded.engine.stop()
+
+    def _ready(self) -> LoadedLanguageModel:
+        if self.loaded is None:
+            raise NotReady(f"the language model {self.model_name} is still loading; retry shortly")
+        return self.loaded
+
+    # ----- RPCs ---------------------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        done = None
+        async for message in self.stream(request):
+            if message.HasField("done"):
+                done = message.done
+        return done
+
+    async def GenerateStream(self, request, context):
+        async for message in self.stream(request):
+            yield message
+
+    async def Tokenize(self, request, context):
+        loaded = self._ready()
+        prompt = _layout(loaded.lm.tokenizer, request, list(request.image_tiles), loaded.lm.config.mm_tokens_per_image)
+        return lm_pb2.TokenizeResponse(token_ids=prompt.token_ids)
+
+    async def CountTokens(self, request, context):
+        loaded = self._ready()
+        prompt = _layout(loaded.lm.tokenizer, request, list(request.image_tiles), loaded.lm.config.mm_tokens_per_image)
+        return lm_pb2.CountTokensResponse(count=len(prompt.token_ids),
+                                          max_prompt_tokens=loaded.engine.engine_config.max_seq_len - 1)
+
+    async def GetInfo(self, request, context):
+        loaded = self._ready()
+        config, engine_config = loaded.lm.config, loaded.engine.engine_config
+        return lm_pb2.LanguageModelInfo(
+            model=self.model_name, vocab_size=config.vocab_size, d_model=config.hidden_size,
+            tokens_per_tile=config.mm_tokens_per_image, image_token_id=loaded.lm.tokenizer.special.image_token_id,
+            max_seq_len=engine_config.max_seq_len, max_batch=engine_config.max_batch,
+            max_queue=engine_config.max_queue, dtype=str(loaded.lm.dtype).removeprefix("torch."),
+            accepts_images=True, max_message_bytes=self.max_message_bytes,
+        )
+
+    # ----- the work, shared with the in-process gateway -------------------------------------------
+
+    async def stream(self, request: lm_pb2.GenerateRequest) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
+        """Token events of one request as protobuf messages, the Completion last. Raises ValueError
+        (bad request), EngineOverloaded, NotReady."""
+        loaded = self._ready()
+        started = time.perf_counter()
+        generation = self._generation_request(loaded, request)
+        engine = loaded.engine
+        handle = engine.submit(generation)
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        handle.set_notifier(lambda: _wake_threadsafe(loop, wake))
+        first_token_at = None
+        try:
+            while True:
+                wake.clear()
+                events = _drain(handle)
+                for event in events:
+                    if event is None:  # finished
+                        completion = handle.result()
+                        if completion.finish_reason == "error":
+                            raise RuntimeError(f"generation failed for request {completion.request_id}: "
+                                               f"{completion.error}")
+                        self._observe(completion, first_token_at, started)
+                        yield lm_pb2.GenerateStreamResponse(done=_completion_proto(completion))
+                        return
+                    if first_token_at is None and event.token_id is not None:
+                        first_token_at = time.perf_counter()
+                    message = lm_pb2.GenerateStreamResponse(text=event.text)
+                    if event.token_id is not None:
+                        message.token_id = event.token_id
+                    yield message
+                if not events:
+                    await wake.wait()
+        finally:
+            handle.set_notifier(None)
+            if not handle.done:
+                handle.cancel()  # client gone, deadline passed or server stopping: freed at the next step
+
+    def _generation_request(self, loaded: LoadedLanguageModel, request) -> GenerationRequest:
+        config = loaded.lm.config
+        params = sampling_from_proto(request.sampling)
+        soft_tokens = []
+        for index, image in enumerate(request.images):
+            tensor = tensor_from_proto(image, f"image {index} soft tokens")
+            expected = (config.mm_tokens_per_image, config.hidden_size)
+            if tensor.dim() != 3 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] < 1:
+                raise ValueError(f"image {index} soft tokens have shape {tuple(tensor.shape)}; expected "
+                                 f"[tiles, {expected[0]}, {expected[1]}] for this model")
+            soft_tokens.append(tensor)
+        tiles = [t.shape[0] for t in soft_tokens]
+        prompt = _layout(loaded.lm.tokenizer, request, tiles, config.mm_tokens_per_image)
+        stacked = torch.cat(soft_tokens).to(loaded.lm.device, loaded.lm.dtype) if soft_tokens else None
+        kwargs = {"request_id": request.request_id} if request.request_id else {}
+        return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
+                                 image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), **kwargs)
+
+    def _observe(self, completion, first_token_at, started) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.tokens_generated.inc(completion.completion_tokens)
+        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
+        if first_token_at is not None:
+            self.metrics.time_to_first_token.observe(first_token_at - started)
+
+    def _register_gauges(self, engine: Engine) -> None:
+        m = self.metrics
+        m.gauge("tessera_engine_queue_depth", "requests waiting for a slot", lambda: engine.stats().waiting)
+        m.gauge("tessera_engine_batch_size", "sequences in the decode batch", lambda: engine.stats().running)
+        m.gauge("tessera_engine_slots", "sequences the KV cache holds at once", lambda: engine.stats().slots)
+        m.gauge("tessera_kv_cache_tokens_used", "tokens held in the KV cache", lambda: engine.stats().kv_tokens_used)
+        m.gauge("tessera_kv_cache_bytes", "bytes allocated for the KV cache", lambda: engine.stats().kv_bytes_total)
+
+
+def _layout(tokenizer, request, tiles: list[int], tokens_per_tile: int):
+    """The prompt of a Generate/Tokenize request: chat messages, raw text, or one user turn."""
+    from lm.prompt import layout_chat, layout_text
+
+    if request.messages:
+        if request.prompt:
+            raise ValueError("give either prompt or messages, not both")
+        return layout_chat(tokenizer, messages_from_proto(request.messages), tiles, tokens_per_tile=tokens_per_tile)
+    if request.raw:
+        return layout_text(tokenizer, request.prompt, tiles, tokens_per_tile=tokens_per_tile)
+    content = [{"type": "image"} for _ in tiles] + [{"type": "text", "text": request.prompt}]
+    return layout_chat(tokenizer, [{"role": "user", "content": content}], tiles, tokens_per_tile=tokens_per_tile)
+
+
+def _drain(handle) -> list:
+    """Every event available now without waiting; None marks the end."""
+    import queue
+
+    events = []
+    while True:
+        try:
+            event = handle.next_event(timeout=0)
+        except queue.Empty:
+            return events
+        events.append(event)
+        if event is None:
+            return events
+
+
+def _wake_threadsafe(loop: asyncio.AbstractEventLoop, flag: asyncio.Event) -> None:
+    try:
+        loop.call_soon_threadsafe(flag.set)
+    except RuntimeError:  # the loop has closed (server gone); the engine thread must not fail
+        pass
+
+
+def _completion_proto(completion) -> lm_pb2.GenerateResponse:
+    return lm_pb2.GenerateResponse(
+        request_id=completion.request_id, text=completion.text, token_ids=completion.token_ids,
+        finish_reason=completion.finish_reason, prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        time_to_first_token_s=completion.time_to_first_token_s or 0.0, total_time_s=completion.total_time_s,
+    )

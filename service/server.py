@@ -1,0 +1,246 @@
+"""One gRPC server process: the services of a role, health, reflection, interceptors, metrics,
+TLS/auth, message limits, loading in the background and graceful shutdown.
+
+Lifecycle: `start()` binds the port at once with every health status NOT_SERVING, then loads the
+models on worker threads (requests meanwhile get UNAVAILABLE); when loading ends the statuses turn
+SERVING. `stop(grace)` (SIGTERM) turns them NOT_SERVING, refuses new RPCs, lets in-flight ones finish
+for up to `grace` seconds, cancels the rest, then stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
+from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
+from service import gateway as gateway_module
+from service import lm_service, vision_service
+from service.config import ServeConfig
+from service.interceptors import BearerTokenInterceptor, ErrorsAndMetricsInterceptor
+from service.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+OVERALL = ""  # grpc.health.v1 name of the whole server
+
+
+def default_lm_loader(config: ServeConfig) -> Callable[[], lm_service.LoadedLanguageModel]:
+    def load() -> lm_service.LoadedLanguageModel:
+        from lm.engine import EngineConfig
+        from lm.runtime import DTYPES, load_language_model
+
+        lm = load_language_model(config.model, device=config.device, dtype=DTYPES[config.dtype], progress=False)
+        engine = lm.engine(EngineConfig(
+            max_seq_len=config.max_seq_len, kv_budget_bytes=config.kv_budget_mb << 20, max_batch=config.max_batch,
+            max_queue=config.max_queue, stop_token_ids=lm.tokenizer.special.stop_ids))
+        engine.start()
+        log.info("language model %s loaded from %s in %.1f s", config.model, lm.path, lm.load_seconds)
+        return lm_service.LoadedLanguageModel(lm, engine)
+    return load
+
+
+def default_vision_loader(config: ServeConfig, *, required: bool) -> Callable[[], vision_service.LoadedVision | None]:
+    def load() -> vision_service.LoadedVision | None:
+        from lm.checkpoints import resolve_model
+        from lm.runtime import DTYPES
+        from service.pipeline import has_vision_tower
+        from vision.encoder import EncoderOptions, VisionEncoder
+
+        path = resolve_model(config.model, progress=False)
+        if not has_vision_tower(path):
+            if required:
+                raise ValueError(f"model {config.model} ({path}) has no vision tower (no vision_config in "
+                                 "config.json); the vision service needs a Gemma 3 vision-language checkpoint")
+            log.warning("model %s is text-only: image requests will be refused", config.model)
+            return None
+        encoder = VisionEncoder.from_checkpoint(path, EncoderOptions(device=config.device, dtype=DTYPES[config.dtype]))
+        log.info("vision encoder %s loaded", encoder.identity)
+        return vision_service.LoadedVision(encoder)
+    return load
+
+
+class TesseraServer:
+    def __init__(self, config: ServeConfig, *, load_lm=None, load_vision=None):
+        """`load_lm` / `load_vision` replace the default loaders (tests use them to hold loading)."""
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.health = health.aio.HealthServicer()
+        self.lm: lm_service.LanguageModelServicer | None = None
+        self.vision: vision_service.VisionServicer | None = None
+        self.gateway: gateway_module.GatewayServicer | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        role = config.role
+        if role in ("lm", "all"):
+            self.lm = lm_service.LanguageModelServicer(
+                load_lm or default_lm_loader(config), model_name=config.model,
+                max_message_bytes=config.max_message_bytes, metrics=self.metrics)
+        if role in ("vision", "all"):
+            self.vision = vision_service.VisionServicer(
+                load_vision or default_vision_loader(config, required=role == "vision"), model_name=config.model,
+                max_message_bytes=config.max_message_bytes, metrics=self.metrics)
+        if role == "all":
+            self.gateway = gateway_module.GatewayServicer(gateway_module.LocalVision(self.vision),
+                                                          gateway_module.LocalLanguageModel(self.lm))
+        self.port: int | None = None
+        self.metrics_port = 0
+        self.loaded = asyncio.Event()
+        self.load_error: BaseException | None = None
+        self._server: grpc.aio.Server | None = None
+        self._load_task: asyncio.Task | None = None
+        self._stopped = False
+
+    @property
+    def service_names(self) -> list[str]:
+        names = []
+        if self.vision is not None:
+            names.append(vision_service.SERVICE_NAME)
+        if self.lm is not None:
+            names.append(lm_service.SERVICE_NAME)
+        if self.gateway is not None or self.config.role == "gateway":
+            names.append(gateway_module.SERVICE_NAME)
+        return names
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until the models are loaded). Returns the port."""
+        config = self.config
+        interceptors = [ErrorsAndMetricsInterceptor(self.metrics)]
+        if config.auth_token:
+            interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
+        options = gateway_module.channel_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        if config.role == "gateway":
+            metadata = (("authorization", f"Bearer {config.auth_token}"),) if config.auth_token else ()
+            vision_channel = grpc.aio.insecure_channel(config.vision_target, options=options[:2])
+            lm_channel = grpc.aio.insecure_channel(config.lm_target, options=options[:2])
+            self._channels = [vision_channel, lm_channel]
+            self.gateway = gateway_module.GatewayServicer(gateway_module.RemoteVision(vision_channel, metadata),
+                                                          gateway_module.RemoteLanguageModel(lm_channel, metadata))
+        if self.vision is not None:
+            vision_pb2_grpc.add_VisionServiceServicer_to_server(self.vision, server)
+        if self.lm is not None:
+            lm_pb2_grpc.add_LanguageModelServiceServicer_to_server(self.lm, server)
+        if self.gateway is not None:
+            gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.gateway, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in [OVERALL, *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        full_names = [_full_name(n) for n in self.service_names]
+        reflection.enable_server_reflection([*full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
+        self._load_task = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            if self.lm is not None:
+                await self.lm.load()
+            if self.vision is not None:
+                await self.vision.load()
+        except Exception as error:  # noqa: BLE001 - reported to the operator; the server cannot serve
+            log.exception("loading failed")
+            self.load_error = error
+            self.loaded.set()
+            return
+        if not self._stopped:
+            for name in [OVERALL, *self.service_names]:
+                text_only_vision = name == vision_service.SERVICE_NAME and self.vision.text_only
+                status = health_pb2.HealthCheckResponse.NOT_SERVING if text_only_vision else \
+                    health_pb2.HealthCheckResponse.SERVING
+                await self.health.set(name, status)
+        self.loaded.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds, then release everything."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        for channel in self._channels:
+            await channel.close()
+        if self.lm is not None:
+            await asyncio.to_thread(self.lm.stop)
+        if self.vision is not None:
+            self.vision.stop()
+        self.metrics.close()
+
+    async def serve_until_signal(self) -> int:
+        """Run until SIGTERM/SIGINT (graceful stop) or a loading failure. Returns an exit status."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        waiter = asyncio.create_task(stop_requested.wait())
+        loading = asyncio.create_task(self.loaded.wait())
+        await asyncio.wait([waiter, loading], return_when=asyncio.FIRST_COMPLETED)
+        if self.load_error is None and not stop_requested.is_set():
+            log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
+            await waiter
+        if stop_requested.is_set():
+            log.info("stopping: finishing in-flight requests (grace period %.0f s)", self.config.grace_period)
+        await self.stop()
+        loading.cancel()
+        return 1 if self.load_error is not None else 0
+
+
+def _full_name(service_name: str) -> str:
+    descriptors = {
+        vision_service.SERVICE_NAME: vision_pb2.DESCRIPTOR.services_by_name["VisionService"],
+        lm_service.SERVICE_NAME: lm_pb2.DESCRIPTOR.services_by_name["LanguageModelService"],
+        gateway_module.SERVICE_NAME: gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+    }
+    return descriptors[service_name].full_name
+
+
+class ServerThread:
+    """A TesseraServer on an event loop of its own thread (tests, benchmarks, in-process use)."""
+
+    def __init__(self, server: TesseraServer):
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tessera-server", daemon=True)
+
+    def start(self, wait_loaded: bool = True, timeout: float = 600) -> "ServerThread":
+        self._thread.start()
+        self.call(self.server.start())
+        if wait_loaded:
+            self.call(self.server.loaded.wait(), timeout)
+            if self.server.load_error is not None:
+                raise RuntimeError(f"loading failed: {self.server.load_error}") from self.server.load_error
+        return self
+
+    def call(self, coroutine, timeout: float | None = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.loop.is_running():
+            self.call(self.server.stop(grace), timeout=grace + 60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)

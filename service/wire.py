@@ -1,0 +1,100 @@
+"""Protobuf <-> Python at the service edge: tensors, sampling parameters, Pan & Scan options, chat
+messages. Nothing past this module sees a protobuf type."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lm.sampling import SamplingParams
+from proto.tessera.common.v1 import tensor_pb2
+from proto.tessera.lm.v1 import lm_pb2
+from vision.pan_and_scan import PanAndScanConfig
+
+WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"tensor dtype {name} cannot travel; allowed: {', '.join(WIRE_DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,) row-major
+    return tensor_pb2.Tensor(data=flat.view(torch.uint8).numpy().tobytes(), dtype=name, shape=list(tensor.shape))
+
+
+def array_to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
+    if array.dtype != np.float32:
+        raise ValueError(f"array dtype {array.dtype} cannot travel; use float32")
+    return tensor_pb2.Tensor(data=np.ascontiguousarray(array).tobytes(), dtype="float32", shape=list(array.shape))
+
+
+def tensor_from_proto(message: tensor_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
+    """A (copied, writable) torch tensor; ValueError naming `what` when dtype, shape and size disagree."""
+    dtype = WIRE_DTYPES.get(message.dtype)
+    if dtype is None:
+        raise ValueError(f"{what}: dtype {message.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    shape = tuple(int(d) for d in message.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{what}: negative dimension in shape {shape}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(message.data) != expected:
+        raise ValueError(f"{what}: {len(message.data)} bytes of data for shape {shape} {message.dtype} "
+                         f"({expected} bytes expected)")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+
+
+def sampling_from_proto(message: lm_pb2.SamplingParams) -> SamplingParams:
+    """Raises ValueError (with every reason) for bad parameters."""
+    return SamplingParams(
+        max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else 128,
+        temperature=float(message.temperature),
+        top_k=int(message.top_k),
+        top_p=float(message.top_p) if message.HasField("top_p") else 1.0,
+        seed=int(message.seed) if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+        stop_token_ids=tuple(message.stop_token_ids.ids) if message.HasField("stop_token_ids") else None,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
+    message = lm_pb2.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                    top_k=params.top_k, top_p=params.top_p, stop=list(params.stop))
+    if params.seed is not None:
+        message.seed = params.seed
+    if params.stop_token_ids is not None:
+        message.stop_token_ids.ids.extend(params.stop_token_ids)
+    return message
+
+
+def pan_and_scan_from_proto(message: tensor_pb2.PanAndScanOptions) -> PanAndScanConfig:
+    defaults = PanAndScanConfig()
+    return PanAndScanConfig(
+        enabled=bool(message.enabled),
+        min_crop_size=message.min_crop_size if message.HasField("min_crop_size") else defaults.min_crop_size,
+        max_num_crops=message.max_num_crops if message.HasField("max_num_crops") else defaults.max_num_crops,
+        min_ratio_to_activate=(message.min_ratio_to_activate if message.HasField("min_ratio_to_activate")
+                               else defaults.min_ratio_to_activate),
+    )
+
+
+def messages_from_proto(messages) -> list[dict[str, Any]]:
+    """Chat messages in lm/prompt.py's form: [{role, content: [{type: text|image, ...}]}]."""
+    result = []
+    for index, message in enumerate(messages):
+        parts = []
+        for part in message.content:
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+            elif kind == "image":
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"message {index}: a content part has neither text nor image set")
+        result.append({"role": message.role, "content": parts})
+    return result
