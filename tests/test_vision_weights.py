@@ -126,3 +126,15 @@ def test_dtype_is_the_callers_choice(vlm_dir):
     model = load_vision_model(vlm_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_index_pointing_at_the_wrong_shard_is_named(vlm_dir, tmp_path):
+    checkpoint = tmp_path / "bad-index"
+    shutil.copytree(vlm_dir, checkpoint)
+    index = json.loads((checkpoint / INDEX).read_text())
+    key = "vision_tower.post_layernorm.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][key])
+    index["weight_map"][key] = other
+    (checkpoint / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"places {key} in {other}")):
+        load_vision_model(checkpoint)

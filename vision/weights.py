@@ -119,7 +119,15 @@ def load_vision_model(
     for key in wanted:
         by_file.setdefault(key_to_file[key], []).append(key)
     for file_name, keys in sorted(by_file.items()):
+        if not (checkpoint_dir / file_name).is_file():
+            raise CheckpointError(f"{checkpoint_dir}: shard {file_name} (holding {keys[0]}) is missing")
         with safe_open(str(checkpoint_dir / file_name), framework="pt", device="cpu") as shard:
+            absent = sorted(set(keys) - set(shard.keys()))
+            if absent:
+                raise CheckpointError(
+                    f"{checkpoint_dir}: the index places {', '.join(absent[:8])} in {file_name}, "
+                    "which does not contain them"
+                )
             for key in keys:
                 param_name = wanted[key]
                 shape = tuple(shard.get_slice(key).get_shape())
