@@ -22,11 +22,14 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         weight = weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+        scales = weight.abs().amax(dim=1).clamp(min=1e-30) / 127.0  # (out,)
+        # The kernel takes bf16 scales: round them (up, so |w| / scale stays <= 127) before quantising
+        # against them, so the int8 grid is exactly the one the kernel multiplies by.
+        scales = (scales * (1 + 2**-8)).to(torch.bfloat16)
+        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", quantized)
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("scales", scales)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)

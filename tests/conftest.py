@@ -68,3 +68,12 @@ def tiny_vlm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-vlm")
     model.save_pretrained(path, max_shard_size="200KB", safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_270m():
+    """The real embedded Gemma 3 270M, fp32, loaded once per test session (converted from the
+    packaged GGUF on the first run on a machine, then read from the cache)."""
+    from lm.runtime import load_language_model
+
+    return load_language_model("gemma3-270m", progress=False)
