@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("vision.commands.encode", "images -> soft tokens with a checkpoint's SigLIP + projector"),
     "generate": ("lm.commands.generate", "generate text with the Gemma 3 decoder (and images)"),
     "bench": ("service.bench", "benchmarks against the reference, side by side"),
+    "serve": ("service.commands.serve", "run the gRPC services: vision, lm, gateway or all in one process"),
+    "query": ("service.commands.query", "ask a running gateway: text (+ images) in, the answer printed"),
 }
 
 
