@@ -35,9 +35,9 @@ def test_int8_linear_matches_its_dequantised_weights():
     assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
-def test_unknown_scheme_is_refused(embedded_270m):
+def test_unknown_scheme_is_refused():
     with pytest.raises(ValueError, match="int4"):
-        quantize_model(copy.deepcopy(embedded_270m.model), "int4")
+        quantize_model(torch.nn.Module(), "int4")
 
 
 @pytest.fixture(scope="module")
