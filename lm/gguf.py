@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 GGUF_ARCHITECTURE = "gemma3"
+# Bumped whenever the converter's output changes, so that stale cache directories are rebuilt.
+CONVERSION_FORMAT = 1
+CONVERSION_MARKER = "tessera_conversion.json"  # {"format": ..., "gguf_sha256": ...}, written last
 CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
@@ -137,15 +140,21 @@ def cached_checkpoint(gguf_path: Path, name: str, cache_root: Path | None = None
     target = cache_root / f"{name}-{digest[:16]}"
     if is_complete_checkpoint(target):
         return target
-    convert_gguf(gguf_path, target, progress=progress)
+    convert_gguf(gguf_path, target, progress=progress, sha256=digest)
     return target
 
 
 def is_complete_checkpoint(directory: Path) -> bool:
-    return all((Path(directory) / name).is_file() for name in CHECKPOINT_FILES)
+    """True when `directory` holds a conversion by this version of the converter."""
+    directory = Path(directory)
+    try:
+        marker = json.loads((directory / CONVERSION_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == CONVERSION_FORMAT and all((directory / n).is_file() for n in CHECKPOINT_FILES)
 
 
-def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True) -> Path:
+def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True, sha256: str | None = None) -> Path:
     """Write the Hugging Face checkpoint for a Gemma 3 GGUF into `output_dir` (atomically: the files
     are written into a temporary sibling directory which is then renamed)."""
     from gguf import GGUFReader
@@ -184,24 +193,43 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True) ->
                 bar.update()
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
             del tensors
-            _write_tokenizer_files(staging, metadata, config)
+            vocab = read_vocabulary(metadata)
+            _write_tokenizer_files(staging, vocab, metadata, config)
             bar.update()
         _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", {
-            "bos_token_id": config["bos_token_id"],
-            "eos_token_id": config["eos_token_id"],
-            "pad_token_id": config["pad_token_id"],
-        })
-        try:
-            os.rename(staging, output_dir)
-        except OSError:
-            if not is_complete_checkpoint(output_dir):  # not a concurrent conversion that won the race
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+        _write_json(staging / "generation_config.json", _generation_config(vocab, config))
+        _write_json(staging / CONVERSION_MARKER, {"format": CONVERSION_FORMAT,
+                                                  "gguf_sha256": sha256 or sha256_file(gguf_path)})
+        _publish(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _publish(staging: Path, output_dir: Path) -> None:
+    """Move a finished conversion into place; a stale one there is replaced, a complete one kept."""
+    if output_dir.exists() and not is_complete_checkpoint(output_dir):
+        stale = output_dir.with_name(f".{output_dir.name}.stale-{os.getpid()}")
+        try:
+            os.rename(output_dir, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:  # another process moved it first
+            pass
+    try:
+        os.rename(staging, output_dir)
+    except OSError:
+        if not is_complete_checkpoint(output_dir):  # not a concurrent conversion that won the race
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _generation_config(vocab: "GgufVocabulary", config: dict) -> dict:
+    """Generation stops on <eos> and, as llama.cpp and the published Gemma 3 checkpoints do, on <end_of_turn>."""
+    eos = [config["eos_token_id"]]
+    if END_OF_TURN in vocab.tokens:
+        eos.append(vocab.tokens.index(END_OF_TURN))
+    return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}
 
 
 class _Metadata:
@@ -403,8 +431,7 @@ def derive_merges(tokens: list[str], ids: dict[str, int]) -> list[tuple[str, str
     return merges
 
 
-def _write_tokenizer_files(directory: Path, metadata: _Metadata, config: dict) -> None:
-    vocab = read_vocabulary(metadata)
+def _write_tokenizer_files(directory: Path, vocab: GgufVocabulary, metadata: _Metadata, config: dict) -> None:
     build_tokenizer(vocab).save(str(directory / "tokenizer.json"))
     special = {
         "bos_token": vocab.tokens[vocab.bos_id],

@@ -176,6 +176,16 @@ def test_cache_is_reused_and_leaves_no_staging(tiny_gguf, tiny_converted):
     assert [p.name for p in tiny_converted.parent.iterdir()] == [tiny_converted.name]
 
 
+def test_stale_conversion_is_rebuilt(tiny_gguf, tmp_path):
+    converted = resolve_model(str(tiny_gguf), cache_dir=tmp_path, progress=False)
+    marker = converted / lm_gguf.CONVERSION_MARKER
+    assert json.loads(marker.read_text())["gguf_sha256"] == lm_gguf.sha256_file(tiny_gguf)
+    marker.write_text(json.dumps({"format": lm_gguf.CONVERSION_FORMAT - 1}))  # made by an older converter
+    assert resolve_model(str(tiny_gguf), cache_dir=tmp_path, progress=False) == converted
+    assert json.loads(marker.read_text())["format"] == lm_gguf.CONVERSION_FORMAT
+    assert [p.name for p in tmp_path.iterdir()] == [converted.name]
+
+
 @pytest.mark.parametrize("problem", ["extra", "missing"])
 def test_unmapped_or_missing_tensor_is_rejected_by_name(tmp_path, problem):
     if problem == "extra":
