@@ -1,0 +1,479 @@
+"""Batch captioning: many images in, one JSON line per image out, resumable and shardable.
+
+- Inputs are image files, directories (searched recursively for image suffixes) or JSONL manifests of
+  {"id", "path"} (a relative path is relative to the manifest). A file's id is its path as given.
+- Sharding: an image belongs to shard `sha256(id) mod COUNT`, so shards are disjoint, cover every
+  image, and do not depend on input order or on which machine runs them.
+- Output: each record is one `write()` of a whole line on an O_APPEND file, then fsync; a killed job
+  leaves at most a torn last line (only possible if the OS split that write), which the next run cuts
+  off before appending. A rerun skips every id already recorded (`retry_errors` re-runs failed ones).
+- The in-process pipeline overlaps three stages: images are decoded and tiled on a thread pool,
+  tiles of several images are encoded together by the vision tower, and up to `concurrency` prompts
+  wait in the engine, which batches their decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+MANIFEST_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+DEFAULT_PROMPT = "Write a one-sentence caption for this image."
+SHARD_COUNT_ENV = "TESSERA_SHARD_COUNT"  # with JOB_COMPLETION_INDEX (set by an Indexed Job)
+SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"
+
+
+class CaptionInputError(ValueError):
+    """The inputs or options cannot be used (missing file, malformed manifest, bad shard); the message
+    says which and why."""
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    id: str  # stable key: resume and sharding go by it
+    path: str  # where the image is read from
+
+
+# ----- inputs ----------------------------------------------------------------------------------------
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[CaptionItem], int]:
+    """Items of every input in order, first occurrence of an id kept; also returns how many duplicates
+    were dropped."""
+    items: list[CaptionItem] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = (CaptionItem(str(p), str(p)) for p in sorted(path.rglob("*"))
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+            found = read_manifest(path)
+        elif path.is_file():
+            found = iter([CaptionItem(str(path), str(path))])
+        else:
+            raise CaptionInputError(f"input {str(raw)!r} does not exist (expected an image file, a directory or "
+                                    "a .jsonl manifest of {\"id\", \"path\"} lines)")
+        for item in found:
+            if item.id in seen:
+                duplicates += 1
+                continue
+            seen.add(item.id)
+            items.append(item)
+    return items, duplicates
+
+
+def read_manifest(path: Path) -> list[CaptionItem]:
+    items = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CaptionInputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise CaptionInputError(f"{path}:{number}: each line must be a JSON object with a non-empty "
+                                        "\"path\" string (and optionally an \"id\")")
+            image = Path(entry["path"])
+            image = image if image.is_absolute() else path.parent / image
+            item_id = entry.get("id", entry["path"])
+            if not isinstance(item_id, (str, int)) or item_id == "":
+                raise CaptionInputError(f"{path}:{number}: \"id\" must be a non-empty string or an integer")
+            items.append(CaptionItem(str(item_id), str(image)))
+    return items
+
+
+# ----- sharding --------------------------------------------------------------------------------------
+
+def shard_of(item_id: str, count: int) -> int:
+    """The shard (0..count-1) that owns `item_id`: a hash of the id, independent of input order."""
+    digest = hashlib.sha256(item_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise CaptionInputError(f"shard {self.index}/{self.count}: need COUNT >= 1 and 0 <= INDEX < COUNT")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise CaptionInputError(f"shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
+        return cls(int(index), int(count))
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> "Shard | None":
+        """From JOB_COMPLETION_INDEX (Kubernetes Indexed Job) and TESSERA_SHARD_COUNT; None when unset."""
+        count = environ.get(SHARD_COUNT_ENV)
+        if not count:
+            return None
+        index = environ.get(SHARD_INDEX_ENV, "0")
+        return cls.parse(f"{index}/{count}")
+
+    def owns(self, item_id: str) -> bool:
+        return shard_of(item_id, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+# ----- output ----------------------------------------------------------------------------------------
+
+def read_records(path: Path) -> dict[str, dict]:
+    """The last record of each id in an existing output file. A torn last line (no newline) is cut off
+    so that appending continues on a line boundary."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        os.truncate(path, end)
+    records = {}
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CaptionInputError(f"{path}:{number} is not a JSON line; is --out pointing at the right file?") from None
+        if isinstance(record, dict) and "id" in record:
+            records[str(record["id"])] = record
+    return records
+
+
+class RecordWriter:
+    """Appends records, each as one whole-line write followed by fsync."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        written = os.write(self._fd, line)
+        while written < len(line):  # a regular file takes it in one write in practice
+            written += os.write(self._fd, line[written:])
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def error_record(item: CaptionItem, code: str, message: str, timings: dict | None = None) -> dict:
+    return {"id": item.id, "path": item.path, "error": {"code": code, "message": message},
+            "timings": timings or {}}
+
+
+# ----- the in-process pipeline -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    prompt: str = DEFAULT_PROMPT
+    pan_and_scan: bool = False
+    params: object = None  # lm.sampling.SamplingParams; None = greedy, 64 new tokens
+    concurrency: int = 16  # prompts waiting in or decoded by the engine at once
+    workers: int = 2  # image decode/preprocess threads
+    vision_batch: int = 4  # most tiles per vision-tower forward pass
+    limits: object = None  # vision.image.ImageLimits; None = defaults
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "workers", "vision_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass
+class _Pending:
+    item: CaptionItem
+    handle: object  # lm.requests.RequestHandle
+    num_crops: int
+    timings: dict = field(default_factory=dict)
+
+
+_PRODUCER_DONE = object()
+
+
+class LocalCaptioner:
+    """A loaded vision-language checkpoint: vision encoder + language model engine in this process."""
+
+    def __init__(self, lm, encoder, options: CaptionOptions):
+        from lm.engine import EngineConfig
+        from lm.prompt import layout_chat
+        from vision.pan_and_scan import PanAndScanConfig
+
+        self.lm, self.encoder, self.options = lm, encoder, options
+        self.pan_and_scan = PanAndScanConfig(enabled=options.pan_and_scan)
+        self._layout = layout_chat
+        self.params = options.params or _default_params()
+        self.engine_config = EngineConfig(
+            max_seq_len=self._max_seq_len(), max_batch=options.concurrency, max_queue=options.concurrency + 1,
+            stop_token_ids=lm.tokenizer.special.stop_ids, kv_budget_bytes=1 << 30,
+        )
+
+    def _max_seq_len(self) -> int:
+        """Longest prompt this job can produce (all crops, every tile's wording) plus the new tokens."""
+        tiles = 1 + (self.pan_and_scan.max_num_crops if self.options.pan_and_scan else 0)
+        text = len(self.lm.tokenizer.encode(self.options.prompt, add_bos=False)) + 64
+        return tiles * (self.lm.config.mm_tokens_per_image + 16) + text + self.params.max_new_tokens
+
+    def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
+        """Caption `items`, calling `emit(record)` from this thread once per item, in completion order."""
+        engine = self.lm.engine(self.engine_config)
+        submitted: queue.Queue = queue.Queue()
+        slots = threading.Semaphore(self.options.concurrency)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(items, engine, submitted, slots, stop),
+                                    name="caption-producer", daemon=True)
+        engine.start()
+        producer.start()
+        inflight: list[_Pending] = []
+        producing = True
+        try:
+            while producing or inflight:
+                entries = []
+                try:
+                    entries.append(submitted.get(timeout=0.01 if inflight else 0.5))
+                    while True:
+                        entries.append(submitted.get_nowait())
+                except queue.Empty:
+                    pass
+                for entry in entries:
+                    if entry is _PRODUCER_DONE:
+                        producing = False
+                    elif isinstance(entry, BaseException):
+                        raise entry
+                    elif isinstance(entry, _Pending):
+                        inflight.append(entry)
+                    else:
+                        emit(entry)
+                for pending in [p for p in inflight if p.handle.done]:
+                    inflight.remove(pending)
+                    emit(self._record(pending))
+                    slots.release()
+        finally:
+            stop.set()
+            engine.stop()
+            producer.join()
+
+    def _produce(self, items, engine, submitted: queue.Queue, slots: threading.Semaphore, stop) -> None:
+        try:
+            with ThreadPoolExecutor(self.options.workers, thread_name_prefix="caption-preprocess") as pool:
+                lookahead = 2 * self.options.workers + self.options.vision_batch
+                pending = iter(items)
+                futures: deque[tuple[CaptionItem, Future]] = deque()
+
+                def refill() -> None:
+                    while len(futures) < lookahead and not stop.is_set():
+                        item = next(pending, None)
+                        if item is None:
+                            return
+                        futures.append((item, pool.submit(_prepare, item, self.pan_and_scan, self.options.limits)))
+
+                refill()
+                while futures and not stop.is_set():
+                    batch = [futures.popleft()]
+                    batch[0][1].result()  # wait for the oldest image
+                    # Encode together whatever else is already tiled, up to the vision batch.
+                    while futures and futures[0][1].done() and _tiles(batch) < self.options.vision_batch:
+                        batch.append(futures.popleft())
+                    refill()
+                    self._encode_and_submit([(item, fut.result()) for item, fut in batch], engine, submitted,
+                                            slots, stop)
+                for _, future in futures:
+                    future.cancel()
+        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread, which re-raises
+            submitted.put(error)
+        finally:
+            submitted.put(_PRODUCER_DONE)
+
+    def _encode_and_submit(self, prepared, engine, submitted, slots, stop) -> None:
+        import torch
+
+        from lm.requests import EngineError, GenerationRequest
+
+        good = []
+        for item, (result, seconds) in prepared:
+            if hasattr(result, "tiles"):
+                good.append((item, result, seconds))
+            else:
+                submitted.put(error_record(item, result.code, result.message, {"preprocess_s": round(seconds, 4)}))
+        if not good:
+            return
+        started = time.perf_counter()
+        soft_tokens = self.encoder.encode_many([torch.from_numpy(r.tiles) for _, r, _ in good])
+        encode_s = time.perf_counter() - started
+        total_tiles = sum(r.tiles.shape[0] for _, r, _ in good)
+        for (item, result, seconds), soft in zip(good, soft_tokens):
+            tiles = result.tiles.shape[0]
+            timings = {"preprocess_s": round(seconds, 4), "encode_s": round(encode_s * tiles / total_tiles, 4)}
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.options.prompt}]}]
+            prompt = self._layout(self.lm.tokenizer, messages, [tiles],
+                                  tokens_per_tile=self.lm.config.mm_tokens_per_image)
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            request = GenerationRequest(prompt.token_ids, self.params, soft_tokens=soft.to(self.lm.device, self.lm.dtype),
+                                        image_mask=torch.tensor(prompt.image_mask))
+            try:
+                handle = engine.submit(request)
+            except EngineError as error:
+                slots.release()
+                submitted.put(error_record(item, error.code, str(error), timings))
+                continue
+            submitted.put(_Pending(item, handle, result.num_crops, timings))
+
+    def _record(self, pending: _Pending) -> dict:
+        completion = pending.handle.result()
+        timings = dict(pending.timings, first_token_s=round(completion.time_to_first_token_s or 0.0, 4),
+                       generate_s=round(completion.total_time_s, 4))
+        if completion.finish_reason in ("error", "cancelled"):
+            return error_record(pending.item, "generation_failed",
+                                completion.error or f"generation {completion.finish_reason}", timings)
+        return {"id": pending.item.id, "path": pending.item.path, "caption": completion.text.strip(),
+                "num_crops": pending.num_crops, "finish_reason": completion.finish_reason,
+                "tokens": {"prompt": completion.prompt_tokens, "generated": completion.completion_tokens},
+                "timings": timings}
+
+
+def _prepare(item: CaptionItem, pan_and_scan, limits):
+    """Decode and tile one image (on a pool thread): (PreprocessedImage or ImageError, seconds)."""
+    from vision.image import ImageError, ImageLimits, load_image
+    from vision.preprocess import preprocess
+
+    started = time.perf_counter()
+    try:
+        result = preprocess(load_image(item.path, limits or ImageLimits()), pan_and_scan)
+    except ImageError as error:
+        result = error
+    except Exception as error:  # noqa: BLE001 - one image's failure is its own record, not the job's
+        result = ImageError("preprocess_failed", f"{type(error).__name__}: {error}")
+    return result, time.perf_counter() - started
+
+
+def _tiles(batch) -> int:
+    total = 0
+    for _, future in batch:
+        result = future.result()[0]
+        total += result.tiles.shape[0] if hasattr(result, "tiles") else 0
+    return total
+
+
+def _default_params():
+    from lm.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=64)
+
+
+def load_local_captioner(model: str, options: CaptionOptions, *, device: str = "cpu", dtype=None,
+                         quantize: str | None = None) -> LocalCaptioner:
+    """Load `model` for captioning; a text-only checkpoint (such as the embedded gemma3-270m) is refused
+    with a CaptionInputError before any weights are read."""
+    import torch
+
+    from lm.checkpoints import resolve_model
+    from lm.runtime import load_language_model
+    from service.pipeline import has_vision_tower
+    from vision.encoder import EncoderOptions, VisionEncoder
+
+    path = resolve_model(model)
+    if not has_vision_tower(path):
+        raise CaptionInputError(
+            f"model {model!r} ({path}) is text-only: its config.json has no vision_config, so it cannot see "
+            "images. Captioning needs a Gemma 3 vision-language checkpoint directory (4B, 12B or 27B, with "
+            "the SigLIP tower), e.g. --model /models/gemma-3-4b-it, or --target HOST:PORT of a running gateway"
+        )
+    dtype = dtype or torch.float32
+    lm = load_language_model(str(path), device=device, dtype=dtype, quantize=quantize)
+    encoder = VisionEncoder.from_checkpoint(path, EncoderOptions(device=device, dtype=dtype,
+                                                                 max_batch=options.vision_batch))
+    return LocalCaptioner(lm, encoder, options)
+
+
+# ----- the job ---------------------------------------------------------------------------------------
+
+@dataclass
+class JobSummary:
+    inputs: int = 0  # items of this shard
+    skipped: int = 0  # already in the output
+    duplicates: int = 0  # ids given more than once (first kept)
+    captioned: int = 0
+    failed: int = 0
+    failures: dict = field(default_factory=dict)  # error code -> count
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.captioned + self.failed
+
+    def add(self, record: dict) -> None:
+        if "error" in record:
+            self.failed += 1
+            code = record["error"]["code"]
+            self.failures[code] = self.failures.get(code, 0) + 1
+        else:
+            self.captioned += 1
+            self.generated_tokens += record["tokens"]["generated"]
+
+    def as_dict(self) -> dict:
+        rate = self.processed / self.seconds if self.seconds > 0 else None
+        return {"inputs": self.inputs, "skipped": self.skipped, "duplicates": self.duplicates,
+                "processed": self.processed, "captioned": self.captioned, "failed": self.failed,
+                "failures": dict(sorted(self.failures.items())), "seconds": round(self.seconds, 3),
+                "images_per_s": round(rate, 3) if rate else None,
+                "generated_tokens_per_s": round(self.generated_tokens / self.seconds, 2) if self.seconds > 0 else None}
+
+
+def plan_job(items: Iterable[CaptionItem], done: Mapping[str, dict], shard: Shard | None, *,
+             retry_errors: bool = False) -> tuple[list[CaptionItem], int, int]:
+    """(items left to do, items of this shard, items skipped as already done)."""
+    mine = [item for item in items if shard is None or shard.owns(item.id)]
+
+    def finished(item: CaptionItem) -> bool:
+        record = done.get(item.id)
+        return record is not None and not (retry_errors and "error" in record)
+
+    todo = [item for item in mine if not finished(item)]
+    return todo, len(mine), len(mine) - len(todo)
+
+
+def run_job(captioner, todo: Sequence[CaptionItem], writer: RecordWriter, summary: JobSummary,
+            on_record: Callable[[dict], None] | None = None) -> JobSummary:
+    started = time.perf_counter()
+
+    def emit(record: dict) -> None:
+        writer.append(record)
+        summary.add(record)
+        if on_record is not None:
+            on_record(record)
+
+    try:
+        captioner.run(todo, emit)
+    finally:
+        summary.seconds = time.perf_counter() - started
+    return summary

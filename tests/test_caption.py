@@ -1,0 +1,196 @@
+"""`tessera caption` end to end on a tiny random vision-language checkpoint with the 270M tokenizer:
+captions against the reference (Gemma3Processor + Gemma3ForConditionalGeneration.generate), error
+records for bad images, resuming after SIGKILL, sharding, exit codes, the text-only model refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.bench_caption import reference_caption, reference_processor, write_tiny_captioning_checkpoint
+from service.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Describe this image."
+GOOD = ("red.png", "noise.jpg", "nested/wide.jpg")
+BAD = {"not_an_image.jpg": "unsupported_format", "empty.png": "empty", "nested/truncated.jpg": "truncated"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_captioning_checkpoint(tmp_path_factory.mktemp("tiny-captioning-vlm"))
+
+
+def _write_images(root: Path) -> Path:
+    (root / "nested").mkdir(parents=True)
+    Image.new("RGB", (300, 300), (220, 20, 20)).save(root / "red.png")
+    noise = np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "noise.jpg", quality=90)
+    wide = np.random.default_rng(1).integers(0, 255, (300, 900, 3), dtype=np.uint8)  # 3:1, Pan & Scan crops
+    Image.fromarray(wide).save(root / "nested" / "wide.jpg", quality=90)
+    (root / "not_an_image.jpg").write_bytes(b"plain text, not an image")
+    (root / "empty.png").write_bytes(b"")
+    (root / "nested" / "truncated.jpg").write_bytes((root / "noise.jpg").read_bytes()[:300])
+    (root / "notes.txt").write_text("not an image suffix: ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _write_images(tmp_path_factory.mktemp("images"))
+
+
+def _records(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the output ends with a whole line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def _caption(capsys, *args) -> tuple[int, str, str]:
+    code = main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, reference_processor(checkpoint)
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True])
+def test_records_match_the_reference_and_bad_images_get_error_records(
+        checkpoint, images, reference, tmp_path, capsys, pan_and_scan):
+    out = tmp_path / "results.jsonl"
+    flags = ["--pan-and-scan"] if pan_and_scan else []
+    code, stdout, stderr = _caption(capsys, images, "--model", checkpoint, "--out", out, "--prompt", PROMPT,
+                                    "--max-new-tokens", 6, "--concurrency", 4, *flags)
+    assert code == 0, stderr
+    records = {Path(r["path"]).relative_to(images).as_posix(): r for r in _records(out)}
+    assert sorted(records) == sorted([*GOOD, *BAD])
+    model, processor = reference
+    for name in GOOD:
+        record = records[name]
+        assert record["id"] == str(images / name)
+        ids = reference_caption(model, processor, record["path"], PROMPT, new_tokens=6, pan_and_scan=pan_and_scan)
+        assert record["caption"] == processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert record["tokens"]["generated"] == len(ids)
+        assert set(record["timings"]) >= {"preprocess_s", "encode_s", "first_token_s", "generate_s"}
+    for name in GOOD:  # crops as the reference processor makes them
+        pixel_values = processor.image_processor(Image.open(images / name).convert("RGB"),
+                                                 do_pan_and_scan=pan_and_scan)
+        expected = int(np.ravel(pixel_values["num_crops"])[0]) if pan_and_scan else 0
+        assert records[name]["num_crops"] == expected
+    assert (records["nested/wide.jpg"]["num_crops"] > 0) == pan_and_scan  # 3:1 is cropped when asked
+    assert len({records[n]["caption"] for n in GOOD}) > 1, "different images get different captions"
+    for name, code_name in BAD.items():
+        assert records[name]["error"]["code"] == code_name
+        assert records[name]["error"]["message"]
+    summary = json.loads(stdout)["summary"]
+    assert (summary["captioned"], summary["failed"], summary["skipped"]) == (3, 3, 0)
+    assert summary["failures"] == {c: 1 for c in BAD.values()}
+    assert f"caption: 6/6 images (3 failed)" in stderr  # plain progress line: not a terminal
+
+
+def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    common = [images, "--model", checkpoint, "--out", out, "--max-new-tokens", 2]
+    assert _caption(capsys, *common)[0] == 0
+    first = out.read_bytes()
+    code, stdout, _ = _caption(capsys, *common)
+    assert code == 0 and out.read_bytes() == first
+    assert json.loads(stdout)["summary"] == {**json.loads(stdout)["summary"], "skipped": 6, "processed": 0}
+    code, stdout, _ = _caption(capsys, *common, "--retry-errors", "--fail-on-error")
+    assert code == 1  # the bad images fail again
+    assert json.loads(stdout)["summary"]["processed"] == 3
+    assert len(_records(out)) == 9
+
+
+def test_killed_job_leaves_whole_lines_and_resumes(checkpoint, tmp_path):
+    images = tmp_path / "many"
+    images.mkdir()
+    for i in range(12):
+        Image.new("RGB", (64 + i, 48), (i * 20, 100, 200)).save(images / f"{i:02d}.png")
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "service.cli", "caption", str(images), "--model", str(checkpoint),
+               "--out", str(out), "--max-new-tokens", "24", "--concurrency", "1"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or out.read_bytes().count(b"\n") < 2) and job.poll() is None:
+        assert time.monotonic() < deadline, "the job wrote nothing"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "killed mid-job (the job finished before the kill)"
+    partial = _records(out)  # whole lines only
+    assert 2 <= len(partial) < 12
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    records = _records(out)
+    assert records[:len(partial)] == partial
+    assert sorted(r["id"] for r in records) == sorted(str(p) for p in images.iterdir())  # each exactly once
+    assert json.loads(finished.stdout)["summary"]["skipped"] == len(partial)
+
+
+def test_shards_from_the_indexed_job_environment_are_disjoint_and_complete(checkpoint, images, tmp_path, capsys,
+                                                                         monkeypatch):
+    outputs = []
+    for index in range(3):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
+        monkeypatch.setenv("TESSERA_SHARD_COUNT", "3")
+        outputs.append(tmp_path / f"shard-{index}.jsonl")
+        code, stdout, _ = _caption(capsys, images, "--model", checkpoint, "--out", outputs[-1],
+                                   "--max-new-tokens", 1)
+        assert json.loads(stdout)["shard"] == f"{index}/3"
+    ids = [r["id"] for path in outputs if path.exists() for r in _records(path)]
+    assert sorted(ids) == sorted(str(images / n) for n in [*GOOD, *BAD])  # every image exactly once
+
+
+def test_text_only_model_is_refused_with_an_explanation(images, tmp_path, capsys):
+    code, _, stderr = _caption(capsys, images, "--model", "gemma3-270m", "--out", tmp_path / "r.jsonl")
+    assert code == 2
+    assert "text-only" in stderr and "vision-language checkpoint" in stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_manifest_ids_and_relative_paths(checkpoint, images, tmp_path, capsys):
+    manifest = tmp_path / "list.jsonl"
+    relative = os.path.relpath(images / "red.png", tmp_path)
+    manifest.write_text(json.dumps({"id": "a", "path": relative}) + "\n\n"
+                        + json.dumps({"id": 7, "path": str(images / "empty.png")}) + "\n"
+                        + json.dumps({"id": "a", "path": str(images / "noise.jpg")}) + "\n")
+    out = tmp_path / "r.jsonl"
+    code, stdout, _ = _caption(capsys, manifest, "--model", checkpoint, "--out", out, "--max-new-tokens", 1)
+    assert code == 0
+    records = {r["id"]: r for r in _records(out)}
+    assert set(records) == {"a", "7"} and records["7"]["error"]["code"] == "empty"
+    assert Path(records["a"]["path"]).resolve() == (images / "red.png").resolve()
+    assert json.loads(stdout)["summary"]["duplicates"] == 1
+
+
+def test_exit_status(checkpoint, images, tmp_path, capsys):
+    bad_only = tmp_path / "bad.jsonl"
+    bad_only.write_text("".join(json.dumps({"path": str(images / n)}) + "\n" for n in BAD))
+    assert _caption(capsys, bad_only, "--model", checkpoint, "--out", tmp_path / "a.jsonl")[0] == 1
+    empty_dir = tmp_path / "none"
+    empty_dir.mkdir()
+    code, _, stderr = _caption(capsys, empty_dir, "--model", checkpoint, "--out", tmp_path / "b.jsonl")
+    assert code == 2 and "no images found" in stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"path": "x.png"}\n{oops\n')
+    code, _, stderr = _caption(capsys, broken, "--model", checkpoint, "--out", tmp_path / "c.jsonl")
+    assert code == 2 and "broken.jsonl:2" in stderr
+    code, _, stderr = _caption(capsys, images, "--shard", "3/3", "--model", checkpoint, "--out", tmp_path / "d.jsonl")
+    assert code == 2 and "INDEX < COUNT" in stderr
