@@ -12,6 +12,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "preprocess": ("vision.bench_preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
     "vision": ("vision.bench_vision", "SigLIP + projector tiles/s (torch, ONNX fp32/int8) vs transformers"),
     "serve": ("service.bench_serve", "gateway over gRPC vs the engine in process: req/s, p50/p99 at 1/4/16 clients"),
+    "caption": ("service.bench_caption", "batch captioning images/s vs a transformers loop, one image at a time"),
 }
 
 

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("vision.commands.preprocess", "decode, validate and tile images (Pan & Scan)"),
     "encode": ("vision.commands.encode", "images -> soft tokens with a checkpoint's SigLIP + projector"),
     "generate": ("lm.commands.generate", "generate text with the Gemma 3 decoder (and images)"),
+    "caption": ("service.commands.caption", "caption many images into a JSONL file (resumable, sharded)"),
     "bench": ("service.bench", "benchmarks against the reference, side by side"),
     "serve": ("service.commands.serve", "run the gRPC services: vision, lm, gateway or all in one process"),
     "query": ("service.commands.query", "ask a running gateway: text (+ images) in, the answer printed"),
