@@ -79,15 +79,6 @@ def test_out_saves_the_tiles(capsys, images, tmp_path):
     np.testing.assert_array_equal(tiles, expected)
 
 
-def test_fast_resize_flag(capsys, images, tmp_path):
-    out = tmp_path / "fast.npy"
-    code, lines, _ = run_cli(capsys, "--pan-and-scan", "--fast-resize", "--out", str(out), str(images["wide"]))
-    assert code == 0
-    exact = preprocess(load_image(images["wide"]), PanAndScanConfig(enabled=True))
-    assert lines[0]["boxes"] == [list(box) for box in exact.boxes]
-    assert np.abs(np.load(out) - exact.tiles).max() <= 2 / 255 + 1e-6
-
-
 def test_out_with_a_bad_image_writes_nothing(capsys, images, tmp_path):
     out = tmp_path / "tiles.npy"
     code, lines, _ = run_cli(capsys, "--out", str(out), str(images["text"]))

@@ -136,19 +136,6 @@ def test_batch_matches_single_and_reports_errors_in_place(tmp_path):
     assert_matches_reference([results[0], results[2], results[3]], images, PAS)
 
 
-def test_fast_resize_within_one_level_of_the_reference():
-    """exact=False (torch's resize) is opt-in: same crops, every value within 2/255 (one uint8 level)."""
-    images = [photo(1000, 600, seed=4), photo(500, 1100, seed=5), photo(10, 10, seed=6)]
-    fast = preprocess_batch(images, PAS, exact=False)
-    pixel_values, num_crops = reference(images, PAS)
-    assert [result.num_crops for result in fast] == num_crops
-    assert [result.boxes for result in fast] == [preprocess(image, PAS).boxes for image in images]
-    difference = np.abs(np.concatenate([result.tiles for result in fast]) - pixel_values)
-    assert difference.max() <= 2 / 255 + 1e-6
-    assert difference.mean() < 3e-3  # most values agree exactly (one level is 7.8e-3)
-    np.testing.assert_array_equal(fast[0].tiles, preprocess(images[0], PAS, exact=False).tiles)
-
-
 def test_preprocess_refuses_non_rgb():
     with pytest.raises(ValueError, match="RGB"):
         preprocess(photo(20, 20).convert("L"), PAS)

@@ -1,14 +1,14 @@
 """Pan & Scan tiling: an RGB image in, `PreprocessedImage` (float32 tiles in [-1, 1]) out.
 
 Matches the reference `Gemma3ImageProcessorPil` (size 896, BILINEAR, rescale 1/255, mean = std = 0.5):
-every tile is cropped and resized from the uint8 image with Pillow's BILINEAR filter (antialiased when
-shrinking), exactly as the reference resizes, so the uint8 tiles are bit-identical. The reference then
-rescales in float64 and normalises in float32; here both steps are one fused float32 op,
-x * (2/255) - 1, which differs from the reference by at most a couple of float32 ulps (< 1e-6).
+every tile is cropped and resized from the uint8 image with Pillow's BILINEAR arithmetic, reproduced bit
+for bit by `vision.resample` (compiled, GIL-free, several times faster than Pillow's own loop), so the
+uint8 tiles are identical to the reference's. The reference then rescales in float64 and normalises in
+float32; here both steps are one fused float32 op, x * (2/255) - 1, which differs from the reference by
+at most a couple of float32 ulps (< 1e-6).
 
-Cost is dominated by Pillow's resize (about 80% of the CPU time), which releases the GIL:
-`preprocess_batch` spreads decode and per-tile work over a thread pool. An opt-in fast path
-(`exact=False`) swaps Pillow's resize for torch's vectorised one at a measured cost in exactness.
+`preprocess_batch` spreads decoding and per-tile work over a thread pool; the pixels of an image are
+read once and every tile is cut from them without copies.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 
 from vision.image import ImageError, ImageLimits, load_image
 from vision.pan_and_scan import Box, PanAndScanConfig, plan_crops
+from vision.resample import ResizeSource, prepare_source, resize_bilinear
 
 TILE_SIZE = 896  # SigLIP So400m/14 input side
 _SCALE = np.float32(2.0 / 255.0)  # rescale (1/255) and normalise ((x - 0.5) / 0.5) fused
@@ -48,17 +49,11 @@ class PreprocessedImage:
             )
 
 
-def preprocess(
-    image: Image.Image, pan_and_scan: PanAndScanConfig, *, size: int = TILE_SIZE, exact: bool = True
-) -> PreprocessedImage:
-    """Tile one decoded RGB image (see `load_image`): the whole image, then its Pan & Scan crops.
-
-    `exact=False` resizes with torch's vectorised antialiased bilinear kernel instead of Pillow's:
-    several times faster, but its 16-bit fixed-point weights put some pixels 1/255 off the reference
-    (tiles within 2/255 ≈ 0.0079 instead of 1e-5; see BENCHMARKS.md)."""
-    boxes, tiles = _plan(image, pan_and_scan, size)
-    source = _tile_source(image, exact)
-    for index, box in enumerate((None, *boxes)):
+def preprocess(image: Image.Image, pan_and_scan: PanAndScanConfig, *, size: int = TILE_SIZE) -> PreprocessedImage:
+    """Tile one decoded RGB image (see `load_image`): the whole image, then its Pan & Scan crops."""
+    boxes, source = _prepare(image, pan_and_scan, size)
+    tiles = np.empty((1 + len(boxes), 3, size, size), dtype=np.float32)  # (1 + k, C, H, W)
+    for index, box in enumerate(_tile_boxes(image, boxes)):
         _render_tile(source, box, size, tiles[index])
     return PreprocessedImage(tiles, len(boxes), tuple(boxes), image.width, image.height)
 
@@ -71,89 +66,61 @@ def preprocess_batch(
     size: int = TILE_SIZE,
     num_workers: int = 2,
     executor: Executor | None = None,
-    exact: bool = True,
 ) -> list[PreprocessedImage | ImageError]:
     """Decode (bytes, paths) and tile many images on a thread pool; results in input order.
 
     A source that fails to load gives its `ImageError` in place of a result. Decoded `PIL.Image`s are
     taken as they are and must be RGB. Pass `executor` (with `num_workers` threads) to reuse a pool
-    across calls. `exact` as in `preprocess`."""
+    across calls."""
     if executor is None:
         with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="preprocess") as pool:
-            return preprocess_batch(sources, pan_and_scan, limits=limits, size=size, executor=pool, exact=exact)
+            return preprocess_batch(sources, pan_and_scan, limits=limits, size=size, executor=pool)
+
+    def decode(source):
+        image = source if isinstance(source, Image.Image) else load_image(source, limits)
+        return (image, *_prepare(image, pan_and_scan, size))
 
     # Decodes run at most `lookahead` images ahead of tiling, so decoded images never pile up in memory;
     # tile jobs are queued as each decode finishes and overlap the next decodes.
     lookahead = 2 * num_workers
     pending = iter(sources)
-    decoding: deque[Future] = deque(
-        executor.submit(_decoded, source, limits, exact) for source in islice(pending, lookahead)
-    )
+    decoding: deque[Future] = deque(executor.submit(decode, source) for source in islice(pending, lookahead))
     results: list[PreprocessedImage | ImageError] = []
     tile_jobs: list[Future] = []
     while decoding:
         future = decoding.popleft()
         for source in islice(pending, 1):
-            decoding.append(executor.submit(_decoded, source, limits, exact))
+            decoding.append(executor.submit(decode, source))
         try:
-            image, tile_source = future.result()
+            image, boxes, resize_source = future.result()
         except ImageError as error:
             results.append(error)
             continue
-        boxes, tiles = _plan(image, pan_and_scan, size)
-        for index, box in enumerate((None, *boxes)):
-            tile_jobs.append(executor.submit(_render_tile, tile_source, box, size, tiles[index]))
+        tiles = np.empty((1 + len(boxes), 3, size, size), dtype=np.float32)  # (1 + k, C, H, W)
+        for index, box in enumerate(_tile_boxes(image, boxes)):
+            tile_jobs.append(executor.submit(_render_tile, resize_source, box, size, tiles[index]))
         results.append(PreprocessedImage(tiles, len(boxes), tuple(boxes), image.width, image.height))
     for job in tile_jobs:
         job.result()  # re-raises a tiling failure (a bug, not a bad image)
     return results
 
 
-def _decoded(source, limits: ImageLimits, exact: bool) -> tuple[Image.Image, Image.Image | np.ndarray]:
-    if isinstance(source, Image.Image):
-        image = source
-        image.load()  # here, once: tile jobs share the image and must not race on a lazy load
-    else:
-        image = load_image(source, limits)
-    return image, _tile_source(image, exact)
-
-
-def _tile_source(image: Image.Image, exact: bool) -> Image.Image | np.ndarray:
-    """What tiles are cut from: the Pillow image (exact), or its pixels, copied once, for torch (fast)."""
-    if exact or image.mode != "RGB":
-        return image
-    return np.array(image)  # (H, W, C) uint8, writable for torch.from_numpy; crops become views
-
-
-def _plan(image: Image.Image, pan_and_scan: PanAndScanConfig, size: int) -> tuple[list[Box], np.ndarray]:
+def _prepare(image: Image.Image, pan_and_scan: PanAndScanConfig, size: int) -> tuple[list[Box], ResizeSource]:
     if image.mode != "RGB":
         raise ValueError(f"preprocess needs an RGB image, got mode {image.mode!r}; load it with vision.image.load_image")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tile size must be a positive integer, got {size!r}")
     boxes = plan_crops(image.width, image.height, pan_and_scan)
-    return boxes, np.empty((1 + len(boxes), 3, size, size), dtype=np.float32)  # (1 + k, C, H, W)
+    pixels = np.asarray(image)  # (H, W, C) uint8: the one copy out of Pillow; tiles are windows into it
+    return boxes, prepare_source(pixels, _tile_boxes(image, boxes), size)
 
 
-def _render_tile(source: Image.Image | np.ndarray, box: Box | None, size: int, out: np.ndarray) -> None:
+def _tile_boxes(image: Image.Image, crops: list[Box]) -> list[Box]:
+    return [(0, 0, image.width, image.height), *crops]
+
+
+def _render_tile(source: ResizeSource, box: Box, size: int, out: np.ndarray) -> None:
     """Crop, resize and normalise one tile into `out` (3, size, size)."""
-    if isinstance(source, np.ndarray):
-        pixels = _resize_fast(source, box, size)
-    else:
-        # Crop, then resize: `resize(box=...)` would let the filter read pixels beyond the crop's edges,
-        # which the reference (crop, then resize) does not.
-        tile = source if box is None else source.crop(box)
-        pixels = np.asarray(tile.resize((size, size), Image.Resampling.BILINEAR))  # (H, W, C) uint8
+    pixels = resize_bilinear(source, box, size)  # (H, W, C) uint8, identical to Pillow's
     np.multiply(pixels.transpose(2, 0, 1), _SCALE, out=out, dtype=np.float32)  # (C, H, W)
     np.subtract(out, np.float32(1.0), out=out)
-
-
-def _resize_fast(pixels: np.ndarray, box: Box | None, size: int) -> np.ndarray:
-    import torch
-    from torch.nn import functional as F
-
-    if box is not None:
-        x0, y0, x1, y1 = box
-        pixels = pixels[y0:y1, x0:x1]  # a view: no copy
-    batch = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w), channels-last strides
-    resized = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].permute(1, 2, 0).numpy()  # (H, W, C) uint8

@@ -33,9 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-ratio", type=float, default=defaults.min_ratio_to_activate, metavar="R",
                         help=f"aspect ratio at which cropping starts (default {defaults.min_ratio_to_activate})")
     parser.add_argument("--out", metavar="FILE.npy", help="save the tiles of a single image with numpy.save")
-    parser.add_argument("--fast-resize", action="store_true",
-                        help="resize with torch's vectorised kernel: faster, tiles within 2/255 of the reference "
-                             "instead of 1e-5")
     parser.add_argument("--workers", type=int, default=2, metavar="N", help="decode/resize threads (default 2)")
 
 
@@ -61,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     failures = crops = 0
     for start in range(0, len(args.images), _CHUNK):
         names = args.images[start : start + _CHUNK]
-        for name, result in zip(names, preprocess_batch(names, config, num_workers=args.workers, exact=not args.fast_resize)):
+        for name, result in zip(names, preprocess_batch(names, config, num_workers=args.workers)):
             if isinstance(result, ImageError):
                 failures += 1
                 line = {"image": name, "error": {"code": result.code, "message": result.message}}
