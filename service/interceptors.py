@@ -79,63 +79,53 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behaviour, method):
         async def wrapped(request, context):
-            started, code = time.perf_counter(), grpc.StatusCode.OK
+            started = time.perf_counter()
             try:
-                return await behaviour(request, context)
-            except BaseException as error:  # noqa: BLE001 - mapped, re-raised or aborted below
-                code = await _handle(error, context, method)
-            finally:
-                self._record(method, code, started, context)
+                response = await behaviour(request, context)
+            except BaseException as error:  # noqa: BLE001 - classified, recorded, then aborted or re-raised
+                await self._fail(error, context, method, started)
+            self._record(method, grpc.StatusCode.OK, started)
+            return response
         return wrapped
 
     def _wrap_stream(self, behaviour, method):
         async def wrapped(request, context):
-            started, code = time.perf_counter(), grpc.StatusCode.OK
+            started = time.perf_counter()
             try:
                 async for response in behaviour(request, context):
                     yield response
             except BaseException as error:  # noqa: BLE001
-                code = await _handle(error, context, method)
-            finally:
-                self._record(method, code, started, context)
+                await self._fail(error, context, method, started)
+            self._record(method, grpc.StatusCode.OK, started)
         return wrapped
 
-    def _record(self, method, code, started, context) -> None:
+    async def _fail(self, error: BaseException, context, method: str, started: float) -> None:
+        """Record the call's status, then abort it with that status (or re-raise what is not ours)."""
+        if isinstance(error, asyncio.CancelledError):  # the client went away or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            self._record(method, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+            raise error
+        if isinstance(error, grpc.aio.AbortError):  # the handler already chose and sent the status
+            self._record(method, context.code() or grpc.StatusCode.UNKNOWN, started)
+            raise error
+        if isinstance(error, grpc.aio.AioRpcError):  # a downstream service's status: pass it on
+            code, details = error.code(), error.details() or ""
+        else:
+            code, details = status_for(error), str(error)
+        if code is None:
+            request_id = uuid.uuid4().hex[:12]
+            log.error("internal error in %s (request id %s)", method, request_id, exc_info=error)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
+        self._record(method, code, started)
+        await context.abort(code, details)
+
+    def _record(self, method, code, started) -> None:
         if self.metrics is None:
             return
-        if code == grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
-            code = context.code()
         name = _method_name(method)
         self.metrics.requests.labels(name, code.name).inc()
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
-
-
-async def _handle(error: BaseException, context, method: str) -> grpc.StatusCode:
-    """Turn `error` into the call's status (aborting the call), or re-raise what is not ours to map."""
-    if isinstance(error, asyncio.CancelledError):  # the client went away or its deadline passed
-        remaining = context.time_remaining()
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-        _record_code(context, code)
-        raise error
-    if isinstance(error, grpc.aio.AbortError):  # the handler already chose the status
-        raise error
-    if isinstance(error, grpc.aio.AioRpcError):  # a downstream service's status: pass it on
-        await context.abort(error.code(), error.details() or "")
-    code = status_for(error)
-    if code is not None:
-        await context.abort(code, str(error))
-    request_id = uuid.uuid4().hex[:12]
-    log.error("internal error in %s (request id %s)", method, request_id, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error (request id {request_id}); the server log has the details")
-    return grpc.StatusCode.INTERNAL  # not reached: abort raises
-
-
-def _record_code(context, code) -> None:
-    try:
-        context.set_code(code)
-    except Exception:  # noqa: BLE001 - the call may already be finished
-        pass
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

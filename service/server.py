@@ -229,6 +229,7 @@ class ServerThread:
         if wait_loaded:
             self.call(self.server.loaded.wait(), timeout)
             if self.server.load_error is not None:
+                self.stop()
                 raise RuntimeError(f"loading failed: {self.server.load_error}") from self.server.load_error
         return self
 

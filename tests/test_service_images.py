@@ -235,3 +235,32 @@ def test_bearer_token_is_required_except_for_health(checkpoint):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop()
+
+
+def test_separately_deployed_services_behind_a_gateway(checkpoint, server, gateway):
+    vision = start_server("vision", model=str(checkpoint))
+    lm = start_server("lm", model=str(checkpoint), max_seq_len=2048)
+    front = start_server("gateway", model="unused", vision_target=vision.target, lm_target=lm.target)
+    try:
+        with grpc.insecure_channel(front.target) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            request = query("What is in the picture?", [photo(300, 200, seed=5)], temperature=0.5, seed=7)
+            assert list(stub.Query(request, timeout=60).token_ids) == list(gateway.Query(request, timeout=60).token_ids)
+            # The caller's deadline travels to the LM service, whose engine stops the work.
+            with pytest.raises(grpc.RpcError) as error:
+                for _ in stub.QueryStream(query("go on", max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds()),
+                                          timeout=0.8):
+                    pass
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert engine_idle(lm.server.lm.loaded.engine, timeout=5)
+            with pytest.raises(grpc.RpcError) as error:  # a bad image's status comes back through the gateway
+                stub.Query(query("x", [bad_images()["empty"]]), timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
+    finally:
+        for running in (front, lm, vision):
+            running.stop()
+
+
+def test_vision_role_refuses_a_text_only_model():
+    with pytest.raises(RuntimeError, match="no vision tower"):
+        start_server("vision", model="gemma3-270m")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,3 +110,74 @@ def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
     config = json.loads(next(line for line in stderr.splitlines() if line.startswith("{")))
     assert config["role"] == "all" and config["grace_period"] == 30.0 and config["port"] == port
     assert "stopping" in stderr
+
+
+def test_status_codes_by_exception_and_internal_errors_carry_a_request_id(caplog):
+    import asyncio
+    import threading
+
+    from lm.requests import EngineOverloaded, EngineStopped, InvalidRequest, PromptTooLong
+    from service.interceptors import DeadlineExceeded, ErrorsAndMetricsInterceptor, NotReady, status_for
+    from service.metrics import ServerMetrics
+    from vision.image import ImageError
+
+    assert status_for(PromptTooLong("x")) == status_for(InvalidRequest("x")) == status_for(ValueError("x")) == \
+        status_for(ImageError("empty", "x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_for(EngineOverloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(NotReady("x")) == status_for(EngineStopped("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_for(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_for(KeyError("bug")) is None
+
+    async def buggy(request, context):
+        raise KeyError("a bug")
+
+    metrics = ServerMetrics()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        server = grpc.aio.server(interceptors=[ErrorsAndMetricsInterceptor(metrics)])
+        handler = grpc.method_handlers_generic_handler("test.Buggy", {"Call": grpc.unary_unary_rpc_method_handler(
+            buggy, request_deserializer=bytes, response_serializer=bytes)})
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Buggy/Call", request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.RpcError) as error:
+                call(b"", timeout=10)
+        assert error.value.code() == grpc.StatusCode.INTERNAL
+        request_id = error.value.details().split("request id ")[1].split(")")[0]
+        assert any(request_id in record.getMessage() and record.exc_info for record in caplog.records)
+        assert metrics.requests.labels("Call", "INTERNAL")._value.get() == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(checkpoint, tmp_path):
+    from service_fixtures import start_server
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    running = start_server(model=str(checkpoint), tls_cert=str(cert), tls_key=str(key))
+    try:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(running.target, credentials) as channel:
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).Query(
+                gateway_pb2.QueryRequest(prompt="hi", sampling=lm_pb2.SamplingParams(max_new_tokens=2)), timeout=60)
+            assert reply.completion_tokens == 2
+        with grpc.insecure_channel(running.target) as channel:  # plaintext is refused
+            with pytest.raises(grpc.RpcError):
+                gateway_pb2_grpc.GatewayServiceStub(channel).Query(gateway_pb2.QueryRequest(prompt="hi"), timeout=5)
+    finally:
+        running.stop()
