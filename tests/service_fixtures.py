@@ -92,5 +92,8 @@ def bad_images() -> dict[str, bytes]:
         "random_bytes": np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
         "empty": b"",
         "huge_dimensions": png_claiming(100_000, 100_000),
+        "zero_width": png_claiming(0, 10),
+        "plain_text": b"hello, this is plain text\n" * 20,
+        "corrupt_jpeg": photo(64, 48, fmt="JPEG")[:200] + bytes(range(256)) * 8,
         "svg_text": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
     }

@@ -94,7 +94,7 @@ def test_bad_images_are_invalid_argument_and_the_server_keeps_serving(gateway, n
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith("image 1: ")  # names the image and why
     code = error.value.details().rsplit("(", 1)[-1].rstrip(")")
-    assert code in {"truncated", "unsupported_format", "empty", "too_many_pixels", "decode_failed"}
+    assert code in {"truncated", "unsupported_format", "empty", "too_many_pixels", "decode_failed", "zero_size"}
     assert gateway.Query(query("still there?", [photo(40, 30)]), timeout=30).completion_tokens == 6
 
 
