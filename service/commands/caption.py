@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _captioner(args: argparse.Namespace, options):
     if args.target:
-        from service.caption_remote import RemoteCaptioner
+        from service.caption import RemoteCaptioner
 
         return RemoteCaptioner(args.target, options, auth_token=args.auth_token or os.environ.get("TESSERA_AUTH_TOKEN"))
     from lm.runtime import DTYPES
