@@ -121,7 +121,19 @@ def _vertical_first() -> bool:
     _vertical_pass(pixels, 0, 0, v_bounds, v_weights, vertical)
     vertical_then_horizontal = np.empty((15, 5), np.uint8)  # transposed
     _horizontal_pass(np.ascontiguousarray(vertical.T), 0, 0, h_bounds, h_weights, vertical_then_horizontal)
-    return bool(np.array_equal(pillow.reshape(5, 15), vertical_then_horizontal.T))
+    if np.array_equal(pillow.reshape(5, 15), vertical_then_horizontal.T):
+        return True
+    horizontal = np.empty((15, 40), np.uint8)  # transposed
+    _horizontal_pass(np.ascontiguousarray(pixels.T), 0, 0, h_bounds, h_weights, horizontal)
+    horizontal_then_vertical = np.empty((5, 15), np.uint8)
+    _vertical_pass(np.ascontiguousarray(horizontal.T), 0, 0, v_bounds, v_weights, horizontal_then_vertical)
+    if np.array_equal(pillow.reshape(5, 15), horizontal_then_vertical):
+        return False
+    raise RuntimeError(
+        f"the installed Pillow {Image.__version__} resizes differently from vision.resample; tiles would "
+        "not match the reference image processor (vision.resample knows the horizontal-first pass order and "
+        "Pillow 13's vertical-first rule)"
+    )
 
 
 @njit(cache=True, nogil=True)
