@@ -14,11 +14,9 @@ read once and every tile is cut from them without copies.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 from PIL import Image
@@ -80,26 +78,31 @@ def preprocess_batch(
         image = source if isinstance(source, Image.Image) else load_image(source, limits)
         return (image, *_prepare(image, pan_and_scan, size))
 
-    # Decodes run at most `lookahead` images ahead of tiling, so decoded images never pile up in memory;
-    # tile jobs are queued as each decode finishes and overlap the next decodes.
+    # At most `lookahead` decodes are in flight, so decoded images never pile up in memory. Each image's
+    # tile jobs are queued as soon as its own decode finishes, whatever the order, so a large photo's
+    # decode does not hold back the tiling of the images after it.
+    sources = list(sources)
     lookahead = 2 * num_workers
-    pending = iter(sources)
-    decoding: deque[Future] = deque(executor.submit(decode, source) for source in islice(pending, lookahead))
-    results: list[PreprocessedImage | ImageError] = []
+    results: list[PreprocessedImage | ImageError | None] = [None] * len(sources)
+    decoding: dict[Future, int] = {}
     tile_jobs: list[Future] = []
-    while decoding:
-        future = decoding.popleft()
-        for source in islice(pending, 1):
-            decoding.append(executor.submit(decode, source))
-        try:
-            image, boxes, resize_source = future.result()
-        except ImageError as error:
-            results.append(error)
-            continue
-        tiles = np.empty((1 + len(boxes), 3, size, size), dtype=np.float32)  # (1 + k, C, H, W)
-        for index, box in enumerate(_tile_boxes(image, boxes)):
-            tile_jobs.append(executor.submit(_render_tile, resize_source, box, size, tiles[index]))
-        results.append(PreprocessedImage(tiles, len(boxes), tuple(boxes), image.width, image.height))
+    next_index = 0
+    while next_index < len(sources) or decoding:
+        while next_index < len(sources) and len(decoding) < lookahead:
+            decoding[executor.submit(decode, sources[next_index])] = next_index
+            next_index += 1
+        finished, _ = wait(decoding, return_when=FIRST_COMPLETED)
+        for future in finished:
+            index = decoding.pop(future)
+            try:
+                image, boxes, resize_source = future.result()
+            except ImageError as error:
+                results[index] = error
+                continue
+            tiles = np.empty((1 + len(boxes), 3, size, size), dtype=np.float32)  # (1 + k, C, H, W)
+            for tile, box in enumerate(_tile_boxes(image, boxes)):
+                tile_jobs.append(executor.submit(_render_tile, resize_source, box, size, tiles[tile]))
+            results[index] = PreprocessedImage(tiles, len(boxes), tuple(boxes), image.width, image.height)
     for job in tile_jobs:
         job.result()  # re-raises a tiling failure (a bug, not a bad image)
     return results
