@@ -9,8 +9,9 @@ echo "== tessera preprocess --pan-and-scan $sample"
 tessera preprocess --pan-and-scan "$sample"
 
 # The gRPC stack on the embedded default (serve all: gateway + LM in one process) on a free port.
-# The embedded Gemma 3 270M is text-only, so the query is text; image queries need a
-# vision-language checkpoint (serve all --model DIR) and add --image PATH.
+# The embedded Gemma 3 270M is a text-only base (pretrained, not instruction-tuned) model, so the
+# query is a plain-text completion (--raw); image queries need a vision-language checkpoint
+# (serve all --model DIR) and add --image PATH.
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "== tessera serve all --port $port (background)"
 tessera serve all --host 127.0.0.1 --port "$port" --metrics-port 0 --max-seq-len 1024 --kv-budget-mb 256 &
@@ -30,8 +31,9 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 sys.exit("server did not become SERVING within 600 s")
 PY
-echo "== tessera query --stream 'What is the capital of France?'"
-tessera query --target "127.0.0.1:$port" --stream --max-new-tokens 32 "What is the capital of France?"
+prompt="The printing press was invented by"
+echo "== tessera query --raw --stream '$prompt'"
+tessera query --target "127.0.0.1:$port" --raw --stream --max-new-tokens 32 "$prompt"
 echo "== stopping the server (SIGTERM, graceful)"
 kill -TERM "$server"
 wait "$server"

@@ -100,8 +100,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             images = [item.soft_tokens for item in encoded.images]
             tiles = [item.num_crops + 1 for item in encoded.images]
         encode_s = time.perf_counter() - started
-        lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, images=images, sampling=request.sampling,
-                                            request_id=request.request_id)
+        lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, raw=request.raw, images=images,
+                                            sampling=request.sampling, request_id=request.request_id)
         first_token_s = None
         async for message in self.language_model.generate_stream(lm_request, remaining()):
             if message.HasField("done"):

@@ -59,6 +59,25 @@ def test_text_query_equals_the_engine_in_process(server, channel, temperature, s
     assert reply.completion_tokens == len(expected) and reply.prompt_tokens > 5
 
 
+def test_raw_query_is_a_plain_completion(server, channel):
+    from lm.engine import EngineConfig
+    from lm.prompt import layout_text
+    from lm.requests import GenerationRequest
+    from lm.sampling import SamplingParams
+
+    prompt = "The capital of France is"
+    reply = gateway_pb2_grpc.GatewayServiceStub(channel).Query(
+        gateway_pb2.QueryRequest(prompt=prompt, raw=True, sampling=lm_pb2.SamplingParams(max_new_tokens=6)),
+        timeout=60)
+    lm = server.server.lm.loaded.lm
+    layout = layout_text(lm.tokenizer, prompt)
+    assert reply.prompt_tokens == len(layout.token_ids)  # no chat turn markers around it
+    engine = lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=16 << 20, max_batch=1,
+                                    stop_token_ids=lm.tokenizer.special.stop_ids))
+    expected = engine.generate(GenerationRequest(layout.token_ids, SamplingParams(max_new_tokens=6))).token_ids
+    assert list(reply.token_ids) == expected
+
+
 def test_stream_pieces_add_up_to_the_unary_answer(channel):
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
     request = gateway_pb2.QueryRequest(prompt=PROMPT, sampling=lm_pb2.SamplingParams(max_new_tokens=6))

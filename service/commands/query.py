@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an image to send (repeatable)")
     parser.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    parser.add_argument("--raw", action="store_true",
+                        help="send the prompt as plain text to complete, not as a chat turn (base models)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -37,7 +39,7 @@ def build_request(args: argparse.Namespace):
     if args.seed is not None:
         sampling.seed = args.seed
     images = [tensor_pb2.Image(data=path.read_bytes()) for path in args.image]
-    return gateway_pb2.QueryRequest(prompt=args.prompt, images=images, sampling=sampling,
+    return gateway_pb2.QueryRequest(prompt=args.prompt, raw=args.raw, images=images, sampling=sampling,
                                     pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=args.pan_and_scan))
 
 

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QueryRequest(_message.Message):
-    __slots__ = ("prompt", "images", "pan_and_scan", "sampling", "request_id")
+    __slots__ = ("prompt", "images", "pan_and_scan", "sampling", "request_id", "raw")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PAN_AND_SCAN_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     pan_and_scan: _tensor_pb2.PanAndScanOptions
     sampling: _lm_pb2.SamplingParams
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., pan_and_scan: _Optional[_Union[_tensor_pb2.PanAndScanOptions, _Mapping]] = ..., sampling: _Optional[_Union[_lm_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    raw: bool
+    def __init__(self, prompt: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., pan_and_scan: _Optional[_Union[_tensor_pb2.PanAndScanOptions, _Mapping]] = ..., sampling: _Optional[_Union[_lm_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., raw: _Optional[bool] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("request_id", "text", "finish_reason", "prompt_tokens", "completion_tokens", "tiles_per_image", "encode_time_s", "time_to_first_token_s", "total_time_s", "token_ids")
