@@ -18,6 +18,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import cv2  # cv2.transpose: an optimised byte transpose, several times numpy's strided copy
 import numpy as np
 from numba import njit
 
@@ -33,20 +34,10 @@ class ResizeSource:
     pixels: np.ndarray  # (H, W * 3) uint8, C-contiguous: the decoded RGB image, rows of interleaved RGB
     transposed: np.ndarray | None  # (W * 3, H) uint8: pixels.T made contiguous, for horizontal-first tiles
 
-    @property
-    def width(self) -> int:
-        return self.pixels.shape[1] // 3
-
-    @property
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
 
 def prepare_source(rgb: np.ndarray, boxes: list[Box], size: int) -> ResizeSource:
     """Wrap (H, W, 3) uint8 pixels for `resize_bilinear` of the given crop boxes to size x size; the
     transposed copy is made only when some tile resizes horizontally first."""
-    import cv2  # an optimised byte transpose: several times numpy's strided copy
-
     height, width, channels = rgb.shape
     if channels != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3) uint8 pixels, got {rgb.dtype} {rgb.shape}")
@@ -74,8 +65,6 @@ def resize_bilinear(source: ResizeSource, box: Box, size: int) -> np.ndarray:
         _vertical_pass(source.pixels, y0, x0 * 3, v_bounds, v_weights, tmp)
         if not need_horizontal:
             return tmp.reshape(size, size, 3)
-        import cv2
-
         out_t = np.empty((size * 3, size), np.uint8)  # (size * 3, size)
         _horizontal_pass(cv2.transpose(tmp), 0, 0, h_bounds, h_weights, out_t)
         return cv2.transpose(out_t).reshape(size, size, 3)
@@ -88,8 +77,6 @@ def resize_bilinear(source: ResizeSource, box: Box, size: int) -> np.ndarray:
         raise ValueError(f"box {box} resizes horizontally first: prepare_source must be given it")
     # Only the source rows the vertical pass will read are resampled horizontally (as Pillow does).
     first, last = (v_bounds[0, 0], v_bounds[-1, 0] + v_bounds[-1, 1]) if need_vertical else (0, in_h)
-    import cv2
-
     tmp_t = np.empty((size * 3, last - first), np.uint8)  # (size * 3, rows used)
     _horizontal_pass(source.transposed, y0 + first, x0 * 3, h_bounds, h_weights, tmp_t)
     tmp = cv2.transpose(tmp_t)  # (rows used, size * 3)
