@@ -12,5 +12,10 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     # The pinned release is the CPU build; a loose spec would pull a multi-GB CUDA build.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# The build backend's chatter goes to a log, shown only when the install fails.
+if ! .venv/bin/python -m pip install --quiet -e ".[test]" >.venv/setup.log 2>&1; then
+    cat .venv/setup.log >&2
+    echo "setup: installing the project failed (log above, also in .venv/setup.log)" >&2
+    exit 1
+fi
 echo "setup: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
