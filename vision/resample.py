@@ -8,8 +8,9 @@ for the rounding; Pillow 13 runs the vertical pass first when the height shrinks
 many pixels as the width (`_vertical_first` probes the installed Pillow once to follow it).
 
 Speed comes from layout, not from cutting corners: the horizontal pass reads a transposed copy of the
-source (made once per image, shared by every tile cut from it) so that 16 source rows are processed per
-vector instruction; the vertical pass reads contiguous rows. Crops are windows into the same arrays.
+source (made once per image, shared by every tile cut from it) so that each tap weighs a contiguous run
+of 64 source rows, which the compiler vectorises; the vertical pass reads contiguous rows. Crops are
+windows into the same arrays.
 """
 
 from __future__ import annotations
