@@ -200,9 +200,10 @@ class CaptionOptions:
     workers: int = 2  # image decode/preprocess threads
     vision_batch: int = 4  # most tiles per vision-tower forward pass
     limits: object = None  # vision.image.ImageLimits; None = defaults
+    kv_budget_mb: int = 1024  # in-process engine's KV cache; fewer slots than `concurrency` if too small
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "workers", "vision_batch"):
+        for name in ("concurrency", "workers", "vision_batch", "kv_budget_mb"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
@@ -229,10 +230,10 @@ class LocalCaptioner:
         self.lm, self.encoder, self.options = lm, encoder, options
         self.pan_and_scan = PanAndScanConfig(enabled=options.pan_and_scan)
         self._layout = layout_chat
-        self.params = options.params or _default_params()
+        self.params = options.params or default_params()
         self.engine_config = EngineConfig(
             max_seq_len=self._max_seq_len(), max_batch=options.concurrency, max_queue=options.concurrency + 1,
-            stop_token_ids=lm.tokenizer.special.stop_ids, kv_budget_bytes=1 << 30,
+            stop_token_ids=lm.tokenizer.special.stop_ids, kv_budget_bytes=options.kv_budget_mb << 20,
         )
 
     def _max_seq_len(self) -> int:
@@ -383,7 +384,7 @@ def _tiles(batch) -> int:
     return total
 
 
-def _default_params():
+def default_params():
     from lm.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=64)
@@ -477,94 +478,3 @@ def run_job(captioner, todo: Sequence[CaptionItem], writer: RecordWriter, summar
     finally:
         summary.seconds = time.perf_counter() - started
     return summary
-
-
-# ----- through a running gateway ---------------------------------------------------------------------
-
-class RemoteCaptioner:
-    """Captions through `tessera serve gateway` (or `all`) at `target`: `concurrency` calls in flight;
-    the services decode, encode and batch. Overload and unavailability are retried with backoff; any
-    other failure becomes the image's error record, its code the gRPC status (e.g. invalid_argument
-    for a bad image)."""
-
-    _RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-
-    def __init__(self, target: str, options: CaptionOptions, *, auth_token: str | None = None,
-                 timeout_s: float = 600.0, retries: int = 5, max_message_mb: int = 64):
-        self.target, self.options = target, options
-        self.params = options.params or _default_params()
-        self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
-        self.timeout_s, self.retries, self.max_message_mb = timeout_s, retries, max_message_mb
-
-    def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
-        import grpc
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        from proto.tessera.gateway.v1 import gateway_pb2_grpc
-
-        limit = self.max_message_mb << 20
-        channel = grpc.insecure_channel(self.target, [("grpc.max_send_message_length", limit),
-                                                      ("grpc.max_receive_message_length", limit)])
-        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-        pending = iter(items)
-        try:
-            with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="caption-call") as pool:
-                running = set()
-                while True:
-                    while len(running) < self.options.concurrency:
-                        item = next(pending, None)
-                        if item is None:
-                            break
-                        running.add(pool.submit(self._caption, stub, item))
-                    if not running:
-                        return
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        emit(future.result())
-        finally:
-            channel.close()
-
-    def _request(self, data: bytes):
-        from proto.tessera.common.v1 import tensor_pb2
-        from proto.tessera.gateway.v1 import gateway_pb2
-        from proto.tessera.lm.v1 import lm_pb2
-
-        p = self.params
-        sampling = lm_pb2.SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                                         top_p=p.top_p, stop=list(p.stop))
-        if p.seed is not None:
-            sampling.seed = p.seed
-        if p.stop_token_ids is not None:
-            sampling.stop_token_ids.ids.extend(p.stop_token_ids)
-        return gateway_pb2.QueryRequest(prompt=self.options.prompt, images=[tensor_pb2.Image(data=data)],
-                                        sampling=sampling,
-                                        pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=self.options.pan_and_scan))
-
-    def _caption(self, stub, item: CaptionItem) -> dict:
-        import grpc
-
-        started = time.perf_counter()
-        try:
-            data = Path(item.path).read_bytes()
-        except OSError as error:
-            return error_record(item, "unreadable", f"cannot read {item.path!r}: {error.strerror or error}")
-        request = self._request(data)
-        for attempt in range(self.retries + 1):
-            try:
-                response = stub.Query(request, timeout=self.timeout_s, metadata=self.metadata)
-                break
-            except grpc.RpcError as error:
-                status = error.code()
-                if status.name in self._RETRYABLE and attempt < self.retries:
-                    time.sleep(min(30.0, 0.5 * 2 ** attempt))
-                    continue
-                return error_record(item, status.name.lower(), error.details() or status.name,
-                                    {"total_s": round(time.perf_counter() - started, 4)})
-        tiles = list(response.tiles_per_image)
-        return {"id": item.id, "path": item.path, "caption": response.text.strip(),
-                "num_crops": tiles[0] - 1 if tiles else 0, "finish_reason": response.finish_reason,
-                "tokens": {"prompt": response.prompt_tokens, "generated": response.completion_tokens},
-                "timings": {"encode_s": round(response.encode_time_s, 4),
-                            "first_token_s": round(response.time_to_first_token_s, 4),
-                            "generate_s": round(response.total_time_s, 4),
-                            "total_s": round(time.perf_counter() - started, 4)}}

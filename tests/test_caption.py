@@ -103,7 +103,7 @@ def test_records_match_the_reference_and_bad_images_get_error_records(
     summary = json.loads(stdout)["summary"]
     assert (summary["captioned"], summary["failed"], summary["skipped"]) == (3, 3, 0)
     assert summary["failures"] == {c: 1 for c in BAD.values()}
-    assert f"caption: 6/6 images (3 failed)" in stderr  # plain progress line: not a terminal
+    assert "caption: 6/6 images (3 failed)" in stderr  # plain progress line: not a terminal
 
 
 def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path, capsys):

@@ -1,0 +1,98 @@
+"""Batch captioning through a running gateway (`tessera caption --target HOST:PORT`): the services
+decode, encode and batch; this side keeps `concurrency` calls in flight and turns answers into the
+same records as the in-process captioner (service/caption.py)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Sequence
+
+from service.caption import CaptionItem, CaptionOptions, default_params, error_record
+class RemoteCaptioner:
+    """Captions through `tessera serve gateway` (or `all`) at `target`: `concurrency` calls in flight;
+    the services decode, encode and batch. Overload and unavailability are retried with backoff; any
+    other failure becomes the image's error record, its code the gRPC status (e.g. invalid_argument
+    for a bad image)."""
+
+    _RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+    def __init__(self, target: str, options: CaptionOptions, *, auth_token: str | None = None,
+                 timeout_s: float = 600.0, retries: int = 5, max_message_mb: int = 64):
+        self.target, self.options = target, options
+        self.params = options.params or default_params()
+        self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self.timeout_s, self.retries, self.max_message_mb = timeout_s, retries, max_message_mb
+
+    def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
+        import grpc
+
+        from proto.tessera.gateway.v1 import gateway_pb2_grpc
+
+        limit = self.max_message_mb << 20
+        channel = grpc.insecure_channel(self.target, [("grpc.max_send_message_length", limit),
+                                                      ("grpc.max_receive_message_length", limit)])
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        pending = iter(items)
+        try:
+            with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="caption-call") as pool:
+                running = set()
+                while True:
+                    while len(running) < self.options.concurrency:
+                        item = next(pending, None)
+                        if item is None:
+                            break
+                        running.add(pool.submit(self._caption, stub, item))
+                    if not running:
+                        return
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        emit(future.result())
+        finally:
+            channel.close()
+
+    def _request(self, data: bytes):
+        from proto.tessera.common.v1 import tensor_pb2
+        from proto.tessera.gateway.v1 import gateway_pb2
+        from proto.tessera.lm.v1 import lm_pb2
+
+        p = self.params
+        sampling = lm_pb2.SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
+                                         top_p=p.top_p, stop=list(p.stop))
+        if p.seed is not None:
+            sampling.seed = p.seed
+        if p.stop_token_ids is not None:
+            sampling.stop_token_ids.ids.extend(p.stop_token_ids)
+        return gateway_pb2.QueryRequest(prompt=self.options.prompt, images=[tensor_pb2.Image(data=data)],
+                                        sampling=sampling,
+                                        pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=self.options.pan_and_scan))
+
+    def _caption(self, stub, item: CaptionItem) -> dict:
+        import grpc
+
+        started = time.perf_counter()
+        try:
+            data = Path(item.path).read_bytes()
+        except OSError as error:
+            return error_record(item, "unreadable", f"cannot read {item.path!r}: {error.strerror or error}")
+        request = self._request(data)
+        for attempt in range(self.retries + 1):
+            try:
+                response = stub.Query(request, timeout=self.timeout_s, metadata=self.metadata)
+                break
+            except grpc.RpcError as error:
+                status = error.code()
+                if status.name in self._RETRYABLE and attempt < self.retries:
+                    time.sleep(min(30.0, 0.5 * 2 ** attempt))
+                    continue
+                return error_record(item, status.name.lower(), error.details() or status.name,
+                                    {"total_s": round(time.perf_counter() - started, 4)})
+        tiles = list(response.tiles_per_image)
+        return {"id": item.id, "path": item.path, "caption": response.text.strip(),
+                "num_crops": tiles[0] - 1 if tiles else 0, "finish_reason": response.finish_reason,
+                "tokens": {"prompt": response.prompt_tokens, "generated": response.completion_tokens},
+                "timings": {"encode_s": round(response.encode_time_s, 4),
+                            "first_token_s": round(response.time_to_first_token_s, 4),
+                            "generate_s": round(response.total_time_s, 4),
+                            "total_s": round(time.perf_counter() - started, 4)}}
