@@ -13,6 +13,7 @@ from lm.tokenizer import Tokenizer
 from lm.weights import load_text_model
 
 GREEDY_TOKENS = 64
+GREEDY_PROMPT = "Once upon a time, there lived"  # short: the no-cache loop re-reads the whole sequence each step
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -71,7 +72,7 @@ def test_last_position_logits_match_reference(ours, reference, tokenizer):
 @pytest.fixture(scope="module")
 def our_greedy(ours, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt, 64 greedy tokens) from our model, recomputing the whole sequence each step (no cache)."""
-    prompt = tokenizer.encode(PROMPTS[3])
+    prompt = tokenizer.encode(GREEDY_PROMPT)
     generated: list[int] = []
     for _ in range(GREEDY_TOKENS):
         generated.append(int(_last_logits(ours, prompt + generated).argmax()))

@@ -34,7 +34,7 @@ def _tiny_vocab() -> tuple[list[str], list[int]]:
 def write_tiny_gguf(path, *, extra_tensor: str | None = None, drop_tensor: str | None = None,
                     rope_scaling: float | None = None) -> None:
     from gguf import GGMLQuantizationType as Q
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter, RopeScalingType
     from gguf.quants import quantize
 
     tokens, types = _tiny_vocab()
@@ -53,7 +53,7 @@ def write_tiny_gguf(path, *, extra_tensor: str | None = None, drop_tensor: str |
     writer.add_rope_freq_base(1_000_000.0)
     writer.add_sliding_window(TINY["window"])
     if rope_scaling is not None:
-        writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope_scaling)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
