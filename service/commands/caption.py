@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         return fail(f"no images found in {' '.join(args.inputs)} (image suffixes: .jpg .jpeg .png .webp .gif .bmp "
                     ".tif .tiff; or a .jsonl manifest)")
+    if shard is None and os.environ.get("JOB_COMPLETION_INDEX"):
+        print("tessera caption: warning: JOB_COMPLETION_INDEX is set but TESSERA_SHARD_COUNT is not, so this pod "
+              "captions every image; set TESSERA_SHARD_COUNT to the Job's completions", file=sys.stderr)
     todo, mine, skipped = plan_job(items, done, shard, retry_errors=args.retry_errors)
     summary = JobSummary(inputs=mine, skipped=skipped, duplicates=duplicates)
     where = f" (shard {shard})" if shard else ""
