@@ -60,11 +60,14 @@ def tiny_vlm_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(tiny_vlm_config()).eval()
-    # Random norm weights: the default init (zeros with 1 + w) would hide a missing "+ 1".
+    # The default init leaves norm weights at zero (hiding a missing "+ 1") and the projector matrix
+    # at zero (every soft token would be 0): randomise both.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.normal_(0.0, 0.5)
+            elif "mm_input_projection" in name:
+                param.normal_(0.0, 0.05)
     path = tmp_path_factory.mktemp("tiny-vlm")
     model.save_pretrained(path, max_shard_size="200KB", safe_serialization=True)
     return path

@@ -57,6 +57,7 @@ def test_image_to_logits_and_greedy_tokens_match_the_reference(tiny_vlm_dir, ref
     [pre] = preprocess_batch([data], config)
     assert pre.num_crops == (3 if pan_and_scan else 0)  # 1200 x 400: three 400 px crops
     soft_tokens = VisionEncoder.from_checkpoint(tiny_vlm_dir).encode(torch.from_numpy(pre.tiles))
+    assert soft_tokens.abs().amax() > 0.1  # a real image signal, not an all-zero projector
     ids = prompt_ids(1 + pre.num_crops)
     image_mask = torch.tensor(ids) == TINY_IMAGE_TOKEN
 
