@@ -120,8 +120,11 @@ class TesseraServer:
         server = grpc.aio.server(interceptors=interceptors, options=options)
         if config.role == "gateway":
             metadata = (("authorization", f"Bearer {config.auth_token}"),) if config.auth_token else ()
-            vision_channel = grpc.aio.insecure_channel(config.vision_target, options=options[:2])
-            lm_channel = grpc.aio.insecure_channel(config.lm_target, options=options[:2])
+            # round_robin spreads calls over every address the target resolves to (all replicas
+            # behind a headless Kubernetes Service), not just the first connection.
+            downstream = options[:2] + [("grpc.lb_policy_name", "round_robin")]
+            vision_channel = grpc.aio.insecure_channel(config.vision_target, options=downstream)
+            lm_channel = grpc.aio.insecure_channel(config.lm_target, options=downstream)
             self._channels = [vision_channel, lm_channel]
             self.gateway = gateway_module.GatewayServicer(gateway_module.RemoteVision(vision_channel, metadata),
                                                           gateway_module.RemoteLanguageModel(lm_channel, metadata))

@@ -269,8 +269,10 @@ def test_gateway_targets_are_the_vision_and_lm_services(services):
     target, docs = services
     config, *_ = _serve_config(docs, "gateway")
     for address, component in ((config.vision_target, "vision"), (config.lm_target, "lm")):
-        host, port = address.rsplit(":", 1)
+        assert address.startswith("dns:///"), f"{target}: {address} must use the DNS resolver to reach every replica"
+        host, port = address.removeprefix("dns:///").rsplit(":", 1)
         service = find(docs, "Service", host)
+        assert service and service[0]["spec"].get("clusterIP") == "None", f"{target}: {host} must be headless"
         assert service, f"{target}: gateway target {address} names no Service"
         assert int(port) in [p["port"] for p in service[0]["spec"]["ports"] if p["name"] == "grpc"]
         assert service[0]["spec"]["selector"]["app.kubernetes.io/component"] == component
