@@ -131,6 +131,21 @@ class DecoderLayer(nn.Module):
         return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
 
 
+def tied_head(hidden: Tensor, table: Tensor) -> Tensor:
+    """hidden (..., d) @ table (vocab, d)^T, computed as (table @ hidden^T)^T over at least two rows.
+
+    Same arithmetic as F.linear, but a much faster kernel for the few rows of decoding on the CPU:
+    with MKL a single row takes a GEMV path and F.linear's layout a slow GEMM path, while
+    table @ hidden^T streams the (262144, 640) table about 2.5x faster (measured on the 2-core dev
+    machine: 43 ms -> 17.5 ms for 1 row, 72 ms -> 35 ms for 8)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    rows = flat.shape[0]
+    if rows == 1:
+        flat = torch.cat([flat, flat])  # (2, d)
+    out = (table @ flat.T).T[:rows]  # (N, vocab)
+    return out.reshape(*hidden.shape[:-1], table.shape[0])
+
+
 class Gemma3TextModel(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -180,7 +195,7 @@ class Gemma3TextModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., vocab_size) fp32 logits from final-norm hidden states (..., hidden)."""
         # An explicit head module (untied checkpoints, or one swapped in by quantisation) wins.
-        logits = (F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)).float()
+        logits = (tied_head(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
