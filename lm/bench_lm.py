@@ -101,7 +101,8 @@ def bench_engine(lm, args, label: str) -> dict:
         result = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=1)))
         prefill = len(ids) / result.time_to_first_token_s
     return {"name": label, "decode_tok_s": decode_1, "aggregate_8_tok_s": aggregate_8, "prefill_tok_s": prefill,
-            "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+            "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20, "weights_mib": _tensor_mib(lm.model),
+            "kv_cache_mib": engine.cache.total_bytes / 2**20}
 
 
 def int8_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
@@ -160,9 +161,11 @@ def bench_transformers(path, tokenizer, args) -> dict:
         aggregate_8 = len(batch) * (new - 1) / (run(batch, new) - first)
         ids = long_prompt_ids(tokenizer, args.prefill_tokens)
         prefill = len(ids) / run([ids], 1)
+    weights = _tensor_mib(model)
     del model
     return {"name": "transformers fp32", "decode_tok_s": decode_1, "aggregate_8_tok_s": aggregate_8,
-            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20,
+            "weights_mib": weights, "kv_cache_mib": None}
 
 
 # ----- llama.cpp -------------------------------------------------------------------------------
@@ -195,7 +198,19 @@ def bench_llama_cpp(gguf_file, tokenizer, args) -> dict | None:
         ids = long_prompt_ids(tokenizer, args.prefill_tokens)
         prefill = len(ids) / run(ids, 1)
     return {"name": "llama.cpp Q4_K_M", "decode_tok_s": decode_1, "aggregate_8_tok_s": None,
-            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20}
+            "prefill_tok_s": prefill, "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20,
+            "weights_mib": gguf_file.stat().st_size / 2**20, "kv_cache_mib": None}
+
+
+def _tensor_mib(module) -> float:
+    """Bytes held by a module's parameters and buffers (shared storage counted once)."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total / 2**20
 
 
 # ----- driver ----------------------------------------------------------------------------------
@@ -220,11 +235,15 @@ def run(args: argparse.Namespace) -> int:
         if llama:
             rows.append(llama)
 
-    print(f"{'':22}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}{'RSS +MiB':>10}")
+    print(f"{'':22}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}"
+          f"{'weights MiB':>13}{'KV MiB':>8}{'RSS +MiB':>10}")
     for row in rows:
         agg = "-" if row["aggregate_8_tok_s"] is None else f"{row['aggregate_8_tok_s']:.1f}"
+        kv = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']:.0f}"
         print(f"{row['name']:22}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
-              f"{row['ttft_s']:9.3f}{row['peak_rss_growth_mib']:10.0f}")
+              f"{row['ttft_s']:9.3f}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
+    print("weights: parameter and buffer bytes (llama.cpp: the GGUF file); KV: the engine's preallocated cache; "
+          "RSS +MiB: peak resident growth while the measurements ran (llama.cpp's includes loading its model)")
     print(f"int8 vs fp32: greedy agreement {accuracy['greedy_agreement']:.1%} over {args.new_tokens} tokens x "
           f"{len(PROMPTS)} prompts; logits cosine mean {accuracy['logits_cosine_mean']:.4f}, "
           f"min {accuracy['logits_cosine_min']:.4f}")
