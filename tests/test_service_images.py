@@ -264,3 +264,43 @@ def test_separately_deployed_services_behind_a_gateway(checkpoint, server, gatew
 def test_vision_role_refuses_a_text_only_model():
     with pytest.raises(RuntimeError, match="no vision tower"):
         start_server("vision", model="gemma3-270m")
+
+
+def _soft_tokens(server, tiles: int, **overrides):
+    """A Tensor message of `tiles` tiles of soft tokens for the served model, with fields overridden."""
+    import numpy as np
+
+    d_model = server.server.lm.loaded.lm.config.hidden_size
+    array = np.zeros((tiles, 256, d_model), dtype=np.float32)
+    fields = {"data": array.tobytes(), "dtype": "float32", "shape": list(array.shape)}
+    fields.update(overrides)
+    return tensor_pb2.Tensor(**fields)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("bytes", "bytes of data"),
+    ("dtype", "dtype"),
+    ("width", "soft"),
+    ("tokens", "256"),
+])
+def test_wrong_soft_token_tensors_are_invalid_argument(server, case, needle):
+    """Soft tokens arriving at the LM service with a wrong byte count, dtype, width or tokens per tile are
+    refused with a reason, and the service keeps serving."""
+    d_model = server.server.lm.loaded.lm.config.hidden_size
+    tensor = {
+        "bytes": lambda: _soft_tokens(server, 1, data=b"\x00" * 12),
+        "dtype": lambda: _soft_tokens(server, 1, dtype="int64"),
+        "width": lambda: _soft_tokens(server, 1, data=b"\x00" * (256 * (d_model + 1) * 4), shape=[1, 256, d_model + 1]),
+        "tokens": lambda: _soft_tokens(server, 1, data=b"\x00" * (100 * d_model * 4), shape=[1, 100, d_model]),
+    }[case]()
+    request = lm_pb2.GenerateRequest(prompt="what is this?", images=[tensor],
+                                     sampling=lm_pb2.SamplingParams(max_new_tokens=2))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(request, timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in error.value.details(), error.value.details()
+        ok = stub.Generate(lm_pb2.GenerateRequest(prompt="still there?", sampling=lm_pb2.SamplingParams(max_new_tokens=2)),
+                           timeout=30)
+        assert ok.completion_tokens == 2
