@@ -105,9 +105,15 @@ class KVCache:
             table[slot] = -1
 
     def move_slot(self, src: int, dst: int) -> None:
-        """Copy slot `src` into `dst` (batch compaction) and clear `src`."""
-        for buffer in self.keys + self.values:
-            buffer[dst] = buffer[src]
+        """Copy slot `src` into `dst` (batch compaction) and clear `src`. Global layers copy only the
+        positions written so far (they fill from 0), not the whole `max_seq_len`."""
+        used = int((self.full_pos[src] >= 0).sum())
+        for layer_idx in range(self.config.num_hidden_layers):
+            for buffer in (self.keys[layer_idx], self.values[layer_idx]):
+                if self.config.is_global(layer_idx):
+                    buffer[dst, :, :used] = buffer[src, :, :used]
+                else:
+                    buffer[dst] = buffer[src]
         for table in (self.full_pos, self.full_tile, self.ring_pos, self.ring_tile):
             table[dst] = table[src]
         self.clear_slot(src)
