@@ -3,10 +3,11 @@
 Scheduling, one step at a time:
   1. Finished and cancelled sequences leave; their slots are freed and the decode rows compacted,
      so decoding sequences always occupy slots [0, B).
-  2. If no prompt is being prefilled, the oldest waiting request is admitted into slot B (FIFO).
-  3. That prompt advances by one chunk of at most `prefill_chunk` tokens (never splitting an image
-     tile); when the prompt is complete its first token is sampled and it joins the decode batch.
-  4. All decoding sequences advance by one token in one batched forward pass.
+  2. Prompts advance by at most `prefill_chunk` tokens in all (never splitting an image tile): the
+     prompt being prefilled continues, and while budget is left the oldest waiting requests are
+     admitted (FIFO) into the slot after the decode batch, one after another. A prompt that
+     completes samples its first token and joins the decode batch.
+  3. All decoding sequences advance by one token in one batched forward pass.
 Decoding never waits for a long prompt to finish (chunks interleave with decode steps), and
 admission is first come, first served, so no request starves.
 
@@ -197,20 +198,33 @@ class Engine:
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
         self._retire_cancelled()
-        if self._prefilling is None:
-            with self._lock:
-                if self._waiting and len(self._decoding) < self.cache.shape.num_slots:
-                    self._prefilling = self._waiting.popleft()
-                    self._prefilling.slot = len(self._decoding)
-                    self.cache.clear_slot(self._prefilling.slot)
-        if self._prefilling is not None:
-            self._prefill_step(self._prefilling)
+        budget = self.engine_config.prefill_chunk
+        while budget > 0 and (self._prefilling is not None or self._admit()):
+            sequence = self._prefilling
+            start, end = sequence.next_chunk(budget)
+            if end - start > budget and budget < self.engine_config.prefill_chunk:
+                break  # a whole image tile that does not fit what is left: next step
+            self._prefill_step(sequence, start, end)
+            budget -= end - start
+            if self._prefilling is sequence:
+                break  # its prompt continues next step
         if self._decoding:
             self._decode_step()
 
-    def _prefill_step(self, sequence: Sequence) -> None:
+    def _admit(self) -> bool:
+        """Move the oldest waiting request into the slot after the decode batch, if one is free."""
+        with self._lock:
+            if not self._waiting or len(self._decoding) >= self.cache.shape.num_slots:
+                return False
+            self._prefilling = self._waiting.popleft()
+        self._prefilling.slot = len(self._decoding)
+        self.cache.clear_slot(self._prefilling.slot)
+        return True
+
+    def _prefill_step(self, sequence: Sequence, start: int, end: int) -> None:
+        """Run prompt positions [start, end) of `sequence`; at the prompt's end, sample its first token
+        and move it into the decode batch."""
         try:
-            start, end = sequence.next_chunk(self.engine_config.prefill_chunk)
             request = sequence.request
             ids = torch.tensor(request.prompt_ids[start:end], device=self.device)[None]  # (1, T)
             positions = torch.arange(start, end, device=self.device)

@@ -142,6 +142,22 @@ def test_images_match_recompute_and_tiles_are_never_split(model_and_config, chun
             assert pos + 1 not in boundaries, f"a chunk ended inside a tile at {pos + 1}"
 
 
+def test_short_prompts_share_one_steps_prefill_budget(model_and_config):
+    model, config = model_and_config
+    engine = make_engine(model, config, prefill_chunk=16)
+    prompts = [prompt_of(5, 60 + i) for i in range(4)]
+    handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=6))) for p in prompts]
+    engine.step()
+    stats = engine.stats()
+    # 5 + 5 + 5 tokens fit the budget of 16; the 4th prompt got the 1 token left and goes on next step
+    assert (stats.running, stats.prefilling, stats.waiting) == (3, 1, 0)
+    while not all(h.done for h in handles):
+        engine.step()
+    for prompt, handle in zip(prompts, handles):
+        alone = make_engine(model, config).generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=6)))
+        assert handle.result().token_ids == alone.token_ids
+
+
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(model_and_config):
     model, config = model_and_config
     prompt = prompt_of(10, 3)
