@@ -65,3 +65,11 @@ def test_engine_on_a_prompt_longer_than_the_window_matches_the_reference(embedde
     with torch.inference_mode():
         out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
     assert ours == out[0, len(ids):].tolist()
+
+
+def test_a_prompt_beyond_the_model_context_is_refused_with_the_limit(embedded_270m, capsys):
+    limit = embedded_270m.config.max_position_embeddings
+    prompt = "word " * (limit + 10)
+    assert main(["generate", "--raw", "--prompt", prompt, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt is" in err and str(limit - 1) in err

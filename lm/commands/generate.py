@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = _layout(lm, args, messages, images.tiles_per_image)
         request = GenerationRequest(prompt.token_ids, params, soft_tokens=images.soft_tokens,
                                     image_mask=torch.tensor(prompt.image_mask))
-        engine = lm.engine()
+        engine = lm.engine(_engine_config(lm, len(prompt.token_ids), params.max_new_tokens))
         engine.start()
         try:
             handle = engine.submit(request)
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
+                sys.stdout.flush()
             result = handle.result()
         finally:
             engine.stop()
@@ -101,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{result.finish_reason}; {result.prompt_tokens} prompt + {result.completion_tokens} generated tokens; "
               f"first token {t['time_to_first_token_s']} s; {t['decode_tokens_per_s']} tok/s]", file=sys.stderr)
     return 0
+
+
+def _engine_config(lm, prompt_tokens: int, max_new_tokens: int):
+    """One request: a cache sized for this prompt and continuation, up to the model's context length
+    (a prompt longer than the model's context is refused by the engine with the limit named)."""
+    from lm.engine import EngineConfig
+    from lm.kv_cache import slot_bytes
+
+    max_seq_len = max(2, min(lm.config.max_position_embeddings, prompt_tokens + max_new_tokens))
+    return EngineConfig(max_seq_len=max_seq_len, kv_budget_bytes=slot_bytes(lm.config, max_seq_len, lm.dtype),
+                        max_batch=1, stop_token_ids=lm.tokenizer.special.stop_ids)
 
 
 def _messages(args: argparse.Namespace):
