@@ -8,16 +8,14 @@ sample=$(python -m vision.sample .cache/sample.jpg)
 echo "== tessera preprocess --pan-and-scan $sample"
 tessera preprocess --pan-and-scan "$sample"
 
-# The gRPC stack on the embedded default (serve all: gateway + LM in one process) on a free port.
-# The embedded Gemma 3 270M is a text-only base (pretrained, not instruction-tuned) model, so the
-# query is a plain-text completion (--raw); image queries need a vision-language checkpoint
-# (serve all --model DIR) and add --image PATH.
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-echo "== tessera serve all --port $port (background)"
-tessera serve all --host 127.0.0.1 --port "$port" --metrics-port 0 --max-seq-len 1024 --kv-budget-mb 256 &
-server=$!
-trap 'kill -TERM $server 2>/dev/null || true' EXIT
-python - "$port" <<'PY'
+server=""
+start_stack() {  # start_stack MODEL: `tessera serve all` on a free port, wait until SERVING
+    port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    echo "== tessera serve all --model $1 --port $port (background)"
+    tessera serve all --model "$1" --host 127.0.0.1 --port "$port" --metrics-port 0 --max-seq-len 2048 \
+        --kv-budget-mb 256 &
+    server=$!
+    python - "$port" <<'PY'
 import sys, time, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}"))
@@ -31,10 +29,33 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 sys.exit("server did not become SERVING within 600 s")
 PY
+}
+stop_stack() {
+    echo "== stopping the server (SIGTERM, graceful)"
+    kill -TERM "$server"
+    wait "$server"
+    server=""
+}
+trap '[ -n "$server" ] && kill -TERM $server 2>/dev/null || true' EXIT
+
+# The embedded Gemma 3 270M is a text-only base (pretrained, not instruction-tuned) model, so its
+# query is a plain-text completion (--raw).
+start_stack gemma3-270m
 prompt="The printing press was invented by"
 echo "== tessera query --raw --stream '$prompt'"
 tessera query --target "127.0.0.1:$port" --raw --stream --max-new-tokens 32 "$prompt"
-echo "== stopping the server (SIGTERM, graceful)"
-kill -TERM "$server"
-wait "$server"
+stop_stack
+
+# Image + text through the same stack. No real SigLIP weights can be had here, so this runs a tiny
+# random-weight Gemma 3 vision-language checkpoint with the 270M's tokenizer: the tiles, soft tokens
+# and prompt layout are real, the words are noise. Serve a real checkpoint directory (4B/12B/27B)
+# with --model DIR for real answers.
+tiny=.cache/tiny-random-vlm
+if [ ! -f "$tiny/config.json" ]; then
+    python -c "import sys; from pathlib import Path; from service.bench_caption import write_tiny_captioning_checkpoint as w; w(Path(sys.argv[1]))" "$tiny" 2>/dev/null
+fi
+start_stack "$tiny"
+echo "== tessera query --image $sample --pan-and-scan 'Describe this image.'   (random weights: the text is noise)"
+tessera query --target "127.0.0.1:$port" --image "$sample" --pan-and-scan --max-new-tokens 12 "Describe this image."
+stop_stack
 trap - EXIT

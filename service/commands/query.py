@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         channel.close()
+    sys.stdout.flush()
     if done is not None:
-        print(f"[{done.finish_reason}; {done.prompt_tokens} prompt + {done.completion_tokens} generated tokens; "
-              f"first token {done.time_to_first_token_s:.3f} s; total {done.total_time_s:.3f} s]", file=sys.stderr)
+        images = f"image tiles {list(done.tiles_per_image)} encoded in {done.encode_time_s:.3f} s; " \
+            if done.tiles_per_image else ""
+        print(f"[{done.finish_reason}; {images}{done.prompt_tokens} prompt + {done.completion_tokens} generated "
+              f"tokens; first token {done.time_to_first_token_s:.3f} s; total {done.total_time_s:.3f} s]",
+              file=sys.stderr)
     return 0
