@@ -181,7 +181,7 @@ class Gemma3TextModel(nn.Module):
 
     def embed_tokens(self, input_ids: Tensor, soft_tokens: Tensor | None, image_mask: Tensor | None) -> Tensor:
         """(B, T, hidden): scaled text embeddings with soft tokens written over the placeholder rows."""
-        dtype = self.embed.weight.dtype
+        dtype = self.final_norm.weight.dtype  # the model's dtype (the table may be swapped for int8)
         if image_mask is None or soft_tokens is None:
             if soft_tokens is not None or (image_mask is not None and bool(image_mask.any())):
                 raise ValueError("soft_tokens and image_mask must be given together")

@@ -4,7 +4,7 @@ modules (the model code knows nothing of it).
 Every projection and the LM head keep int8 weights with one scale per output channel (symmetric,
 round-to-nearest); activations are not quantised. On the CPU the matmul runs in PyTorch's
 int8-weight kernel with bf16 activations and fp32 results; elsewhere the weights are dequantised on
-the fly. The embedding lookup keeps the original table: it reads one row per token.
+the fly. A tied embedding table is shared with the int8 head and dequantised row by row on lookup.
 """
 
 from __future__ import annotations
@@ -40,14 +40,31 @@ class Int8Linear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
 
+class Int8Embedding(nn.Module):
+    """Row lookup in an Int8Linear's table, dequantised to `dtype`: a tied head and the embedding
+    share one int8 table instead of keeping the float one for lookups."""
+
+    def __init__(self, table: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.table.weight[ids].to(self.dtype)  # (..., hidden)
+        return rows * self.table.scales[ids].to(self.dtype)[..., None]
+
+
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     """Quantise `model` (a Gemma3TextModel) in place and return it."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation {scheme!r}; available: {', '.join(SCHEMES)}")
     with torch.no_grad():
         _swap_linears(model.layers)
-        source = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        tied = model.lm_head is None
+        source = model.embed.weight if tied else model.lm_head.weight
         model.lm_head = Int8Linear(source)
+        if tied:
+            model.embed = Int8Embedding(model.lm_head, source.dtype)
     return model
 
 
