@@ -189,7 +189,22 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a scheduling bug: fail the running requests rather than hang them
+                log.exception("engine step failed")
+                self._fail_running(f"{type(exc).__name__}: {exc}")
+
+    def _fail_running(self, error: str) -> None:
+        """End every running or prefilling request with an error and empty the cache slots; waiting
+        requests stay queued."""
+        running = self._decoding + ([self._prefilling] if self._prefilling is not None else [])
+        self._decoding, self._prefilling = [], None
+        for slot in range(self.cache.shape.num_slots):
+            self.cache.clear_slot(slot)
+        for sequence in running:
+            sequence.slot = -1
+            sequence.handle._finish(sequence.completion("error", error))
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._decoding or self._prefilling)

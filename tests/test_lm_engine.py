@@ -325,3 +325,24 @@ def test_submit_is_thread_safe(model_and_config):
     finally:
         engine.stop()
     assert all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in results)
+
+
+def test_a_scheduling_failure_fails_running_requests_instead_of_hanging(model_and_config, monkeypatch):
+    model, config = model_and_config
+    engine = make_engine(model, config)
+    engine.start()
+    try:
+        first = engine.submit(GenerationRequest(prompt_of(6, 1), SamplingParams(max_new_tokens=200)))
+        assert first.next_event(timeout=30) is not None  # it is decoding
+
+        def broken():
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "_decode_step", broken)
+        result = first.result(timeout=30)
+        assert result.finish_reason == "error" and "boom" in result.error
+        monkeypatch.undo()
+        later = engine.submit(GenerationRequest(prompt_of(6, 2), SamplingParams(max_new_tokens=4)))
+        assert later.result(timeout=30).token_ids  # the engine thread survived and serves new work
+    finally:
+        engine.stop()
