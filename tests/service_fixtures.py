@@ -4,51 +4,22 @@
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
 def build_tiny_vlm_with_tokenizer(path: Path) -> Path:
-    """A random `Gemma3ForConditionalGeneration` written by transformers, small everywhere except its
-    vocabulary, which is the 270M tokenizer's (262,144 ids, so any text tokenizes in range); the
-    image placeholder id is 262144, beyond the vocabulary, as in the published 4B-27B checkpoints."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    """A random Gemma 3 vision-language checkpoint with the embedded 270M's tokenizer (the same one the
+    caption benchmark uses): small everywhere except its 262,144-id vocabulary, the image placeholder
+    262144 beyond it as in the published checkpoints, and random projector and patch weights so that
+    the image really changes the answer."""
+    from service.bench_caption import write_tiny_captioning_checkpoint
 
-    from lm.checkpoints import resolve_model
-
-    text = Gemma3TextConfig(
-        vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=32,
-        max_position_embeddings=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}},
-    )
-    vision = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=896, patch_size=14, vision_use_head=False)
-    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=256,
-                          image_token_index=262144, boi_token_index=255999, eoi_token_index=256000)
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0, 0.5)
-        # Large logits make greedy and sampled tokens far apart, so batch composition cannot flip them.
-        model.get_input_embeddings().weight.normal_(0.0, 1.0)
-    model.save_pretrained(path, safe_serialization=True)
-    source = resolve_model("gemma3-270m", progress=False)
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, path / name)
-    return path
+    return write_tiny_captioning_checkpoint(path, layers=6)
 
 
 def free_port() -> int:
