@@ -73,3 +73,26 @@ def test_a_prompt_beyond_the_model_context_is_refused_with_the_limit(embedded_27
     assert main(["generate", "--raw", "--prompt", prompt, "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "prompt is" in err and str(limit - 1) in err
+
+
+def test_generate_with_an_image_equals_the_reference(tmp_path, capsys):
+    """`tessera generate --image` on a tiny random vision-language checkpoint: the same greedy tokens as
+    transformers' processor + model on the same image and prompt."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from service.bench_caption import reference_caption, reference_processor, write_tiny_captioning_checkpoint
+    from vision.sample import synthetic_photo
+
+    checkpoint = write_tiny_captioning_checkpoint(tmp_path / "tiny-vlm")
+    image = tmp_path / "photo.jpg"
+    synthetic_photo(1200, 500, seed=4).save(image, quality=90)
+    prompt = "Describe this image."
+    assert main(["generate", "--model", str(checkpoint), "--image", str(image), "--pan-and-scan", "--prompt", prompt,
+                 "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == [{"image": str(image), "tiles": 3}]  # 1200 x 500: the original and 2 crops
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    expected = reference_caption(model, reference_processor(checkpoint), str(image), prompt, new_tokens=6,
+                                 pan_and_scan=True)
+    assert out["token_ids"] == expected
