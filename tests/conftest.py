@@ -74,9 +74,25 @@ def tiny_vlm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def embedded_270m():
-    """The real embedded Gemma 3 270M, fp32, loaded once per test session (converted from the
-    packaged GGUF on the first run on a machine, then read from the cache)."""
+def gemma270m_dir():
+    """The embedded Gemma 3 270M's checkpoint directory (converted from the packaged GGUF on the first
+    run on a machine, then read from the cache)."""
+    from lm.checkpoints import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma270m_tokenizer(gemma270m_dir):
+    """Its tokenizer, read once per test session (tokenizer.json is 33 MB)."""
+    from lm.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(gemma270m_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_270m(gemma270m_dir):
+    """The real embedded Gemma 3 270M, fp32, loaded once per test session."""
     from lm.runtime import load_language_model
 
-    return load_language_model("gemma3-270m", progress=False)
+    return load_language_model(str(gemma270m_dir), progress=False)

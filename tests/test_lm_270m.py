@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from lm.attention import FullAttention
-from lm.checkpoints import DEFAULT_MODEL, resolve_model
 from lm.prompt import layout_chat
-from lm.tokenizer import Tokenizer
 from lm.weights import load_text_model
 
 GREEDY_TOKENS = 64
@@ -23,13 +21,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma270m_dir():
-    return resolve_model(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(gemma270m_dir):
-    return Tokenizer.from_dir(gemma270m_dir)
+def tokenizer(gemma270m_tokenizer):
+    return gemma270m_tokenizer
 
 
 @pytest.fixture(scope="module")

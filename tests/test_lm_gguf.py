@@ -210,11 +210,6 @@ def test_resolve_model_errors_and_directories(tmp_path, tiny_converted):
         resolve_model(str(tmp_path / "nowhere"))
 
 
-@pytest.fixture(scope="module")
-def gemma270m_dir():
-    return resolve_model(DEFAULT_MODEL)  # converts on the first run on a machine, then cached
-
-
 def test_embedded_270m_is_an_ordinary_checkpoint(gemma270m_dir):
     from transformers import AutoConfig, Gemma3ForCausalLM
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lm.checkpoints import DEFAULT_MODEL, resolve_model
 from lm.prompt import (IMAGE_MARKER, TOKENS_PER_TILE, count_images, image_token_cost, layout_chat, layout_text,
                        render_chat)
-from lm.tokenizer import Tokenizer
 from vision.pan_and_scan import PanAndScanConfig, num_tiles
 
 PAN_AND_SCAN = PanAndScanConfig(enabled=True)
@@ -19,13 +17,8 @@ SQUARE, WIDE_2, WIDE_4, TALL_3 = (320, 320), (1024, 512), (2048, 512), (400, 120
 
 
 @pytest.fixture(scope="module")
-def gemma270m_dir():
-    return resolve_model(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def ours(gemma270m_dir):
-    return Tokenizer.from_dir(gemma270m_dir)
+def ours(gemma270m_tokenizer):
+    return gemma270m_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from lm.checkpoints import DEFAULT_MODEL, resolve_model
 from lm.tokenizer import DEFAULT_IMAGE_TOKEN_ID, IncrementalDecoder, Tokenizer
 
 TEXTS = [
@@ -31,13 +30,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma270m_dir():
-    return resolve_model(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def ours(gemma270m_dir):
-    return Tokenizer.from_dir(gemma270m_dir)
+def ours(gemma270m_tokenizer):
+    return gemma270m_tokenizer
 
 
 @pytest.fixture(scope="module")
