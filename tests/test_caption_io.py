@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +18,40 @@ from service.caption import (
 from service.commands.caption import _Progress
 
 
-def test_every_id_lands_in_exactly_one_shard():
-    ids = [f"bucket/images/{i:05d}.jpg" for i in range(2000)]
+REPO = Path(__file__).resolve().parents[1]
+IDS = [f"bucket/images/{i:05d}.jpg" for i in range(2000)]
+
+
+def test_every_id_lands_in_exactly_one_shard_in_range_and_shards_are_balanced():
     for count in (1, 2, 3, 7, 16):
+        assert all(0 <= shard_of(item_id, count) < count for item_id in IDS)
         shards = [Shard(index, count) for index in range(count)]
-        owners = [[s.index for s in shards if s.owns(item_id)] for item_id in ids]
-        assert all(len(o) == 1 for o in owners)
+        owners = [[s.index for s in shards if s.owns(item_id)] for item_id in IDS]
+        assert all(owner == [shard_of(item_id, count)] for owner, item_id in zip(owners, IDS))
         sizes = [sum(o == [i] for o in owners) for i in range(count)]
-        assert min(sizes) > 0.7 * len(ids) / count  # roughly balanced
+        assert sum(sizes) == len(IDS)
+        # roughly balanced: within 30% of an even split (the binomial spread is a few percent here)
+        assert 0.7 * len(IDS) / count < min(sizes) <= max(sizes) < 1.3 * len(IDS) / count, sizes
+
+
+def test_shard_is_the_sha256_of_the_utf8_id_not_pythons_salted_hash():
+    """The definition a resumed or re-sharded job relies on across versions and machines: the first 8 bytes
+    of sha256(id as UTF-8), big-endian, mod COUNT (never `hash()`, which changes per process)."""
+    for item_id in IDS[:200] + ["", "id-3", "ünïcödé/画像.png", "7"]:
+        digest = hashlib.sha256(item_id.encode("utf-8")).digest()
+        for count in (1, 2, 4, 5, 16, 1000):
+            assert shard_of(item_id, count) == int.from_bytes(digest[:8], "big") % count, (item_id, count)
+
+
+def test_shard_assignment_is_the_same_in_another_process():
+    ids = IDS[:300]
+    script = ("import json, sys; from service.caption import shard_of; "
+              "print(json.dumps([shard_of(i, c) for i in json.load(sys.stdin) for c in (2, 3, 7, 16)]))")
+    for seed in ("1", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        child = subprocess.run([sys.executable, "-c", script], input=json.dumps(ids), capture_output=True,
+                               text=True, cwd=REPO, env=env, timeout=60, check=True)
+        assert json.loads(child.stdout) == [shard_of(i, c) for i in ids for c in (2, 3, 7, 16)]
 
 
 def test_shard_assignment_ignores_order_and_neighbours():
@@ -29,7 +60,8 @@ def test_shard_assignment_ignores_order_and_neighbours():
     forward, _, _ = plan_job(items, {}, shard)
     backward, _, _ = plan_job(items[::-1][:30], {}, shard)
     assert {i.id for i in backward} == {i.id for i in forward} & {i.id for i in items[::-1][:30]}
-    assert shard_of("id-3", 4) == shard_of("id-3", 4)
+    assert {i.id for i in forward} == {i.id for i in items if shard_of(i.id, 4) == 1}
+    assert 0 < len(forward) < len(items)  # the shard really filtered (else the comparison proves nothing)
 
 
 @pytest.mark.parametrize("text", ["1", "a/2", "2/2", "-1/3", "0/0"])
