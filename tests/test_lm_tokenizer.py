@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from lm.prompt import layout_chat, render_chat
 from lm.tokenizer import DEFAULT_IMAGE_TOKEN_ID, IncrementalDecoder, Tokenizer
 
 TEXTS = [
@@ -66,12 +67,20 @@ def test_decode_equals_reference(ours, reference_from_gguf, text):
         assert ours.decode(ids, skip_special_tokens=skip) == reference_from_gguf.decode(ids, skip_special_tokens=skip)
 
 
-def test_chat_template_renders_like_the_reference(gemma270m_dir, ours, reference_from_dir):
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_layout_equals_the_reference_chat_template(ours, reference_from_dir, add_generation_prompt):
+    """Our chat rendering and tokenization against the checkpoint's own chat template applied by
+    transformers: the same text and the same ids (system prompt folded in, contents trimmed)."""
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi there!  "},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
-    rendered = reference_from_dir.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<bos><start_of_turn>user\nBe brief.\n\nHi there!<end_of_turn>\n<start_of_turn>model\n"
-                        "Hello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+                {"role": "assistant", "content": "Hello.\n"}, {"role": "user", "content": "Ünïcödé 😀 bye"}]
+    rendered = reference_from_dir.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+    expected = reference_from_dir.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                      add_generation_prompt=add_generation_prompt)["input_ids"]
+    assert reference_from_dir.bos_token + render_chat(messages, add_generation_prompt=add_generation_prompt) == rendered
+    prompt = layout_chat(ours, messages, add_generation_prompt=add_generation_prompt)
+    assert prompt.token_ids == list(expected)
+    assert not any(prompt.image_mask)
 
 
 def test_special_ids_match_reference(ours, reference_from_gguf):
