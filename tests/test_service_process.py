@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,15 +25,33 @@ from service_fixtures import build_tiny_vlm_with_tokenizer, free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_committed_stubs_are_not_stale(tmp_path):
-    from service.protogen import generate
+def test_committed_stubs_are_not_stale():
+    from service.protogen import stale_stubs
 
-    written = generate(tmp_path)
-    assert written
-    for path in written:
-        committed = REPO / path.relative_to(tmp_path)
-        assert committed.exists(), f"{committed} is missing: run scripts/gen_proto.sh"
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale: run scripts/gen_proto.sh"
+    assert stale_stubs() == [], "stale gRPC stubs: run scripts/gen_proto.sh"
+
+
+def test_staleness_ignores_version_stamps_but_not_proto_changes(tmp_path):
+    """A copy of the repository's protos and stubs: restamping the stubs with other generator
+    versions keeps them current; adding a field to a .proto makes its stubs stale."""
+    from service.protogen import stale_stubs
+
+    shutil.copytree(REPO / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("__pycache__"))
+    pb2, grpc_stub = tmp_path / "proto/tessera/lm/v1/lm_pb2.py", tmp_path / "proto/tessera/lm/v1/lm_pb2_grpc.py"
+    text = pb2.read_text()
+    restamped = re.sub(r"# Protobuf Python Version: \S+", "# Protobuf Python Version: 99.1.2", text)
+    restamped = re.sub(r"(Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,", r"\1 99, 1, 2,", restamped)
+    assert restamped != text
+    pb2.write_text(restamped)
+    grpc_text = grpc_stub.read_text()
+    grpc_stub.write_text(re.sub(r"GRPC_GENERATED_VERSION = '[^']+'", "GRPC_GENERATED_VERSION = '9.9.9'", grpc_text))
+    assert grpc_stub.read_text() != grpc_text
+    assert stale_stubs(tmp_path, proto_root=tmp_path) == []
+
+    proto = tmp_path / "proto/tessera/lm/v1/lm.proto"
+    proto.write_text(proto.read_text().replace("message GetInfoRequest {", "message GetInfoRequest {\n  string added = 1;", 1))
+    assert stale_stubs(tmp_path, proto_root=tmp_path) == [
+        "proto/tessera/lm/v1/lm_pb2.py", "proto/tessera/lm/v1/lm_pb2.pyi"]
 
 
 def test_flags_win_over_environment_and_secrets_are_redacted():
