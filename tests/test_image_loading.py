@@ -1,7 +1,8 @@
 """load_image: formats by content, limits before decoding, typed errors, EXIF, every mode to RGB.
 
-Mode conversions are checked against the reference's own `convert_to_rgb` (transformers), except 16-bit
-greyscale, where the reference saturates to white and we check the scaled greys instead."""
+Mode conversions are checked against the reference processor's RGB conversion (the public
+`Gemma3ImageProcessorPil` call with resizing, rescaling and normalising off), except 16-bit greyscale,
+where the reference saturates to white and we check the scaled greys instead."""
 
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ def pattern(width: int = 64, height: int = 40, mode: str = "RGB") -> Image.Image
 
 
 def reference_rgb(data: bytes) -> np.ndarray:
-    from transformers.image_transforms import convert_to_rgb
+    """The reference processor's uint8 RGB pixels (H, W, 3) of the decoded file."""
+    from transformers import Gemma3ImageProcessorPil
 
-    return convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    processor = Gemma3ImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False)
+    image = Image.open(io.BytesIO(data))
+    out = processor(images=[image], return_tensors="np", input_data_format="channels_last")
+    return out["pixel_values"][0].transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:

@@ -1,6 +1,8 @@
 """The decoder against the reference on tiny random checkpoints: logits of `lm.model.Gemma3TextModel`
 equal those of transformers' `Gemma3ForConditionalGeneration` / `Gemma3ForCausalLM` on the same
-weights, token ids and image soft tokens (random tensors standing in for the vision stage)."""
+weights and token ids. With images, both sides get the same random pixel tiles: the reference runs its
+own vision tower inside `forward(pixel_values=...)`, ours gets the soft tokens of `vision.encoder` (whose
+agreement with the reference's public `get_image_features` is asserted too)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from conftest import TINY_IMAGE_TOKEN, tiny_vlm_config
 from lm.attention import FullAttention, tile_ids_from_mask
 from lm.weights import load_text_model
+from vision.encoder import VisionEncoder
 
 TOKENS_PER_TILE = 256
 BOI, EOI = 498, 499  # tiny config's <start_of_image> / <end_of_image>
@@ -60,31 +63,48 @@ def ours(tiny_vlm_dir):
     return load_text_model(tiny_vlm_dir, dtype=torch.float32, device="cpu")
 
 
-def _reference_logits(reference, ids: torch.Tensor, soft: torch.Tensor | None, bidirectional: bool = True):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+@pytest.fixture(scope="module")
+def encoder(tiny_vlm_dir):
+    return VisionEncoder.from_checkpoint(tiny_vlm_dir)
 
+
+def _pixels(num_tiles: int, seed: int) -> torch.Tensor:
+    """Random normalised tiles (num_tiles, 3, 896, 896) in [-1, 1]."""
+    return torch.rand(num_tiles, 3, 896, 896, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _reference_logits(reference, ids: torch.Tensor, pixels: torch.Tensor | None, bidirectional: bool = True):
+    """The reference's logits through its public forward."""
     kwargs = {}
-    if soft is not None:
-        # The public hook for precomputed vision features: it replaces get_image_features' output.
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=soft)}
+    if pixels is not None:
+        kwargs["pixel_values"] = pixels
         if bidirectional:
             kwargs["token_type_ids"] = (ids == TINY_IMAGE_TOKEN).long()  # activates the per-tile blocks
     with torch.no_grad():
         out = reference(input_ids=ids, use_cache=False, **kwargs)
-    if soft is not None:
-        assert torch.equal(out.image_hidden_states, soft)  # the reference really used our soft tokens
     return out.logits
 
 
-def _our_logits(ours, ids: torch.Tensor, soft: torch.Tensor | None, bidirectional: bool = True, config=None):
+def _our_logits(ours, ids: torch.Tensor, soft: torch.Tensor | None, bidirectional: bool = True, config=None,
+                attention=FullAttention):
     config_loaded, model = ours
     config = config or config_loaded
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     image_mask = ids == TINY_IMAGE_TOKEN if soft is not None else None
     tiles = tile_ids_from_mask(image_mask, TOKENS_PER_TILE) if soft is not None and bidirectional else None
     with torch.no_grad():
-        hidden = model(ids, positions, FullAttention(config, positions, tiles), soft, image_mask)
+        hidden = model(ids, positions, attention(config, positions, tiles), soft, image_mask)
         return model.logits(hidden)
+
+
+class _TileBlocksIgnoreTheWindow(FullAttention):
+    """A plausible wrong mask: a tile's bidirectional block overriding the sliding window, where the
+    reference applies the window to tile tokens too (local = window AND (causal OR same tile))."""
+
+    def __init__(self, config, positions, tile_ids):
+        super().__init__(config, positions, tile_ids)
+        same_tile = (tile_ids[:, None, :, None] >= 0) & (tile_ids[:, None, :, None] == tile_ids[:, None, None, :])
+        self.masks = {kind: mask | same_tile for kind, mask in self.masks.items()}
 
 
 CASES = {
@@ -97,38 +117,51 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_logits_match_reference(reference, ours, name):
+def test_logits_match_reference(reference, ours, encoder, name):
     rows = [_prompt(seed, layout) for seed, layout in enumerate(CASES[name])]
     ids = torch.tensor(rows)  # (B, T); the batch case has equal lengths by construction
     assert ids.shape[1] > tiny_vlm_config().text_config.sliding_window  # local masking matters
     num_tiles = int((ids == TINY_IMAGE_TOKEN).sum()) // TOKENS_PER_TILE
-    soft = torch.randn(num_tiles, TOKENS_PER_TILE, 64, generator=torch.Generator().manual_seed(7)) if num_tiles else None
-    expected = _reference_logits(reference, ids, soft)
+    pixels = _pixels(num_tiles, seed=7) if num_tiles else None
+    soft = encoder.encode(pixels) if num_tiles else None
+    expected = _reference_logits(reference, ids, pixels)
+    if num_tiles:
+        with torch.no_grad():
+            reference_soft = reference.get_image_features(pixel_values=pixels).pooler_output
+        assert (soft - reference_soft).abs().max().item() < TOLERANCE
     got = _our_logits(ours, ids, soft)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max().item() < TOLERANCE
 
 
-def test_bidirectional_tile_masking_is_active_in_both(reference, ours):
-    """Without token_type_ids the reference is purely causal; with them, tile tokens see later tokens
-    of their tile. Both behaviours must be matched, and they must differ (else the case proves nothing)."""
+def test_tile_blocks_and_the_window_are_both_observable(reference, ours, encoder):
+    """The parity cases would catch a wrong mask: without token_type_ids the reference is purely
+    causal and differs from its bidirectional output (we match both), and a mask whose tile blocks
+    ignore the window differs from the reference on tiles longer than the window (ours matches)."""
     ids = torch.tensor([_prompt(3, [6, ("image", 0), 6])])
-    soft = torch.randn(1, TOKENS_PER_TILE, 64, generator=torch.Generator().manual_seed(1))
-    bidirectional = _reference_logits(reference, ids, soft, bidirectional=True)
-    causal = _reference_logits(reference, ids, soft, bidirectional=False)
+    pixels = _pixels(1, seed=1)
+    soft = encoder.encode(pixels)
+    bidirectional = _reference_logits(reference, ids, pixels, bidirectional=True)
+    causal = _reference_logits(reference, ids, pixels, bidirectional=False)
     assert (bidirectional - causal).abs().max().item() > 100 * TOLERANCE
     assert (_our_logits(ours, ids, soft, bidirectional=False) - causal).abs().max().item() < TOLERANCE
+    assert (_our_logits(ours, ids, soft) - bidirectional).abs().max().item() < TOLERANCE
+    assert TOKENS_PER_TILE > tiny_vlm_config().text_config.sliding_window
+    wrong = _our_logits(ours, ids, soft, attention=_TileBlocksIgnoreTheWindow)
+    assert (wrong - bidirectional).abs().max().item() > 100 * TOLERANCE
 
 
-def test_soft_tokens_and_window_change_the_output(reference, ours):
-    """Guards for the parity cases: different soft tokens change the reference's logits, and so does
+def test_soft_tokens_and_window_change_the_output(reference, ours, encoder):
+    """Guards for the parity cases: different pixels change the reference's logits, and so does
     widening the sliding window in our model (the window really cuts attention at these lengths)."""
     ids = torch.tensor([_prompt(4, [6, ("image", 0), 30])])
-    generator = torch.Generator().manual_seed(2)
-    soft_a, soft_b = torch.randn(2, 1, TOKENS_PER_TILE, 64, generator=generator)
-    assert (_reference_logits(reference, ids, soft_a) - _reference_logits(reference, ids, soft_b)).abs().max() > 1e-3
+    pixels_a, pixels_b = _pixels(1, seed=2), _pixels(1, seed=3)
+    logits_a = _reference_logits(reference, ids, pixels_a)
+    logits_b = _reference_logits(reference, ids, pixels_b)
+    assert (logits_a - logits_b).abs().max() > 1e-3
     config, _ = ours
     wide = dataclasses.replace(config, sliding_window=10_000)
+    soft_a = encoder.encode(pixels_a)
     assert (_our_logits(ours, ids, soft_a) - _our_logits(ours, ids, soft_a, config=wide)).abs().max() > 1e-3
 
 
@@ -228,23 +261,23 @@ def test_bfloat16_matches_reference(tmp_path):
     assert (got - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
 
 
-def test_embedding_scale_is_rounded_to_the_model_dtype_like_the_reference():
-    """sqrt(72) = 8.485 becomes 8.5 in bf16; the reference multiplies by the rounded value."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+def test_embedding_scale_is_rounded_to_the_model_dtype_like_the_reference(tmp_path):
+    """sqrt(72) = 8.485 becomes 8.5 in bf16; the reference multiplies by the rounded value. Compared
+    on the embedding output that the reference's public forward returns as hidden_states[0]."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from lm.model import Gemma3TextModel
-    from lm.presets import preset
-
-    config = dataclasses.replace(
-        preset("gemma3-1b"), vocab_size=16, hidden_size=72, intermediate_size=8, num_hidden_layers=1,
-        layer_types=("full_attention",), head_dim=8,
+    torch.manual_seed(2)
+    reference_config = Gemma3TextConfig(
+        vocab_size=16, hidden_size=72, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=8, layer_types=["full_attention"],
     )
-    model = Gemma3TextModel(config).to(torch.bfloat16)
-    reference = Gemma3TextScaledWordEmbedding(16, 72, 0, embed_scale=72**0.5).to(torch.bfloat16)
-    with torch.no_grad():
-        reference.weight.copy_(model.embed.weight)
+    Gemma3ForCausalLM(reference_config).save_pretrained(tmp_path)
+    reference = Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    _, model = load_text_model(tmp_path, dtype=torch.bfloat16)
     ids = torch.arange(16)[None]
     with torch.no_grad():
-        expected = reference(ids)
-        assert torch.equal(model.embed_tokens(ids, None, None), expected)
-        assert not torch.equal(expected, (model.embed.weight.float() * 72**0.5).to(torch.bfloat16)[None])
+        expected = reference(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[0]
+        got = model.embed_tokens(ids, None, None)
+    assert torch.equal(got, expected)
+    unrounded = (model.embed.weight.float() * 72**0.5).to(torch.bfloat16)[None]
+    assert not torch.equal(expected, unrounded)  # the rounding is visible at this width
