@@ -52,7 +52,7 @@ stop_stack
 # with --model DIR for real answers.
 tiny=.cache/tiny-random-vlm
 if [ ! -f "$tiny/config.json" ]; then
-    python -c "import sys; from pathlib import Path; from service.bench_caption import write_tiny_captioning_checkpoint as w; w(Path(sys.argv[1]))" "$tiny" 2>/dev/null
+    python -c "import sys; from pathlib import Path; from service.tiny_checkpoints import write_tiny_captioning_checkpoint as w; w(Path(sys.argv[1]))" "$tiny" 2>/dev/null
 fi
 start_stack "$tiny"
 echo "== tessera query --image $sample --pan-and-scan 'Describe this image.'   (random weights: the text is noise)"

@@ -17,7 +17,7 @@ def build_tiny_vlm_with_tokenizer(path: Path) -> Path:
     caption benchmark uses): small everywhere except its 262,144-id vocabulary, the image placeholder
     262144 beyond it as in the published checkpoints, and random projector and patch weights so that
     the image really changes the answer."""
-    from service.bench_caption import write_tiny_captioning_checkpoint
+    from service.tiny_checkpoints import write_tiny_captioning_checkpoint
 
     return write_tiny_captioning_checkpoint(path, layers=6)
 

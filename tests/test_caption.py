@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bench_caption import reference_caption, reference_processor, write_tiny_captioning_checkpoint
+from service.caption_reference import reference_caption, reference_processor
 from service.cli import main
+from service.tiny_checkpoints import write_tiny_captioning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Describe this image."

@@ -80,7 +80,8 @@ def test_generate_with_an_image_equals_the_reference(tmp_path, capsys):
     transformers' processor + model on the same image and prompt."""
     from transformers import Gemma3ForConditionalGeneration
 
-    from service.bench_caption import reference_caption, reference_processor, write_tiny_captioning_checkpoint
+    from service.caption_reference import reference_caption, reference_processor
+    from service.tiny_checkpoints import write_tiny_captioning_checkpoint
     from vision.sample import synthetic_photo
 
     checkpoint = write_tiny_captioning_checkpoint(tmp_path / "tiny-vlm")

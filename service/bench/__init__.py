@@ -1,5 +1,8 @@
 """`tessera bench TARGET`: each benchmark runs the project and the reference side by side in one
-process and prints throughputs and ratios. Targets register here by module path."""
+process and prints throughputs and ratios. Targets register here by module path.
+
+The benchmarks live in this package, beside the CLI and outside the serving path: `lm` and `vision`
+never import them (lower layers never import higher ones), and nothing serving a request does."""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ import importlib
 
 # target -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 TARGETS: dict[str, tuple[str, str]] = {
-    "lm": ("lm.bench_lm", "decode/prefill tok/s vs transformers and llama.cpp on the embedded 270M"),
-    "preprocess": ("vision.bench_preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
-    "vision": ("vision.bench_vision", "SigLIP + projector tiles/s (torch, ONNX fp32/int8) vs transformers"),
-    "serve": ("service.bench_serve", "gateway over gRPC vs the engine in process: req/s, p50/p99 at 1/4/16 clients"),
-    "caption": ("service.bench_caption", "batch captioning images/s vs a transformers loop, one image at a time"),
+    "lm": ("service.bench.lm", "decode/prefill tok/s vs transformers and llama.cpp on the embedded 270M"),
+    "preprocess": ("service.bench.preprocess", "image preprocessing tiles/s vs Gemma3ImageProcessorPil"),
+    "vision": ("service.bench.vision", "SigLIP + projector tiles/s (torch, ONNX fp32/int8) vs transformers"),
+    "serve": ("service.bench.serve", "gateway over gRPC vs the engine in process: req/s, p50/p99 at 1/4/16 clients"),
+    "caption": ("service.bench.caption", "batch captioning images/s vs a transformers loop, one image at a time"),
 }
 
 

@@ -1,12 +1,13 @@
 """`tessera bench caption`: batch captioning images/s against a naive loop over the reference.
 
 Both sides caption the same synthetic photos with the same tiny random Gemma 3 vision-language
-checkpoint (real geometry: SigLIP at 896 px / patch 14, 256 soft tokens per tile, the 262,144-entry
-Gemma 3 vocabulary and the embedded 270M's tokenizer; narrow widths so it runs on a laptop CPU):
+checkpoint from `service.tiny_checkpoints` (real geometry: SigLIP at 896 px / patch 14, 256 soft
+tokens per tile, the 262,144-entry Gemma 3 vocabulary and the embedded 270M's tokenizer; narrow
+widths so it runs on a laptop CPU):
 - tessera: `service.caption` (decode/preprocess pool, batched vision encode, the engine batching
   all captions), writing the JSONL output as `tessera caption` does;
-- reference: for each image, `Gemma3Processor` (Gemma3ImageProcessorPil) then
-  `Gemma3ForConditionalGeneration.generate`, one image at a time.
+- reference (`service.caption_reference`): for each image, `Gemma3Processor`
+  (Gemma3ImageProcessorPil) then `Gemma3ForConditionalGeneration.generate`, one image at a time.
 Every caption is exactly `--new-tokens` tokens on both sides (stop tokens ignored), greedy.
 """
 
@@ -19,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=16)
@@ -31,95 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-reference", action="store_true")
 
 
-def tiny_captioning_config(*, layers: int = 4, vision_width: int = 32):
-    """A Gemma 3 vision-language config with the text vocabulary of the 270M tokenizer."""
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(
-        vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=128, max_position_embeddings=8192, initializer_range=0.25,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-        },
-    )
-    vision = SiglipVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
-                                num_attention_heads=2, image_size=896, patch_size=14, vision_use_head=False)
-    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=256,
-                        image_token_index=262_144, boi_token_index=255_999, eoi_token_index=256_000,
-                        eos_token_id=[1, 106])
-
-
-def write_tiny_captioning_checkpoint(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
-    """Save a random `Gemma3ForConditionalGeneration` with the embedded 270M's tokenizer files to `path`.
-    Norm and projector weights are drawn at random (the reference initialises them to zeros, which would
-    hide bugs in how they are applied), and the patch embedding large enough that different images give
-    different captions."""
-    import torch
-    from transformers import Gemma3ForConditionalGeneration
-
-    from lm.checkpoints import DEFAULT_MODEL, resolve_model
-
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(tiny_captioning_config(layers=layers)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0, 0.5)
-            elif "mm_input_projection_weight" in name:
-                param.normal_(0.0, 0.5)
-            elif "patch_embedding.weight" in name:  # so that pixels, not position embeddings, dominate
-                param.normal_(0.0, 0.5)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    source = resolve_model(DEFAULT_MODEL, progress=False)
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, path / name)
-    return path
-
-
-def reference_processor(checkpoint: Path):
-    """`Gemma3Processor` over the checkpoint's (270M) tokenizer, which names no image tokens itself."""
-    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, extra_special_tokens={
-        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"})
-    from PIL import Image
-
-    from vision.pan_and_scan import PanAndScanConfig
-
-    defaults = PanAndScanConfig()  # the released checkpoints' preprocessor settings (DESIGN.md section 2)
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": 896, "width": 896}, resample=Image.Resampling.BILINEAR, rescale_factor=1 / 255,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, pan_and_scan_min_crop_size=defaults.min_crop_size,
-        pan_and_scan_max_num_crops=defaults.max_num_crops,
-        pan_and_scan_min_ratio_to_activate=defaults.min_ratio_to_activate)
-    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                           chat_template=tokenizer.chat_template, image_seq_length=256)
-
-
-def reference_caption(model, processor, image_path: str, prompt: str, *, new_tokens: int,
-                      pan_and_scan: bool = False, force_length: bool = False) -> list[int]:
-    """Greedy caption token ids of one image by the reference (processor + generate)."""
-    import torch
-    from PIL import Image
-
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    image = Image.open(image_path).convert("RGB")
-    inputs = processor(text=text, images=[image], return_tensors="pt", do_pan_and_scan=pan_and_scan)
-    extra = {"min_new_tokens": new_tokens} if force_length else {}
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **extra)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from lm.sampling import SamplingParams
     from service.caption import CaptionOptions, JobSummary, RecordWriter, collect_inputs, load_local_captioner, run_job
+    from service.tiny_checkpoints import write_tiny_captioning_checkpoint
     from vision.sample import synthetic_photo
 
     torch.set_num_threads(args.threads)
@@ -150,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_reference:
             return 0
         from transformers import Gemma3ForConditionalGeneration
+
+        from service.caption_reference import reference_caption, reference_processor
 
         model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
         processor = reference_processor(checkpoint)

@@ -1,6 +1,8 @@
 """`tessera bench vision`: soft tokens per second for the project's torch and ONNX Runtime (fp32, int8)
-backends against the reference `SiglipVisionModel` + `Gemma3MultiModalProjector`, side by side on the
-same random So400m/14 weights and the same tiles.
+backends against the reference, transformers' `Gemma3ForConditionalGeneration.get_image_features`
+(SigLIP + multimodal projector; public API only), side by side on the same random So400m/14 weights
+and the same tiles. The reference's language model is a one-layer stub with an 8-entry vocabulary:
+only its width (`--d-model`) matters here, as the projector's output width.
 
 The weights are written once as a published-layout checkpoint (`vision_tower.vision_model.*`) in a
 temporary directory and loaded through `vision.weights`, so the benchmark also exercises the loader.
@@ -52,13 +54,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
           flush=True)
 
     results: dict[str, tuple[float, torch.Tensor]] = {}
-    tower, projector = reference
     with torch.inference_mode():
         start = time.perf_counter()
-        expected = projector(tower(pixel_values=tiles).last_hidden_state)
+        expected = _image_features(reference, tiles)
         results["reference (transformers)"] = (time.perf_counter() - start, expected)
     print(f"  (reference: {results['reference (transformers)'][0]:.1f} s)", flush=True)
-    del reference, tower, projector
+    del reference
 
     variants = {
         "tessera torch": EncoderOptions(max_batch=args.tiles),
@@ -109,36 +110,55 @@ def _run(args: argparse.Namespace, work: Path) -> int:
 
 
 def _reference(args):
-    """Random-weight reference tower + projector at the So400m shape, and the config.json they imply."""
+    """A random-weight reference `Gemma3ForConditionalGeneration` with the So400m vision tower, and the
+    config.json the vision stage of such a checkpoint implies."""
     import torch
-    from transformers import Gemma3Config, SiglipVisionConfig, SiglipVisionModel
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=args.layers,
                                 num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False,
                                 attn_implementation="sdpa")
-    config = Gemma3Config(vision_config=vision.to_dict(), text_config={"hidden_size": args.d_model},
-                          mm_tokens_per_image=256)
-    tower = SiglipVisionModel(vision).eval()
-    projector = Gemma3MultiModalProjector(config).eval()
+    # The language model is never run: one narrow layer, 8 ids, at the width the projector maps to.
+    text = Gemma3TextConfig(hidden_size=args.d_model, vocab_size=8, num_hidden_layers=1, intermediate_size=8,
+                            num_attention_heads=1, num_key_value_heads=1, head_dim=8)
+    config = Gemma3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), mm_tokens_per_image=256,
+                          attn_implementation="sdpa")
+    model = Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():  # the reference initialises these to zeros, which would hide projector errors
-        projector.mm_input_projection_weight.normal_(0.0, 1152**-0.5)
-        projector.mm_soft_emb_norm.weight.normal_(0.0, 0.5)
+        for name, param in model.named_parameters():
+            if name.endswith("mm_input_projection_weight"):
+                param.normal_(0.0, 1152**-0.5)
+            elif name.endswith("mm_soft_emb_norm.weight"):
+                param.normal_(0.0, 0.5)
     config_dict = {
         "mm_tokens_per_image": 256,
         "text_config": {"hidden_size": args.d_model},
         "vision_config": vision.to_dict(),
     }
-    return (tower, projector), config_dict
+    return model, config_dict
 
 
-def _write_checkpoint(reference, config_dict: dict, directory: Path) -> Path:
+def _image_features(model, tiles):
+    """Soft tokens (tiles, 256, d_model) through the public `get_image_features`."""
+    import torch
+
+    features = model.get_image_features(pixel_values=tiles)
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _write_checkpoint(model, config_dict: dict, directory: Path) -> Path:
+    """The reference's vision tower and projector in the published layout (`vision_tower.vision_model.*`,
+    `multi_modal_projector.*`); the stub language model is left out."""
     from safetensors.torch import save_file
 
-    tower, projector = reference
+    tensors = {}
+    for key, value in model.model.state_dict().items():
+        if key.startswith("vision_tower."):
+            tower_key = key.removeprefix("vision_tower.")
+            tensors["vision_tower.vision_model." + tower_key.removeprefix("vision_model.")] = value
+        elif key.startswith("multi_modal_projector."):
+            tensors[key] = value
     directory.mkdir(parents=True)
-    tensors = {f"vision_tower.vision_model.{k}": v for k, v in tower.state_dict().items()}
-    tensors.update({f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config_dict))
     return directory
