@@ -122,44 +122,79 @@ def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path,
 
 
 def test_killed_job_leaves_whole_lines_and_resumes(checkpoint, tmp_path):
+    """Kill the job (SIGKILL) after exactly KILL_AFTER of TOTAL records: the image after them is a FIFO
+    nobody writes to, so the job blocks reading it and cannot finish or write more before the kill. The
+    resumed run (the FIFO replaced by a real image) appends the rest: every image once, in whole lines."""
+    total, kill_after = 8, 3
     images = tmp_path / "many"
     images.mkdir()
-    for i in range(8):
-        Image.new("RGB", (64 + i, 48), (i * 20, 100, 200)).save(images / f"{i:02d}.png")
+    paths = [images / f"{i:02d}.png" for i in range(total)]
+    for i, path in enumerate(paths):
+        if i != kill_after:
+            Image.new("RGB", (64 + i, 48), (i * 20, 100, 200)).save(path)
+    os.mkfifo(paths[kill_after])
+    manifest = tmp_path / "list.jsonl"  # a manifest keeps the FIFO in the input list (a directory walk skips it)
+    manifest.write_text("".join(json.dumps({"path": str(path)}) + "\n" for path in paths))
+    ids = [str(path) for path in paths]
     out = tmp_path / "results.jsonl"
-    command = [sys.executable, "-m", "service.cli", "caption", str(images), "--model", str(checkpoint),
-               "--out", str(out), "--max-new-tokens", "24", "--concurrency", "1"]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while (not out.exists() or out.read_bytes().count(b"\n") < 2) and job.poll() is None:
-        assert time.monotonic() < deadline, "the job wrote nothing"
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL, "killed mid-job (the job finished before the kill)"
+    command = [sys.executable, "-m", "service.cli", "caption", str(manifest), "--model", str(checkpoint),
+               "--out", str(out), "--max-new-tokens", "4", "--concurrency", "1"]
+    with open(tmp_path / "killed.stderr", "wb") as stderr:
+        job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while not out.exists() or out.read_bytes().count(b"\n") < kill_after:
+                assert job.poll() is None, f"the job exited ({job.returncode}) before the kill: " + \
+                    (tmp_path / "killed.stderr").read_text()
+                assert time.monotonic() < deadline, f"fewer than {kill_after} records after 120 s"
+                time.sleep(0.02)
+            time.sleep(0.3)  # were it not blocked on the FIFO, it would write on (and the count below would show it)
+            assert job.poll() is None, "the job finished although an input was never readable"
+            job.send_signal(signal.SIGKILL)
+            job.wait(timeout=30)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    assert job.returncode == -signal.SIGKILL
     partial = _records(out)  # whole lines only
-    assert 2 <= len(partial) < 8
+    assert [r["id"] for r in partial] == ids[:kill_after]  # concurrency 1: in input order, and no more
+    assert all("caption" in r for r in partial)
+
+    paths[kill_after].unlink()
+    Image.new("RGB", (64 + kill_after, 48), (kill_after * 20, 100, 200)).save(paths[kill_after])
     resume = [*command[:-4], "--max-new-tokens", "2", "--concurrency", "8"]  # same output, faster settings
     finished = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     records = _records(out)
-    assert records[:len(partial)] == partial
-    assert sorted(r["id"] for r in records) == sorted(str(p) for p in images.iterdir())  # each exactly once
-    assert json.loads(finished.stdout)["summary"]["skipped"] == len(partial)
+    assert records[:kill_after] == partial  # appended after the killed run's lines, which are untouched
+    assert sorted(r["id"] for r in records) == sorted(ids)  # each image exactly once: no duplicates
+    assert all("caption" in r for r in records), [r for r in records if "caption" not in r]
+    summary = json.loads(finished.stdout)["summary"]
+    assert (summary["skipped"], summary["processed"], summary["captioned"]) == \
+        (kill_after, total - kill_after, total - kill_after)
 
 
 def test_shards_from_the_indexed_job_environment_are_disjoint_and_complete(checkpoint, images, tmp_path, capsys,
                                                                          monkeypatch):
+    from service.caption import shard_of
+
     outputs = []
     for index in range(3):
         monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
         monkeypatch.setenv("TESSERA_SHARD_COUNT", "3")
         outputs.append(tmp_path / f"shard-{index}.jsonl")
-        code, stdout, _ = _caption(capsys, images, "--model", checkpoint, "--out", outputs[-1],
-                                   "--max-new-tokens", 1)
+        code, stdout, stderr = _caption(capsys, images, "--model", checkpoint, "--out", outputs[-1],
+                                        "--max-new-tokens", 1)
+        mine = [n for n in [*GOOD, *BAD] if shard_of(str(images / n), 3) == index]
+        # exit 1 only when the shard had images and none could be captioned
+        assert code == (1 if mine and not set(mine) & set(GOOD) else 0), stderr
         assert json.loads(stdout)["shard"] == f"{index}/3"
+        records = _records(outputs[-1]) if outputs[-1].exists() else []
+        assert sorted(r["id"] for r in records) == sorted(str(images / n) for n in mine)  # its own images only
     ids = [r["id"] for path in outputs if path.exists() for r in _records(path)]
     assert sorted(ids) == sorted(str(images / n) for n in [*GOOD, *BAD])  # every image exactly once
+    assert sum(bool(_records(path)) for path in outputs if path.exists()) > 1  # the images really were split
 
 
 def test_text_only_model_is_refused_with_an_explanation(images, tmp_path, capsys):
