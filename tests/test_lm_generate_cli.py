@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lm.prompt import layout_chat
@@ -26,12 +27,48 @@ def test_generate_json_equals_the_engine_in_process(embedded_270m, capsys):
     assert out["timings"]["time_to_first_token_s"] > 0
 
 
-def test_generate_streams_text(capsys):
-    assert main(["generate", "--prompt", "Count from one to five.", "--max-new-tokens", "10", "--seed", "3",
+@pytest.fixture(scope="module")
+def reference_270m(embedded_270m):
+    """transformers' own model and tokenizer on the same checkpoint directory."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    return (Gemma3ForCausalLM.from_pretrained(embedded_270m.path, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(embedded_270m.path))
+
+
+def test_generate_streams_the_references_greedy_answer(reference_270m, capsys):
+    """The streamed text of a greedy chat turn is what transformers' chat template + generate + decode
+    make of the same prompt, and the summary counts the same tokens."""
+    prompt = "Count from one to five."
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    captured = capsys.readouterr()
+    model, tokenizer = reference_270m
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=10,
+                             eos_token_id=tokenizer.convert_tokens_to_ids(["<eos>", "<end_of_turn>"]))
+    new = out[0, len(ids):].tolist()
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert expected.strip()  # a real answer to compare
+    assert captured.out == expected + "\n"
+    assert f"{len(ids)} prompt + {len(new)} generated tokens" in captured.err
+
+
+def test_generate_streams_the_seeded_sample_of_the_engine(embedded_270m, capsys):
+    """--temperature and --seed reach the sampler: the streamed text is the engine's own seeded sample of
+    the same chat turn, piece by piece adding up to its final text."""
+    prompt = "Count from one to five."
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "10", "--seed", "3",
                  "--temperature", "0.8"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip()
-    assert "generated tokens" in captured.err
+    lm = embedded_270m
+    layout = layout_chat(lm.tokenizer, [{"role": "user", "content": [{"type": "text", "text": prompt}]}])
+    expected = lm.engine().generate(GenerationRequest(layout.token_ids, SamplingParams(
+        max_new_tokens=10, temperature=0.8, seed=3)))
+    assert captured.out == expected.text + "\n"
+    assert f"{len(layout.token_ids)} prompt + {expected.completion_tokens} generated tokens" in captured.err
 
 
 def test_images_on_a_text_only_model_are_a_clear_error(tmp_path, capsys):
@@ -48,11 +85,9 @@ def test_bad_sampling_values_are_refused(capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-def test_engine_on_a_prompt_longer_than_the_window_matches_the_reference(embedded_270m):
+def test_engine_on_a_prompt_longer_than_the_window_matches_the_reference(embedded_270m, reference_270m):
     """The real model's 512-token window: chunked prefill of a 700-token prompt and cached decoding
     against transformers' own generate."""
-    from transformers import Gemma3ForCausalLM
-
     lm = embedded_270m
     text = " ".join(f"Item {i} is a {['red', 'green', 'blue'][i % 3]} box." for i in range(120))
     ids = lm.tokenizer.encode(text)[:700]
@@ -61,7 +96,7 @@ def test_engine_on_a_prompt_longer_than_the_window_matches_the_reference(embedde
 
     engine = lm.engine(EngineConfig(max_seq_len=1024, kv_budget_bytes=1 << 28, prefill_chunk=256, stop_token_ids=()))
     ours = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=16))).token_ids
-    reference = Gemma3ForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    reference = reference_270m[0]
     with torch.inference_mode():
         out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
     assert ours == out[0, len(ids):].tolist()
