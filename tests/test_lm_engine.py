@@ -259,7 +259,7 @@ def test_background_thread_streams_tokens(model_and_config):
         result = handle.result(timeout=30)
     finally:
         engine.stop()
-    assert tokens == result.token_ids and len(tokens) == 16
+    assert tokens == result.token_ids == reference_greedy(model, config, prompt_of(7, 8), 16)
 
 
 def test_limits_give_clear_errors(model_and_config):
@@ -301,30 +301,36 @@ def test_a_failing_request_does_not_take_others_down(model_and_config):
     while not (good.done and bad.done):
         engine.step()
     assert bad.result().finish_reason == "error" and "IndexError" in bad.result().error
-    assert good.result().finish_reason == "length" and len(good.result().token_ids) == 8
+    assert good.result().finish_reason == "length"
+    assert good.result().token_ids == reference_greedy(model, config, prompt_of(6, 1), 8)  # undisturbed
 
 
 def test_submit_is_thread_safe(model_and_config):
     model, config = model_and_config
     engine = make_engine(model, config)
     engine.start()
-    handles, lock = [], threading.Lock()
+    handles, lock = {}, threading.Lock()
 
     def client(i):
         handle = engine.submit(GenerationRequest(prompt_of(5, i), SamplingParams(max_new_tokens=6)))
         with lock:
-            handles.append(handle)
+            handles[i] = handle
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
     try:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-        results = [h.result(timeout=60) for h in handles]
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a submitting thread hung"
+        results = {i: h.result(timeout=60) for i, h in handles.items()}
     finally:
         engine.stop()
-    assert all(r.finish_reason == "length" and len(r.token_ids) == 6 for r in results)
+    assert sorted(results) == list(range(12))
+    assert all(r.finish_reason == "length" for r in results.values())
+    # each client got its own prompt's answer, not a neighbour's or a mixture
+    for i, result in results.items():
+        assert result.token_ids == reference_greedy(model, config, prompt_of(5, i), 6), i
 
 
 def test_a_scheduling_failure_fails_running_requests_instead_of_hanging(model_and_config, monkeypatch):
@@ -343,6 +349,7 @@ def test_a_scheduling_failure_fails_running_requests_instead_of_hanging(model_an
         assert result.finish_reason == "error" and "boom" in result.error
         monkeypatch.undo()
         later = engine.submit(GenerationRequest(prompt_of(6, 2), SamplingParams(max_new_tokens=4)))
-        assert later.result(timeout=30).token_ids  # the engine thread survived and serves new work
+        # the engine thread survived and serves new work correctly
+        assert later.result(timeout=30).token_ids == reference_greedy(model, config, prompt_of(6, 2), 4)
     finally:
         engine.stop()
