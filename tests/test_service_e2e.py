@@ -103,7 +103,12 @@ def test_tokenize_count_and_info(server, channel):
     assert list(raw.token_ids) == lm.tokenizer.encode("hello world")
     chat = lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(image=True), lm_pb2.ContentPart(text="hi")])
     count = stub.CountTokens(lm_pb2.TokenizeRequest(messages=[chat], image_tiles=[2]))
-    assert count.count > 512 and count.max_prompt_tokens == 1023  # two tiles of 256 placeholders + text
+    from lm.prompt import layout_chat
+
+    layout = layout_chat(lm.tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                         [2])
+    assert count.count == len(layout.token_ids) > 2 * 256  # two tiles of 256 placeholders + the wording
+    assert count.max_prompt_tokens == 1023  # the server's max_seq_len of 1024 less one token to generate
     info = stub.GetInfo(lm_pb2.GetInfoRequest())
     assert (info.vocab_size, info.d_model, info.tokens_per_tile) == (lm.config.vocab_size, 640, 256)
 

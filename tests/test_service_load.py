@@ -65,6 +65,7 @@ def test_sixteen_concurrent_clients_mixed_requests(server):
     for thread in threads:
         thread.join(timeout=300)
     elapsed = time.perf_counter() - began
+    assert not any(thread.is_alive() for thread in threads), "a client was still waiting after 300 s"
     assert not errors, errors[:3]
     assert len(latencies) == CLIENTS * REQUESTS_PER_CLIENT
     ordered = sorted(latencies)
