@@ -53,7 +53,8 @@ def test_bad_image_is_reported_and_the_rest_encoded(vlm_dir, wide_photo, tmp_pat
     bad.write_text("not an image")
     assert main(["encode", "--model", str(vlm_dir), str(bad), str(wide_photo)]) == 1
     error, good = json_lines(capsys.readouterr().out)
-    assert error["image"] == str(bad) and error["error"]["code"]
+    assert error["image"] == str(bad) and error["error"]["code"] == "unsupported_format"  # text, not an image
+    assert error["error"]["message"]
     assert good["num_crops"] == 0 and good["soft_tokens"] == [1, 256, 64]
 
 

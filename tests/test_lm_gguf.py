@@ -152,7 +152,9 @@ def test_norms_lose_the_plus_one_and_config_states_the_gguf(tiny_gguf, tiny_conv
     assert all(v.dtype == np.float32 for v in stored.values())
     config = json.loads((tiny_converted / "config.json").read_text())
     assert config["query_pre_attn_scalar"] == TINY["head_dim"]
-    assert config["layer_types"][5] == "full_attention" and config["layer_types"].count("full_attention") == 1
+    # Gemma 3's pattern: every 6th layer global, the rest sliding-window
+    assert config["layer_types"] == ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                     for i in range(TINY["layers"])]
     assert config["rope_scaling"] is None and config["tie_word_embeddings"] is True
 
 
@@ -217,7 +219,8 @@ def test_embedded_270m_is_an_ordinary_checkpoint(gemma270m_dir):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert AutoConfig.from_pretrained(gemma270m_dir).model_type == "gemma3_text"
     assert model.config.query_pre_attn_scalar == model.config.head_dim == 256
-    assert model.config.layer_types.count("full_attention") == 3
+    assert model.config.layer_types == ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                        for i in range(model.config.num_hidden_layers)]
 
 
 @pytest.mark.slow

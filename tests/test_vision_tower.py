@@ -57,7 +57,11 @@ def test_config_read_from_checkpoint(vlm_dir, reference):
     assert config.intermediate_size == ref_vision.intermediate_size
     assert config.layer_norm_eps == ref_vision.layer_norm_eps
     assert config.d_model == reference.config.text_config.hidden_size
-    assert (config.patches_per_side, config.tokens_per_side, config.pool_kernel) == (64, 16, 4)
+    patches_per_side = ref_vision.image_size // ref_vision.patch_size
+    tokens_per_side = round(reference.config.mm_tokens_per_image ** 0.5)
+    assert tokens_per_side**2 == reference.config.mm_tokens_per_image
+    assert (config.patches_per_side, config.tokens_per_side) == (patches_per_side, tokens_per_side)
+    assert config.pool_kernel == patches_per_side // tokens_per_side  # 896 / 14 = 64 patches pooled 4 x 4 into 16
 
 
 def test_encode_batches_across_images(vlm_dir):
