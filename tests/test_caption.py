@@ -114,7 +114,8 @@ def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path,
     first = out.read_bytes()
     code, stdout, _ = _caption(capsys, *common)
     assert code == 0 and out.read_bytes() == first
-    assert json.loads(stdout)["summary"] == {**json.loads(stdout)["summary"], "skipped": 6, "processed": 0}
+    summary = json.loads(stdout)["summary"]
+    assert (summary["skipped"], summary["processed"]) == (6, 0)
     code, stdout, _ = _caption(capsys, *common, "--retry-errors", "--fail-on-error")
     assert code == 1  # the bad images fail again
     assert json.loads(stdout)["summary"]["processed"] == 3
