@@ -47,7 +47,7 @@ def test_window_also_bounds_tile_tokens_like_the_reference():
     assert mask[7, 5] and not mask[7, 4]  # earlier ones: only within the window
 
 
-def test_empty_slots_are_refused():
+def test_empty_cache_cells_are_masked_out():
     k_pos = torch.tensor([[0, 1, -1, 3]])
     k_tile = torch.tensor([[-1, -1, 0, -1]])
     q_tile = torch.tensor([[0]])
