@@ -11,6 +11,10 @@ Scheduling, one step at a time:
 Decoding never waits for a long prompt to finish (chunks interleave with decode steps), and
 admission is first come, first served, so no request starves.
 
+One request never harms another: soft tokens must be finite (checked at `submit`); a row of
+non-finite logits, or a failure while sampling, stop handling or detokenising one sequence, ends that
+sequence alone with finish_reason "error"; and a freed cache slot is zeroed (lm/kv_cache.py).
+
 The engine owns the model, the cache and the thread that drives them; callers talk to it through
 `submit()` and the RequestHandle it returns.
 """
@@ -29,6 +33,7 @@ from lm.config import TextConfig
 from lm.kv_cache import CacheShape, DecodeAttention, KVCache, PrefillAttention, kv_bytes_per_token
 from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
+    non_finite_soft_token,
 )
 from lm.sampling import make_generator, sample
 from lm.sequence import Sequence
@@ -90,8 +95,8 @@ class Engine:
     # ----- caller side -------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request. Raises PromptTooLong / InvalidRequest for a bad request and
-        EngineOverloaded when the queue is full."""
+        """Queue a request. Raises PromptTooLong / InvalidRequest for a bad request (including soft
+        tokens that are not finite in the engine's dtype) and EngineOverloaded when the queue is full."""
         sequence = self._make_sequence(request)
         with self._lock:
             if self._stopping:
@@ -164,10 +169,17 @@ class Engine:
                 f"prompt has {int(image_mask.sum())} image placeholders but {tiles} tiles of soft tokens "
                 f"were given ({tiles} × {per_tile} = {tiles * per_tile} expected)"
             )
+        soft_tokens = None
         if request.soft_tokens is not None:
             expected = (tiles, per_tile, self.config.hidden_size)
             if tuple(request.soft_tokens.shape) != expected:
                 raise InvalidRequest(f"soft_tokens shape {tuple(request.soft_tokens.shape)}, expected {expected}")
+            # Checked in the engine's dtype: a finite float32 value can still overflow a narrower one.
+            soft_tokens = request.soft_tokens.to(dtype=self.dtype)
+            problem = non_finite_soft_token(soft_tokens)
+            if problem is not None:
+                raise InvalidRequest(f"soft_tokens has {problem} (as {str(self.dtype).removeprefix('torch.')}); "
+                                     f"soft tokens must be finite")
         try:
             tile_ids = tile_ids_from_mask(image_mask[None], per_tile)[0]
         except ValueError as exc:
@@ -177,7 +189,7 @@ class Engine:
         return Sequence(
             request, RequestHandle(request.request_id),
             stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
-            tile_ids=tile_ids, tile_spans=spans,
+            soft_tokens=soft_tokens, tile_ids=tile_ids, tile_spans=spans,
             generator=make_generator(request.params.seed, self._rng),
             decoder=self.tokenizer.incremental_decoder() if self.tokenizer is not None else None,
         )
@@ -193,7 +205,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # a scheduling bug: fail the running requests rather than hang them
                 log.exception("engine step failed")
-                self._fail_running(f"{type(exc).__name__}: {exc}")
+                self._fail_running(_describe(exc))
 
     def _fail_running(self, error: str) -> None:
         """End every running or prefilling request with an error and empty the cache slots; waiting
@@ -204,7 +216,7 @@ class Engine:
             self.cache.clear_slot(slot)
         for sequence in running:
             sequence.slot = -1
-            sequence.handle._finish(sequence.completion("error", error))
+            _complete(sequence, "error", error)
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._decoding or self._prefilling)
@@ -247,7 +259,7 @@ class Engine:
             attention = PrefillAttention(self.cache, sequence.slot, positions, tile_ids)
             soft_tokens, image_mask = None, None
             if (tile_ids >= 0).any():
-                soft_tokens = request.soft_tokens[sequence.tiles_in(start, end)].to(self.device, self.dtype)
+                soft_tokens = sequence.soft_tokens[sequence.tiles_in(start, end)].to(self.device)
                 image_mask = (tile_ids >= 0)[None]
             hidden = self.model(ids, positions[None], attention, soft_tokens=soft_tokens, image_mask=image_mask)
             sequence.prefilled = end
@@ -255,16 +267,14 @@ class Engine:
                 return
             logits = self.model.logits(hidden[:, -1])[0]  # (vocab,) only the last position
             self._prefilling = None
-            reason = sequence.append(sample(logits, sequence.params, sequence.generator))
-            if reason is None and sequence.prompt_len + 1 >= self.cache.shape.max_seq_len:
-                reason = "length"
+            reason = self._accept_token(sequence, sample(logits, sequence.params, sequence.generator))
             self._decoding.append(sequence)
             if reason is not None:
                 self._finish(sequence, reason)
         except Exception as exc:  # one bad request must not take the others down
             log.exception("prefill failed for request %s", sequence.request.request_id)
             self._prefilling = None
-            self._finish_unslotted(sequence, "error", f"{type(exc).__name__}: {exc}")
+            self._finish_unslotted(sequence, "error", _describe(exc))
 
     def _decode_step(self) -> None:
         batch = self._decoding
@@ -274,23 +284,36 @@ class Engine:
             attention = DecodeAttention(self.cache, positions)
             hidden = self.model(ids, positions[:, None], attention)
             logits = self.model.logits(hidden[:, -1])  # (B, vocab)
+            finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,)
             greedy = all(s.params.greedy for s in batch)
             choices = torch.argmax(logits, dim=-1).tolist() if greedy else None
         except Exception as exc:
             log.exception("decode step failed for %d sequences", len(batch))
             for sequence in list(batch):
-                self._finish(sequence, "error", f"{type(exc).__name__}: {exc}")
+                self._finish(sequence, "error", _describe(exc))
             return
-        finished = []
+        finished: list[tuple[Sequence, str, str | None]] = []
         for row, sequence in enumerate(batch):
-            token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
-            reason = sequence.append(token)
-            if reason is None and sequence.next_position + 1 >= self.cache.shape.max_seq_len:
-                reason = "length"
+            try:  # whatever goes wrong with one row ends that sequence alone
+                if not finite[row]:
+                    raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
+                token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
+                reason = self._accept_token(sequence, token)
+            except Exception as exc:
+                log.exception("decoding failed for request %s", sequence.request.request_id)
+                finished.append((sequence, "error", _describe(exc)))
+                continue
             if reason is not None:
-                finished.append((sequence, reason))
-        for sequence, reason in finished:
-            self._finish(sequence, reason)
+                finished.append((sequence, reason, None))
+        for sequence, reason, error in finished:
+            self._finish(sequence, reason, error)
+
+    def _accept_token(self, sequence: Sequence, token: int) -> str | None:
+        """Record a sampled token (stop handling, streamed text); return the finish reason, if any."""
+        reason = sequence.append(token)
+        if reason is None and sequence.next_position + 1 >= self.cache.shape.max_seq_len:
+            reason = "length"
+        return reason
 
     def _retire_cancelled(self) -> None:
         for sequence in [s for s in self._decoding if s.handle.cancelled]:
@@ -303,7 +326,7 @@ class Engine:
             for sequence in cancelled:
                 self._waiting.remove(sequence)
         for sequence in cancelled:
-            sequence.handle._finish(sequence.completion("cancelled"))
+            _complete(sequence, "cancelled")
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
         """Complete a decoding sequence and compact the decode rows into [0, B-1)."""
@@ -319,13 +342,28 @@ class Engine:
             self.cache.move_slot(self._prefilling.slot, last)
             self._prefilling.slot = last
         sequence.slot = -1
-        sequence.handle._finish(sequence.completion(reason, error))
+        _complete(sequence, reason, error)
 
     def _finish_unslotted(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
         if sequence.slot >= 0:
             self.cache.clear_slot(sequence.slot)
             sequence.slot = -1
-        sequence.handle._finish(sequence.completion(reason, error))
+        _complete(sequence, reason, error)
+
+
+def _complete(sequence: Sequence, reason: str, error: str | None = None) -> None:
+    """Hand the caller its Completion. Should releasing the held-back text fail (the detokeniser's
+    flush), the request ends with an error instead, and the engine goes on."""
+    try:
+        completion = sequence.completion(reason, error)
+    except Exception as exc:
+        log.exception("finishing request %s failed", sequence.request.request_id)
+        completion = sequence.completion("error", _describe(exc))
+    sequence.handle._finish(completion)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _tile_spans(tile_ids: torch.Tensor) -> list[tuple[int, int]]:

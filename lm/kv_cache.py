@@ -8,6 +8,12 @@ once, from a byte budget, when the engine starts: a request either gets a slot o
 The cache also records, per slot and ring cell, the absolute position (-1 when empty) and the image
 tile id (-1 for text) of what it holds, so attention masks are computed from stored facts rather
 than assumed layouts.
+
+Invariant: every empty cell holds zeros. Attention reads empty cells (a whole ring; global layers
+up to the longest sequence of the batch) and masks them out, but masking weighs a value by exactly 0
+and 0 × NaN is NaN: a cell left non-finite by an earlier request would poison every later request in
+that slot. So freeing a slot zeroes what it wrote, and moving a slot overwrites everything the
+destination held.
 """
 
 from __future__ import annotations
@@ -99,15 +105,28 @@ class KVCache:
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def used_positions(self, slot: int) -> int:
+        """Cells [0, n) of the global layers that `slot` has written (they fill from position 0)."""
+        return int(self.full_pos[slot].max()) + 1  # -1 (empty) + 1 = 0
+
     def clear_slot(self, slot: int) -> None:
-        """Forget a slot's contents (its data is overwritten before it is read again)."""
+        """Empty a slot: zero the keys and values it wrote and mark every cell empty (see the module
+        docstring for why the data, not only the bookkeeping, is cleared)."""
+        used = self.used_positions(slot)
+        for layer_idx in range(self.config.num_hidden_layers):
+            for buffer in (self.keys[layer_idx], self.values[layer_idx]):
+                if self.config.is_global(layer_idx):
+                    buffer[slot, :, :used] = 0
+                else:
+                    buffer[slot] = 0
         for table in (self.full_pos, self.full_tile, self.ring_pos, self.ring_tile):
             table[slot] = -1
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (batch compaction) and clear `src`. Global layers copy only the
-        positions written so far (they fill from 0), not the whole `max_seq_len`."""
-        used = int((self.full_pos[src] >= 0).sum())
+        positions either slot has written, not the whole `max_seq_len`: `src`'s cells beyond its own
+        are zeros, so whatever `dst` held there is overwritten with zeros too."""
+        used = max(self.used_positions(src), self.used_positions(dst))
         for layer_idx in range(self.config.num_hidden_layers):
             for buffer in (self.keys[layer_idx], self.values[layer_idx]):
                 if self.config.is_global(layer_idx):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import uuid
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -41,6 +44,21 @@ class GenerationRequest:
     soft_tokens: torch.Tensor | None = None  # (tiles, tokens_per_tile, hidden), in placeholder order
     image_mask: torch.Tensor | None = None  # (T,) bool, True at placeholder positions
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
+    """Where the first non-finite value (nan, inf, -inf) of soft tokens (tiles, tokens, channels) lies,
+    in row-major order, as "a non-finite value (nan) at tile 0, token 17, channel 3"; None when every
+    value is finite."""
+    flat = soft_tokens.detach().reshape(-1)  # (tiles * tokens * channels,)
+    bad = ~torch.isfinite(flat)
+    if not bool(bad.any()):
+        return None
+    first = int(torch.argmax(bad.to(torch.uint8)))  # argmax returns the first maximum
+    value = float(flat[first])
+    tile, rest = divmod(first, soft_tokens.shape[1] * soft_tokens.shape[2])
+    token, channel = divmod(rest, soft_tokens.shape[2])
+    return f"a non-finite value ({value}) at tile {tile}, token {token}, channel {channel}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,10 @@ class RequestHandle:
         self._finished.set()
         self._events.put(_DONE)
         if self._notify is not None:
-            self._notify()
+            try:
+                self._notify()
+            except Exception:  # the caller's bug; the request is over, and the engine must go on
+                log.exception("request %s: the notifier failed at the finish", self.request_id)
 
     # caller side
     def set_notifier(self, notify) -> None:

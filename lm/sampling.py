@@ -1,4 +1,12 @@
-"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, seeded)."""
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, seeded).
+
+Every accepted temperature is numerically safe: scores are computed as (logits - max) / temperature,
+so the best token scores exactly 0 and every other one a number <= 0 (-inf at worst): nothing can
+overflow to +inf, and the softmax always has a term equal to 1. A tiny temperature thus converges to
+the argmax, its mathematical limit, and a huge one flattens towards uniform. Temperatures below
+`GREEDY_TEMPERATURE` are taken as greedy outright, because float32 cannot hold them as normal numbers
+(they are subnormal, or flushed to zero on hardware that does so, which would divide 0 by 0).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The smallest normal float32 (~1.18e-38): any temperature below it selects the argmax (see above).
+GREEDY_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128  # generation stops after this many tokens
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
+    temperature: float = 0.0  # 0 (or < GREEDY_TEMPERATURE) = greedy (argmax); otherwise logits are divided by it
     top_k: int = 0  # keep only the k most likely tokens; 0 = off
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 = off
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
@@ -37,26 +48,48 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True when the next token is the argmax: temperature 0, or below GREEDY_TEMPERATURE."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution the next token is drawn from: float32 (vocab,) on the CPU, finite, summing to 1.
+
+    `logits` (vocab,) must be finite (ValueError otherwise). Greedy parameters give the one-hot
+    vector of the argmax (the first one on ties); otherwise softmax((logits - max) / temperature)
+    after top-k and top-p filtering (see the module docstring for why the max is subtracted first)."""
+    logits = logits.detach().float().cpu()  # the generator lives on the CPU
+    _require_finite(logits)
+    if params.greedy:
+        return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits), 1.0)
+    scores = (logits - logits.max()) / params.temperature  # <= 0, the best exactly 0: cannot overflow
+    # Filters rank by the logits, not the scores: a huge temperature can round every score to 0, and
+    # ties made by rounding must not decide which tokens survive.
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if params.top_k and params.top_k < logits.shape[-1]:
+        keep = logits >= torch.topk(logits, params.top_k).values[-1]
+    if params.top_p < 1.0:
+        order = torch.argsort(logits.masked_fill(~keep, float("-inf")), descending=True, stable=True)
+        sorted_probs = torch.softmax(scores.masked_fill(~keep, float("-inf"))[order], dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first is always kept).
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        keep &= ~torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1)  # the best token always survives: its term is exp(0) = 1
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits (vocab,)."""
+    """Pick the next token from one row of finite logits (vocab,): the argmax when `params.greedy`,
+    otherwise a draw from `next_token_probs` with `generator`. Raises ValueError on non-finite logits."""
     if params.greedy:
+        _require_finite(logits)
         return int(torch.argmax(logits))
-    scores = logits.float().cpu() / params.temperature  # the generator lives on the CPU
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p (the first is always kept).
-        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(next_token_probs(logits, params), 1, generator=generator))
+
+
+def _require_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits are not finite (nan or inf): nothing can be sampled from them")
 
 
 def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generator:

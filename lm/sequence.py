@@ -50,13 +50,14 @@ class Sequence:
     """One request in the engine, from admission to completion."""
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
-                 tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]], generator: torch.Generator,
-                 decoder):
+                 soft_tokens: torch.Tensor | None, tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]],
+                 generator: torch.Generator, decoder):
         self.request = request
         self.handle = handle
         self.params: SamplingParams = request.params
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prompt_len = len(request.prompt_ids)
+        self.soft_tokens = soft_tokens  # (tiles, tokens_per_tile, hidden) in the engine's dtype, checked finite
         self.tile_ids = tile_ids  # (T,) tile id per prompt token, -1 for text
         self.tile_spans = tile_spans  # [start, end) of each tile's placeholders, in order
         self.generator = generator

@@ -1,0 +1,250 @@
+"""No request can poison or take down another in the engine: non-finite soft tokens are refused with
+their position, a freed cache slot never leaks into the next request (even a NaN one), tiny
+temperatures decode as greedy, and a failure in one row of a batch (sampling, stop handling,
+detokenising) ends that request alone while the others finish exactly as they would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lm.engine
+from lm.engine import Engine, EngineConfig
+from lm.model import Gemma3TextModel
+from lm.requests import GenerationRequest, InvalidRequest
+from lm.sampling import SamplingParams
+from lm.sequence import Sequence
+from lm.tokenizer import IncrementalDecoder
+from test_lm_engine import TILE, CharTokenizer, image_prompt, make_engine, prompt_of, reference_greedy, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = Gemma3TextModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if "norm" in name else 0.2)
+    return model, config
+
+
+def image_request(tiles: int, soft_tokens: torch.Tensor, new_tokens: int = 4) -> GenerationRequest:
+    ids, mask = image_prompt([tiles])
+    return GenerationRequest(ids, SamplingParams(max_new_tokens=new_tokens), soft_tokens=soft_tokens,
+                             image_mask=torch.tensor(mask))
+
+
+def small_soft_tokens(tiles: int, hidden: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(tiles, TILE, hidden, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+# ----- non-finite soft tokens ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_non_finite_soft_tokens_are_refused_naming_the_first_position(model_and_config, value, shown):
+    model, config = model_and_config
+    soft = small_soft_tokens(2, config.hidden_size)
+    soft[1, 2, 7] = value
+    soft[1, 3, 0] = value  # a later one: the first in row-major order is named
+    engine = make_engine(model, config)
+    with pytest.raises(InvalidRequest) as error:
+        engine.submit(image_request(2, soft))
+    assert f"non-finite value ({shown}) at tile 1, token 2, channel 7" in str(error.value)
+    assert engine.stats().waiting == 0  # refused before it was queued
+
+
+def test_soft_tokens_that_overflow_the_engine_dtype_are_refused(model_and_config):
+    model, config = model_and_config
+    soft = small_soft_tokens(1, config.hidden_size)
+    soft[0, 1, 2] = 1e5  # finite in float32, beyond float16's largest value (65504)
+    engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24), dtype=torch.float16)
+    with pytest.raises(InvalidRequest, match=r"\(inf\) at tile 0, token 1, channel 2 \(as float16\)"):
+        engine.submit(image_request(1, soft))
+
+
+# ----- a poisoned slot never leaks into its next tenant --------------------------------------------
+
+
+def test_a_nan_request_that_bypassed_validation_does_not_poison_its_slot(model_and_config, monkeypatch):
+    """Soft tokens with a NaN are forced into the cache through a test hook (validation bypassed): that
+    request ends in error (its logits are NaN), and the next request in the same slot answers exactly as
+    on a fresh engine, although local layers read the whole ring of that slot."""
+    model, config = model_and_config
+    engine = make_engine(model, config, max_batch=1)  # one slot: the next request lands in the same one
+    monkeypatch.setattr(lm.engine, "non_finite_soft_token", lambda soft_tokens: None)
+    soft = small_soft_tokens(2, config.hidden_size)
+    soft[0, 1, 3] = float("nan")
+    poisoned = engine.generate(image_request(2, soft))
+    assert poisoned.finish_reason == "error" and "not finite" in poisoned.error
+    monkeypatch.undo()
+    prompt = prompt_of(11, 5)
+    after = engine.generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=12)))
+    fresh = make_engine(model, config, max_batch=1).generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=12)))
+    assert after.finish_reason == fresh.finish_reason == "length"
+    assert after.token_ids == fresh.token_ids == reference_greedy(model, config, prompt, 12)
+    assert all(bool(torch.isfinite(b).all()) for b in engine.cache.keys + engine.cache.values)  # freed: zeroed
+
+
+def test_nan_left_in_a_slot_never_reaches_the_sequence_moved_into_it(model_and_config):
+    """A long request's slot is filled with NaN while it decodes (as a poisoned request would leave it),
+    then it is cancelled: the short request compacted into that slot, decoding beside an even longer
+    one (so global layers read cells of the slot beyond its own positions), answers as it would alone."""
+    model, config = model_and_config
+    engine = make_engine(model, config, max_batch=3)
+    long_prompt, short_prompt, longer_prompt = prompt_of(60, 1), prompt_of(5, 2), prompt_of(70, 3)
+    doomed = engine.submit(GenerationRequest(long_prompt, SamplingParams(max_new_tokens=30), request_id="doomed"))
+    short = engine.submit(GenerationRequest(short_prompt, SamplingParams(max_new_tokens=40), request_id="short"))
+    while engine.stats().running < 2:
+        engine.step()
+    assert [s.request.request_id for s in engine._decoding] == ["doomed", "short"]
+    cache = engine.cache
+    written = int((cache.full_pos[0] >= 0).sum())  # global layers fill from position 0
+    assert written > len(long_prompt) > cache.shape.ring_len
+    for layer_idx in range(config.num_hidden_layers):  # every cell the doomed request has written
+        cells = slice(0, written) if config.is_global(layer_idx) else slice(None)
+        cache.keys[layer_idx][0, :, cells] = float("nan")
+        cache.values[layer_idx][0, :, cells] = float("nan")
+    doomed.cancel()
+    engine.step()
+    assert doomed.result().finish_reason == "cancelled"
+    longer = engine.submit(GenerationRequest(longer_prompt, SamplingParams(max_new_tokens=10)))
+    spans = []
+    while not (short.done and longer.done):
+        engine.step()
+        if engine.stats().running == 2:
+            spans.append(max(s.next_position for s in engine._decoding) - len(short_prompt))
+    assert short.result().token_ids == reference_greedy(model, config, short_prompt, 40)
+    assert spans and max(spans) > 30  # the short one really decoded beside a much longer context
+    assert longer.result().token_ids == reference_greedy(model, config, longer_prompt, 10)
+    assert all(bool(torch.isfinite(b).all()) for b in cache.keys + cache.values)  # freed slots zeroed
+
+
+# ----- tiny temperatures -----------------------------------------------------------------------------
+
+
+def test_tiny_temperatures_decode_the_greedy_answer_beside_a_greedy_request(model_and_config):
+    model, config = model_and_config
+    engine = make_engine(model, config)
+    prompt = prompt_of(9, 7)
+    temperatures = [1e-40, 7e-38, 1e-30, 1e-300, 5e-324]
+    handles = [engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=15, temperature=t, seed=i)))
+               for i, t in enumerate(temperatures)]
+    greedy = engine.submit(GenerationRequest(prompt_of(6, 8), SamplingParams(max_new_tokens=15)))
+    while not all(h.done for h in handles + [greedy]):
+        engine.step()
+    expected = reference_greedy(model, config, prompt, 15)
+    for t, handle in zip(temperatures, handles):
+        assert (handle.result().finish_reason, handle.result().token_ids) == ("length", expected), t
+    assert greedy.result().token_ids == reference_greedy(model, config, prompt_of(6, 8), 15)
+
+
+# ----- a failure in one row fails that row only -------------------------------------------------------
+
+
+class FaultyDecoders(CharTokenizer):
+    """CharTokenizer whose decoder for the `faulty`-th request created fails at `push` (after `after`
+    tokens) or at `flush`."""
+
+    def __init__(self, faulty: int | None = None, where: str = "push", after: int = 3):
+        self.created, self.faulty, self.where, self.after = 0, faulty, where, after
+
+    def incremental_decoder(self):
+        decoder = IncrementalDecoder(self)
+        index, self.created = self.created, self.created + 1
+        if index != self.faulty:
+            return decoder
+        pushes = []
+
+        def push(token_id):
+            pushes.append(token_id)
+            if self.where == "push" and len(pushes) > self.after:
+                raise UnicodeError("injected detokeniser failure")
+            return IncrementalDecoder.push(decoder, token_id)
+
+        def flush():
+            raise UnicodeError("injected detokeniser failure at the end")
+
+        decoder.push = push
+        if self.where == "flush":
+            decoder.flush = flush
+        return decoder
+
+
+FAULTY_SEED = 666
+
+
+def batch_requests(all_greedy: bool) -> list[GenerationRequest]:
+    sampled = dict(temperature=0.9) if not all_greedy else {}
+    return [
+        GenerationRequest(prompt_of(6, 1), SamplingParams(max_new_tokens=12), request_id="a"),
+        GenerationRequest(prompt_of(8, 2), SamplingParams(max_new_tokens=12, seed=FAULTY_SEED, **sampled),
+                          request_id="faulty"),
+        GenerationRequest(prompt_of(9, 3), SamplingParams(max_new_tokens=14, seed=5, **sampled), request_id="c"),
+        GenerationRequest(prompt_of(12, 4), SamplingParams(max_new_tokens=10), request_id="d"),
+    ]
+
+
+BATCH_SETTINGS = EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, max_batch=8, prefill_chunk=64,
+                              stop_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def solo_results(model_and_config):
+    """Each healthy request of `batch_requests(all_greedy)` run alone on a fresh engine."""
+    model, config = model_and_config
+    return {
+        all_greedy: {
+            r.request_id: Engine(model, config, BATCH_SETTINGS, tokenizer=CharTokenizer()).generate(r)
+            for r in batch_requests(all_greedy) if r.request_id != "faulty"
+        }
+        for all_greedy in (False, True)
+    }
+
+
+@pytest.mark.parametrize("fault,all_greedy", [
+    ("sampling", False), ("sampling_first_token", False), ("stop_handling", True), ("detokenising", False),
+    ("flush", True),
+])
+def test_a_failure_in_one_row_fails_that_request_only(model_and_config, solo_results, monkeypatch, fault,
+                                                      all_greedy):
+    model, config = model_and_config
+    alone = solo_results[all_greedy]
+    tokenizer = FaultyDecoders(faulty=1 if fault in ("detokenising", "flush") else None,
+                               where="flush" if fault == "flush" else "push")
+    if fault.startswith("sampling"):
+        real_sample, calls = lm.engine.sample, []
+
+        def sample(logits, params, generator):
+            if params.seed == FAULTY_SEED:
+                calls.append(1)
+                if fault == "sampling_first_token" or len(calls) > 3:
+                    raise RuntimeError("injected sampling failure")
+            return real_sample(logits, params, generator)
+
+        monkeypatch.setattr(lm.engine, "sample", sample)
+    if fault == "stop_handling":
+        real_append = Sequence.append
+
+        def append(self, token_id):
+            if self.request.request_id == "faulty" and len(self.generated) >= 3:
+                raise RuntimeError("injected stop-handling failure")
+            return real_append(self, token_id)
+
+        monkeypatch.setattr(Sequence, "append", append)
+
+    engine = Engine(model, config, BATCH_SETTINGS, tokenizer=tokenizer)
+    handles = {r.request_id: engine.submit(r) for r in batch_requests(all_greedy)}
+    running = []
+    while not all(h.done for h in handles.values()):
+        engine.step()  # never raises: the failure stays inside its row
+        running.append(engine.stats().running)
+    assert max(running) >= 3  # the requests really decoded together
+
+    faulty = handles.pop("faulty").result()
+    assert faulty.finish_reason == "error" and "injected" in faulty.error
+    for request_id, handle in handles.items():
+        result, expected = handle.result(), alone[request_id]
+        assert (result.finish_reason, result.token_ids, result.text) == \
+            (expected.finish_reason, expected.token_ids, expected.text), request_id

@@ -1,0 +1,75 @@
+"""Sampling is numerically safe for every accepted temperature: the distribution is finite and sums to
+1, a tiny temperature gives the argmax (its limit), a huge one tends to uniform; at ordinary settings
+it equals the reference's temperature / top-k / top-p warpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from lm.sampling import SamplingParams, next_token_probs, sample
+
+TINY = [5e-324, 1e-320, 1e-45, 1e-40, 7e-38, 1.2e-38, 1e-30, 1e-12]
+HUGE = [1e30, 1e300, 1.7976931348623157e308]
+
+
+def logits_row(seed: int, vocab: int = 1000, scale: float = 30.0) -> torch.Tensor:
+    """Logits as large as real ones get (tens), so that logits / tiny would overflow float32."""
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("temperature", TINY)
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5}, {"top_p": 0.9}, {"top_k": 50, "top_p": 0.5}])
+def test_a_tiny_temperature_is_the_argmax(temperature, filters):
+    for seed in range(3):
+        logits = logits_row(seed)
+        params = SamplingParams(temperature=temperature, seed=seed, **filters)
+        probs = next_token_probs(logits, params)
+        assert bool(torch.isfinite(probs).all()) and float(probs.sum()) == pytest.approx(1.0)
+        assert int(torch.argmax(probs)) == int(torch.argmax(logits)) and float(probs.max()) == 1.0
+        generator = torch.Generator().manual_seed(seed)
+        assert [sample(logits, params, generator) for _ in range(5)] == [int(torch.argmax(logits))] * 5
+
+
+@pytest.mark.parametrize("temperature", HUGE)
+def test_a_huge_temperature_tends_to_uniform(temperature):
+    logits = logits_row(0)
+    probs = next_token_probs(logits, SamplingParams(temperature=temperature))
+    assert bool(torch.isfinite(probs).all())
+    assert torch.allclose(probs, torch.full_like(probs, 1 / probs.numel()), rtol=1e-4)
+    top = next_token_probs(logits, SamplingParams(temperature=temperature, top_k=10))
+    kept = torch.topk(logits, 10).indices
+    assert bool(torch.isfinite(top).all()) and torch.allclose(top[kept], torch.full((10,), 0.1))
+    assert float(top.sum()) == pytest.approx(1.0)
+    nucleus = next_token_probs(logits, SamplingParams(temperature=temperature, top_p=0.5))
+    kept = int((nucleus > 0).sum())
+    assert bool(torch.isfinite(nucleus).all()) and abs(kept - probs.numel() // 2) <= 2
+    assert torch.equal(torch.sort((nucleus > 0).nonzero()[:, 0]).values,  # the best tokens, not arbitrary ones
+                       torch.sort(torch.topk(logits, kept).indices).values)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 20, 1.0), (0.6, 20, 0.95), (1.0, 0, 0.8)])
+def test_ordinary_settings_equal_the_reference_warpers(temperature, top_k, top_p):
+    logits = logits_row(4, scale=3.0)
+    scores = logits[None].clone()  # (1, vocab), what the reference's warpers take
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    for warper in warpers:  # the order transformers' generate applies them in
+        scores = warper(None, scores)
+    expected = torch.softmax(scores, dim=-1)[0]
+    got = next_token_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(got > 0, expected > 0)  # the same tokens survive the filters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_are_an_error_not_a_token(bad, temperature):
+    logits = logits_row(1)
+    logits[7] = bad
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0))
