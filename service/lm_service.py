@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from lm.engine import Engine
-from lm.requests import GenerationRequest
+from lm.requests import GenerationRequest, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
 from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
@@ -142,10 +142,18 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             if tensor.dim() != 3 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] < 1:
                 raise ValueError(f"image {index} soft tokens have shape {tuple(tensor.shape)}; expected "
                                  f"[tiles, {expected[0]}, {expected[1]}] for this model")
+            # A NaN or Inf would spread through the model: refused here, naming it, in the model's dtype
+            # (a finite float32 value can still overflow a narrower one).
+            tensor = tensor.to(loaded.lm.dtype)
+            problem = non_finite_soft_token(tensor)
+            if problem is not None:
+                dtype = str(loaded.lm.dtype).removeprefix("torch.")
+                raise ValueError(f"image {index}: soft token tensor has {problem}; soft tokens must be finite "
+                                 f"(checked as {dtype}, the model's dtype)")
             soft_tokens.append(tensor)
         tiles = [t.shape[0] for t in soft_tokens]
         prompt = _layout(loaded.lm.tokenizer, request, tiles, config.mm_tokens_per_image)
-        stacked = torch.cat(soft_tokens).to(loaded.lm.device, loaded.lm.dtype) if soft_tokens else None
+        stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
                                  image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), **kwargs)
