@@ -315,6 +315,20 @@ def test_caption_job_is_indexed_sharded_and_writes_to_a_volume(target):
         assert args.device == "cuda" and "nvidia.com/gpu" in container["resources"]["limits"]
 
 
+def test_dockerfile_installs_the_committed_lock():
+    """The image installs torch at the locked release, then the project under the lock's other pins;
+    the lock is in the build context."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^COPY requirements-lock\.txt /src/$", text, re.M)
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert any('"$torch_pin"' in line and "TORCH_INDEX_URL" in line for line in installs)
+    assert "grep '^torch==' /src/requirements-lock.txt" in text
+    assert any(line.startswith("pip install -c /src/constraints.txt /src") for line in installs)
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!requirements-lock.txt" in ignore
+    assert (DEPLOY.parent / "requirements-lock.txt").is_file()
+
+
 def test_dockerfile_has_cpu_and_cuda_variants_a_non_root_user_and_no_weights():
     text = (DEPLOY / "Dockerfile").read_text()
     stages = re.findall(r"^FROM \S+ AS (\S+)$", text, re.M)
