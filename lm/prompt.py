@@ -1,16 +1,27 @@
-"""Prompt layout as pure functions: chat messages or plain text with images -> token ids, with the
-positions of the image placeholders.
+"""Prompt layout as pure functions: a request (chat messages, one user turn or plain text, with images)
+-> token ids with the positions of the image placeholders; and the cheap limits checked before it.
 
 Follows the reference `Gemma3Processor` with Gemma 3's chat template:
 - chat turns are `<start_of_turn>{user|model}\n{content}<end_of_turn>\n`, text parts trimmed, a system
   prompt folded into the first user turn as "{system}\n\n", and `<start_of_turn>model\n` appended
   for generation;
-- each image is marked by `<start_of_image>` in the text (the template writes one per image part);
-  the marker becomes, per tile, "\n\n<start_of_image>" + 256 placeholders + "<end_of_image>\n\n", and
+- each image becomes, per tile, "\n\n<start_of_image>" + 256 placeholders + "<end_of_image>\n\n", and
   an image with Pan & Scan crops becomes "Here is the original image {tile} and here are some crops
   to help you see better {crop tiles joined by spaces}".
-Text pieces are tokenized as the reference tokenizes them: special tokens split the text, so the
-pieces between placeholder runs are encoded one by one.
+
+Rules every entry point shares through `layout_request` (`tessera generate`, the LM service, and the
+gateway through the LM service):
+- Text a user writes in a chat (message contents, the system prompt, a one-turn prompt) is plain text:
+  a special-token string in it ("<end_of_turn>") is encoded as the characters it is spelled with, as
+  transformers' `split_special_tokens=True` encodes it, so no user can forge a turn; the template's own
+  control tokens are added as ids. `allow_special_tokens` (a server setting) lets chat text write them.
+  In a chat, images go where the image parts are, and nowhere else.
+- A raw prompt is the whole prompt, control tokens included, read as `Gemma3Processor(text=...)` reads
+  it: its images go at its "<start_of_image>" markers, or, when it has none, before it (one marker per
+  image, joined by spaces, as the processor writes them for images without text).
+- A request with no text, no image and no messages is refused.
+The text between two control tokens or placeholder runs is encoded in one piece: the reference
+tokenizer, too, splits its input at added tokens and encodes the pieces one by one.
 """
 
 from __future__ import annotations
@@ -19,13 +30,37 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from lm.tokenizer import END_OF_IMAGE, END_OF_TURN, START_OF_IMAGE, START_OF_TURN, Tokenizer
-from vision.pan_and_scan import PanAndScanConfig, num_tiles
+from vision.pan_and_scan import MAX_CROPS_CAP, PanAndScanConfig, num_tiles
 
 TOKENS_PER_TILE = 256  # soft tokens per image tile (mm_tokens_per_image)
-IMAGE_MARKER = START_OF_IMAGE  # where an image goes in a text prompt (as in the reference processor)
+IMAGE_MARKER = START_OF_IMAGE  # where an image goes in a raw prompt (as in the reference processor)
+MAX_TILES_PER_IMAGE = 1 + MAX_CROPS_CAP  # the original and at most MAX_CROPS_CAP Pan & Scan crops
 _ORIGINAL_INTRO = "Here is the original image "
 _CROPS_INTRO = " and here are some crops to help you see better "
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
+
+
+class EmptyPrompt(ValueError):
+    """A request with nothing to answer: no text, no image, no messages."""
+
+
+class RequestTooLarge(ValueError):
+    """A request over a limit that is checked before anything is tokenized, decoded or encoded; the
+    message names the limit."""
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_text_bytes: int = 1 << 20  # UTF-8 bytes of all the text of one request (prompt, message texts): 1 MiB
+    max_images: int = 8  # images in one request
+    max_tiles: int = 32  # image tiles (originals + Pan & Scan crops) in one request
+    allow_special_tokens: bool = False  # chat text may write control tokens ("<end_of_turn>") as such
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_bytes", "max_images", "max_tiles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +83,17 @@ class Prompt:
         return sum(self.tiles_per_image)
 
 
+# A prompt before tokenizing: text (str), control tokens, images and placeholder runs.
+@dataclass(frozen=True)
+class _Control:
+    token: str  # a control token the template writes ("<start_of_turn>"), added as its id
+
+
+@dataclass(frozen=True)
+class _Image:
+    pass  # where the next image goes
+
+
 @dataclass(frozen=True)
 class _Placeholders:
     count: int
@@ -61,29 +107,104 @@ def image_token_cost(width: int, height: int, pan_and_scan: PanAndScanConfig,
     return num_tiles(width, height, pan_and_scan) * tokens_per_tile
 
 
+# ----- the request rules, shared by every entry point ------------------------------------------------
+
+def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
+                   messages: Sequence[Mapping[str, Any]] | None = None, image_tiles: Sequence[int] = (),
+                   tokens_per_tile: int = TOKENS_PER_TILE, allow_special_tokens: bool = False) -> Prompt:
+    """The prompt of one request, `image_tiles[i]` being the tiles (1 + crops) of its i-th image:
+    - `messages`: a chat (images at its image parts; `prompt` must then be empty);
+    - `raw`: `prompt` as plain text, images at its IMAGE_MARKERs or, when it has none, before it;
+    - otherwise: `prompt` as one user turn, the images first.
+    Raises EmptyPrompt (no text, no image, no messages) and ValueError (bad messages, image markers
+    that do not match the images)."""
+    if messages:
+        if prompt:
+            raise ValueError("give either prompt or messages, not both")
+        return layout_chat(tokenizer, messages, image_tiles, tokens_per_tile=tokens_per_tile,
+                           allow_special_tokens=allow_special_tokens)
+    require_prompt(prompt, raw=raw, num_images=len(image_tiles))
+    if raw:
+        return layout_text(tokenizer, with_image_markers(prompt, len(image_tiles)), image_tiles,
+                           tokens_per_tile=tokens_per_tile)
+    content = [{"type": "image"} for _ in image_tiles] + [{"type": "text", "text": prompt}]
+    return layout_chat(tokenizer, [{"role": "user", "content": content}], image_tiles,
+                       tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens)
+
+
+def require_prompt(prompt: str, *, raw: bool, num_images: int) -> None:
+    """EmptyPrompt unless there is something to answer: text (a chat turn's text is trimmed, so blank
+    text is none) or an image. Requests with chat messages do not come here."""
+    if not num_images and not (prompt if raw else prompt.strip()):
+        raise EmptyPrompt("the prompt is empty: send some text, an image or chat messages")
+
+
+def with_image_markers(text: str, num_images: int) -> str:
+    """A raw prompt with its images placed: as written when `text` holds IMAGE_MARKERs (their count
+    is checked by `layout_text`), else one marker per image before the text, joined by spaces (what
+    `Gemma3Processor` writes for images given without text)."""
+    if num_images and IMAGE_MARKER not in text:
+        return " ".join([IMAGE_MARKER] * num_images) + text
+    return text
+
+
+def text_bytes(prompt: str = "", messages: Sequence[Mapping[str, Any]] = ()) -> int:
+    """UTF-8 bytes of the text a request carries (its prompt and the texts of its messages): what
+    `PromptLimits.max_text_bytes` bounds. O(1) per ASCII string."""
+    def size(text: Any) -> int:
+        if not isinstance(text, str):
+            return 0
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+    total = size(prompt)
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, (list, tuple)):
+            total += sum(size(part.get("text")) for part in content if isinstance(part, Mapping))
+        else:
+            total += size(content)
+    return total
+
+
+def check_request_size(*, text_bytes: int, tiles_per_image: Sequence[int], limits: PromptLimits,
+                       max_prompt_tokens: int | None = None, tokens_per_tile: int = TOKENS_PER_TILE) -> None:
+    """Refuse a request that is certainly too large before anything is tokenized, decoded or encoded:
+    more than `limits.max_text_bytes` bytes of text, more than `limits.max_images` images, an image of
+    fewer than 1 or more than MAX_TILES_PER_IMAGE tiles, more than `limits.max_tiles` tiles in all, or
+    images whose placeholders alone fill `max_prompt_tokens` (the longest prompt the engine takes; None:
+    not checked). `tiles_per_image` come from image headers (`vision.pan_and_scan.num_tiles`) or from
+    soft-token shapes. Costs O(images). Raises RequestTooLarge."""
+    if text_bytes > limits.max_text_bytes:
+        raise RequestTooLarge(f"the request's text is {text_bytes:,} bytes; the limit is "
+                              f"{limits.max_text_bytes:,} bytes")
+    if len(tiles_per_image) > limits.max_images:
+        raise RequestTooLarge(f"the request has {len(tiles_per_image)} images; at most {limits.max_images} "
+                              "are allowed per request")
+    for index, tiles in enumerate(tiles_per_image):
+        if not 1 <= tiles <= MAX_TILES_PER_IMAGE:
+            raise RequestTooLarge(f"image {index} has {tiles} tiles; an image has 1 to {MAX_TILES_PER_IMAGE} "
+                                  f"(the original and at most {MAX_CROPS_CAP} Pan & Scan crops)")
+    total = sum(tiles_per_image)
+    if total > limits.max_tiles:
+        raise RequestTooLarge(f"the images have {total} tiles in all ({', '.join(map(str, tiles_per_image))}); "
+                              f"at most {limits.max_tiles} are allowed per request")
+    if max_prompt_tokens is not None and total * tokens_per_tile >= max_prompt_tokens:
+        raise RequestTooLarge(f"the images' {total} tiles take {total * tokens_per_tile} prompt tokens "
+                              f"({tokens_per_tile} each), more than fit in the prompt limit of "
+                              f"{max_prompt_tokens} tokens")
+
+
+# ----- layout -----------------------------------------------------------------------------------------
+
 def render_chat(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
     """The text Gemma 3's chat template makes of `messages`, without the leading <bos> (`layout_chat`
     adds it as a token). Image parts become IMAGE_MARKER."""
-    if not messages:
-        raise ValueError("chat: no messages")
-    first_user_prefix = ""
-    if messages[0].get("role") == "system":
-        first_user_prefix = _system_text(messages[0].get("content")) + "\n\n"
-        messages = messages[1:]
-    pieces = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        if (role == "user") != (index % 2 == 0):
-            raise ValueError(f"chat: message {index} has role {role!r}; roles must alternate user/assistant "
-                             "starting with user (after an optional first system message)")
-        if role not in _ROLES:
-            raise ValueError(f"chat: message {index} has role {role!r}; allowed: system (first), user, assistant")
-        pieces.append(f"{START_OF_TURN}{_ROLES[role]}\n" + (first_user_prefix if index == 0 else ""))
-        pieces.append(_content_text(message.get("content"), index))
-        pieces.append(f"{END_OF_TURN}\n")
-    if add_generation_prompt:
-        pieces.append(f"{START_OF_TURN}model\n")
-    return "".join(pieces)
+    def text(segment) -> str:
+        if isinstance(segment, _Control):
+            return segment.token
+        return IMAGE_MARKER if isinstance(segment, _Image) else segment
+
+    return "".join(text(segment) for segment in _chat_segments(messages, add_generation_prompt))
 
 
 def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -98,50 +219,42 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
 
 
 def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], image_tiles: Sequence[int] = (), *,
-                add_generation_prompt: bool = True, tokens_per_tile: int = TOKENS_PER_TILE) -> Prompt:
-    """Token ids of a chat, with `image_tiles[i]` tiles (1 + crops) for the i-th image part."""
-    text = render_chat(messages, add_generation_prompt=add_generation_prompt)
-    return layout_text(tokenizer, text, image_tiles, add_bos=True, tokens_per_tile=tokens_per_tile)
+                add_generation_prompt: bool = True, tokens_per_tile: int = TOKENS_PER_TILE,
+                allow_special_tokens: bool = False) -> Prompt:
+    """Token ids of a chat, with `image_tiles[i]` tiles (1 + crops) for the i-th image part. The
+    messages' text is plain text (see the module docstring) unless `allow_special_tokens`."""
+    segments = _chat_segments(messages, add_generation_prompt)
+    return _layout(tokenizer, segments, image_tiles, tokens_per_tile, add_bos=True,
+                   special_tokens_in_text=allow_special_tokens,
+                   mismatch=lambda n: f"chat has {n} image part(s) for {len(image_tiles)} image(s)")
 
 
 def layout_text(tokenizer: Tokenizer, text: str, image_tiles: Sequence[int] = (), *, add_bos: bool = True,
                 tokens_per_tile: int = TOKENS_PER_TILE) -> Prompt:
     """Token ids of a plain prompt in which each IMAGE_MARKER stands for one image, the i-th having
-    `image_tiles[i]` tiles."""
+    `image_tiles[i]` tiles; control tokens written in the text are control tokens."""
     chunks = text.split(IMAGE_MARKER)
-    if len(chunks) - 1 != len(image_tiles):
-        raise ValueError(f"prompt has {len(chunks) - 1} image marker(s) {IMAGE_MARKER!r} for {len(image_tiles)} "
-                         f"image(s); put one marker where each image goes")
-    segments: list[str | _Placeholders] = [chunks[0]]
-    for tiles, chunk in zip(image_tiles, chunks[1:]):
-        segments.extend(image_segments(tiles, tokens_per_tile))
-        segments.append(chunk)
-
-    ids: list[int] = [tokenizer.special.bos_id] if add_bos else []
-    mask: list[bool] = [False] * len(ids)
-    placeholder = tokenizer.special.image_token_id
-    for segment in _merge_text(segments):
-        if isinstance(segment, _Placeholders):
-            ids.extend([placeholder] * segment.count)
-            mask.extend([True] * segment.count)
-        elif segment:
-            piece = tokenizer.encode(segment, add_bos=False)
-            ids.extend(piece)
-            mask.extend([False] * len(piece))
-    return Prompt(ids, mask, tuple(image_tiles), tokens_per_tile)
+    segments: list = [chunks[0]]
+    for chunk in chunks[1:]:
+        segments.extend([_Image(), chunk])
+    return _layout(tokenizer, segments, image_tiles, tokens_per_tile, add_bos=add_bos, special_tokens_in_text=True,
+                   mismatch=lambda n: f"prompt has {n} image marker(s) {IMAGE_MARKER!r} for {len(image_tiles)} "
+                                      "image(s); put one marker where each image goes, or none to have the "
+                                      "images before the text")
 
 
-def image_segments(tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> list[str | _Placeholders]:
-    """What one image with `tiles` tiles (the original first, then its crops) becomes in the prompt."""
+def image_segments(tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> list:
+    """What one image with `tiles` tiles (the original first, then its crops) becomes in the prompt:
+    text, control tokens and placeholder runs."""
     if not isinstance(tiles, int) or tiles < 1:
         raise ValueError(f"an image has at least one tile (the original), got {tiles!r}")
 
-    def tile() -> list[str | _Placeholders]:
-        return [f"\n\n{START_OF_IMAGE}", _Placeholders(tokens_per_tile), f"{END_OF_IMAGE}\n\n"]
+    def tile() -> list:
+        return ["\n\n", _Control(START_OF_IMAGE), _Placeholders(tokens_per_tile), _Control(END_OF_IMAGE), "\n\n"]
 
     if tiles == 1:
         return tile()
-    segments: list[str | _Placeholders] = [_ORIGINAL_INTRO, *tile(), _CROPS_INTRO]
+    segments: list = [_ORIGINAL_INTRO, *tile(), _CROPS_INTRO]
     for crop in range(tiles - 1):
         if crop:
             segments.append(" ")
@@ -149,15 +262,69 @@ def image_segments(tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> list[s
     return segments
 
 
-def _merge_text(segments: list[str | _Placeholders]) -> list[str | _Placeholders]:
-    """Adjacent text pieces joined: the reference tokenizes the text between two placeholder runs as one."""
-    merged: list[str | _Placeholders] = []
+def _layout(tokenizer: Tokenizer, segments: list, image_tiles: Sequence[int], tokens_per_tile: int, *,
+            add_bos: bool, special_tokens_in_text: bool, mismatch) -> Prompt:
+    images = sum(isinstance(segment, _Image) for segment in segments)
+    if images != len(image_tiles):
+        raise ValueError(mismatch(images))
+    tiles = iter(image_tiles)
+    expanded: list = []
+    for segment in segments:
+        if isinstance(segment, _Image):
+            expanded.extend(image_segments(next(tiles), tokens_per_tile))
+        else:
+            expanded.append(segment)
+
+    ids: list[int] = [tokenizer.special.bos_id] if add_bos else []
+    mask: list[bool] = [False] * len(ids)
+    placeholder = tokenizer.special.image_token_id
+    for segment in _merge_text(expanded):
+        if isinstance(segment, _Placeholders):
+            ids.extend([placeholder] * segment.count)
+            mask.extend([True] * segment.count)
+        elif isinstance(segment, _Control):
+            ids.append(tokenizer.control_id(segment.token))
+            mask.append(False)
+        elif segment:
+            piece = tokenizer.encode(segment, add_bos=False, special_tokens=special_tokens_in_text)
+            ids.extend(piece)
+            mask.extend([False] * len(piece))
+    return Prompt(ids, mask, tuple(image_tiles), tokens_per_tile)
+
+
+def _merge_text(segments: list) -> list:
+    """Adjacent text pieces joined: the reference tokenizes the text between two control tokens or
+    placeholder runs as one."""
+    merged: list = []
     for segment in segments:
         if isinstance(segment, str) and merged and isinstance(merged[-1], str):
             merged[-1] += segment
         else:
             merged.append(segment)
     return merged
+
+
+def _chat_segments(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list:
+    if not messages:
+        raise ValueError("chat: no messages")
+    first_user_prefix = ""
+    if messages[0].get("role") == "system":
+        first_user_prefix = _system_text(messages[0].get("content")) + "\n\n"
+        messages = messages[1:]
+    segments: list = []
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if (role == "user") != (index % 2 == 0):
+            raise ValueError(f"chat: message {index} has role {role!r}; roles must alternate user/assistant "
+                             "starting with user (after an optional first system message)")
+        if role not in _ROLES:
+            raise ValueError(f"chat: message {index} has role {role!r}; allowed: system (first), user, assistant")
+        segments += [_Control(START_OF_TURN), f"{_ROLES[role]}\n" + (first_user_prefix if index == 0 else "")]
+        segments += _content_segments(message.get("content"), index)
+        segments += [_Control(END_OF_TURN), "\n"]
+    if add_generation_prompt:
+        segments += [_Control(START_OF_TURN), "model\n"]
+    return segments
 
 
 def _system_text(content: Any) -> str:
@@ -168,18 +335,18 @@ def _system_text(content: Any) -> str:
     raise ValueError("chat: a system message's content must be a string or a list starting with a text part")
 
 
-def _content_text(content: Any, index: int) -> str:
+def _content_segments(content: Any, index: int) -> list:
     if isinstance(content, str):
-        return content.strip()
+        return [content.strip()]
     if isinstance(content, (list, tuple)):
-        pieces = []
+        segments: list = []
         for part in content:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "image":
-                pieces.append(IMAGE_MARKER)
+                segments.append(_Image())
             elif kind == "text":
-                pieces.append(part["text"].strip())
+                segments.append(part["text"].strip())
             else:
                 raise ValueError(f"chat: message {index} has a content part of type {kind!r}; allowed: text, image")
-        return "".join(pieces)
+        return segments
     raise ValueError(f"chat: message {index} content must be a string or a list of text/image parts")

@@ -1,5 +1,8 @@
 """The checkpoint's own tokenizer (tokenizer.json through `tokenizers`), its special ids, and an
 incremental detokeniser for streaming.
+
+Encoding releases the GIL (the `tokenizers` batch entry point does; its single-text one does not), so a
+long text tokenized on a worker thread never stalls an event loop or the engine thread.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class Tokenizer:
         self.backend = backend  # tokenizers.Tokenizer
         self.special = special
         self.add_bos = add_bos  # the checkpoint's default for encode()
+        # The same tokenizer with special-token strings read as plain text. A second backend, never
+        # mutated after this, rather than flipping `encode_special_tokens` on the shared one: encodes run
+        # concurrently on worker threads with the GIL released.
+        self._plain_text_backend = _plain_text_backend(backend)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -86,13 +93,26 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (e.g. "<start_of_turn>") become their
-        ids. `add_bos` defaults to the checkpoint's choice (Gemma: yes)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, add_bos: bool | None = None, special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With `special_tokens` (the default) special tokens written in the text
+        (e.g. "<start_of_turn>") become their ids; without, they are encoded as the plain text they are
+        spelled with, as transformers' `split_special_tokens=True` does (for text a user wrote, which must
+        not forge control tokens). Added tokens the checkpoint does not mark special (Gemma's
+        "<start_of_image>", "\\n\\n") match in both modes, as in the reference. `add_bos` defaults to the
+        checkpoint's choice (Gemma: yes)."""
+        backend = self.backend if special_tokens else self._plain_text_backend
+        ids = _encode_without_gil(backend, text)
         if self.add_bos if add_bos is None else add_bos:
             ids.insert(0, self.special.bos_id)
         return ids
+
+    def control_id(self, token: str) -> int:
+        """The id of a control token (e.g. "<start_of_turn>") a prompt template writes; ValueError when
+        this tokenizer has no such token."""
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no {token!r} token; the prompt template needs it")
+        return token_id
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -141,6 +161,32 @@ class IncrementalDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+
+
+def _encode_without_gil(backend, text: str) -> list[int]:
+    # `encode_batch(_fast)` releases the GIL while it works (`encode` holds it: an 8 MiB text stalls
+    # every other thread for seconds); `_fast` skips the offsets nobody here reads (tokenizers >= 0.20).
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def _plain_text_backend(backend):
+    """A tokenizer equal to `backend` except that special tokens in the input are not matched
+    (`encode_special_tokens`). It shares `backend`'s model (the vocabulary and merges: no copy, a few
+    milliseconds); when re-adding the added tokens would not give them their ids back (a vocabulary whose
+    added tokens are not in the model and not contiguous after it), it is a full copy instead."""
+    from tokenizers import Tokenizer as Backend
+
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken, with its special flag
+    plain = Backend(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if getattr(backend, part) is not None:
+            setattr(plain, part, getattr(backend, part))
+    plain.add_tokens([added[token_id] for token_id in sorted(added)])
+    if any(plain.token_to_id(token.content) != token_id for token_id, token in added.items()):
+        plain = Backend.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _read_json(path: Path) -> dict:

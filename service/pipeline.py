@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from vision.image import ImageError, ImageLimits
-from vision.pan_and_scan import PanAndScanConfig
+from vision.image import ImageError, ImageLimits, image_size
+from vision.pan_and_scan import PanAndScanConfig, num_tiles
 
 
 class ImageInputError(ValueError):
@@ -34,6 +34,23 @@ def has_vision_tower(checkpoint_dir: Path) -> bool:
     return isinstance(config.get("vision_config"), dict)
 
 
+def plan_tiles(sources: Sequence[str | Path | bytes], *, pan_and_scan: bool = False,
+               limits: ImageLimits = ImageLimits()) -> tuple[int, ...]:
+    """Tiles (1 + Pan & Scan crops) of each image from its header alone, nothing decoded: the prompt
+    can be laid out, and refused when too long, before any image is decoded or encoded. Equals the
+    `tiles_per_image` that `encode_images` gives for the same sources. Raises ImageInputError naming
+    the image."""
+    config = PanAndScanConfig(enabled=pan_and_scan)
+    tiles = []
+    for source in sources:
+        try:
+            width, height = image_size(source, limits)
+        except ImageError as error:
+            raise ImageInputError(f"{_name(source)}: {error}") from None
+        tiles.append(num_tiles(width, height, config))
+    return tuple(tiles)
+
+
 def encode_images(lm, sources: Sequence[str | Path | bytes], *, pan_and_scan: bool = False,
                   limits: ImageLimits = ImageLimits(), encoder=None) -> EncodedImages:
     """Soft tokens for `sources` with the vision tower of `lm`'s checkpoint (loaded on demand unless an
@@ -50,10 +67,13 @@ def encode_images(lm, sources: Sequence[str | Path | bytes], *, pan_and_scan: bo
     results = preprocess_batch(list(sources), PanAndScanConfig(enabled=pan_and_scan), limits=limits)
     for source, result in zip(sources, results):
         if isinstance(result, ImageError):
-            name = source if isinstance(source, (str, Path)) else f"image of {len(source)} bytes"
-            raise ImageInputError(f"{name}: {result}")
+            raise ImageInputError(f"{_name(source)}: {result}")
     if encoder is None:
         encoder = VisionEncoder.from_checkpoint(lm.path, EncoderOptions(device=str(lm.device), dtype=lm.dtype))
     tiles = [torch.from_numpy(r.tiles) for r in results]
     soft_tokens = torch.cat(encoder.encode_many(tiles)).to(lm.device, lm.dtype)
     return EncodedImages(soft_tokens, tuple(t.shape[0] for t in tiles), time.perf_counter() - started)
+
+
+def _name(source: str | Path | bytes) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"image of {len(source)} bytes"

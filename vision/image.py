@@ -79,17 +79,7 @@ def load_image(
     source: bytes | bytearray | memoryview | str | os.PathLike, limits: ImageLimits = ImageLimits()
 ) -> Image.Image:
     """Decode `source` (encoded bytes or a file path) into an upright 8-bit RGB image, or raise ImageError."""
-    data = _read(source, limits)
-    image = _open_header(data, limits)
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageError("zero_size", f"{image.format} image has a side of 0 pixels ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise ImageError(
-            "too_many_pixels",
-            f"{image.format} image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-            f"the limit is {limits.max_pixels / 1e6:.1f} megapixels",
-        )
+    image = _checked_header(_read(source, limits), limits)
     try:
         image.load()  # the first frame of an animation; later frames are never decoded
         # Read after load: a PNG may store EXIF after its pixels, and Pillow's TIFF loader applies (and
@@ -105,6 +95,16 @@ def load_image(
     if orientation in _ORIENTATION_FIX:
         rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
     return rgb
+
+
+def image_size(source: bytes | bytearray | memoryview | str | os.PathLike,
+               limits: ImageLimits = ImageLimits()) -> tuple[int, int]:
+    """(width, height) in pixels from the header alone, after the same checks `load_image` makes before
+    decoding (byte size, format by content, zero size, pixel count); raises ImageError as it would. No
+    pixel data is decoded, so this is cheap whatever the image: what a server needs to count an image's
+    tiles (`vision.pan_and_scan.num_tiles`) before accepting the work. The size is the stored one,
+    before EXIF orientation, which swaps the sides at most and leaves the tile count unchanged."""
+    return _checked_header(_read(source, limits), limits).size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -150,6 +150,21 @@ def _read(source, limits: ImageLimits) -> bytes:
 
 def _too_large_message(size: int, limits: ImageLimits) -> str:
     return f"the image is {size:,} bytes; the limit is {limits.max_bytes:,} bytes ({limits.max_bytes / 2**20:g} MiB)"
+
+
+def _checked_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The opened (not decoded) image, with its size checked against `limits`."""
+    image = _open_header(data, limits)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError("zero_size", f"{image.format} image has a side of 0 pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"{image.format} image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+            f"the limit is {limits.max_pixels / 1e6:.1f} megapixels",
+        )
+    return image
 
 
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the user's message (sent as one chat turn unless --raw)")
     source.add_argument("--messages", type=Path, help="JSON file: a list of chat messages {role, content}")
-    parser.add_argument("--raw", action="store_true", help="send --prompt as plain text, without the chat format")
+    parser.add_argument("--raw", action="store_true",
+                        help="send --prompt as plain text, without the chat format; images go at its "
+                             "<start_of_image> markers, or before the text when it has none")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image (repeatable); needs a vision-language checkpoint")
     parser.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lm.requests import EngineError, GenerationRequest
     from lm.runtime import DTYPES, load_language_model
-    from service.pipeline import ImageInputError, encode_images
+    from service.pipeline import ImageInputError, encode_images, plan_tiles
 
     try:
         lm = load_language_model(args.model, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize)
@@ -62,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera generate: cannot load model {args.model!r}: {error}", file=sys.stderr)
         return 2
     try:
+        # The prompt is laid out and its length checked with the tile counts from the image headers,
+        # so that a prompt too long for the model is refused before any image is decoded or encoded.
+        prompt = _layout(lm, args, messages, plan_tiles(args.image, pan_and_scan=args.pan_and_scan))
+        _check_context(lm, len(prompt.token_ids))
         images = encode_images(lm, args.image, pan_and_scan=args.pan_and_scan)
-        prompt = _layout(lm, args, messages, images.tiles_per_image)
         request = GenerationRequest(prompt.token_ids, params, soft_tokens=images.soft_tokens,
                                     image_mask=torch.tensor(prompt.image_mask))
         engine = lm.engine(_engine_config(lm, len(prompt.token_ids), params.max_new_tokens))
@@ -124,12 +129,18 @@ def _messages(args: argparse.Namespace):
     return messages
 
 
-def _layout(lm, args, messages, tiles_per_image):
-    from lm.prompt import IMAGE_MARKER, layout_chat, layout_text
+def _check_context(lm, prompt_tokens: int) -> None:
+    from lm.requests import PromptTooLong
 
-    if messages is not None:
-        return layout_chat(lm.tokenizer, messages, tiles_per_image)
-    if args.raw:
-        return layout_text(lm.tokenizer, IMAGE_MARKER * len(tiles_per_image) + args.prompt, tiles_per_image)
-    content = [{"type": "image"} for _ in tiles_per_image] + [{"type": "text", "text": args.prompt}]
-    return layout_chat(lm.tokenizer, [{"role": "user", "content": content}], tiles_per_image)
+    context = lm.config.max_position_embeddings
+    if prompt_tokens >= context:
+        raise PromptTooLong(f"prompt is {prompt_tokens} tokens; the limit is {context - 1} (the model's context of "
+                            f"{context} tokens includes at least one generated token)")
+
+
+def _layout(lm, args, messages, tiles_per_image):
+    """The prompt by the rules every entry point shares (`lm.prompt.layout_request`)."""
+    from lm.prompt import layout_request
+
+    return layout_request(lm.tokenizer, prompt=args.prompt or "", raw=args.raw, messages=messages,
+                          image_tiles=tiles_per_image, tokens_per_tile=lm.config.mm_tokens_per_image)

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pan-and-scan", action="store_true", help="add Pan & Scan crops of wide or tall images")
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     parser.add_argument("--raw", action="store_true",
-                        help="send the prompt as plain text to complete, not as a chat turn (base models)")
+                        help="send the prompt as plain text to complete, not as a chat turn (base models); images "
+                             "go at its <start_of_image> markers, or before the text when it has none")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
