@@ -1,12 +1,16 @@
 """Batch captioning: many images in, one JSON line per image out, resumable and shardable.
 
 - Inputs are image files, directories (searched recursively for image suffixes) or JSONL manifests of
-  {"id", "path"} (a relative path is relative to the manifest). A file's id is its path as given.
+  {"id", "path"} (a relative path is relative to the manifest). A file's id is its path as given,
+  with the bytes of a file name that are not UTF-8 written as \\xNN (`escape_undecodable`), so every
+  id can be written, hashed and matched again by the next run. A symbolic link with an image suffix
+  whose target is missing gets an error record (code `dangling_symlink`) naming the link and target.
 - Sharding: an image belongs to shard `sha256(id) mod COUNT`, so shards are disjoint, cover every
   image, and do not depend on input order or on which machine runs them.
 - Output: each record is one `write()` of a whole line on an O_APPEND file, then fsync; a killed job
   leaves at most a torn last line (only possible if the OS split that write), which the next run cuts
-  off before appending. A rerun skips every id already recorded (`retry_errors` re-runs failed ones).
+  off before appending. A rerun skips every id already recorded; `retry_errors` re-runs failed ones
+  after rewriting the file (atomically) without their error records, so each id keeps one record.
 - The in-process pipeline overlaps three stages: images are decoded and tiled on a thread pool,
   tiles of several images are encoded together by the vision tower, and up to `concurrency` prompts
   wait in the engine, which batches their decoding.
@@ -40,8 +44,43 @@ class CaptionInputError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionItem:
-    id: str  # stable key: resume and sharding go by it
-    path: str  # where the image is read from
+    id: str  # stable key: resume and sharding go by it; valid UTF-8 (see escape_undecodable)
+    path: str  # where the image is read from (a file system name: may hold undecodable bytes)
+    problem: str | None = None  # why it cannot be read at all (a dangling symlink): its error record's message
+
+
+def escape_undecodable(text: str) -> str:
+    """`text` with each byte that was not valid UTF-8 in a file name (Python holds it as a lone
+    surrogate, U+DC80..U+DCFF) written as the four characters \\xNN, and any other lone surrogate
+    as \\uNNNN: a stable UTF-8 form of the name that can be written, hashed and compared."""
+    if text.isascii():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _file_item(path: Path) -> CaptionItem:
+    name = str(path)
+    problem = None
+    if path.is_symlink() and not path.exists():
+        problem = (f"{escape_undecodable(name)} is a symbolic link to {escape_undecodable(os.readlink(path))}, "
+                   "which does not exist")
+    return CaptionItem(escape_undecodable(name), name, problem)
+
+
+def _wanted_in_directory(path: Path) -> bool:
+    """Image files, and dangling symbolic links with an image suffix (reported, not skipped)."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 # ----- inputs ----------------------------------------------------------------------------------------
@@ -55,12 +94,14 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[CaptionIte
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = (CaptionItem(str(p), str(p)) for p in sorted(path.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = (_file_item(p) for p in sorted(path.rglob("*")) if _wanted_in_directory(p))
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
             found = read_manifest(path)
         elif path.is_file():
-            found = iter([CaptionItem(str(path), str(path))])
+            found = iter([_file_item(path)])
+        elif path.is_symlink():
+            raise CaptionInputError(f"input {escape_undecodable(str(raw))!r} is a symbolic link to "
+                                    f"{escape_undecodable(os.readlink(path))!r}, which does not exist")
         else:
             raise CaptionInputError(f"input {str(raw)!r} does not exist (expected an image file, a directory or "
                                     "a .jsonl manifest of {\"id\", \"path\"} lines)")
@@ -75,23 +116,26 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[CaptionIte
 
 def read_manifest(path: Path) -> list[CaptionItem]:
     items = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CaptionInputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-                raise CaptionInputError(f"{path}:{number}: each line must be a JSON object with a non-empty "
-                                        "\"path\" string (and optionally an \"id\")")
-            image = Path(entry["path"])
-            image = image if image.is_absolute() else path.parent / image
-            item_id = entry.get("id", entry["path"])
-            if not isinstance(item_id, (str, int)) or item_id == "":
-                raise CaptionInputError(f"{path}:{number}: \"id\" must be a non-empty string or an integer")
-            items.append(CaptionItem(str(item_id), str(image)))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CaptionInputError(f"{path}: a manifest must be UTF-8 text ({error.reason} at byte {error.start})") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CaptionInputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise CaptionInputError(f"{path}:{number}: each line must be a JSON object with a non-empty "
+                                    "\"path\" string (and optionally an \"id\")")
+        image = Path(entry["path"])
+        image = image if image.is_absolute() else path.parent / image
+        item_id = entry.get("id", entry["path"])
+        if not isinstance(item_id, (str, int)) or item_id == "":
+            raise CaptionInputError(f"{path}:{number}: \"id\" must be a non-empty string or an integer")
+        items.append(CaptionItem(escape_undecodable(str(item_id)), str(image)))
     return items
 
 
@@ -159,6 +203,49 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def drop_records(path: Path, ids: set[str]) -> int:
+    """Rewrite `path` without the records of `ids` (before they are captioned again), atomically: a
+    new file beside it, fsynced, then renamed over it, so a kill leaves the old file or the new one.
+    Other lines are kept byte for byte. Returns how many records were dropped."""
+    if not ids or not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and str(record.get("id")) in ids:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        temporary = path.with_name(f".{path.name}.rewrite-{os.getpid()}")
+        with open(temporary, "wb") as out:
+            out.write(b"".join(kept))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash
+        finally:
+            os.close(directory)
+    return dropped
+
+
+def _writable(value):
+    """`value` with every string made valid UTF-8 (escape_undecodable): a file name that is not UTF-8
+    may appear in a path or an error message."""
+    if isinstance(value, str):
+        return escape_undecodable(value)
+    if isinstance(value, dict):
+        return {_writable(k): _writable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_writable(v) for v in value]
+    return value
+
+
 class RecordWriter:
     """Appends records, each as one whole-line write followed by fsync."""
 
@@ -168,7 +255,7 @@ class RecordWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (json.dumps(_writable(record), ensure_ascii=False) + "\n").encode("utf-8")
         written = os.write(self._fd, line)
         while written < len(line):  # a regular file takes it in one write in practice
             written += os.write(self._fd, line[written:])
@@ -474,7 +561,10 @@ def run_job(captioner, todo: Sequence[CaptionItem], writer: RecordWriter, summar
             on_record(record)
 
     try:
-        captioner.run(todo, emit)
+        for item in todo:
+            if item.problem is not None:  # nothing to read: recorded without the captioner
+                emit(error_record(item, "dangling_symlink", item.problem))
+        captioner.run([item for item in todo if item.problem is None], emit)
     finally:
         summary.seconds = time.perf_counter() - started
     return summary

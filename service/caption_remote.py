@@ -9,7 +9,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
-from service.caption import CaptionItem, CaptionOptions, default_params, error_record
+from service.caption import CaptionItem, CaptionOptions, default_params, error_record, escape_undecodable
+
+
 class RemoteCaptioner:
     """Captions through `tessera serve gateway` (or `all`) at `target`: `concurrency` calls in flight;
     the services decode, encode and batch. Overload and unavailability are retried with backoff; any
@@ -75,7 +77,8 @@ class RemoteCaptioner:
         try:
             data = Path(item.path).read_bytes()
         except OSError as error:
-            return error_record(item, "unreadable", f"cannot read {item.path!r}: {error.strerror or error}")
+            return error_record(item, "unreadable",
+                                f"cannot read {escape_undecodable(item.path)!r}: {error.strerror or error}")
         request = self._request(data)
         for attempt in range(self.retries + 1):
             try:

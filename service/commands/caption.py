@@ -41,12 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", metavar="INDEX/COUNT",
                         help="process only this shard (images are assigned by a hash of their id); default from "
                              "JOB_COMPLETION_INDEX and TESSERA_SHARD_COUNT when the latter is set")
-    parser.add_argument("--retry-errors", action="store_true", help="re-run ids whose recorded result is an error")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="re-run ids whose recorded result is an error; their error records are removed from "
+                             "--out first (the file is rewritten atomically), so each id keeps one record")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image failed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=["int8"], help="LM weight quantisation (CPU)")
-    parser.add_argument("--auth-token", default=None, help="--target only: bearer token (or TESSERA_AUTH_TOKEN)")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--auth-token", default=None,
+                       help="--target only: bearer token; visible to every local user in `ps`, so prefer "
+                            "TESSERA_AUTH_TOKEN or --auth-token-file")
+    token.add_argument("--auth-token-file", type=Path, default=None,
+                       help="--target only: read the bearer token from the first line of this file")
     parser.add_argument("--progress-interval", type=float, default=30.0,
                         help="seconds between progress lines when stderr is not a terminal")
 
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from lm.commands.generate import sampling_params
     from service.caption import (
         DEFAULT_PROMPT, CaptionInputError, CaptionOptions, JobSummary, RecordWriter, Shard, collect_inputs,
-        plan_job, read_records,
+        drop_records, plan_job, read_records,
     )
 
     def fail(message: str) -> int:
@@ -90,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
             return fail(str(error))
         from service.caption import run_job
 
+        retried = {item.id for item in todo if item.id in done}  # only with --retry-errors
+        try:
+            drop_records(args.out, retried)
+        except OSError as error:
+            return fail(f"cannot rewrite {args.out} without the error records to retry: {error}")
         with RecordWriter(args.out) as writer, _Progress(len(todo), args.progress_interval) as progress:
             run_job(captioner, todo, writer, summary, on_record=progress.update)
     result = summary.as_dict()
@@ -106,12 +118,26 @@ def _captioner(args: argparse.Namespace, options):
     if args.target:
         from service.caption_remote import RemoteCaptioner
 
-        return RemoteCaptioner(args.target, options, auth_token=args.auth_token or os.environ.get("TESSERA_AUTH_TOKEN"))
+        return RemoteCaptioner(args.target, options, auth_token=_auth_token(args))
     from lm.runtime import DTYPES
     from service.caption import load_local_captioner
 
     return load_local_captioner(args.model, options, device=args.device, dtype=DTYPES[args.dtype],
                                 quantize=args.quantize)
+
+
+def _auth_token(args: argparse.Namespace) -> str | None:
+    """--auth-token, else the first line of --auth-token-file, else TESSERA_AUTH_TOKEN. Raises OSError
+    or ValueError (an empty file)."""
+    if args.auth_token:
+        return args.auth_token
+    if args.auth_token_file is not None:
+        lines = args.auth_token_file.read_text(encoding="utf-8").splitlines()
+        if not lines or not lines[0].strip():
+            raise ValueError(f"--auth-token-file {args.auth_token_file}: the file is empty; its first line must be "
+                             "the bearer token")
+        return lines[0].strip()
+    return os.environ.get("TESSERA_AUTH_TOKEN") or None
 
 
 class _Progress:
