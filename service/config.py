@@ -29,6 +29,11 @@ class ServeConfig:
     kv_budget_mb: int = 1024  # engine KV cache budget
     max_queue: int = 64  # waiting requests before RESOURCE_EXHAUSTED
     max_message_mb: int = 64  # gRPC max send/receive message size
+    # Request limits (lm, gateway, all), checked before any tokenizing, decoding or encoding:
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a request's text (prompt, message texts)
+    max_images: int = 8  # images per request
+    max_tiles: int = 32  # image tiles (originals + Pan & Scan crops) per request
+    allow_special_tokens: bool = False  # chat text may write control tokens ("<end_of_turn>") as such
     grace_period: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     tls_cert: str | None = None  # PEM certificate chain; with tls_key: TLS on
     tls_key: str | None = None  # PEM private key
@@ -46,8 +51,18 @@ class ServeConfig:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period must be >= 0, got {self.grace_period}")
+        for name in ("max_prompt_bytes", "max_images", "max_tiles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.port == 0:
             object.__setattr__(self, "port", DEFAULT_PORTS[self.role])
+
+    def prompt_limits(self):
+        """The request limits the LM service and the gateway enforce (lm.prompt.PromptLimits)."""
+        from lm.prompt import PromptLimits
+
+        return PromptLimits(max_text_bytes=self.max_prompt_bytes, max_images=self.max_images,
+                            max_tiles=self.max_tiles, allow_special_tokens=self.allow_special_tokens)
 
     @property
     def max_message_bytes(self) -> int:
@@ -92,4 +107,11 @@ def from_args(role: str, args: argparse.Namespace, environ: Mapping[str, str]) -
 
 
 def _kind(field):
-    return {"int": int, "float": float}.get(str(field.type), str)
+    return {"int": int, "float": float, "bool": _boolean}.get(str(field.type), str)
+
+
+def _boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    if text.strip().lower() not in value:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value[text.strip().lower()]

@@ -4,18 +4,29 @@ It calls the vision service when images are present, then the language model. Bo
 through small client objects: `Remote*` over gRPC (the services deployed apart; the caller's
 deadline and token travel with each call) or `Local*` (the servicers in this process, `serve all`;
 the call runs in the caller's task, so its deadline and cancellation apply directly).
+
+A query is refused before any image is decoded or encoded when it is certainly too large: first from
+its sizes (text bytes, images; `lm.prompt.check_request_size`), then from its images' headers (tiles
+per image from `vision.pan_and_scan.num_tiles`, tiles per request), then by the language model's
+CountTokens on the prompt with those tiles against its context.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
 import grpc
 
+from lm.prompt import PromptLimits, RequestTooLarge, check_request_size, require_prompt, text_bytes
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
+from service.vision_service import BadImage
+from service.wire import pan_and_scan_from_proto
+from vision.image import ImageError, ImageLimits, image_size
+from vision.pan_and_scan import num_tiles
 
 SERVICE_NAME = "tessera.gateway.v1.GatewayService"
 
@@ -35,6 +46,9 @@ class LocalLanguageModel:
     async def generate_stream(self, request, timeout) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
         async for message in self.servicer.stream(request):
             yield message
+
+    async def count_tokens(self, request, timeout) -> lm_pb2.CountTokensResponse:
+        return await self.servicer.count_tokens(request)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -64,12 +78,20 @@ class RemoteLanguageModel:
         finally:
             call.cancel()  # no-op once finished; otherwise the LM frees the request's slot
 
+    async def count_tokens(self, request, timeout) -> lm_pb2.CountTokensResponse:
+        return await self.stub.CountTokens(request, timeout=timeout, metadata=self.metadata)
+
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, vision, language_model):
-        """`vision` None: this deployment has no vision service; image queries are refused."""
+    def __init__(self, vision, language_model, *, limits: PromptLimits = PromptLimits(),
+                 image_limits: ImageLimits = ImageLimits()):
+        """`vision` None: this deployment has no vision service; image queries are refused. `limits`: what
+        one query may carry (ServeConfig.prompt_limits()); `image_limits`: the checks made on each image's
+        header (those of the vision service)."""
         self.vision = vision
         self.language_model = language_model
+        self.limits = limits
+        self.image_limits = image_limits
 
     async def Query(self, request, context):
         done = None
@@ -90,11 +112,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         def remaining() -> float | None:  # what is left of the caller's deadline, passed downstream
             return None if deadline is None else max(deadline - time.perf_counter(), 0.001)
 
+        require_prompt(request.prompt, raw=request.raw, num_images=len(request.images))
+        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=[1] * len(request.images),
+                           limits=self.limits)  # the text and the number of images, before any image is read
         images, tiles = [], []
         if request.images:
             if self.vision is None:
                 raise ValueError("this deployment has no vision service (the model is text-only); "
                                  "send text only or serve a vision-language checkpoint")
+            await self._check_prompt_fits(request, await asyncio.to_thread(self._tiles_from_headers, request),
+                                          remaining())
             encoded = await self.vision.encode(
                 vision_pb2.EncodeRequest(images=request.images, pan_and_scan=request.pan_and_scan), remaining())
             images = [item.soft_tokens for item in encoded.images]
@@ -118,3 +145,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if message.text:
                 yield gateway_pb2.QueryStreamResponse(text=message.text)
         raise RuntimeError("the language model's stream ended without a final message")
+
+    def _tiles_from_headers(self, request: gateway_pb2.QueryRequest) -> list[int]:
+        """Tiles of each image from its header alone (nothing decoded); BadImage as the vision service
+        words it for an image refused on its header."""
+        pan_and_scan = pan_and_scan_from_proto(request.pan_and_scan)
+        tiles = []
+        for index, image in enumerate(request.images):
+            try:
+                width, height = image_size(image.data, self.image_limits)
+            except ImageError as error:
+                raise BadImage(f"image {index}: {error} ({error.code})") from None
+            tiles.append(num_tiles(width, height, pan_and_scan))
+        return tiles
+
+    async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, tiles: list[int], timeout) -> None:
+        """RequestTooLarge unless the images' tiles are within the limits and the whole prompt, laid out
+        by the language model with these tiles, fits its context."""
+        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits)
+        counted = await self.language_model.count_tokens(
+            lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, image_tiles=tiles), timeout)
+        if counted.count > counted.max_prompt_tokens:
+            raise RequestTooLarge(f"prompt is {counted.count} tokens with its images' {sum(tiles)} tiles "
+                                  f"({', '.join(map(str, tiles))}); the limit is {counted.max_prompt_tokens} tokens")

@@ -1,7 +1,11 @@
 """`tessera.lm.v1.LanguageModelService`: prompts (+ image soft tokens) in, text out, on the engine.
 
 The engine runs on its own thread; this servicer only lays out the prompt, submits it and relays the
-handle's events into the event loop (the handle notifies the loop, nothing blocks it). When the RPC
+handle's events into the event loop (the handle notifies the loop, nothing blocks it). Nothing that
+grows with the request runs on the event loop: the cheap limits (`lm.prompt.check_request_size`: text
+bytes, images, tiles, image tokens against the context) are checked first, from the message's sizes
+and shapes alone, then tokenizing, layout and the soft-token copies run on a small pool of worker
+threads (the tokenizer releases the GIL), so health checks and running streams never pause. When the RPC
 ends early - the client cancelled, its deadline passed, the server stops - the request is cancelled
 in the engine, which frees its slot at the next step.
 """
@@ -11,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import torch
 
 from lm.engine import Engine
+from lm.prompt import Prompt, PromptLimits, check_request_size, layout_request, text_bytes
 from lm.requests import GenerationRequest, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
@@ -35,12 +41,16 @@ class LoadedLanguageModel:
 
 class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
     def __init__(self, load: Callable[[], LoadedLanguageModel], *, model_name: str, max_message_bytes: int,
-                 metrics=None):
+                 metrics=None, limits: PromptLimits = PromptLimits(), prompt_workers: int = 2):
+        """`limits`: what one request may carry (ServeConfig.prompt_limits()); `prompt_workers`: threads
+        that tokenize and lay out prompts, off the event loop."""
         self._load = load  # blocking; runs on a worker thread
         self.model_name = model_name
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
+        self.limits = limits
         self.loaded: LoadedLanguageModel | None = None
+        self._prompt_pool = ThreadPoolExecutor(max_workers=prompt_workers, thread_name_prefix="lm-prompt")
 
     async def load(self) -> LoadedLanguageModel:
         self.loaded = await asyncio.to_thread(self._load)
@@ -49,6 +59,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         return self.loaded
 
     def stop(self) -> None:
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
         if self.loaded is not None:
             self.loaded.engine.stop()
 
@@ -72,14 +83,13 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
 
     async def Tokenize(self, request, context):
         loaded = self._ready()
-        prompt = _layout(loaded.lm.tokenizer, request, list(request.image_tiles), loaded.lm.config.mm_tokens_per_image)
+        tiles = list(request.image_tiles)
+        self._check_size(loaded, request, tiles)
+        prompt = await self._off_loop(self._layout, loaded, request, tiles)
         return lm_pb2.TokenizeResponse(token_ids=prompt.token_ids)
 
     async def CountTokens(self, request, context):
-        loaded = self._ready()
-        prompt = _layout(loaded.lm.tokenizer, request, list(request.image_tiles), loaded.lm.config.mm_tokens_per_image)
-        return lm_pb2.CountTokensResponse(count=len(prompt.token_ids),
-                                          max_prompt_tokens=loaded.engine.engine_config.max_seq_len - 1)
+        return await self.count_tokens(request)
 
     async def GetInfo(self, request, context):
         loaded = self._ready()
@@ -94,12 +104,24 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
 
     # ----- the work, shared with the in-process gateway -------------------------------------------
 
+    async def count_tokens(self, request: lm_pb2.TokenizeRequest) -> lm_pb2.CountTokensResponse:
+        """The prompt's length and the longest the engine takes. Raises ValueError (bad or too large
+        request: the cheap limits are checked before anything is tokenized), NotReady."""
+        loaded = self._ready()
+        tiles = list(request.image_tiles)
+        self._check_size(loaded, request, tiles)
+        prompt = await self._off_loop(self._layout, loaded, request, tiles)
+        return lm_pb2.CountTokensResponse(count=len(prompt.token_ids), max_prompt_tokens=_max_prompt_tokens(loaded))
+
     async def stream(self, request: lm_pb2.GenerateRequest) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
         """Token events of one request as protobuf messages, the Completion last. Raises ValueError
         (bad request), EngineOverloaded, NotReady."""
         loaded = self._ready()
         started = time.perf_counter()
-        generation = self._generation_request(loaded, request)
+        # Tiles as the soft-token shapes declare them (the tensors' own checks come with the copy).
+        self._check_size(loaded, request, [int(image.shape[0]) if len(image.shape) == 3 else 1
+                                           for image in request.images])
+        generation = await self._off_loop(self._generation_request, loaded, request)
         engine = loaded.engine
         handle = engine.submit(generation)
         loop = asyncio.get_running_loop()
@@ -152,11 +174,29 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                                  f"(checked as {dtype}, the model's dtype)")
             soft_tokens.append(tensor)
         tiles = [t.shape[0] for t in soft_tokens]
-        prompt = _layout(loaded.lm.tokenizer, request, tiles, config.mm_tokens_per_image)
+        prompt = self._layout(loaded, request, tiles)
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
                                  image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), **kwargs)
+
+    def _check_size(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> None:
+        """The cheap limits, on the event loop: O(messages + images), nothing tokenized or copied."""
+        messages = messages_from_proto(request.messages) if request.messages else ()
+        check_request_size(text_bytes=text_bytes(request.prompt, messages), tiles_per_image=tiles, limits=self.limits,
+                           max_prompt_tokens=_max_prompt_tokens(loaded),
+                           tokens_per_tile=loaded.lm.config.mm_tokens_per_image)
+
+    def _layout(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> Prompt:
+        """The prompt of a Generate/Tokenize request by the rules every entry point shares
+        (`lm.prompt.layout_request`): chat messages, raw text, or one user turn."""
+        return layout_request(
+            loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw,
+            messages=messages_from_proto(request.messages) if request.messages else None, image_tiles=tiles,
+            tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens)
+
+    async def _off_loop(self, work, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work, *args)
 
     def _observe(self, completion, first_token_at, started) -> None:
         if self.metrics is None:
@@ -175,18 +215,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         m.gauge("tessera_kv_cache_bytes", "bytes allocated for the KV cache", lambda: engine.stats().kv_bytes_total)
 
 
-def _layout(tokenizer, request, tiles: list[int], tokens_per_tile: int):
-    """The prompt of a Generate/Tokenize request: chat messages, raw text, or one user turn."""
-    from lm.prompt import layout_chat, layout_text
-
-    if request.messages:
-        if request.prompt:
-            raise ValueError("give either prompt or messages, not both")
-        return layout_chat(tokenizer, messages_from_proto(request.messages), tiles, tokens_per_tile=tokens_per_tile)
-    if request.raw:
-        return layout_text(tokenizer, request.prompt, tiles, tokens_per_tile=tokens_per_tile)
-    content = [{"type": "image"} for _ in tiles] + [{"type": "text", "text": request.prompt}]
-    return layout_chat(tokenizer, [{"role": "user", "content": content}], tiles, tokens_per_tile=tokens_per_tile)
+def _max_prompt_tokens(loaded: LoadedLanguageModel) -> int:
+    return loaded.engine.engine_config.max_seq_len - 1  # max_seq_len holds at least one generated token
 
 
 def _drain(handle) -> list:
