@@ -6,11 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Mapping
 
 ROLES = ("vision", "lm", "gateway", "all")
 DEFAULT_PORTS = {"vision": 50051, "lm": 50052, "gateway": 50050, "all": 50050}
 _SECRETS = ("auth_token",)
+_HELP = {
+    "auth_token": "bearer token clients must send; visible to every local user in `ps`: prefer "
+                  "TESSERA_AUTH_TOKEN or --auth-token-file",
+    "auth_token_file": "read the bearer token from the first line of this file (e.g. a mounted Secret)",
+    "tls_cert": "PEM certificate chain: serve TLS (with --tls-key)",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "backend_tls_ca": "gateway: PEM CA bundle of the vision/LM services' certificates; dials them over TLS",
+    "backend_tls_cert": "gateway: PEM client certificate for the vision/LM services (with --backend-tls-key)",
+}
 
 
 @dataclass(frozen=True)
@@ -37,13 +47,29 @@ class ServeConfig:
     grace_period: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     tls_cert: str | None = None  # PEM certificate chain; with tls_key: TLS on
     tls_key: str | None = None  # PEM private key
-    auth_token: str | None = None  # bearer token required in `authorization` metadata
+    tls_client_ca: str | None = None  # PEM CA bundle; set: clients must show a certificate it signed (mutual TLS)
+    auth_token: str | None = None  # bearer token required in `authorization` metadata (and sent to backends)
+    auth_token_file: str | None = None  # file whose first line is the token: keeps it out of `ps` and the env
+    backend_tls_ca: str | None = None  # gateway only: PEM CA bundle that signed the vision/LM certificates; TLS on
+    backend_tls_cert: str | None = None  # gateway only: PEM client certificate chain, for backends that ask for one
+    backend_tls_key: str | None = None  # gateway only: its PEM private key
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (client certificates) needs TLS: give --tls-cert and --tls-key too")
+        if self.auth_token and self.auth_token_file:
+            raise ValueError("give the bearer token once: --auth-token-file or --auth-token/TESSERA_AUTH_TOKEN, "
+                             "not both")
+        if (self.backend_tls_cert is None) != (self.backend_tls_key is None):
+            raise ValueError("a client certificate for the backends needs both --backend-tls-cert and "
+                             "--backend-tls-key (or neither)")
+        if self.backend_tls_cert and not self.backend_tls_ca:
+            raise ValueError("--backend-tls-cert needs --backend-tls-ca (the CA bundle that signed the backends' "
+                             "certificates), which turns TLS on for the gateway's calls to them")
         for name in ("max_batch", "max_seq_len", "kv_budget_mb", "max_queue", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -68,6 +94,18 @@ class ServeConfig:
     def max_message_bytes(self) -> int:
         return self.max_message_mb << 20
 
+    def bearer_token(self) -> str | None:
+        """The bearer token: --auth-token (or TESSERA_AUTH_TOKEN), else the first line of --auth-token-file,
+        else None (no authentication). Raises OSError if the file cannot be read, ValueError if it is empty."""
+        if self.auth_token or not self.auth_token_file:
+            return self.auth_token or None
+        lines = Path(self.auth_token_file).read_text(encoding="utf-8").splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ValueError(f"--auth-token-file {self.auth_token_file}: the file is empty; its first line must be "
+                             "the bearer token")
+        return token
+
     def redacted_json(self) -> str:
         values = asdict(self)
         for name in _SECRETS:
@@ -84,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind = _kind(field)
         help_text = f"(env TESSERA_{field.name.upper()}; default {field.default})"
+        if field.name in _HELP:
+            help_text = f"{_HELP[field.name]} {help_text}"
         parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 

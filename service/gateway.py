@@ -23,6 +23,7 @@ from lm.prompt import PromptLimits, RequestTooLarge, check_request_size, require
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
+from service.interceptors import BackendError
 from service.vision_service import BadImage
 from service.wire import pan_and_scan_from_proto
 from vision.image import ImageError, ImageLimits, image_size
@@ -56,30 +57,66 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+# A backend's status that is the request's own outcome (a bad image, a full queue, its deadline) goes
+# back to the caller as it is; any other says the deployment is broken and names the backend.
+_REQUEST_OUTCOMES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.NOT_FOUND,
+})
+_BACKEND_FAILURES = {  # status from the backend -> (status for the caller, what it means)
+    grpc.StatusCode.UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, "is unavailable"),
+    grpc.StatusCode.UNAUTHENTICATED: (grpc.StatusCode.UNAVAILABLE, "refused the gateway's token"),
+    grpc.StatusCode.PERMISSION_DENIED: (grpc.StatusCode.UNAVAILABLE, "refused the gateway's token"),
+    grpc.StatusCode.UNIMPLEMENTED: (grpc.StatusCode.UNAVAILABLE, "does not serve this method (wrong target?)"),
+}
+
+
+def backend_error(error: grpc.aio.AioRpcError, backend: str) -> Exception:
+    """The exception to raise for a failed call to `backend` ("LM service at host:port")."""
+    code = error.code()
+    if code in _REQUEST_OUTCOMES:
+        return error
+    status, meaning = _BACKEND_FAILURES.get(code, (grpc.StatusCode.INTERNAL, f"failed ({code.name})"))
+    return BackendError(status, f"{backend} {meaning}: {error.details() or code.name}")
+
+
 class RemoteVision:
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = ()):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "vision service"):
+        """`name` names the backend in errors, e.g. "vision service at host:port"."""
         self.stub = vision_pb2_grpc.VisionServiceStub(channel)
         self.metadata = metadata
+        self.name = name
 
     async def encode(self, request, timeout):
-        return await self.stub.Encode(request, timeout=timeout, metadata=self.metadata)
+        try:
+            return await self.stub.Encode(request, timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, self.name) from None
 
 
 class RemoteLanguageModel:
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = ()):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "LM service"):
+        """`name` names the backend in errors, e.g. "LM service at host:port"."""
         self.stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
         self.metadata = metadata
+        self.name = name
 
     async def generate_stream(self, request, timeout) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
         call = self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
         try:
             async for message in call:
                 yield message
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, self.name) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the LM frees the request's slot
 
     async def count_tokens(self, request, timeout) -> lm_pb2.CountTokensResponse:
-        return await self.stub.CountTokens(request, timeout=timeout, metadata=self.metadata)
+        try:
+            return await self.stub.CountTokens(request, timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise backend_error(error, self.name) from None
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

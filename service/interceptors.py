@@ -2,15 +2,19 @@
 optional bearer-token check.
 
 Status codes mean what they say (see `status_for`): a bad image, bad parameters or a prompt that is
-too long is INVALID_ARGUMENT with the reason; a full queue is RESOURCE_EXHAUSTED; a model still
-loading or a server shutting down is UNAVAILABLE; anything else is a bug: INTERNAL, logged with the
-request id the client sees.
+too long is INVALID_ARGUMENT with the reason; so is a request body that is not the method's protobuf
+message. A full queue is RESOURCE_EXHAUSTED; a model still loading, a server shutting down or a
+backend the gateway cannot reach is UNAVAILABLE; a client that went away is CANCELLED and one whose
+deadline passed is DEADLINE_EXCEEDED (counted, never logged as an error); anything else is a bug:
+INTERNAL, logged once with the request id the client sees.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -24,6 +28,11 @@ log = logging.getLogger(__name__)
 
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no token
 
+# A client whose deadline passes cancels the call itself, a little before the server's own copy of
+# that deadline expires (the deadline travelled as a relative timeout and arrived a transit time
+# later). A cancellation this close to the deadline is counted as the deadline's.
+DEADLINE_SLACK_S = 0.25
+
 
 class NotReady(Exception):
     """The service is loading its model or shutting down."""
@@ -31,6 +40,15 @@ class NotReady(Exception):
 
 class DeadlineExceeded(Exception):
     """The caller's deadline passed before the work finished."""
+
+
+class BackendError(Exception):
+    """A backend service (vision or LM, called by the gateway) failed the call; `code` is the status
+    to return and the message names the backend, its address and what it said."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 # exception class -> status code; the first match in order wins (subclasses before bases)
@@ -45,6 +63,8 @@ _STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = 
 
 
 def status_for(error: BaseException) -> grpc.StatusCode | None:
+    if isinstance(error, BackendError):
+        return error.code
     for kind, code in _STATUS_BY_EXCEPTION:
         if isinstance(error, kind):
             return code
@@ -53,6 +73,45 @@ def status_for(error: BaseException) -> grpc.StatusCode | None:
 
 def _method_name(full_method: str) -> str:
     return full_method.rsplit("/", 1)[-1] if full_method else "unknown"
+
+
+def record(metrics, method: str, code: grpc.StatusCode, started: float) -> None:
+    """Count one finished RPC by method and status code and observe its latency (`metrics` may be None)."""
+    if metrics is None:
+        return
+    name = _method_name(method)
+    metrics.requests.labels(name, code.name).inc()
+    metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+
+def cancellation_code(context) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the call's deadline has (all but) passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+class _Undecodable:
+    """Stands in for a request body its method's deserializer refused (gRPC would otherwise answer
+    UNKNOWN with a traceback, before any handler or interceptor runs)."""
+
+    def __init__(self, message_type: str, error: Exception):
+        self.message_type = message_type
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message_type = getattr(descriptor, "full_name", "request")
+
+    def deserialize(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as error:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(message_type, error)
+    return deserialize
 
 
 class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -67,47 +126,65 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
+                      response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(self._wrap_call(handler.unary_unary, method), **kwargs)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            if inspect.iscoroutinefunction(handler.unary_stream):  # writes with context.write (health Watch)
+                return grpc.unary_stream_rpc_method_handler(self._wrap_call(handler.unary_stream, method), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **kwargs)
         return handler  # streaming requests: none in Tessera's APIs (reflection handles its own errors)
 
-    def _wrap_unary(self, behaviour, method):
+    def _wrap_call(self, behaviour, method):
         async def wrapped(request, context):
             started = time.perf_counter()
+            if isinstance(request, _Undecodable):
+                await self._refuse_undecodable(request, context, method, started)
             try:
                 response = await behaviour(request, context)
             except BaseException as error:  # noqa: BLE001 - classified, recorded, then aborted or re-raised
                 await self._fail(error, context, method, started)
-            self._record(method, grpc.StatusCode.OK, started)
+            record(self.metrics, method, grpc.StatusCode.OK, started)
             return response
         return wrapped
 
     def _wrap_stream(self, behaviour, method):
         async def wrapped(request, context):
             started = time.perf_counter()
-            try:
-                async for response in behaviour(request, context):
-                    yield response
-            except BaseException as error:  # noqa: BLE001
-                await self._fail(error, context, method, started)
-            self._record(method, grpc.StatusCode.OK, started)
+            if isinstance(request, _Undecodable):
+                await self._refuse_undecodable(request, context, method, started)
+            # aclosing: when this generator is dropped, the handler's own cleanup (freeing the
+            # engine slot, cancelling a downstream call) runs now, not whenever it is collected.
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                try:
+                    async for response in responses:
+                        yield response
+                except GeneratorExit:
+                    # gRPC drops the generator when the call ends while a response is being sent:
+                    # the client cancelled or its deadline passed. The call is over; nothing to send.
+                    record(self.metrics, method, cancellation_code(context), started)
+                    raise
+                except BaseException as error:  # noqa: BLE001
+                    await self._fail(error, context, method, started)
+            record(self.metrics, method, grpc.StatusCode.OK, started)
         return wrapped
+
+    async def _refuse_undecodable(self, request: _Undecodable, context, method: str, started: float) -> None:
+        log.warning("%s: refused a request that is not a valid %s from %s: %s", method, request.message_type,
+                    context.peer(), request.error)
+        record(self.metrics, method, grpc.StatusCode.INVALID_ARGUMENT, started)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"malformed request body: {request.error} (expected a serialized {request.message_type}; "
+                            "string fields must be valid UTF-8)")
 
     async def _fail(self, error: BaseException, context, method: str, started: float) -> None:
         """Record the call's status, then abort it with that status (or re-raise what is not ours)."""
         if isinstance(error, asyncio.CancelledError):  # the client went away or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            self._record(method, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+            record(self.metrics, method, cancellation_code(context), started)
             raise error
         if isinstance(error, grpc.aio.AbortError):  # the handler already chose and sent the status
-            self._record(method, context.code() or grpc.StatusCode.UNKNOWN, started)
+            record(self.metrics, method, context.code() or grpc.StatusCode.UNKNOWN, started)
             raise error
         if isinstance(error, grpc.aio.AioRpcError):  # a downstream service's status: pass it on
             code, details = error.code(), error.details() or ""
@@ -117,24 +194,19 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             request_id = uuid.uuid4().hex[:12]
             log.error("internal error in %s (request id %s)", method, request_id, exc_info=error)
             code, details = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
-        self._record(method, code, started)
+        record(self.metrics, method, code, started)
         await context.abort(code, details)
-
-    def _record(self, method, code, started) -> None:
-        if self.metrics is None:
-            return
-        name = _method_name(method)
-        self.metrics.requests.labels(name, code.name).inc()
-        self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` metadata on every RPC except health and reflection."""
+    """Requires `authorization: Bearer <token>` metadata on every RPC except health and reflection.
+    Refusals are UNAUTHENTICATED and counted in `metrics` (a ServerMetrics, or None)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics=None):
         if not token:
             raise ValueError("the auth token must not be empty")
         self._expected = f"Bearer {token}".encode()
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
@@ -145,21 +217,22 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        return _refusal(handler)
+        return self._refusal(handler, method)
 
+    def _refusal(self, handler, method: str):
+        message = "missing or wrong bearer token in 'authorization'"
 
-def _refusal(handler):
-    async def refuse_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
+        async def refuse_unary(request, context):
+            record(self.metrics, method, grpc.StatusCode.UNAUTHENTICATED, time.perf_counter())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
-        yield  # pragma: no cover - makes this an async generator
+        async def refuse_stream(request, context):
+            record(self.metrics, method, grpc.StatusCode.UNAUTHENTICATED, time.perf_counter())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - makes this an async generator
 
-    kwargs = {}
-    if handler is not None:
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-    if handler is not None and handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse_unary, **kwargs)
+        # The body of a refused call is never parsed (request_deserializer None: raw bytes).
+        kwargs = {"response_serializer": handler.response_serializer} if handler is not None else {}
+        if handler is not None and handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(refuse_unary, **kwargs)

@@ -99,7 +99,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             tokens_per_tile=config.mm_tokens_per_image, image_token_id=loaded.lm.tokenizer.special.image_token_id,
             max_seq_len=engine_config.max_seq_len, max_batch=engine_config.max_batch,
             max_queue=engine_config.max_queue, dtype=str(loaded.lm.dtype).removeprefix("torch."),
-            accepts_images=True, max_message_bytes=self.max_message_bytes,
+            accepts_images=getattr(config, "image_token_index", None) is not None,  # a vision-language checkpoint
+            max_message_bytes=self.max_message_bytes,
         )
 
     # ----- the work, shared with the in-process gateway -------------------------------------------

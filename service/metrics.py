@@ -27,6 +27,8 @@ class ServerMetrics:
         self.tokens_generated = Counter("tessera_tokens_generated", "tokens generated", registry=r)
         self.prompt_tokens = Counter("tessera_prompt_tokens", "prompt tokens processed", registry=r)
         self.images_encoded = Counter("tessera_images_encoded", "images turned into soft tokens", registry=r)
+        self.backend_ready = Gauge("tessera_backend_ready", "1 while the gateway's backend is reachable and "
+                                   "SERVING, else 0", ["backend"], registry=r)
         self._server = None
         self._thread = None
 

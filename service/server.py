@@ -5,6 +5,10 @@ Lifecycle: `start()` binds the port at once with every health status NOT_SERVING
 models on worker threads (requests meanwhile get UNAVAILABLE); when loading ends the statuses turn
 SERVING. `stop(grace)` (SIGTERM) turns them NOT_SERVING, refuses new RPCs, lets in-flight ones finish
 for up to `grace` seconds, cancels the rest, then stops the engine.
+
+Health: "" says the process serves (liveness); each service name says it can answer (readiness). A
+gateway deployed apart reports its service SERVING only while both backends are reachable and
+SERVING (service/backends.py); its "" stays SERVING, so a backend outage never restarts gateways.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from service import gateway as gateway_module
 from service import lm_service, vision_service
+from service.backends import Backend, BackendReadiness, backend_credentials, open_channel, token_refusal
 from service.config import ServeConfig
 from service.interceptors import BearerTokenInterceptor, ErrorsAndMetricsInterceptor
 from service.metrics import ServerMetrics
@@ -79,6 +84,10 @@ class TesseraServer:
         self.vision: vision_service.VisionServicer | None = None
         self.gateway: gateway_module.GatewayServicer | None = None
         self._channels: list[grpc.aio.Channel] = []
+        self._backends: BackendReadiness | None = None  # gateway role: follows the vision and LM services
+        self._backends_task: asyncio.Task | None = None
+        self._models_ready = False
+        self._health_lock = asyncio.Lock()
         role = config.role
         if role in ("lm", "all"):
             self.lm = lm_service.LanguageModelServicer(
@@ -113,21 +122,14 @@ class TesseraServer:
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until the models are loaded). Returns the port."""
         config = self.config
+        token = config.bearer_token()
         interceptors = [ErrorsAndMetricsInterceptor(self.metrics)]
-        if config.auth_token:
-            interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
+        if token:
+            interceptors.insert(0, BearerTokenInterceptor(token, self.metrics))
         options = gateway_module.channel_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
         if config.role == "gateway":
-            metadata = (("authorization", f"Bearer {config.auth_token}"),) if config.auth_token else ()
-            # round_robin spreads calls over every address the target resolves to (all replicas
-            # behind a headless Kubernetes Service), not just the first connection.
-            downstream = options[:2] + [("grpc.lb_policy_name", "round_robin")]
-            vision_channel = grpc.aio.insecure_channel(config.vision_target, options=downstream)
-            lm_channel = grpc.aio.insecure_channel(config.lm_target, options=downstream)
-            self._channels = [vision_channel, lm_channel]
-            self.gateway = gateway_module.GatewayServicer(gateway_module.RemoteVision(vision_channel, metadata),
-                                                          gateway_module.RemoteLanguageModel(lm_channel, metadata))
+            self._open_backends(token, options[:2])
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         if self.vision is not None:
             vision_pb2_grpc.add_VisionServiceServicer_to_server(self.vision, server)
         if self.lm is not None:
@@ -141,8 +143,10 @@ class TesseraServer:
         reflection.enable_server_reflection([*full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
+            client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
             credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+                root_certificates=client_ca, require_client_auth=client_ca is not None)
             self.port = server.add_secure_port(address, credentials)
         else:
             self.port = server.add_insecure_port(address)
@@ -150,7 +154,27 @@ class TesseraServer:
         self._server = server
         self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
         self._load_task = asyncio.create_task(self._load())
+        if self._backends is not None:
+            self._backends_task = asyncio.create_task(self._backends.run())
         return self.port
+
+    def _open_backends(self, token: str | None, options: list) -> None:
+        """The gateway's channels to the vision and LM services: TLS when --backend-tls-ca is given,
+        the bearer token on every call, readiness followed by `self._backends`."""
+        config = self.config
+        credentials = backend_credentials(config.backend_tls_ca, config.backend_tls_cert, config.backend_tls_key)
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        vision = Backend("vision service", config.vision_target, vision_service.SERVICE_NAME)
+        lm = Backend("LM service", config.lm_target, lm_service.SERVICE_NAME)
+        vision_channel = open_channel(vision, options, credentials)
+        lm_channel = open_channel(lm, options, credentials)
+        self._channels = [vision_channel, lm_channel]
+        self.gateway = gateway_module.GatewayServicer(
+            gateway_module.RemoteVision(vision_channel, metadata, name=str(vision)),
+            gateway_module.RemoteLanguageModel(lm_channel, metadata, name=str(lm)))
+        self._backends = BackendReadiness([(vision, vision_channel), (lm, lm_channel)],
+                                          lambda ready: self._update_health(), refusal=token_refusal(metadata),
+                                          metrics=self.metrics)
 
     async def _load(self) -> None:
         try:
@@ -163,13 +187,23 @@ class TesseraServer:
             self.load_error = error
             self.loaded.set()
             return
-        if not self._stopped:
-            for name in [OVERALL, *self.service_names]:
-                text_only_vision = name == vision_service.SERVICE_NAME and self.vision.text_only
-                status = health_pb2.HealthCheckResponse.NOT_SERVING if text_only_vision else \
-                    health_pb2.HealthCheckResponse.SERVING
-                await self.health.set(name, status)
+        self._models_ready = True
+        await self._update_health()
         self.loaded.set()
+
+    async def _update_health(self) -> None:
+        """Every health status from the current state: NOT_SERVING until loaded; then SERVING except a
+        text-only vision service and a gateway whose backends are not all ready."""
+        async with self._health_lock:  # one writer at a time, so the last state written is the latest
+            for name in [OVERALL, *self.service_names]:
+                serving = self._models_ready
+                if name == vision_service.SERVICE_NAME and self.vision is not None and self.vision.text_only:
+                    serving = False
+                if name == gateway_module.SERVICE_NAME and self._backends is not None and not self._backends.ready:
+                    serving = False
+                # After stop() began, set() is ignored: graceful shutdown keeps NOT_SERVING for good.
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if serving else
+                                      health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds, then release everything."""
@@ -182,6 +216,8 @@ class TesseraServer:
             await self._server.stop(grace)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self._backends_task is not None:
+            self._backends_task.cancel()
         for channel in self._channels:
             await channel.close()
         if self.lm is not None:

@@ -2,6 +2,8 @@
 
 Every flag can also come from TESSERA_<FLAG> (e.g. TESSERA_METRICS_PORT); a flag on the command line
 wins. The effective configuration is printed as one JSON line on stderr at start-up, secrets redacted.
+The bearer token belongs in TESSERA_AUTH_TOKEN or a file (--auth-token-file): a command-line flag is
+visible to every local user in `ps`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera serve: {error}", file=sys.stderr)
         return 2
     print(config.redacted_json(), file=sys.stderr, flush=True)
+    if getattr(args, "auth_token", None):
+        print("tessera serve: warning: --auth-token is visible to every local user in `ps`; pass the token in "
+              "TESSERA_AUTH_TOKEN or --auth-token-file instead", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(_serve(config))
 
