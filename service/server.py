@@ -92,14 +92,15 @@ class TesseraServer:
         if role in ("lm", "all"):
             self.lm = lm_service.LanguageModelServicer(
                 load_lm or default_lm_loader(config), model_name=config.model,
-                max_message_bytes=config.max_message_bytes, metrics=self.metrics)
+                max_message_bytes=config.max_message_bytes, metrics=self.metrics, limits=config.prompt_limits())
         if role in ("vision", "all"):
             self.vision = vision_service.VisionServicer(
                 load_vision or default_vision_loader(config, required=role == "vision"), model_name=config.model,
                 max_message_bytes=config.max_message_bytes, metrics=self.metrics)
         if role == "all":
             self.gateway = gateway_module.GatewayServicer(gateway_module.LocalVision(self.vision),
-                                                          gateway_module.LocalLanguageModel(self.lm))
+                                                          gateway_module.LocalLanguageModel(self.lm),
+                                                          limits=config.prompt_limits())
         self.port: int | None = None
         self.metrics_port = 0
         self.loaded = asyncio.Event()
@@ -171,7 +172,8 @@ class TesseraServer:
         self._channels = [vision_channel, lm_channel]
         self.gateway = gateway_module.GatewayServicer(
             gateway_module.RemoteVision(vision_channel, metadata, name=str(vision)),
-            gateway_module.RemoteLanguageModel(lm_channel, metadata, name=str(lm)))
+            gateway_module.RemoteLanguageModel(lm_channel, metadata, name=str(lm)),
+            limits=config.prompt_limits())
         self._backends = BackendReadiness([(vision, vision_channel), (lm, lm_channel)],
                                           lambda ready: self._update_health(), refusal=token_refusal(metadata),
                                           metrics=self.metrics)

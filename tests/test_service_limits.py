@@ -263,17 +263,25 @@ def test_request_limits_come_from_flags_and_environment():
         from_args("lm", parser.parse_args([]), {"TESSERA_ALLOW_SPECIAL_TOKENS": "maybe"})
 
 
-def test_configured_limits_are_enforced(server, gateway):
-    """Limits other than the defaults, as `tessera serve --max-images 1 --max-tiles 2` gives them."""
-    lm_servicer, gateway_servicer = server.server.lm, server.server.gateway
-    saved = lm_servicer.limits, gateway_servicer.limits
-    lm_servicer.limits = gateway_servicer.limits = PromptLimits(max_images=1, max_tiles=2, max_text_bytes=100)
+def test_configured_limits_are_enforced(checkpoint):
+    """A server started with limits other than the defaults (`tessera serve --max-images 1 --max-tiles 2
+    --max-prompt-bytes 100 --allow-special-tokens true`) enforces them at the gateway and the LM service."""
+    limited = start_server(model=str(checkpoint), max_seq_len=MAX_SEQ_LEN, max_images=1, max_tiles=2,
+                           max_prompt_bytes=100, allow_special_tokens=True)
     try:
-        for request, message in [(query("two", [photo(40, 30), photo(30, 40)]), "2 images; at most 1"),
-                                 (query("x" * 101), "101 bytes; the limit is 100"),
-                                 (query("wide", [photo(900, 300)], pan_and_scan=tensor_pb2.PanAndScanOptions(
-                                     enabled=True, min_crop_size=100)), "4 tiles in all")]:
-            error, _ = refused(lambda: gateway.Query(request, timeout=30))
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+        with grpc.insecure_channel(limited.target) as channel:
+            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for request, message in [(query("two", [photo(40, 30), photo(30, 40)]), "2 images; at most 1"),
+                                     (query("x" * 101), "101 bytes; the limit is 100"),
+                                     (query("wide", [photo(900, 300)], pan_and_scan=tensor_pb2.PanAndScanOptions(
+                                         enabled=True, min_crop_size=100)), "4 tiles in all")]:
+                error, _ = refused(lambda: gateway.Query(request, timeout=30))
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+            lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+            error, _ = refused(lambda: lm.Tokenize(lm_pb2.TokenizeRequest(prompt="y" * 101), timeout=30))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "the limit is 100" in error.details()
+            special = limited.server.lm.loaded.lm.tokenizer.special
+            ids = list(lm.Tokenize(lm_pb2.TokenizeRequest(prompt="a<end_of_turn>b"), timeout=30).token_ids)
+            assert ids.count(special.end_of_turn_id) == 2  # the user's one is a control token here, plus the turn's
     finally:
-        lm_servicer.limits, gateway_servicer.limits = saved
+        limited.stop()
