@@ -5,8 +5,9 @@
   with the bytes of a file name that are not UTF-8 written as \\xNN (`escape_undecodable`), so every
   id can be written, hashed and matched again by the next run. A symbolic link with an image suffix
   whose target is missing gets an error record (code `dangling_symlink`) naming the link and target.
-- Sharding: an image belongs to shard `sha256(id) mod COUNT`, so shards are disjoint, cover every
-  image, and do not depend on input order or on which machine runs them.
+- Sharding: an image belongs to shard (first 8 bytes of sha256(UTF-8 id), big-endian) mod COUNT, so
+  shards are disjoint, cover every image, and do not depend on input order or on which machine runs
+  them.
 - Output: each record is one `write()` of a whole line on an O_APPEND file, then fsync; a killed job
   leaves at most a torn last line (only possible if the OS split that write), which the next run cuts
   off before appending. A rerun skips every id already recorded; `retry_errors` re-runs failed ones
@@ -142,7 +143,8 @@ def read_manifest(path: Path) -> list[CaptionItem]:
 # ----- sharding --------------------------------------------------------------------------------------
 
 def shard_of(item_id: str, count: int) -> int:
-    """The shard (0..count-1) that owns `item_id`: a hash of the id, independent of input order."""
+    """The shard (0..count-1) that owns `item_id`: the first 8 bytes of sha256 of its UTF-8 encoding,
+    read big-endian, mod `count`; independent of input order, process and machine."""
     digest = hashlib.sha256(item_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % count
 
