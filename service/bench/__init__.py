@@ -16,6 +16,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "vision": ("service.bench.vision", "SigLIP + projector tiles/s (torch, ONNX fp32/int8) vs transformers"),
     "serve": ("service.bench.serve", "gateway over gRPC vs the engine in process: req/s, p50/p99 at 1/4/16 clients"),
     "caption": ("service.bench.caption", "batch captioning images/s vs a transformers loop, one image at a time"),
+    "hostile": ("service.bench.hostile", "health and stream latency of `serve all` while hostile requests arrive"),
 }
 
 
