@@ -2,9 +2,17 @@
 
 - Inputs are image files, directories (searched recursively for image suffixes) or JSONL manifests of
   {"id", "path"} (a relative path is relative to the manifest). A file's id is its path as given,
-  with the bytes of a file name that are not UTF-8 written as \\xNN (`escape_undecodable`), so every
-  id can be written, hashed and matched again by the next run. A symbolic link with an image suffix
-  whose target is missing gets an error record (code `dangling_symlink`) naming the link and target.
+  written by `name_id` so that every id is valid UTF-8 (it can be written, hashed and matched again by
+  the next run) and two different paths never share an id: a name that holds bytes that are not UTF-8,
+  or that already reads as an escaped id, is escaped - each backslash written \\\\, each such byte
+  \\xNN (any other lone surrogate \\uNNNN) - and every other name, such as any UTF-8 name without a
+  backslash, is its own id. Escaped ids are exactly the strings that hold a backslash and in which
+  every backslash starts one of those escapes; a name left as it is never reads so (it would have been
+  escaped), and escaping can be undone (`name_from_id`), so the mapping is one-to-one. An id given
+  twice for the same file is dropped as a duplicate; one id given to two different files (only
+  possible through manifests) is a CaptionInputError. A symbolic link with an image suffix that leads
+  to no file gets an error record naming the link and target: code `dangling_symlink` when the target
+  is missing, `symlink_loop` when following it loops.
 - Sharding: an image belongs to shard (first 8 bytes of sha256(UTF-8 id), big-endian) mod COUNT, so
   shards are disjoint, cover every image, and do not depend on input order or on which machine runs
   them.
@@ -19,10 +27,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -45,15 +55,17 @@ class CaptionInputError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionItem:
-    id: str  # stable key: resume and sharding go by it; valid UTF-8 (see escape_undecodable)
+    id: str  # stable key: resume and sharding go by it; valid UTF-8, one per path (see name_id)
     path: str  # where the image is read from (a file system name: may hold undecodable bytes)
-    problem: str | None = None  # why it cannot be read at all (a dangling symlink): its error record's message
+    problem: str | None = None  # why it cannot be read at all (a broken symlink): its error record's message
+    problem_code: str | None = None  # that error record's code (dangling_symlink, symlink_loop)
 
 
 def escape_undecodable(text: str) -> str:
     """`text` with each byte that was not valid UTF-8 in a file name (Python holds it as a lone
     surrogate, U+DC80..U+DCFF) written as the four characters \\xNN, and any other lone surrogate
-    as \\uNNNN: a stable UTF-8 form of the name that can be written, hashed and compared."""
+    as \\uNNNN; other text (backslashes included) unchanged. For free text that must be written as
+    UTF-8 (messages, captions); it is not one-to-one, so ids and paths use `name_id`."""
     if text.isascii():
         return text
     out = []
@@ -68,29 +80,106 @@ def escape_undecodable(text: str) -> str:
     return "".join(out)
 
 
+# The escapes of an escaped id: \\ (a backslash), \xNN (an undecodable byte 80..ff, held by Python as
+# U+DC80..U+DCFF) and \uNNNN (any other lone surrogate), lowercase hex as name_id writes them.
+_ESCAPE = r"\\(?:\\|x[89a-f][0-9a-f]|ud[89a-f][0-9a-f]{2})"
+_ESCAPED_ID = re.compile(rf"(?:[^\\]|{_ESCAPE})*")
+_ONE_ESCAPE = re.compile(_ESCAPE)
+
+
+def _reads_as_escaped(text: str) -> bool:
+    """Whether `text` holds a backslash and every backslash in it starts an escape."""
+    return "\\" in text and _ESCAPED_ID.fullmatch(text) is not None
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
+def name_id(name: str) -> str:
+    """The id of a file name or manifest id: valid UTF-8, and one-to-one (two different names never
+    share an id). A name with lone surrogates (bytes that are not UTF-8) or that already reads as an
+    escaped id is escaped: each backslash as \\\\, each surrogate U+DC80..U+DCFF as \\xNN (the byte),
+    any other as \\uNNNN. Any other name - every UTF-8 name without a backslash, and one whose
+    backslashes do not all start such escapes (C:\\images) - is returned unchanged."""
+    if not _has_surrogate(name) and not _reads_as_escaped(name):
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def name_from_id(item_id: str) -> str:
+    """The name whose `name_id` is `item_id` (undecodable bytes back as lone surrogates, as
+    os.fsdecode holds them); `os.fsencode` of it is the file system name."""
+    if not _reads_as_escaped(item_id):
+        return item_id
+
+    def unescape(match: re.Match) -> str:
+        escape = match.group()
+        if escape == "\\\\":
+            return "\\"
+        return chr(0xDC00 + int(escape[2:], 16)) if escape[1] == "x" else chr(int(escape[2:], 16))
+
+    return _ONE_ESCAPE.sub(unescape, item_id)
+
+
+def _broken_link(path: Path) -> tuple[str, str] | None:
+    """(error code, message) when `path` is a symbolic link that leads to no file: its target is
+    missing (dangling_symlink) or following it loops (symlink_loop); None otherwise."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as error:
+        link, target = name_id(str(path)), name_id(os.readlink(path))
+        if error.errno == errno.ELOOP:
+            return "symlink_loop", (f"{link} is a symbolic link loop: it points to {target}, and following the "
+                                    "links leads back round without reaching a file")
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "dangling_symlink", f"{link} is a symbolic link to {target}, which does not exist"
+    return None  # it leads to a file (or cannot be checked here): reading it reports any problem
+
+
 def _file_item(path: Path) -> CaptionItem:
     name = str(path)
-    problem = None
-    if path.is_symlink() and not path.exists():
-        problem = (f"{escape_undecodable(name)} is a symbolic link to {escape_undecodable(os.readlink(path))}, "
-                   "which does not exist")
-    return CaptionItem(escape_undecodable(name), name, problem)
+    code, message = _broken_link(path) or (None, None)
+    return CaptionItem(name_id(name), name, message, code)
 
 
 def _wanted_in_directory(path: Path) -> bool:
-    """Image files, and dangling symbolic links with an image suffix (reported, not skipped)."""
+    """Image files, and broken symbolic links with an image suffix (reported, not skipped)."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return False
-    return path.is_file() or (path.is_symlink() and not path.exists())
+    return path.is_file() or _broken_link(path) is not None
+
+
+def _same_file(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # ----- inputs ----------------------------------------------------------------------------------------
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[CaptionItem], int]:
-    """Items of every input in order, first occurrence of an id kept; also returns how many duplicates
-    were dropped."""
+    """Items of every input in order, and how many duplicates (the same id for the same file, given
+    again) were dropped. Raises CaptionInputError for an input that is missing or unusable, and when one
+    id is given to two different files (a manifest's "id"s), naming the id, both files and the input."""
     items: list[CaptionItem] = []
-    seen: set[str] = set()
+    seen: dict[str, CaptionItem] = {}
     duplicates = 0
     for raw in inputs:
         path = Path(raw)
@@ -100,18 +189,23 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[CaptionIte
             found = read_manifest(path)
         elif path.is_file():
             found = iter([_file_item(path)])
-        elif path.is_symlink():
-            raise CaptionInputError(f"input {escape_undecodable(str(raw))!r} is a symbolic link to "
-                                    f"{escape_undecodable(os.readlink(path))!r}, which does not exist")
+        elif (broken := _broken_link(path)) is not None:
+            raise CaptionInputError(f"input {broken[1]}")
         else:
             raise CaptionInputError(f"input {str(raw)!r} does not exist (expected an image file, a directory or "
                                     "a .jsonl manifest of {\"id\", \"path\"} lines)")
         for item in found:
-            if item.id in seen:
+            first = seen.get(item.id)
+            if first is None:
+                seen[item.id] = item
+                items.append(item)
+            elif _same_file(first.path, item.path):
                 duplicates += 1
-                continue
-            seen.add(item.id)
-            items.append(item)
+            else:  # keeping one would drop the other image without a word
+                raise CaptionInputError(
+                    f"id {item.id!r} is given to two different files, {name_id(first.path)!r} and "
+                    f"{name_id(item.path)!r} (the second from input {name_id(str(raw))!r}); every image needs "
+                    "its own id: give the manifest lines distinct \"id\"s")
     return items, duplicates
 
 
@@ -136,7 +230,7 @@ def read_manifest(path: Path) -> list[CaptionItem]:
         item_id = entry.get("id", entry["path"])
         if not isinstance(item_id, (str, int)) or item_id == "":
             raise CaptionInputError(f"{path}:{number}: \"id\" must be a non-empty string or an integer")
-        items.append(CaptionItem(escape_undecodable(str(item_id)), str(image)))
+        items.append(CaptionItem(name_id(str(item_id)), str(image)))
     return items
 
 
@@ -249,7 +343,8 @@ def _writable(value):
 
 
 class RecordWriter:
-    """Appends records, each as one whole-line write followed by fsync."""
+    """Appends records, each as one whole-line write followed by fsync. A record's "path" (a file
+    system name) is written as its `name_id`, so it is UTF-8 and names one file."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +352,8 @@ class RecordWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, record: dict) -> None:
+        if isinstance(record.get("path"), str):
+            record = {**record, "path": name_id(record["path"])}
         line = (json.dumps(_writable(record), ensure_ascii=False) + "\n").encode("utf-8")
         written = os.write(self._fd, line)
         while written < len(line):  # a regular file takes it in one write in practice
@@ -510,7 +607,7 @@ def load_local_captioner(model: str, options: CaptionOptions, *, device: str = "
 class JobSummary:
     inputs: int = 0  # items of this shard
     skipped: int = 0  # already in the output
-    duplicates: int = 0  # ids given more than once (first kept)
+    duplicates: int = 0  # the same image (same id, same file) given more than once; kept once
     captioned: int = 0
     failed: int = 0
     failures: dict = field(default_factory=dict)  # error code -> count
@@ -565,7 +662,7 @@ def run_job(captioner, todo: Sequence[CaptionItem], writer: RecordWriter, summar
     try:
         for item in todo:
             if item.problem is not None:  # nothing to read: recorded without the captioner
-                emit(error_record(item, "dangling_symlink", item.problem))
+                emit(error_record(item, item.problem_code or "unreadable", item.problem))
         captioner.run([item for item in todo if item.problem is None], emit)
     finally:
         summary.seconds = time.perf_counter() - started

@@ -211,7 +211,7 @@ def test_manifest_ids_and_relative_paths(checkpoint, images, tmp_path, capsys):
     relative = os.path.relpath(images / "red.png", tmp_path)
     manifest.write_text(json.dumps({"id": "a", "path": relative}) + "\n\n"
                         + json.dumps({"id": 7, "path": str(images / "empty.png")}) + "\n"
-                        + json.dumps({"id": "a", "path": str(images / "noise.jpg")}) + "\n")
+                        + json.dumps({"id": "a", "path": str(images / "red.png")}) + "\n")  # the same file again
     out = tmp_path / "r.jsonl"
     code, stdout, _ = _caption(capsys, manifest, "--model", checkpoint, "--out", out, "--max-new-tokens", 1)
     assert code == 0
