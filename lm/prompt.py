@@ -51,13 +51,18 @@ class RequestTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class PromptLimits:
-    max_text_bytes: int = 1 << 20  # UTF-8 bytes of all the text of one request (prompt, message texts): 1 MiB
+    max_text_bytes: int = 1 << 20  # UTF-8 bytes of a request's text (prompt, message texts, stop strings): 1 MiB
     max_images: int = 8  # images in one request
     max_tiles: int = 32  # image tiles (originals + Pan & Scan crops) in one request
+    max_messages: int = 1024  # chat messages in one request (a first system message included)
+    max_content_parts: int = 64  # content parts (text or image) in one chat message
+    max_stop_strings: int = 16  # stop strings in one request (every generated token is checked against each)
+    max_stop_bytes: int = 1024  # UTF-8 bytes of one stop string (streamed text is held back this long)
     allow_special_tokens: bool = False  # chat text may write control tokens ("<end_of_turn>") as such
 
     def __post_init__(self) -> None:
-        for name in ("max_text_bytes", "max_images", "max_tiles"):
+        for name in ("max_text_bytes", "max_images", "max_tiles", "max_messages", "max_content_parts",
+                     "max_stop_strings", "max_stop_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -150,36 +155,51 @@ def with_image_markers(text: str, num_images: int) -> str:
 
 def text_bytes(prompt: str = "", messages: Sequence[Mapping[str, Any]] = ()) -> int:
     """UTF-8 bytes of the text a request carries (its prompt and the texts of its messages): what
-    `PromptLimits.max_text_bytes` bounds. O(1) per ASCII string."""
-    def size(text: Any) -> int:
-        if not isinstance(text, str):
-            return 0
-        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-    total = size(prompt)
+    `PromptLimits.max_text_bytes` bounds, with the stop strings (`check_text_bytes` adds those). O(1)
+    per ASCII string."""
+    total = _utf8_size(prompt)
     for message in messages:
         content = message.get("content") if isinstance(message, Mapping) else None
         if isinstance(content, (list, tuple)):
-            total += sum(size(part.get("text")) for part in content if isinstance(part, Mapping))
+            total += sum(_utf8_size(part.get("text")) for part in content if isinstance(part, Mapping))
         else:
-            total += size(content)
+            total += _utf8_size(content)
     return total
 
 
+def _utf8_size(text: Any) -> int:
+    if not isinstance(text, str):
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+# A lower bound on the tokens of one chat turn, whatever its content: the template's two control
+# tokens (<start_of_turn>, <end_of_turn>) plus two text pieces that are never empty - the role line
+# ("user\n", "model\n") and the "\n" after <end_of_turn> - of at least one token each.
+MIN_TOKENS_PER_TURN = 4
+
+
 def check_request_size(*, text_bytes: int, tiles_per_image: Sequence[int], limits: PromptLimits,
-                       max_prompt_tokens: int | None = None, tokens_per_tile: int = TOKENS_PER_TILE) -> None:
+                       max_prompt_tokens: int | None = None, tokens_per_tile: int = TOKENS_PER_TILE,
+                       messages: int = 0, stop: Sequence[str] = ()) -> None:
     """Refuse a request that is certainly too large before anything is tokenized, decoded or encoded:
-    more than `limits.max_text_bytes` bytes of text, more than `limits.max_images` images, an image of
-    fewer than 1 or more than MAX_TILES_PER_IMAGE tiles, more than `limits.max_tiles` tiles in all, or
-    images whose placeholders alone fill `max_prompt_tokens` (the longest prompt the engine takes; None:
-    not checked). `tiles_per_image` come from image headers (`vision.pan_and_scan.num_tiles`) or from
-    soft-token shapes. Costs O(images). Raises RequestTooLarge."""
-    if text_bytes > limits.max_text_bytes:
-        raise RequestTooLarge(f"the request's text is {text_bytes:,} bytes; the limit is "
-                              f"{limits.max_text_bytes:,} bytes")
+    more than `limits.max_messages` chat messages, more than `limits.max_stop_strings` stop strings or
+    one over `limits.max_stop_bytes`, more than `limits.max_text_bytes` bytes of text (`text_bytes`,
+    the prompt's and the messages' that are known, plus the stop strings), more than `limits.max_images`
+    images, an image of fewer than 1 or more than MAX_TILES_PER_IMAGE tiles, more than `limits.max_tiles`
+    tiles in all, or images and chat turns that alone fill `max_prompt_tokens` (the longest prompt the
+    engine takes; None: not checked), counting `tokens_per_tile` per tile and MIN_TOKENS_PER_TURN per
+    turn. `tiles_per_image` come from image headers (`vision.pan_and_scan.num_tiles`) or from
+    soft-token shapes; `messages` is their count and `stop` the stop strings. Every count is compared
+    before its items are read, so the cost is O(1) in what is over a limit and O(images + stop strings)
+    otherwise. Raises RequestTooLarge."""
+    if messages > limits.max_messages:
+        raise RequestTooLarge(f"the request has {messages:,} chat messages; at most {limits.max_messages:,} are "
+                              "allowed per request")
     if len(tiles_per_image) > limits.max_images:
-        raise RequestTooLarge(f"the request has {len(tiles_per_image)} images; at most {limits.max_images} "
+        raise RequestTooLarge(f"the request has {len(tiles_per_image):,} images; at most {limits.max_images} "
                               "are allowed per request")
+    check_text_bytes(text_bytes, limits, stop=stop)
     for index, tiles in enumerate(tiles_per_image):
         if not 1 <= tiles <= MAX_TILES_PER_IMAGE:
             raise RequestTooLarge(f"image {index} has {tiles} tiles; an image has 1 to {MAX_TILES_PER_IMAGE} "
@@ -188,10 +208,47 @@ def check_request_size(*, text_bytes: int, tiles_per_image: Sequence[int], limit
     if total > limits.max_tiles:
         raise RequestTooLarge(f"the images have {total} tiles in all ({', '.join(map(str, tiles_per_image))}); "
                               f"at most {limits.max_tiles} are allowed per request")
-    if max_prompt_tokens is not None and total * tokens_per_tile >= max_prompt_tokens:
-        raise RequestTooLarge(f"the images' {total} tiles take {total * tokens_per_tile} prompt tokens "
-                              f"({tokens_per_tile} each), more than fit in the prompt limit of "
-                              f"{max_prompt_tokens} tokens")
+    if max_prompt_tokens is None:
+        return
+    turns = max(messages - 1, 0)  # a first system message folds into the first user turn
+    least = 1 + total * tokens_per_tile + turns * MIN_TOKENS_PER_TURN  # <bos>, placeholders, turns
+    if least > max_prompt_tokens:
+        parts = [f"the images' {total} tiles take {total * tokens_per_tile} ({tokens_per_tile} each)"] if total else []
+        if turns:
+            parts.append(f"{turns:,} chat turns take at least {turns * MIN_TOKENS_PER_TURN:,} "
+                         f"({MIN_TOKENS_PER_TURN} each)")
+        raise RequestTooLarge(f"the prompt needs at least {least:,} tokens ({'; '.join(parts)}), more than fit "
+                              f"in the prompt limit of {max_prompt_tokens} tokens")
+
+
+def check_text_bytes(text_bytes: int, limits: PromptLimits, *, stop: Sequence[str] = ()) -> None:
+    """Refuse more than `limits.max_stop_strings` stop strings, one longer than `limits.max_stop_bytes`,
+    or more than `limits.max_text_bytes` bytes of text in all (`text_bytes`, from `text_bytes()`, plus
+    the stop strings). The count is compared before any stop string is read. Raises RequestTooLarge."""
+    if len(stop) > limits.max_stop_strings:
+        raise RequestTooLarge(f"the request has {len(stop):,} stop strings; at most {limits.max_stop_strings} "
+                              "are allowed per request")
+    total = text_bytes
+    for index, string in enumerate(stop):
+        size = _utf8_size(string)
+        if size > limits.max_stop_bytes:
+            raise RequestTooLarge(f"stop string {index} is {size:,} bytes; a stop string may have at most "
+                                  f"{limits.max_stop_bytes:,} bytes")
+        total += size
+    if total > limits.max_text_bytes:
+        with_stop = f" ({total - text_bytes:,} of them in stop strings)" if stop else ""
+        raise RequestTooLarge(f"the request's text is {total:,} bytes{with_stop}; the limit is "
+                              f"{limits.max_text_bytes:,} bytes")
+
+
+def check_content_parts(parts_per_message: Sequence[int], limits: PromptLimits) -> None:
+    """Refuse a chat message with more than `limits.max_content_parts` content parts, naming the first.
+    `parts_per_message` has one count per message (at most `limits.max_messages`, checked before by
+    `check_request_size`). Raises RequestTooLarge."""
+    for index, parts in enumerate(parts_per_message):
+        if parts > limits.max_content_parts:
+            raise RequestTooLarge(f"chat message {index} has {parts:,} content parts; at most "
+                                  f"{limits.max_content_parts} are allowed per message")
 
 
 # ----- layout -----------------------------------------------------------------------------------------

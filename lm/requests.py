@@ -37,6 +37,27 @@ class EngineStopped(EngineError):
     code = "stopped"
 
 
+# A request id travels back to the client and into logs: short, visible ASCII only (no spaces, line
+# breaks or NULs that would forge or break a log line), so any id a client may choose is refused
+# unless it is one a log and a header can carry as it is.
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # "!" to "~"
+
+
+def check_request_id(request_id: str) -> None:
+    """Refuse a client's request id unless it is empty (one is generated) or 1 to MAX_REQUEST_ID_CHARS
+    visible ASCII characters ("!" to "~": letters, digits, punctuation). Costs O(1) for an over-long id.
+    Raises InvalidRequest naming the first bad character's position and code point."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id is {len(request_id):,} characters; at most {MAX_REQUEST_ID_CHARS} "
+                             "visible ASCII characters are allowed")
+    for position, char in enumerate(request_id):
+        if char not in _REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id has {char!r} (U+{ord(char):04X}) at position {position}; a request "
+                                 f"id is up to {MAX_REQUEST_ID_CHARS} visible ASCII characters ('!' to '~': no "
+                                 "spaces, control characters or non-ASCII)")
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]  # token ids, image placeholders included

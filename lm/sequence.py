@@ -13,37 +13,59 @@ from lm.sampling import SamplingParams
 class TextStream:
     """Streamed text with stop strings, over an incremental detokeniser (`push(id) -> str`,
     `flush() -> str`, e.g. lm.tokenizer.IncrementalDecoder, which already holds back partial UTF-8
-    characters). Any tail that could still grow into a stop string is held back too."""
+    characters). Any tail that could still grow into a stop string is held back too.
+
+    A push costs O(stop strings x (len(longest stop) + len(new piece))), whatever the length of the
+    text so far: after every push no stop string lies in the text, so a new match must end in the new
+    piece and start at most len(longest stop) - 1 characters before it - inside the held-back tail,
+    which is exactly that long. Only that tail and the new piece are searched (the number of stop
+    strings is bounded at the service edge, `lm.prompt.PromptLimits.max_stop_strings`)."""
 
     def __init__(self, decoder, stop: tuple[str, ...]):
         self._decoder = decoder
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # released so far
-        self._pending = ""  # decoded but not released
+        self._released: list[str] = []  # released so far, in pieces (joined once, by `text`)
+        self._pending = ""  # decoded but not released: at most `_hold` characters between pushes
+        self._stopped = False
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        if len(self._released) > 1:
+            self._released[:] = ["".join(self._released)]
+        return self._released[0] if self._released else ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly released text, whether a stop string was hit)."""
-        self._pending += self._decoder.push(token_id)
-        candidate = self.text + self._pending
-        search_from = max(0, len(self.text) - self._hold)
-        hits = [i for i in (candidate.find(s, search_from) for s in self._stop) if i >= 0]
+        piece = self._decoder.push(token_id)
+        if not piece:
+            return "", False  # nothing new (a partial character): nothing new can match
+        window = self._pending + piece  # the held-back tail + the new piece: where a new match lies
+        hits = [i for i in (window.find(s) for s in self._stop) if i >= 0]
         if hits:
-            out = candidate[len(self.text):min(hits)]
-            self.text += out
+            out = window[:min(hits)]
+            self._release(out)
             self._pending = ""
+            self._stopped = True
             return out, True
-        keep = min(self._hold, len(self._pending))
-        out = self._pending[:len(self._pending) - keep]
-        self._pending = self._pending[len(out):]
-        self.text += out
+        keep = min(self._hold, len(window))
+        out = window[:len(window) - keep]
+        self._pending = window[len(out):]
+        self._release(out)
         return out, False
 
     def flush(self) -> str:
-        """Release whatever is held (at the end of generation)."""
+        """Release whatever is held (at the end of generation); nothing after a stop string."""
+        if self._stopped:
+            return ""
         out, self._pending = self._pending + self._decoder.flush(), ""
-        self.text += out
+        self._release(out)
         return out
+
+    def _release(self, out: str) -> None:
+        if out:
+            self._released.append(out)
 
 
 class Sequence:

@@ -40,9 +40,13 @@ class ServeConfig:
     max_queue: int = 64  # waiting requests before RESOURCE_EXHAUSTED
     max_message_mb: int = 64  # gRPC max send/receive message size
     # Request limits (lm, gateway, all), checked before any tokenizing, decoding or encoding:
-    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a request's text (prompt, message texts)
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a request's text (prompt, message texts, stop strings)
     max_images: int = 8  # images per request
     max_tiles: int = 32  # image tiles (originals + Pan & Scan crops) per request
+    max_messages: int = 1024  # chat messages per request (lm, all)
+    max_content_parts: int = 64  # content parts (text or image) per chat message (lm, all)
+    max_stop_strings: int = 16  # stop strings per request
+    max_stop_bytes: int = 1024  # UTF-8 bytes per stop string (all stop strings also count in max_prompt_bytes)
     allow_special_tokens: bool = False  # chat text may write control tokens ("<end_of_turn>") as such
     grace_period: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     tls_cert: str | None = None  # PEM certificate chain; with tls_key: TLS on
@@ -77,7 +81,8 @@ class ServeConfig:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period must be >= 0, got {self.grace_period}")
-        for name in ("max_prompt_bytes", "max_images", "max_tiles"):
+        for name in ("max_prompt_bytes", "max_images", "max_tiles", "max_messages", "max_content_parts",
+                     "max_stop_strings", "max_stop_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.port == 0:
@@ -88,7 +93,9 @@ class ServeConfig:
         from lm.prompt import PromptLimits
 
         return PromptLimits(max_text_bytes=self.max_prompt_bytes, max_images=self.max_images,
-                            max_tiles=self.max_tiles, allow_special_tokens=self.allow_special_tokens)
+                            max_tiles=self.max_tiles, max_messages=self.max_messages,
+                            max_content_parts=self.max_content_parts, max_stop_strings=self.max_stop_strings,
+                            max_stop_bytes=self.max_stop_bytes, allow_special_tokens=self.allow_special_tokens)
 
     @property
     def max_message_bytes(self) -> int:

@@ -6,9 +6,9 @@ deadline and token travel with each call) or `Local*` (the servicers in this pro
 the call runs in the caller's task, so its deadline and cancellation apply directly).
 
 A query is refused before any image is decoded or encoded when it is certainly too large: first from
-its sizes (text bytes, images; `lm.prompt.check_request_size`), then from its images' headers (tiles
-per image from `vision.pan_and_scan.num_tiles`, tiles per request), then by the language model's
-CountTokens on the prompt with those tiles against its context.
+its sizes (stop strings, text bytes, images; `lm.prompt.check_request_size`) and its request id, then
+from its images' headers (tiles per image from `vision.pan_and_scan.num_tiles`, tiles per request),
+then by the language model's CountTokens on the prompt with those tiles against its context.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import AsyncIterator
 import grpc
 
 from lm.prompt import PromptLimits, RequestTooLarge, check_request_size, require_prompt, text_bytes
+from lm.requests import check_request_id
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
@@ -149,9 +150,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         def remaining() -> float | None:  # what is left of the caller's deadline, passed downstream
             return None if deadline is None else max(deadline - time.perf_counter(), 0.001)
 
+        check_request_id(request.request_id)
         require_prompt(request.prompt, raw=request.raw, num_images=len(request.images))
+        # The text, the stop strings and the number of images, before any image is read.
         check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=[1] * len(request.images),
-                           limits=self.limits)  # the text and the number of images, before any image is read
+                           limits=self.limits, stop=request.sampling.stop)
         images, tiles = [], []
         if request.images:
             if self.vision is None:
@@ -199,7 +202,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, tiles: list[int], timeout) -> None:
         """RequestTooLarge unless the images' tiles are within the limits and the whole prompt, laid out
         by the language model with these tiles, fits its context."""
-        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits)
+        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits,
+                           stop=request.sampling.stop)
         counted = await self.language_model.count_tokens(
             lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, image_tiles=tiles), timeout)
         if counted.count > counted.max_prompt_tokens:

@@ -2,10 +2,12 @@
 
 The engine runs on its own thread; this servicer only lays out the prompt, submits it and relays the
 handle's events into the event loop (the handle notifies the loop, nothing blocks it). Nothing that
-grows with the request runs on the event loop: the cheap limits (`lm.prompt.check_request_size`: text
-bytes, images, tiles, image tokens against the context) are checked first, from the message's sizes
-and shapes alone, then tokenizing, layout and the soft-token copies run on a small pool of worker
-threads (the tokenizer releases the GIL), so health checks and running streams never pause. When the RPC
+grows with the request runs on the event loop: the cheap limits (`lm.prompt.check_request_size`: chat
+messages, stop strings, text bytes, images, tiles, image tokens and chat turns against the context; the
+request id; images on a text-only model) are checked first, from the message's counts, sizes and
+shapes alone, each count before its items are read; then building the chat messages (and counting
+their text), tokenizing, layout and the soft-token copies run on a small pool of worker threads (the
+tokenizer releases the GIL), so health checks and running streams never pause. When the RPC
 ends early - the client cancelled, its deadline passed, the server stops - the request is cancelled
 in the engine, which frees its slot at the next step.
 """
@@ -15,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from lm.engine import Engine
-from lm.prompt import Prompt, PromptLimits, check_request_size, layout_request, text_bytes
-from lm.requests import GenerationRequest, non_finite_soft_token
+from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_size, check_text_bytes, layout_request,
+                       text_bytes)
+from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
 from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
@@ -83,9 +87,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
 
     async def Tokenize(self, request, context):
         loaded = self._ready()
-        tiles = list(request.image_tiles)
-        self._check_size(loaded, request, tiles)
-        prompt = await self._off_loop(self._layout, loaded, request, tiles)
+        self._check_size(loaded, request, request.image_tiles)
+        prompt = await self._off_loop(self._prompt, loaded, request, list(request.image_tiles))
         return lm_pb2.TokenizeResponse(token_ids=prompt.token_ids)
 
     async def CountTokens(self, request, context):
@@ -99,7 +102,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             tokens_per_tile=config.mm_tokens_per_image, image_token_id=loaded.lm.tokenizer.special.image_token_id,
             max_seq_len=engine_config.max_seq_len, max_batch=engine_config.max_batch,
             max_queue=engine_config.max_queue, dtype=str(loaded.lm.dtype).removeprefix("torch."),
-            accepts_images=getattr(config, "image_token_index", None) is not None,  # a vision-language checkpoint
+            accepts_images=_accepts_images(loaded),
             max_message_bytes=self.max_message_bytes,
         )
 
@@ -109,9 +112,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         """The prompt's length and the longest the engine takes. Raises ValueError (bad or too large
         request: the cheap limits are checked before anything is tokenized), NotReady."""
         loaded = self._ready()
-        tiles = list(request.image_tiles)
-        self._check_size(loaded, request, tiles)
-        prompt = await self._off_loop(self._layout, loaded, request, tiles)
+        self._check_size(loaded, request, request.image_tiles)
+        prompt = await self._off_loop(self._prompt, loaded, request, list(request.image_tiles))
         return lm_pb2.CountTokensResponse(count=len(prompt.token_ids), max_prompt_tokens=_max_prompt_tokens(loaded))
 
     async def stream(self, request: lm_pb2.GenerateRequest) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
@@ -119,9 +121,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         (bad request), EngineOverloaded, NotReady."""
         loaded = self._ready()
         started = time.perf_counter()
-        # Tiles as the soft-token shapes declare them (the tensors' own checks come with the copy).
-        self._check_size(loaded, request, [int(image.shape[0]) if len(image.shape) == 3 else 1
-                                           for image in request.images])
+        check_request_id(request.request_id)
+        self._check_size(loaded, request, _DeclaredTiles(request.images), stop=request.sampling.stop)
         generation = await self._off_loop(self._generation_request, loaded, request)
         engine = loaded.engine
         handle = engine.submit(generation)
@@ -157,6 +158,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
 
     def _generation_request(self, loaded: LoadedLanguageModel, request) -> GenerationRequest:
         config = loaded.lm.config
+        messages = self._messages(request, stop=request.sampling.stop)  # the cheaper checks first
         params = sampling_from_proto(request.sampling)
         soft_tokens = []
         for index, image in enumerate(request.images):
@@ -175,25 +177,47 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                                  f"(checked as {dtype}, the model's dtype)")
             soft_tokens.append(tensor)
         tiles = [t.shape[0] for t in soft_tokens]
-        prompt = self._layout(loaded, request, tiles)
+        prompt = self._layout(loaded, request, tiles, messages)
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
                                  image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), **kwargs)
 
-    def _check_size(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> None:
-        """The cheap limits, on the event loop: O(messages + images), nothing tokenized or copied."""
-        messages = messages_from_proto(request.messages) if request.messages else ()
-        check_request_size(text_bytes=text_bytes(request.prompt, messages), tiles_per_image=tiles, limits=self.limits,
+    def _check_size(self, loaded: LoadedLanguageModel, request, tiles: Sequence[int], *,
+                    stop: Sequence[str] = ()) -> None:
+        """The cheap limits, on the event loop, from counts and sizes alone: every count is compared
+        before its items are read, so this costs O(1) for a request over a count limit and at most
+        O(max_messages + max_images + max_stop_strings) otherwise; nothing is built, tokenized or copied.
+        `tiles`: per image, as declared (`len` is read first); `stop`: the stop strings."""
+        if len(tiles) and not _accepts_images(loaded):
+            raise ValueError(f"the model {self.model_name} is text-only (GetInfo: accepts_images=false); the "
+                             f"request has {len(tiles):,} image(s): send text only, or serve a vision-language "
+                             "checkpoint")
+        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits,
                            max_prompt_tokens=_max_prompt_tokens(loaded),
-                           tokens_per_tile=loaded.lm.config.mm_tokens_per_image)
+                           tokens_per_tile=loaded.lm.config.mm_tokens_per_image, messages=len(request.messages),
+                           stop=stop)
+        check_content_parts([len(message.content) for message in request.messages], self.limits)
 
-    def _layout(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> Prompt:
-        """The prompt of a Generate/Tokenize request by the rules every entry point shares
-        (`lm.prompt.layout_request`): chat messages, raw text, or one user turn."""
+    def _messages(self, request, *, stop: Sequence[str] = ()) -> list[dict[str, Any]] | None:
+        """The request's chat messages (None: it has none), built on a worker thread after
+        `_check_size`; their text counts towards the text-byte limit with the prompt and `stop`."""
+        if not request.messages:
+            return None
+        messages = messages_from_proto(request.messages)  # O(parts): bounded by the checks on the loop
+        check_text_bytes(text_bytes(request.prompt, messages), self.limits, stop=stop)
+        return messages
+
+    def _prompt(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> Prompt:
+        """The prompt of a Tokenize/CountTokens request (on a worker thread, after `_check_size`)."""
+        return self._layout(loaded, request, tiles, self._messages(request))
+
+    def _layout(self, loaded: LoadedLanguageModel, request, tiles: list[int],
+                messages: list[dict[str, Any]] | None) -> Prompt:
+        """The prompt of a request by the rules every entry point shares (`lm.prompt.layout_request`):
+        chat `messages` (from `_messages`), raw text, or one user turn."""
         return layout_request(
-            loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw,
-            messages=messages_from_proto(request.messages) if request.messages else None, image_tiles=tiles,
+            loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw, messages=messages, image_tiles=tiles,
             tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens)
 
     async def _off_loop(self, work, *args):
@@ -214,6 +238,29 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         m.gauge("tessera_engine_slots", "sequences the KV cache holds at once", lambda: engine.stats().slots)
         m.gauge("tessera_kv_cache_tokens_used", "tokens held in the KV cache", lambda: engine.stats().kv_tokens_used)
         m.gauge("tessera_kv_cache_bytes", "bytes allocated for the KV cache", lambda: engine.stats().kv_bytes_total)
+
+
+class _DeclaredTiles(Sequence):
+    """Tiles per image as the soft-token shapes declare them ([tiles, tokens, d_model]; anything else
+    counts 1 and is refused with the tensor's own checks), read lazily: its length costs O(1), so a
+    request with too many images is refused before any of them is looked at."""
+
+    def __init__(self, images):
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        shape = self._images[index].shape
+        return int(shape[0]) if len(shape) == 3 else 1
+
+
+def _accepts_images(loaded: LoadedLanguageModel) -> bool:
+    """Whether the checkpoint is a vision-language one (it names an image placeholder token)."""
+    return getattr(loaded.lm.config, "image_token_index", None) is not None
 
 
 def _max_prompt_tokens(loaded: LoadedLanguageModel) -> int:

@@ -84,17 +84,25 @@ def pan_and_scan_from_proto(message: tensor_pb2.PanAndScanOptions) -> PanAndScan
 
 
 def messages_from_proto(messages) -> list[dict[str, Any]]:
-    """Chat messages in lm/prompt.py's form: [{role, content: [{type: text|image, ...}]}]."""
+    """Chat messages in lm/prompt.py's form: [{role, content: [{type: text|image, ...}]}].
+
+    A ContentPart is a text part when its `text` is set and an image part when its `image` is set to
+    true (the next entry of the request's images goes there). `image: false` is refused, not read as
+    "no image": it sets the oneof, so it is neither a text part nor an absent one, and guessing which
+    the client meant would shift every later image by one. ValueError names the message and part."""
     result = []
     for index, message in enumerate(messages):
         parts = []
-        for part in message.content:
+        for number, part in enumerate(message.content):
             kind = part.WhichOneof("part")
             if kind == "text":
                 parts.append({"type": "text", "text": part.text})
-            elif kind == "image":
+            elif kind == "image" and part.image:
                 parts.append({"type": "image"})
+            elif kind == "image":
+                raise ValueError(f"message {index}, content part {number}: image is false; an image part sets "
+                                 "image: true (the next of the request's images goes there), a text part sets text")
             else:
-                raise ValueError(f"message {index}: a content part has neither text nor image set")
+                raise ValueError(f"message {index}, content part {number}: neither text nor image is set")
         result.append({"role": message.role, "content": parts})
     return result

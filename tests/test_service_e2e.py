@@ -101,14 +101,18 @@ def test_tokenize_count_and_info(server, channel):
     stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
     raw = stub.Tokenize(lm_pb2.TokenizeRequest(prompt="hello world", raw=True))
     assert list(raw.token_ids) == lm.tokenizer.encode("hello world")
-    chat = lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(image=True), lm_pb2.ContentPart(text="hi")])
-    count = stub.CountTokens(lm_pb2.TokenizeRequest(messages=[chat], image_tiles=[2]))
+    chat = lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(text="hi")])
+    count = stub.CountTokens(lm_pb2.TokenizeRequest(messages=[chat]))
     from lm.prompt import layout_chat
 
-    layout = layout_chat(lm.tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                         [2])
-    assert count.count == len(layout.token_ids) > 2 * 256  # two tiles of 256 placeholders + the wording
+    layout = layout_chat(lm.tokenizer, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert count.count == len(layout.token_ids)
     assert count.max_prompt_tokens == 1023  # the server's max_seq_len of 1024 less one token to generate
+    with_image = lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(image=True),
+                                                          lm_pb2.ContentPart(text="hi")])
+    with pytest.raises(grpc.RpcError) as error:  # the 270M is text-only: image tiles are refused, not counted
+        stub.CountTokens(lm_pb2.TokenizeRequest(messages=[with_image], image_tiles=[2]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text-only" in error.value.details()
     info = stub.GetInfo(lm_pb2.GetInfoRequest())
     assert (info.vocab_size, info.d_model, info.tokens_per_tile) == (lm.config.vocab_size, 640, 256)
 
