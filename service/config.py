@@ -20,6 +20,10 @@ _HELP = {
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
     "backend_tls_ca": "gateway: PEM CA bundle of the vision/LM services' certificates; dials them over TLS",
     "backend_tls_cert": "gateway: PEM client certificate for the vision/LM services (with --backend-tls-key)",
+    "backend_timeout": "gateway: deadline in seconds of each call to the vision/LM services when the client "
+                       "sets none",
+    "backend_keepalive_s": "gateway: seconds between keepalive pings on each backend connection; one unanswered "
+                           "as long closes it, so a frozen backend is found within about twice this",
 }
 
 
@@ -39,7 +43,8 @@ class ServeConfig:
     kv_budget_mb: int = 1024  # engine KV cache budget
     max_queue: int = 64  # waiting requests before RESOURCE_EXHAUSTED
     max_message_mb: int = 64  # gRPC max send/receive message size
-    # Request limits (lm, gateway, all), checked before any tokenizing, decoding or encoding:
+    # Request limits (vision: images and tiles; lm, gateway, all), checked before any tokenizing, decoding
+    # or encoding:
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a request's text (prompt, message texts, stop strings)
     max_images: int = 8  # images per request
     max_tiles: int = 32  # image tiles (originals + Pan & Scan crops) per request
@@ -57,6 +62,8 @@ class ServeConfig:
     backend_tls_ca: str | None = None  # gateway only: PEM CA bundle that signed the vision/LM certificates; TLS on
     backend_tls_cert: str | None = None  # gateway only: PEM client certificate chain, for backends that ask for one
     backend_tls_key: str | None = None  # gateway only: its PEM private key
+    backend_timeout: float = 600.0  # gateway only: deadline (s) of a backend call whose client set none
+    backend_keepalive_s: float = 5.0  # gateway only: keepalive ping interval (s); one unanswered as long: closed
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -81,6 +88,11 @@ class ServeConfig:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:
             raise ValueError(f"--grace-period must be >= 0, got {self.grace_period}")
+        if not self.backend_timeout > 0:
+            raise ValueError(f"--backend-timeout must be positive (seconds), got {self.backend_timeout}")
+        if not self.backend_keepalive_s >= 1:  # service.backends.MIN_KEEPALIVE_S
+            raise ValueError(f"--backend-keepalive-s must be at least 1 (seconds; servers refuse more frequent "
+                             f"pings), got {self.backend_keepalive_s}")
         for name in ("max_prompt_bytes", "max_images", "max_tiles", "max_messages", "max_content_parts",
                      "max_stop_strings", "max_stop_bytes"):
             if getattr(self, name) < 1:

@@ -73,51 +73,93 @@ _BACKEND_FAILURES = {  # status from the backend -> (status for the caller, what
 }
 
 
-def backend_error(error: grpc.aio.AioRpcError, backend: str) -> Exception:
-    """The exception to raise for a failed call to `backend` ("LM service at host:port")."""
+def backend_error(error: grpc.aio.AioRpcError, backend: str, default_timeout: float | None = None) -> Exception:
+    """The exception to raise for a failed call to `backend` ("LM service at host:port").
+    `default_timeout`: the gateway's own deadline (s) on that call, when the caller set none; its expiry
+    says the backend did not answer, so it names the backend."""
     code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and default_timeout is not None:
+        return BackendError(code, f"{backend} did not finish within {default_timeout:g} s (the gateway's "
+                                  "--backend-timeout, applied because the request set no deadline of its own)")
     if code in _REQUEST_OUTCOMES:
         return error
     status, meaning = _BACKEND_FAILURES.get(code, (grpc.StatusCode.INTERNAL, f"failed ({code.name})"))
     return BackendError(status, f"{backend} {meaning}: {error.details() or code.name}")
 
 
-class RemoteVision:
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "vision service"):
-        """`name` names the backend in errors, e.g. "vision service at host:port"."""
-        self.stub = vision_pb2_grpc.VisionServiceStub(channel)
+class _Remote:
+    """What the two backend clients share: the token, the name in errors and the default deadline."""
+
+    def __init__(self, metadata: tuple, name: str, default_timeout: float | None):
         self.metadata = metadata
         self.name = name
+        self.default_timeout = default_timeout
+
+    def _timeout(self, timeout: float | None) -> tuple[float | None, float | None]:
+        """(deadline for the call, the default it came from or None when it is the caller's)."""
+        if timeout is None and self.default_timeout is not None:
+            return self.default_timeout, self.default_timeout
+        return timeout, None
+
+
+class RemoteVision(_Remote):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "vision service",
+                 default_timeout: float | None = None):
+        """`name` names the backend in errors, e.g. "vision service at host:port"; `default_timeout`
+        (s): the deadline of a call whose caller set none (None: no deadline)."""
+        super().__init__(metadata, name, default_timeout)
+        self.stub = vision_pb2_grpc.VisionServiceStub(channel)
 
     async def encode(self, request, timeout):
+        timeout, default = self._timeout(timeout)
         try:
             return await self.stub.Encode(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
-            raise backend_error(error, self.name) from None
+            raise backend_error(error, self.name, default) from None
 
 
-class RemoteLanguageModel:
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "LM service"):
-        """`name` names the backend in errors, e.g. "LM service at host:port"."""
+class RemoteLanguageModel(_Remote):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), name: str = "LM service",
+                 default_timeout: float | None = None):
+        """`name` names the backend in errors, e.g. "LM service at host:port"; `default_timeout`
+        (s): the deadline of a call whose caller set none (None: no deadline)."""
+        super().__init__(metadata, name, default_timeout)
         self.stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
-        self.metadata = metadata
-        self.name = name
 
     async def generate_stream(self, request, timeout) -> AsyncIterator[lm_pb2.GenerateStreamResponse]:
+        timeout, default = self._timeout(timeout)
         call = self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata)
         try:
             async for message in call:
+                if message.HasField("done"):
+                    # Let the LM end the call with its own status before the caller stops reading: a
+                    # call cancelled here, after `done`, would count a success as CANCELLED on the LM.
+                    await _finish(call)
                 yield message
         except grpc.aio.AioRpcError as error:
-            raise backend_error(error, self.name) from None
+            raise backend_error(error, self.name, default) from None
         finally:
             call.cancel()  # no-op once finished; otherwise the LM frees the request's slot
 
     async def count_tokens(self, request, timeout) -> lm_pb2.CountTokensResponse:
+        timeout, default = self._timeout(timeout)
         try:
             return await self.stub.CountTokens(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
-            raise backend_error(error, self.name) from None
+            raise backend_error(error, self.name, default) from None
+
+
+async def _finish(call, timeout: float = 5.0) -> None:
+    """Read a stream whose final message has arrived to its end (its status follows at once), for at
+    most `timeout` seconds; what comes after the final message changes nothing of the answer, so a
+    failure or a stall there is ignored (the caller then cancels the call)."""
+    async def drain() -> None:
+        async for _ in call:
+            pass
+    try:
+        await asyncio.wait_for(drain(), timeout)
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        pass
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

@@ -6,7 +6,9 @@ too long is INVALID_ARGUMENT with the reason; so is a request body that is not t
 message. A full queue is RESOURCE_EXHAUSTED; a model still loading, a server shutting down or a
 backend the gateway cannot reach is UNAVAILABLE; a client that went away is CANCELLED and one whose
 deadline passed is DEADLINE_EXCEEDED (counted, never logged as an error); anything else is a bug:
-INTERNAL, logged once with the request id the client sees.
+INTERNAL, logged once with the request id the client sees. A reply larger than the server's max
+message size is RESOURCE_EXHAUSTED naming its size (services refuse such requests before the work;
+this is the backstop, so the call never ends in a transport error counted as OK).
 """
 
 from __future__ import annotations
@@ -51,11 +53,16 @@ class BackendError(Exception):
         self.code = code
 
 
+class ReplyTooLarge(Exception):
+    """A reply message larger than the server may send; the message names both sizes."""
+
+
 # exception class -> status code; the first match in order wins (subclasses before bases)
 _STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),
     (EngineOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ReplyTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # PromptTooLong, InvalidRequest, bad params, images
@@ -116,10 +123,21 @@ def _tolerant(deserializer):
 
 class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: maps exceptions to status codes and records requests by method and code
-    and their latency in `metrics` (a ServerMetrics, or None)."""
+    and their latency in `metrics` (a ServerMetrics, or None). A reply over `max_response_bytes` (the
+    server's max send message size; None: unchecked) fails the call with RESOURCE_EXHAUSTED."""
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics=None, *, max_response_bytes: int | None = None):
         self.metrics = metrics
+        self.max_response_bytes = max_response_bytes
+
+    def _check_size(self, response, method: str) -> None:
+        if self.max_response_bytes is None or not hasattr(response, "ByteSize"):
+            return
+        size = response.ByteSize()  # sums field sizes; nothing is serialized
+        if size > self.max_response_bytes:
+            log.warning("%s: a reply of %d bytes exceeds the max message size; refused", method, size)
+            raise ReplyTooLarge(f"the reply is {size:,} bytes, over the server's max message size of "
+                                f"{self.max_response_bytes:,} bytes (--max-message-mb); ask for less per request")
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -143,6 +161,7 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 await self._refuse_undecodable(request, context, method, started)
             try:
                 response = await behaviour(request, context)
+                self._check_size(response, method)
             except BaseException as error:  # noqa: BLE001 - classified, recorded, then aborted or re-raised
                 await self._fail(error, context, method, started)
             record(self.metrics, method, grpc.StatusCode.OK, started)
@@ -159,6 +178,7 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             async with contextlib.aclosing(behaviour(request, context)) as responses:
                 try:
                     async for response in responses:
+                        self._check_size(response, method)
                         yield response
                 except GeneratorExit:
                     # gRPC drops the generator when the call ends while a response is being sent:

@@ -29,7 +29,8 @@ from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from service import gateway as gateway_module
 from service import lm_service, vision_service
-from service.backends import Backend, BackendReadiness, backend_credentials, open_channel, token_refusal
+from service.backends import (Backend, BackendReadiness, backend_credentials, open_channel, server_keepalive_options,
+                              token_refusal)
 from service.config import ServeConfig
 from service.interceptors import BearerTokenInterceptor, ErrorsAndMetricsInterceptor
 from service.metrics import ServerMetrics
@@ -96,7 +97,7 @@ class TesseraServer:
         if role in ("vision", "all"):
             self.vision = vision_service.VisionServicer(
                 load_vision or default_vision_loader(config, required=role == "vision"), model_name=config.model,
-                max_message_bytes=config.max_message_bytes, metrics=self.metrics)
+                max_message_bytes=config.max_message_bytes, request_limits=config.prompt_limits(), metrics=self.metrics)
         if role == "all":
             self.gateway = gateway_module.GatewayServicer(gateway_module.LocalVision(self.vision),
                                                           gateway_module.LocalLanguageModel(self.lm),
@@ -124,12 +125,14 @@ class TesseraServer:
         """Bind and start serving (health NOT_SERVING until the models are loaded). Returns the port."""
         config = self.config
         token = config.bearer_token()
-        interceptors = [ErrorsAndMetricsInterceptor(self.metrics)]
+        interceptors = [ErrorsAndMetricsInterceptor(self.metrics, max_response_bytes=config.max_message_bytes)]
         if token:
             interceptors.insert(0, BearerTokenInterceptor(token, self.metrics))
-        options = gateway_module.channel_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)]
+        message_sizes = gateway_module.channel_options(config.max_message_bytes)
         if config.role == "gateway":
-            self._open_backends(token, options[:2])
+            self._open_backends(token, message_sizes)
+        # Keepalive pings are permitted: the gateway pings its backends to find a frozen one.
+        options = message_sizes + server_keepalive_options() + [("grpc.so_reuseport", 0)]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         if self.vision is not None:
             vision_pb2_grpc.add_VisionServiceServicer_to_server(self.vision, server)
@@ -167,12 +170,14 @@ class TesseraServer:
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         vision = Backend("vision service", config.vision_target, vision_service.SERVICE_NAME)
         lm = Backend("LM service", config.lm_target, lm_service.SERVICE_NAME)
-        vision_channel = open_channel(vision, options, credentials)
-        lm_channel = open_channel(lm, options, credentials)
+        vision_channel = open_channel(vision, options, credentials, keepalive_s=config.backend_keepalive_s)
+        lm_channel = open_channel(lm, options, credentials, keepalive_s=config.backend_keepalive_s)
         self._channels = [vision_channel, lm_channel]
         self.gateway = gateway_module.GatewayServicer(
-            gateway_module.RemoteVision(vision_channel, metadata, name=str(vision)),
-            gateway_module.RemoteLanguageModel(lm_channel, metadata, name=str(lm)),
+            gateway_module.RemoteVision(vision_channel, metadata, name=str(vision),
+                                        default_timeout=config.backend_timeout),
+            gateway_module.RemoteLanguageModel(lm_channel, metadata, name=str(lm),
+                                               default_timeout=config.backend_timeout),
             limits=config.prompt_limits())
         self._backends = BackendReadiness([(vision, vision_channel), (lm, lm_channel)],
                                           lambda ready: self._update_health(), refusal=token_refusal(metadata),
