@@ -1,7 +1,7 @@
 """Compares the installed distributions with the pins of requirements-lock.txt.
 
-Usage: python scripts/check_lock.py [--quiet] [NAME ...]
-Checks every pinned package, or only the NAMEs given. Prints each package whose installed version
+Usage: python scripts/check_lock.py [--quiet] [--skip NAME] [NAME ...]
+Checks every pinned package (but those skipped), or only the NAMEs given. Prints each package whose installed version
 differs from its pin (or that is missing) and exits 1 if there is any; exits 0 otherwise.
 """
 
@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="packages to check (default: every pin)")
     parser.add_argument("--quiet", action="store_true", help="print nothing, only set the exit code")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="a pinned package not to check (e.g. a torch build the user installed)")
     args = parser.parse_args(argv)
     pins = read_pins()
-    wanted = [canonical(n) for n in args.names] or sorted(pins)
+    skipped = {canonical(n) for n in args.skip}
+    wanted = [canonical(n) for n in args.names] or [n for n in sorted(pins) if n not in skipped]
     unknown = [n for n in wanted if n not in pins]
     if unknown:
         parser.error(f"not pinned in {LOCK.name}: {', '.join(unknown)}")

@@ -12,6 +12,7 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 constraints=$LOCK
+skip=()
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     # The locked release is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
     .venv/bin/python -m pip install --quiet -c "$LOCK" torch
@@ -19,6 +20,7 @@ elif ! .venv/bin/python scripts/check_lock.py --quiet torch; then
     echo "setup: keeping the torch already installed; every other package comes from $LOCK" >&2
     constraints=.venv/constraints-without-torch.txt
     grep -v '^torch==' "$LOCK" >"$constraints"
+    skip=(--skip torch)
 fi
 # The build backend's chatter goes to a log, shown only when the install fails.
 if ! .venv/bin/python -m pip install --quiet -c "$constraints" -e ".[test]" >.venv/setup.log 2>&1; then
@@ -26,4 +28,4 @@ if ! .venv/bin/python -m pip install --quiet -c "$constraints" -e ".[test]" >.ve
     echo "setup: installing the project failed (log above, also in .venv/setup.log)" >&2
     exit 1
 fi
-.venv/bin/python scripts/check_lock.py
+.venv/bin/python scripts/check_lock.py "${skip[@]}"
