@@ -96,3 +96,12 @@ def embedded_270m(gemma270m_dir):
     from lm.runtime import load_language_model
 
     return load_language_model(str(gemma270m_dir), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_tok_dir(tmp_path_factory):
+    """The service tests' tiny vision-language checkpoint with the 270M's tokenizer
+    (service_fixtures.build_tiny_vlm_with_tokenizer), written once per session; tests only read it."""
+    from service_fixtures import build_tiny_vlm_with_tokenizer
+
+    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-tok"))

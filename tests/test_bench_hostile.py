@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from service_fixtures import build_tiny_vlm_with_tokenizer, start_server
+from service_fixtures import start_server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = start_server(model=str(build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-hostile"))))
+def server(tiny_vlm_tok_dir):
+    running = start_server(model=str(tiny_vlm_tok_dir))
     yield running
     running.stop()
 

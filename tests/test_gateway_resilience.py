@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service_fixtures import build_tiny_vlm_with_tokenizer, free_port, photo, start_server
+from service_fixtures import free_port, photo, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY = "tessera.gateway.v1.GatewayService"
@@ -37,8 +37,8 @@ TOKEN = "internal-hop-token"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-gateway-resilience"))
+def checkpoint(tiny_vlm_tok_dir):
+    return tiny_vlm_tok_dir
 
 
 def health_status(channel, service: str) -> int | None:

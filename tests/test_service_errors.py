@@ -15,7 +15,7 @@ import pytest
 
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import build_tiny_vlm_with_tokenizer, start_server
+from service_fixtures import start_server
 
 TOKEN = "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -146,8 +146,8 @@ def test_a_cancellation_at_the_deadline_counts_as_the_deadline():
 # ----- the whole stack ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-errors"))
+def server(tiny_vlm_tok_dir):
+    checkpoint = tiny_vlm_tok_dir
     running = start_server(model=str(checkpoint), auth_token=TOKEN)
     yield running
     running.stop()

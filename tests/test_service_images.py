@@ -18,14 +18,14 @@ from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from vision.image import ImageError, load_image
 from vision.pan_and_scan import PanAndScanConfig
 from vision.preprocess import preprocess_batch
-from service_fixtures import bad_images, build_tiny_vlm_with_tokenizer, photo, start_server
+from service_fixtures import bad_images, photo, start_server
 
 LONG = lm_pb2.SamplingParams(max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds())  # runs until stopped
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-tok"))
+def checkpoint(tiny_vlm_tok_dir):
+    return tiny_vlm_tok_dir
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from lm.sequence import TextStream
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import build_tiny_vlm_with_tokenizer, photo, start_server
+from service_fixtures import photo, start_server
 
 MAX_SEQ_LEN = 2048
 LONG = lm_pb2.SamplingParams(max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds())  # runs until cancelled
@@ -38,8 +38,8 @@ LIMITS = PromptLimits()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-limits-more"))
+def checkpoint(tiny_vlm_tok_dir):
+    return tiny_vlm_tok_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ import pytest
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service_fixtures import build_tiny_vlm_with_tokenizer, photo, start_server
+from service_fixtures import photo, start_server
 
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-load"))
+def server(tiny_vlm_tok_dir):
+    checkpoint = tiny_vlm_tok_dir
     running = start_server(model=str(checkpoint), max_batch=16, max_queue=64)
     yield running
     running.stop()

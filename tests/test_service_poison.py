@@ -11,15 +11,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import build_tiny_vlm_with_tokenizer, start_server
+from service_fixtures import start_server
 
 TEXT = "The capital of France is"
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    checkpoint = build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-poison"))
+def server(tiny_vlm_tok_dir):
+    checkpoint = tiny_vlm_tok_dir
     running = start_server(role="lm", model=str(checkpoint), max_batch=4)
     yield running
     running.stop()

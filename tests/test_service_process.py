@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service_fixtures import build_tiny_vlm_with_tokenizer, free_port
+from service_fixtures import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,8 +74,8 @@ def test_flags_win_over_environment_and_secrets_are_redacted():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-proc"))
+def checkpoint(tiny_vlm_tok_dir):
+    return tiny_vlm_tok_dir
 
 
 def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
-from service_fixtures import build_tiny_vlm_with_tokenizer, photo, start_server
+from service_fixtures import photo, start_server
 
 WIDE = tensor_pb2.PanAndScanOptions(enabled=True, min_crop_size=1, max_num_crops=16)  # a 4000 x 1 image: 17 tiles
 TILE_BYTES = 3 * 896 * 896 * 4  # one float32 Preprocess tile
@@ -30,8 +30,8 @@ def crops(n: int) -> tensor_pb2.PanAndScanOptions:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-vision-limits"))
+def checkpoint(tiny_vlm_tok_dir):
+    return tiny_vlm_tok_dir
 
 
 @pytest.fixture(scope="module")
