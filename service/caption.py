@@ -68,16 +68,7 @@ def escape_undecodable(text: str) -> str:
     UTF-8 (messages, captions); it is not one-to-one, so ids and paths use `name_id`."""
     if text.isascii():
         return text
-    out = []
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
+    return _escape(text, backslashes=False)
 
 
 # The escapes of an escaped id: \\ (a backslash), \xNN (an undecodable byte 80..ff, held by Python as
@@ -104,10 +95,16 @@ def name_id(name: str) -> str:
     backslashes do not all start such escapes (C:\\images) - is returned unchanged."""
     if not _has_surrogate(name) and not _reads_as_escaped(name):
         return name
+    return _escape(name, backslashes=True)
+
+
+def _escape(text: str, *, backslashes: bool) -> str:
+    """Lone surrogates U+DC80..U+DCFF as \\xNN (the undecodable byte), any other as \\uNNNN, and
+    with `backslashes` each backslash as \\\\."""
     out = []
-    for char in name:
+    for char in text:
         code = ord(char)
-        if char == "\\":
+        if char == "\\" and backslashes:
             out.append("\\\\")
         elif 0xDC80 <= code <= 0xDCFF:
             out.append(f"\\x{code - 0xDC00:02x}")
