@@ -25,10 +25,9 @@ from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from service.interceptors import BackendError
-from service.vision_service import BadImage
+from service.vision_service import tiles_from_headers
 from service.wire import pan_and_scan_from_proto
-from vision.image import ImageError, ImageLimits, image_size
-from vision.pan_and_scan import num_tiles
+from vision.image import ImageLimits
 
 SERVICE_NAME = "tessera.gateway.v1.GatewayService"
 
@@ -202,8 +201,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if self.vision is None:
                 raise ValueError("this deployment has no vision service (the model is text-only); "
                                  "send text only or serve a vision-language checkpoint")
-            await self._check_prompt_fits(request, await asyncio.to_thread(self._tiles_from_headers, request),
-                                          remaining())
+            tiles = await asyncio.to_thread(tiles_from_headers, [image.data for image in request.images],
+                                            pan_and_scan_from_proto(request.pan_and_scan), self.image_limits)
+            await self._check_prompt_fits(request, tiles, remaining())
             encoded = await self.vision.encode(
                 vision_pb2.EncodeRequest(images=request.images, pan_and_scan=request.pan_and_scan), remaining())
             images = [item.soft_tokens for item in encoded.images]
@@ -227,19 +227,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if message.text:
                 yield gateway_pb2.QueryStreamResponse(text=message.text)
         raise RuntimeError("the language model's stream ended without a final message")
-
-    def _tiles_from_headers(self, request: gateway_pb2.QueryRequest) -> list[int]:
-        """Tiles of each image from its header alone (nothing decoded); BadImage as the vision service
-        words it for an image refused on its header."""
-        pan_and_scan = pan_and_scan_from_proto(request.pan_and_scan)
-        tiles = []
-        for index, image in enumerate(request.images):
-            try:
-                width, height = image_size(image.data, self.image_limits)
-            except ImageError as error:
-                raise BadImage(f"image {index}: {error} ({error.code})") from None
-            tiles.append(num_tiles(width, height, pan_and_scan))
-        return tiles
 
     async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, tiles: list[int], timeout) -> None:
         """RequestTooLarge unless the images' tiles are within the limits and the whole prompt, laid out
