@@ -6,10 +6,14 @@ from __future__ import annotations
 import io
 import socket
 import struct
+import time
 import zlib
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 def build_tiny_vlm_with_tokenizer(path: Path) -> Path:
@@ -68,3 +72,30 @@ def bad_images() -> dict[str, bytes]:
         "corrupt_jpeg": photo(64, 48, fmt="JPEG")[:200] + bytes(range(256)) * 8,
         "svg_text": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
     }
+
+
+def refused(call) -> tuple[grpc.RpcError, float]:
+    """The RpcError `call()` raises (the test fails if it returns) and the seconds it took."""
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value, time.monotonic() - started
+
+
+def health_status(channel, service: str) -> int | None:
+    """`service`'s health status (grpc.health.v1 Check, 2 s deadline), None when the check fails."""
+    try:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
+    except grpc.RpcError:
+        return None
+
+
+def wait_status(channel, service: str, expected: int, timeout: float) -> float:
+    """Seconds until `service` reports `expected`; fails after `timeout`."""
+    started = time.monotonic()
+    while health_status(channel, service) != expected:
+        assert time.monotonic() - started < timeout, \
+            f"{service or 'server'} not {health_pb2.HealthCheckResponse.ServingStatus.Name(expected)} after {timeout} s"
+        time.sleep(0.1)
+    return time.monotonic() - started

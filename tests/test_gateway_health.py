@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service_fixtures import free_port, photo, start_server
+from service_fixtures import free_port, health_status, photo, start_server, wait_status
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY = "tessera.gateway.v1.GatewayService"
@@ -33,21 +33,8 @@ def checkpoint(tiny_vlm_tok_dir):
     return tiny_vlm_tok_dir
 
 
-def health_status(channel, service: str) -> int | None:
-    try:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
-    except grpc.RpcError:
-        return None
 
 
-def wait_status(channel, service: str, expected: int, timeout: float) -> float:
-    """Seconds until `service` reports `expected`; fails after `timeout`."""
-    started = time.monotonic()
-    while health_status(channel, service) != expected:
-        assert time.monotonic() - started < timeout, \
-            f"{service or 'server'} not {health_pb2.HealthCheckResponse.ServingStatus.Name(expected)} after {timeout} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def stays(channel, service: str, expected: int, seconds: float) -> bool:

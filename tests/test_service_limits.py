@@ -21,7 +21,7 @@ from lm.prompt import IMAGE_MARKER, PromptLimits
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import photo, start_server
+from service_fixtures import photo, refused, start_server
 
 MAX_SEQ_LEN = 2048
 LONG = lm_pb2.SamplingParams(max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds())  # runs until cancelled
@@ -78,11 +78,6 @@ def query(prompt: str, images=(), *, raw=False, pan_and_scan=None, **sampling):
                                     sampling=lm_pb2.SamplingParams(**sampling))
 
 
-def refused(call) -> tuple[grpc.RpcError, float]:
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
-        call()
-    return error.value, time.monotonic() - started
 
 
 # ----- item 2: nothing a request sends stalls the server for the others --------------------------------

@@ -26,7 +26,7 @@ from lm.sequence import TextStream
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import photo, start_server
+from service_fixtures import photo, refused, start_server
 
 MAX_SEQ_LEN = 2048
 LONG = lm_pb2.SamplingParams(max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds())  # runs until cancelled
@@ -65,11 +65,6 @@ def gateway(channel):
     return gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
-def refused(call) -> tuple[grpc.RpcError, float]:
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
-        call()
-    return error.value, time.monotonic() - started
 
 
 def invalid(call, *needles: str) -> float:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
-from service_fixtures import photo, start_server
+from service_fixtures import photo, refused, start_server
 
 WIDE = tensor_pb2.PanAndScanOptions(enabled=True, min_crop_size=1, max_num_crops=16)  # a 4000 x 1 image: 17 tiles
 TILE_BYTES = 3 * 896 * 896 * 4  # one float32 Preprocess tile
@@ -60,11 +60,6 @@ def images(count: int, width: int = 4000, height: int = 1) -> list[tensor_pb2.Im
     return [tensor_pb2.Image(data=photo(width, height, seed=i)) for i in range(count)]  # distinct: no cache hit
 
 
-def refused(call) -> tuple[grpc.RpcError, float]:
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
-        call()
-    return error.value, time.monotonic() - started
 
 
 def counted(server, method: str) -> dict[str, float]:
