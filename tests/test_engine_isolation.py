@@ -10,23 +10,13 @@ import torch
 
 import lm.engine
 from lm.engine import Engine, EngineConfig
-from lm.model import Gemma3TextModel
 from lm.requests import GenerationRequest, InvalidRequest
 from lm.sampling import SamplingParams
 from lm.sequence import Sequence
 from lm.tokenizer import IncrementalDecoder
-from test_lm_engine import TILE, CharTokenizer, image_prompt, make_engine, prompt_of, reference_greedy, tiny_config
-
-
-@pytest.fixture(scope="module")
-def model_and_config():
-    config = tiny_config()
-    torch.manual_seed(0)
-    model = Gemma3TextModel(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(0.0, 0.5 if "norm" in name else 0.2)
-    return model, config
+from test_lm_engine import (  # noqa: F401 - model_and_config is a fixture shared with the engine tests
+    TILE, CharTokenizer, image_prompt, make_engine, model_and_config, prompt_of, reference_greedy,
+)
 
 
 def image_request(tiles: int, soft_tokens: torch.Tensor, new_tokens: int = 4) -> GenerationRequest:
