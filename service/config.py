@@ -113,6 +113,15 @@ class ServeConfig:
     def max_message_bytes(self) -> int:
         return self.max_message_mb << 20
 
+    @property
+    def max_request_fields(self) -> int:
+        """Protobuf fields a request body may hold (nested ones included), twice what the request limits
+        let a valid request need: a chat message is 2 fields (the message, its role) and each content
+        part 2 (the part, its text or image flag); stop strings, images and tiles a few each. A body
+        over it is refused before it is parsed (service.decode)."""
+        chat = self.max_messages * (2 + 2 * self.max_content_parts)
+        return 2 * (chat + self.max_stop_strings + 8 * (self.max_images + self.max_tiles)) + 4096
+
     def bearer_token(self) -> str | None:
         """The bearer token: --auth-token (or TESSERA_AUTH_TOKEN), else the first line of --auth-token-file,
         else None (no authentication). Raises OSError if the file cannot be read, ValueError if it is empty."""

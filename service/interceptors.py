@@ -24,6 +24,7 @@ import uuid
 import grpc
 
 from lm.requests import EngineOverloaded, EngineStopped
+from service.decode import RequestDecoder, TooManyFields, Undecodable, compile_walker
 from vision.image import ImageError
 
 log = logging.getLogger(__name__)
@@ -98,37 +99,18 @@ def cancellation_code(context) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
-class _Undecodable:
-    """Stands in for a request body its method's deserializer refused (gRPC would otherwise answer
-    UNKNOWN with a traceback, before any handler or interceptor runs)."""
-
-    def __init__(self, message_type: str, error: Exception):
-        self.message_type = message_type
-        self.error = error
-
-
-def _tolerant(deserializer):
-    if deserializer is None:
-        return None
-    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
-    message_type = getattr(descriptor, "full_name", "request")
-
-    def deserialize(raw: bytes):
-        try:
-            return deserializer(raw)
-        except Exception as error:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field, ...
-            return _Undecodable(message_type, error)
-    return deserialize
-
-
 class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: maps exceptions to status codes and records requests by method and code
     and their latency in `metrics` (a ServerMetrics, or None). A reply over `max_response_bytes` (the
-    server's max send message size; None: unchecked) fails the call with RESOURCE_EXHAUSTED."""
+    server's max send message size; None: unchecked) fails the call with RESOURCE_EXHAUSTED. Request
+    bodies are parsed here (service.decode): one of more than `max_request_fields` protobuf fields is
+    refused unparsed."""
 
-    def __init__(self, metrics=None, *, max_response_bytes: int | None = None):
+    def __init__(self, metrics=None, *, max_response_bytes: int | None = None, max_request_fields: int = 1 << 18):
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
+        self.max_request_fields = max_request_fields
+        compile_walker()
 
     def _check_size(self, response, method: str) -> None:
         if self.max_response_bytes is None or not hasattr(response, "ByteSize"):
@@ -144,21 +126,32 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
-                      response_serializer=handler.response_serializer)
+        if handler.unary_unary is None and handler.unary_stream is None:
+            return handler  # streaming requests: none in Tessera's APIs (reflection handles its own errors)
+        parse = handler.request_deserializer
+        decoder = None if parse is None else RequestDecoder(parse, self.max_request_fields)
+        kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)  # bytes in
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._wrap_call(handler.unary_unary, method), **kwargs)
-        if handler.unary_stream is not None:
-            if inspect.iscoroutinefunction(handler.unary_stream):  # writes with context.write (health Watch)
-                return grpc.unary_stream_rpc_method_handler(self._wrap_call(handler.unary_stream, method), **kwargs)
-            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **kwargs)
-        return handler  # streaming requests: none in Tessera's APIs (reflection handles its own errors)
+            return grpc.unary_unary_rpc_method_handler(self._wrap_call(handler.unary_unary, method, decoder),
+                                                       **kwargs)
+        if inspect.iscoroutinefunction(handler.unary_stream):  # writes with context.write (health Watch)
+            return grpc.unary_stream_rpc_method_handler(self._wrap_call(handler.unary_stream, method, decoder),
+                                                        **kwargs)
+        return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method, decoder),
+                                                    **kwargs)
 
-    def _wrap_call(self, behaviour, method):
+    async def _decode(self, decoder, request, context, method: str, started: float):
+        if decoder is None:
+            return request
+        request = decoder.decode(request)
+        if isinstance(request, Undecodable):
+            await self._refuse_undecodable(request, context, method, started)
+        return request
+
+    def _wrap_call(self, behaviour, method, decoder):
         async def wrapped(request, context):
             started = time.perf_counter()
-            if isinstance(request, _Undecodable):
-                await self._refuse_undecodable(request, context, method, started)
+            request = await self._decode(decoder, request, context, method, started)
             try:
                 response = await behaviour(request, context)
                 self._check_size(response, method)
@@ -168,11 +161,10 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             return response
         return wrapped
 
-    def _wrap_stream(self, behaviour, method):
+    def _wrap_stream(self, behaviour, method, decoder):
         async def wrapped(request, context):
             started = time.perf_counter()
-            if isinstance(request, _Undecodable):
-                await self._refuse_undecodable(request, context, method, started)
+            request = await self._decode(decoder, request, context, method, started)
             # aclosing: when this generator is dropped, the handler's own cleanup (freeing the
             # engine slot, cancelling a downstream call) runs now, not whenever it is collected.
             async with contextlib.aclosing(behaviour(request, context)) as responses:
@@ -190,10 +182,12 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             record(self.metrics, method, grpc.StatusCode.OK, started)
         return wrapped
 
-    async def _refuse_undecodable(self, request: _Undecodable, context, method: str, started: float) -> None:
+    async def _refuse_undecodable(self, request: Undecodable, context, method: str, started: float) -> None:
         log.warning("%s: refused a request that is not a valid %s from %s: %s", method, request.message_type,
                     context.peer(), request.error)
         record(self.metrics, method, grpc.StatusCode.INVALID_ARGUMENT, started)
+        if isinstance(request.error, TooManyFields):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"malformed request body: {request.error} (expected a serialized {request.message_type}; "
                             "string fields must be valid UTF-8)")

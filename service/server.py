@@ -125,7 +125,8 @@ class TesseraServer:
         """Bind and start serving (health NOT_SERVING until the models are loaded). Returns the port."""
         config = self.config
         token = config.bearer_token()
-        interceptors = [ErrorsAndMetricsInterceptor(self.metrics, max_response_bytes=config.max_message_bytes)]
+        interceptors = [ErrorsAndMetricsInterceptor(self.metrics, max_response_bytes=config.max_message_bytes,
+                                                    max_request_fields=config.max_request_fields)]
         if token:
             interceptors.insert(0, BearerTokenInterceptor(token, self.metrics))
         message_sizes = gateway_module.channel_options(config.max_message_bytes)
