@@ -171,6 +171,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def _plan(self, sources: list[bytes], pan_and_scan: PanAndScanConfig) -> list[int]:
         """Tiles per image from the headers, after refusing a request over the per-request limits:
         the number of images first (nothing read), then the tiles (headers only)."""
+        if not sources:
+            raise ValueError("the request has no images; give at least one in `images`")
         check_request_size(text_bytes=0, tiles_per_image=[1] * len(sources), limits=self.request_limits)
         tiles = await asyncio.to_thread(tiles_from_headers, sources, pan_and_scan, self.limits)
         check_request_size(text_bytes=0, tiles_per_image=tiles, limits=self.request_limits)

@@ -128,6 +128,12 @@ def test_vision_service_encode_cache_and_preprocess(server):
         assert [tuple((b.x0, b.y0, b.x1, b.y1)) for b in item.crop_boxes] == list(expected.boxes)
         info = stub.GetInfo(vision_pb2.GetInfoRequest())
         assert (info.d_model, info.tokens_per_tile, info.image_size) == (64, 256, 896)
+        for empty in (lambda: stub.Encode(vision_pb2.EncodeRequest()),
+                      lambda: stub.Preprocess(vision_pb2.PreprocessRequest())):
+            with pytest.raises(grpc.RpcError) as refused:
+                empty()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no images" in refused.value.details()
 
 
 def test_cancelling_a_stream_frees_the_engine_sequence(server, gateway):

@@ -114,6 +114,10 @@ def many_messages(count: int, text: str | None) -> bytes:
     return pair * (count // 2) + pair[:len(pair) // 2] * (count % 2)
 
 
+def generate_raw(channel, body: bytes):
+    return raw_call(channel, "Generate", lm_pb2.GenerateResponse)(body, timeout=30)
+
+
 def raw_call(channel, method: str, response):
     return channel.unary_unary(f"/tessera.lm.v1.LanguageModelService/{method}",
                                response_deserializer=response.FromString)  # requests sent as bytes
@@ -476,13 +480,22 @@ def test_the_new_limits_come_from_flags_and_environment():
 
 def test_configured_new_limits_are_enforced(checkpoint):
     """A server started with `--max-messages 3 --max-content-parts 2 --max-stop-strings 1 --max-stop-bytes 4`
-    enforces them at the LM service and (stop strings) the gateway."""
-    limited = start_server(model=str(checkpoint), max_seq_len=MAX_SEQ_LEN, max_messages=3, max_content_parts=2,
-                           max_stop_strings=1, max_stop_bytes=4)
+    enforces them at the LM service and (stop strings) the gateway, and its limit on a body's protobuf
+    fields follows them. With --max-seq-len 64, a max_new_tokens of 2**31 - 1 ends at the full context."""
+    settings = dict(max_seq_len=64, max_messages=3, max_content_parts=2, max_stop_strings=1, max_stop_bytes=4)
+    limited = start_server(model=str(checkpoint), **settings)
+    max_fields = ServeConfig(role="all", **settings).max_request_fields
+    assert max_fields < MAX_REQUEST_FIELDS // 10
     try:
         with grpc.insecure_channel(limited.target) as channel:
             lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
             gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+            endless = lm.Generate(lm_pb2.GenerateRequest(prompt="Hi", raw=True, sampling=lm_pb2.SamplingParams(
+                max_new_tokens=2**31 - 1, stop_token_ids=lm_pb2.StopTokenIds())), timeout=60)
+            assert endless.finish_reason == "length"
+            assert endless.prompt_tokens + endless.completion_tokens == settings["max_seq_len"]
+            invalid(lambda: generate_raw(channel, many_stop_strings(max_fields)), f"more than {max_fields:,} protobuf")
+            invalid(lambda: generate_raw(channel, many_stop_strings(max_fields // 2 - 8)), "stop strings; at most 1")
             sampling = lm_pb2.SamplingParams(max_new_tokens=1, stop=["abcd"])
             assert lm.Generate(lm_pb2.GenerateRequest(messages=chat("a", "b", "c"), sampling=sampling),
                                timeout=30).completion_tokens == 1
