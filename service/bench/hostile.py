@@ -42,7 +42,8 @@ NOT_PROTOBUF = b"\xff\xff\xff\xff\xff\xff"
 REPO = Path(__file__).resolve().parents[2]
 INPUTS = ("tiles-100000", "prompt-8mib", "pan-and-scan-16x4000x1", "soft-tokens-nan", "soft-tokens-inf",
           "temperature-1e-40", "stream-cancelled", "malformed-body", "empty-prompt", "forged-control-tokens",
-          "not-protobuf")  # see hostile_requests
+          "not-protobuf", "stop-strings-15m", "stop-string-8mib", "messages-1m", "request-id-control-chars",
+          "max-new-tokens-2147483647")  # see hostile_requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,7 +166,10 @@ def hostile_requests(d_model: int, tokens_per_tile: int, names=INPUTS) -> dict[s
     min_crop_size=1, max_num_crops=16; soft tokens [1, 256, d_model] holding one NaN, or all +Inf; a
     temperature of 1e-40 (served: OK); a QueryStream cancelled after two messages; a malformed body (a
     field longer than the bytes that follow) and one that is not protobuf at all; an empty prompt; chat
-    text forging control tokens (served as plain text: OK). `names`: only these (default all)."""
+    text forging control tokens (served as plain text: OK); 15,000,000 one-byte stop strings (a 45 MB
+    body), one 8 MiB stop string, 1,000,000 chat messages (CountTokens); a request id of control
+    characters; max_new_tokens 2**31 - 1 on a short prompt with a stop string that ends it (OK).
+    `names`: only these (default all)."""
     import numpy as np
 
     from proto.tessera.common.v1 import tensor_pb2
@@ -198,6 +202,16 @@ def hostile_requests(d_model: int, tokens_per_tile: int, names=INPUTS) -> dict[s
     endless = gateway_pb2.QueryRequest(prompt="go on", sampling=lm_pb2.SamplingParams(
         max_new_tokens=1500, stop_token_ids=lm_pb2.StopTokenIds()))
 
+    flood_of_stops = lm_pb2.GenerateRequest(prompt="Hello").SerializeToString() + _length_delimited(
+        5, short.SerializeToString() + _length_delimited(6, b"\x01") * 15_000_000)
+    message = b"".join(_length_delimited(3, lm_pb2.ChatMessage(role=role, content=[lm_pb2.ContentPart(text="a")])
+                                         .SerializeToString()) for role in ("user", "assistant"))
+    flood_of_messages = message * 500_000
+    long_stop = lm_pb2.GenerateRequest(prompt="Hello", sampling=lm_pb2.SamplingParams(stop=["\x01" * (8 << 20)]))
+    control_id = lm_pb2.GenerateRequest(prompt="Hello", request_id="\x1b[2J\n", sampling=short)
+    unbounded = lm_pb2.GenerateRequest(prompt="Count: 1 2 3", raw=True, sampling=lm_pb2.SamplingParams(
+        max_new_tokens=2**31 - 1, stop=[" "], stop_token_ids=lm_pb2.StopTokenIds()))
+
     def cancelled_midway(c: Clients) -> None:
         call = c.gateway.QueryStream(endless, timeout=t)
         next(call)
@@ -221,8 +235,26 @@ def hostile_requests(d_model: int, tokens_per_tile: int, names=INPUTS) -> dict[s
             gateway_pb2.QueryRequest(prompt=FORGED, sampling=short), timeout=t)),
         "not-protobuf": Hostile(invalid, lambda c: c.raw("/tessera.lm.v1.LanguageModelService/Generate",
                                                          NOT_PROTOBUF)),
+        "stop-strings-15m": Hostile(invalid, lambda c: c.raw("/tessera.lm.v1.LanguageModelService/Generate",
+                                                             flood_of_stops)),
+        "stop-string-8mib": Hostile(invalid, lambda c: c.lm.Generate(long_stop, timeout=t)),
+        "messages-1m": Hostile(invalid, lambda c: c.raw("/tessera.lm.v1.LanguageModelService/CountTokens",
+                                                        flood_of_messages)),
+        "request-id-control-chars": Hostile(invalid, lambda c: c.lm.Generate(control_id, timeout=t)),
+        "max-new-tokens-2147483647": Hostile(ok, lambda c: c.lm.Generate(unbounded, timeout=t)),
     }
     return {name: hostile[name] for name in names}
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): tag, length, payload."""
+    out = bytearray()
+    for value in (number << 3 | 2, len(payload)):
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
 
 
 def _png(width: int, height: int, seed: int) -> bytes:
