@@ -105,3 +105,29 @@ def tiny_vlm_tok_dir(tmp_path_factory):
     from service_fixtures import build_tiny_vlm_with_tokenizer
 
     return build_tiny_vlm_with_tokenizer(tmp_path_factory.mktemp("tiny-vlm-tok"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir():
+    """Qwen 3's tokenizer directory (tokenizer.json, tokenizer_config.json with Qwen3-0.6B's chat
+    template), built from the pinned llama-cpp-python sdist's Qwen vocabulary and template and cached
+    under ~/.cache/tessera/test-assets (tests/qwen_fixtures.py); skips when the sdist cannot be
+    downloaded."""
+    from qwen_fixtures import AssetUnavailableError, qwen3_tokenizer_dir as build
+
+    try:
+        return build()
+    except AssetUnavailableError as error:
+        pytest.skip(f"the Qwen 3 tokenizer's published sources are unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def qwen25_coder_gguf():
+    """The real Qwen2.5-Coder 1.5B Instruct GGUF (Q4_K_M), assembled into the model cache from the
+    optional extra's packages; skips when they are not installed."""
+    from lm.checkpoints import ModelNotInstalledError, packaged_gguf
+
+    try:
+        return packaged_gguf("qwen2.5-coder-1.5b-instruct", progress=False)
+    except ModelNotInstalledError as error:
+        pytest.skip(str(error))
