@@ -1,6 +1,6 @@
 """Which keys each query may attend to: pure mask functions, and the no-cache attention context.
 
-Gemma 3 attention is causal; local (sliding-window) layers also drop keys `sliding_window` or more
+Attention is causal; sliding-window layers also drop keys `sliding_window` or more
 positions back; and the 256 tokens of one image tile see each other bidirectionally (a tile never
 sees a later tile, since tiles have distinct ids and causality still holds between them).
 
@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lm.config import LAYER_TYPES, SLIDING, TextConfig
+from lm.models.base import LAYER_TYPES, SLIDING, DecoderConfig
 
 
 class AttentionContext(Protocol):
@@ -89,7 +89,7 @@ class FullAttention:
     type is built once here. A padding query attends to itself alone, so its row stays finite (an
     all-masked row would give NaN) and no real token ever sees it."""
 
-    def __init__(self, config: TextConfig, positions: Tensor, tile_ids: Tensor | None = None) -> None:
+    def __init__(self, config: DecoderConfig, positions: Tensor, tile_ids: Tensor | None = None) -> None:
         self.layer_types = config.layer_types
         padding = positions < 0  # (B, T)
         self_only = torch.diag_embed(padding)[:, None]  # (B, 1, T, T)

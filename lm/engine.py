@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from lm.attention import tile_ids_from_mask
-from lm.config import TextConfig
+from lm.models.base import DecoderConfig
 from lm.kv_cache import CacheShape, DecodeAttention, KVCache, PrefillAttention, kv_bytes_per_token
 from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
@@ -69,9 +69,9 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, config: TextConfig, engine_config: EngineConfig = EngineConfig(), *,
+    def __init__(self, model, config: DecoderConfig, engine_config: EngineConfig = EngineConfig(), *,
                  tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        """`model` follows lm/model.py's contract; `tokenizer` (optional, lm.tokenizer.Tokenizer)
+        """`model` follows the family network contract (lm.models.base); `tokenizer` (optional, lm.tokenizer.Tokenizer)
         supplies incremental decoders for streamed text and stop strings."""
         self.model = model
         self.config = config

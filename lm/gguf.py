@@ -1,20 +1,20 @@
-"""Convert a Gemma 3 GGUF file, once, into an ordinary Hugging Face checkpoint directory.
+"""Convert a GGUF file, once, into an ordinary Hugging Face checkpoint directory.
 
 A GGUF holds quantised weights under llama.cpp's tensor names, the model's hyper-parameters as
-`gemma3.*` metadata and the tokenizer as `tokenizer.ggml.*` metadata. Reading and dequantising it
-takes tens of seconds, so it is done once: the result (model.safetensors, config.json,
+`<architecture>.*` metadata and the tokenizer as `tokenizer.ggml.*` metadata. Reading and dequantising
+it takes tens of seconds, so it is done once: the result (model.safetensors, config.json,
 tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json) goes into a
 cache directory keyed by the file's sha256, which `transformers` loads like any published checkpoint
 and later starts load in seconds.
 
+The model family (lm.models) that converts `general.architecture` supplies config.json, the tensor-name
+map and any value fix-up (Gemma's norms); the tensors must then be exactly the family network's
+parameters, with its shapes. Tokenizers: SentencePiece-style vocabularies (`tokenizer.ggml.model`
+"llama": Gemma) and byte-level BPE ones ("gpt2": Qwen) are rebuilt as `tokenizers` tokenizers.
+
 Weights are stored in float32. The dequantised values (a fp16 block scale times a small integer,
 minus a fp16 offset for the K-quants) are exact in float32 but not in float16 or bfloat16, and
 parity with the reference is measured on exactly these values. The 270M is ~1.07 GB on disk that way.
-
-Facts a GGUF does not state and llama.cpp hard-codes for the `gemma3` architecture, applied here:
-norm weights are stored as (1 + w) (the converter adds 1; HF checkpoints hold w), q/k are not
-permuted, local layers use RoPE θ = 10,000, every 6th layer is global, and the attention scale is
-head_dim ** -0.5 except for the 27B (62 layers), where it is (hidden / heads) ** -0.5.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-GGUF_ARCHITECTURE = "gemma3"
 # Bumped whenever the converter's output changes, so that stale cache directories are rebuilt.
 CONVERSION_FORMAT = 1
 CONVERSION_MARKER = "tessera_conversion.json"  # {"format": ..., "gguf_sha256": ...}, written last
@@ -41,32 +40,6 @@ CHECKPOINT_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
-
-# llama.cpp name -> Hugging Face `Gemma3ForCausalLM` name. Per-layer names omit "blk.N." / "model.layers.N.".
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",  # only in files with an untied head
-}
-_LAYER_TENSORS = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
-_LOCAL_ROPE_THETA = 10_000.0
-_SLIDING_WINDOW_PATTERN = 6
-_LAYERS_OF_27B = 62
 
 # Gemma 3's chat template as published with the instruction-tuned checkpoints (tokenizer_config.json).
 GEMMA3_CHAT_TEMPLATE = (
@@ -162,16 +135,21 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True, sh
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
+    from lm.models import gguf_family
+
     gguf_path, output_dir = Path(gguf_path), Path(output_dir)
     reader = GGUFReader(gguf_path)
     metadata = _Metadata(reader)
-    architecture = metadata.get("general.architecture")
-    if architecture != GGUF_ARCHITECTURE:
-        raise ValueError(f"{gguf_path}: GGUF architecture is {architecture!r}; only {GGUF_ARCHITECTURE!r} is supported")
-    config = build_config(metadata, tensor_names={t.name for t in reader.tensors})
-    name_map = gguf_to_hf_names(config["num_hidden_layers"])
-    _check_tensor_names(gguf_path, {t.name for t in reader.tensors}, name_map, config["tie_word_embeddings"])
-    expected_shapes = hf_shapes(config)
+    try:
+        family = gguf_family(metadata.get("general.architecture"))
+    except ValueError as error:
+        raise ValueError(f"{gguf_path}: {error}") from None
+    config = family.gguf_config(metadata)
+    name_map = family.gguf_tensor_names(config)
+    expected_shapes = hf_shapes(family, config)
+    _check_tensor_names(gguf_path, {t.name for t in reader.tensors}, name_map, expected_shapes,
+                        experts=config.get("num_experts", 0))
+    fix_values = family.gguf_tensor_values or (lambda name, values: values)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
@@ -184,12 +162,13 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True, sh
             for tensor in reader.tensors:
                 hf_name = name_map[tensor.name]
                 values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-                if tensor.name.endswith("norm.weight"):
-                    values = values - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
-                if values.shape != expected_shapes[hf_name]:
-                    raise ValueError(f"{gguf_path}: tensor {tensor.name} ({hf_name}) has shape {values.shape}, "
-                                     f"the config implies {expected_shapes[hf_name]}")
-                tensors[hf_name] = values
+                values = fix_values(tensor.name, values)
+                stacked = "{expert}" in hf_name  # one (out, in) slice per expert
+                for name, part in _split(hf_name, values) if stacked else [(hf_name, values)]:
+                    if part.shape != expected_shapes[name]:
+                        raise ValueError(f"{gguf_path}: tensor {tensor.name} ({name}) has shape {part.shape}, "
+                                         f"the config implies {expected_shapes[name]}")
+                    tensors[name] = np.ascontiguousarray(part)
                 bar.update()
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
             del tensors
@@ -225,11 +204,14 @@ def _publish(staging: Path, output_dir: Path) -> None:
 
 
 def _generation_config(vocab: "GgufVocabulary", config: dict) -> dict:
-    """Generation stops on <eos> and, as llama.cpp and the published Gemma 3 checkpoints do, on <end_of_turn>."""
+    """Generation stops on <eos>, on the end-of-turn token the file states (tokenizer.ggml.eot_token_id)
+    and, as llama.cpp and the published Gemma 3 checkpoints do, on Gemma's <end_of_turn>."""
     eos = [config["eos_token_id"]]
-    if END_OF_TURN in vocab.tokens:
-        eos.append(vocab.tokens.index(END_OF_TURN))
-    return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}
+    for extra in (vocab.eot_id, vocab.tokens.index(END_OF_TURN) if END_OF_TURN in vocab.tokens else None):
+        if extra is not None and extra not in eos:
+            eos.append(extra)
+    return {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
+            "pad_token_id": config.get("pad_token_id", vocab.pad_id)}
 
 
 class _Metadata:
@@ -237,6 +219,7 @@ class _Metadata:
 
     def __init__(self, reader) -> None:
         self._fields = reader.fields
+        self.tensor_names = {tensor.name for tensor in reader.tensors}
 
     def __contains__(self, key: str) -> bool:
         return key in self._fields
@@ -248,112 +231,50 @@ class _Metadata:
     def length(self, key: str) -> int:
         """Number of entries of an array field, without decoding them."""
         if key not in self._fields:
-            raise ValueError(f"GGUF metadata lacks {key!r}, which a Gemma 3 file must state")
+            raise ValueError(f"GGUF metadata lacks {key!r}, which the file must state")
         return len(self._fields[key].data)
 
     def require(self, key: str):
         if key not in self._fields:
-            raise ValueError(f"GGUF metadata lacks {key!r}, which a Gemma 3 file must state")
+            raise ValueError(f"GGUF metadata lacks {key!r}, which the file must state")
         return self._fields[key].contents()
 
 
-def build_config(metadata: _Metadata, tensor_names: set[str]) -> dict:
-    """config.json for `Gemma3ForCausalLM` in the published format (rope_theta / rope_local_base_freq /
-    rope_scaling, with layer_types spelled out)."""
-    arch = GGUF_ARCHITECTURE
-    num_layers = int(metadata.require(f"{arch}.block_count"))
-    hidden = int(metadata.require(f"{arch}.embedding_length"))
-    heads = int(metadata.require(f"{arch}.attention.head_count"))
-    head_dim = int(metadata.require(f"{arch}.attention.key_length"))
-    pattern = int(metadata.get(f"{arch}.attention.sliding_window_pattern", _SLIDING_WINDOW_PATTERN))
-    scaling_type = metadata.get(f"{arch}.rope.scaling.type")
-    scaling_factor = float(metadata.get(f"{arch}.rope.scaling.factor", 1.0))
-    rope_scaling = None
-    if scaling_type not in (None, "none") and scaling_factor != 1.0:
-        if scaling_type != "linear":
-            raise ValueError(f"GGUF states RoPE scaling {scaling_type!r}; Gemma 3 uses 'linear' or none")
-        rope_scaling = {"rope_type": "linear", "factor": scaling_factor}
-    vocab_size = metadata.length("tokenizer.ggml.tokens")
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": int(metadata.get(f"{arch}.vocab_size", vocab_size)),
-        "hidden_size": hidden,
-        "intermediate_size": int(metadata.require(f"{arch}.feed_forward_length")),
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(metadata.require(f"{arch}.attention.head_count_kv")),
-        "head_dim": head_dim,
-        "query_pre_attn_scalar": hidden // heads if num_layers == _LAYERS_OF_27B else head_dim,
-        "sliding_window": int(metadata.require(f"{arch}.attention.sliding_window")),
-        "_sliding_window_pattern": pattern,
-        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)],
-        "rms_norm_eps": float(metadata.require(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(metadata.require(f"{arch}.context_length")),
-        "rope_theta": float(metadata.require(f"{arch}.rope.freq_base")),
-        "rope_local_base_freq": _LOCAL_ROPE_THETA,
-        "rope_scaling": rope_scaling,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": int(metadata.require("tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(metadata.require("tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(metadata.get("tokenizer.ggml.padding_token_id", 0)),
-        "torch_dtype": "float32",
-    }
+def hf_shapes(family, config: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face key -> shape of every parameter of the family's network for `config` (built on
+    the meta device: no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        network = family.network(family.config_from_dict(config))
+    return {(name if name == "lm_head.weight" else "model." + name): tuple(p.shape)
+            for name, p in network.named_parameters()}
 
 
-def gguf_to_hf_names(num_layers: int) -> dict[str, str]:
-    names = dict(_GLOBAL_TENSORS)
-    for layer in range(num_layers):
-        for gguf_name, hf_name in _LAYER_TENSORS.items():
-            names[f"blk.{layer}.{gguf_name}"] = f"model.layers.{layer}.{hf_name}"
-    return names
+def _split(hf_name: str, stacked: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A stacked (experts, ...) tensor as one (name, slice) per expert."""
+    return [(hf_name.format(expert=expert), stacked[expert]) for expert in range(stacked.shape[0])]
 
 
-def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """The shape each HF tensor must have, from the config alone."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    q_dim = config["num_attention_heads"] * config["head_dim"]
-    kv_dim = config["num_key_value_heads"] * config["head_dim"]
-    per_layer = {
-        "self_attn.q_proj.weight": (q_dim, hidden),
-        "self_attn.k_proj.weight": (kv_dim, hidden),
-        "self_attn.v_proj.weight": (kv_dim, hidden),
-        "self_attn.o_proj.weight": (hidden, q_dim),
-        "self_attn.q_norm.weight": (config["head_dim"],),
-        "self_attn.k_norm.weight": (config["head_dim"],),
-        "input_layernorm.weight": (hidden,),
-        "post_attention_layernorm.weight": (hidden,),
-        "pre_feedforward_layernorm.weight": (hidden,),
-        "post_feedforward_layernorm.weight": (hidden,),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-    }
-    shapes = {
-        "model.embed_tokens.weight": (config["vocab_size"], hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (config["vocab_size"], hidden),
-    }
-    for layer in range(config["num_hidden_layers"]):
-        shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
-
-
-def _check_tensor_names(path: Path, present: set[str], name_map: dict[str, str], tied: bool) -> None:
+def _check_tensor_names(path: Path, present: set[str], name_map: dict[str, str],
+                        expected: dict[str, tuple[int, ...]], *, experts: int = 0) -> None:
     unknown = sorted(present - name_map.keys())
     if unknown:
-        raise ValueError(f"{path}: tensors with no Gemma 3 mapping: {', '.join(unknown[:8])}"
+        raise ValueError(f"{path}: tensors with no mapping to this architecture: {', '.join(unknown[:8])}"
                          + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
-    required = set(name_map) - ({"output.weight"} if tied else set())
-    missing = sorted(required - present)
+
+    def keys(hf_name: str) -> list[str]:
+        return [hf_name.format(expert=e) for e in range(experts)] if "{expert}" in hf_name else [hf_name]
+
+    mapped = {key for name in present for key in keys(name_map[name])}
+    gguf_names = {key: gguf for gguf, hf in name_map.items() for key in keys(hf)}
+    missing = [f"{gguf_names.get(key, '?')} ({key})" for key in sorted(set(expected) - mapped)]
     if missing:
         raise ValueError(f"{path}: missing tensors: {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    extra = sorted(mapped - set(expected))
+    if extra:
+        raise ValueError(f"{path}: tensors the config does not describe: {', '.join(extra[:8])}")
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -361,31 +282,88 @@ def _check_tensor_names(path: Path, present: set[str], name_map: dict[str, str],
 
 @dataclass(frozen=True)
 class GgufVocabulary:
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece-style, Gemma) or "gpt2" (byte-level BPE, Qwen)
     tokens: list[str]  # as the file spells them
     token_types: list[int]  # llama.cpp token types (1 normal, 3 control, 4 user-defined, 6 byte)
-    bos_id: int
+    merges: list[str]  # "left right" pairs, best first ("gpt2" only)
+    pre: str | None  # tokenizer.ggml.pre: the pre-tokenizer's name ("gpt2" only)
+    bos_id: int | None
     eos_id: int
-    unk_id: int
-    pad_id: int
+    eot_id: int | None  # end of turn, when the file states one
+    unk_id: int | None
+    pad_id: int | None
     add_bos: bool
+
+
+_TOKENIZER_MODELS = ("llama", "gpt2")
+# Pre-tokenizer split patterns by tokenizer.ggml.pre, as in the published tokenizer.json of each family.
+_BPE_SPLIT_PATTERNS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+             r"|\s+(?!\S)|\s+",
+}
 
 
 def read_vocabulary(metadata: _Metadata) -> GgufVocabulary:
     model = metadata.require("tokenizer.ggml.model")
-    if model != "llama":
-        raise ValueError(f"GGUF tokenizer model is {model!r}; Gemma 3 files use the SentencePiece ('llama') model")
+    if model not in _TOKENIZER_MODELS:
+        raise ValueError(f"GGUF tokenizer model is {model!r}; supported: {', '.join(_TOKENIZER_MODELS)}")
+
+    def optional_id(key: str) -> int | None:
+        value = metadata.get(key)
+        return None if value is None else int(value)
+
     return GgufVocabulary(
+        model=model,
         tokens=list(metadata.require("tokenizer.ggml.tokens")),
         token_types=[int(t) for t in metadata.require("tokenizer.ggml.token_type")],
-        bos_id=int(metadata.require("tokenizer.ggml.bos_token_id")),
+        merges=list(metadata.require("tokenizer.ggml.merges")) if model == "gpt2" else [],
+        pre=metadata.get("tokenizer.ggml.pre"),
+        bos_id=optional_id("tokenizer.ggml.bos_token_id"),
         eos_id=int(metadata.require("tokenizer.ggml.eos_token_id")),
-        unk_id=int(metadata.require("tokenizer.ggml.unknown_token_id")),
-        pad_id=int(metadata.get("tokenizer.ggml.padding_token_id", 0)),
-        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+        eot_id=optional_id("tokenizer.ggml.eot_token_id"),
+        unk_id=int(metadata.require("tokenizer.ggml.unknown_token_id")) if model == "llama" else
+        optional_id("tokenizer.ggml.unknown_token_id"),
+        pad_id=optional_id("tokenizer.ggml.padding_token_id") if model == "gpt2" else
+        int(metadata.get("tokenizer.ggml.padding_token_id", 0)),
+        add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", model == "llama")),
     )
 
 
 def build_tokenizer(vocab: GgufVocabulary):
+    """A `tokenizers.Tokenizer` for the vocabulary: SentencePiece-style or byte-level BPE."""
+    return build_bpe_tokenizer(vocab) if vocab.model == "gpt2" else build_sentencepiece_tokenizer(vocab)
+
+
+def build_bpe_tokenizer(vocab: GgufVocabulary):
+    """A byte-level BPE tokenizer equal to the published tokenizer.json of the family (Qwen 2 / 3): NFC
+    normalisation, the family's split regex (by tokenizer.ggml.pre), byte-level alphabet and decoder,
+    the file's merges; control tokens special, user-defined ones (<tool_call>, FIM markers) matched whole
+    but not special. ValueError for a pre-tokenizer this module does not know."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    if vocab.pre not in _BPE_SPLIT_PATTERNS:
+        raise ValueError(f"GGUF BPE pre-tokenizer {vocab.pre!r} is not supported; supported: "
+                         f"{', '.join(_BPE_SPLIT_PATTERNS)}")
+    ids = {token: index for index, token in enumerate(vocab.tokens)}
+    merges = [tuple(merge.split(" ", 1)) for merge in vocab.merges]
+    tokenizer = Tokenizer(BPE(vocab=ids, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
+                              byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_BPE_SPLIT_PATTERNS[vocab.pre]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(vocab.tokens, vocab.token_types) if kind == _CONTROL])
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
+                          for token, kind in zip(vocab.tokens, vocab.token_types) if kind == _USER_DEFINED])
+    return tokenizer
+
+
+def build_sentencepiece_tokenizer(vocab: GgufVocabulary):
     """A `tokenizers.Tokenizer` equal to transformers' `GemmaTokenizer` for this vocabulary: SentencePiece
     BPE with byte fallback, spaces normalised to "▁", control tokens special, user-defined tokens
     (newline and tab runs, HTML tags, image markers) matched whole.
@@ -433,21 +411,26 @@ def derive_merges(tokens: list[str], ids: dict[str, int]) -> list[tuple[str, str
 
 def _write_tokenizer_files(directory: Path, vocab: GgufVocabulary, metadata: _Metadata, config: dict) -> None:
     build_tokenizer(vocab).save(str(directory / "tokenizer.json"))
-    special = {
-        "bos_token": vocab.tokens[vocab.bos_id],
-        "eos_token": vocab.tokens[vocab.eos_id],
-        "unk_token": vocab.tokens[vocab.unk_id],
-        "pad_token": vocab.tokens[vocab.pad_id],
-    }
+
+    def token(index: int | None) -> str | None:
+        return None if index is None else vocab.tokens[index]
+
+    special = {name: value for name, value in (
+        ("bos_token", token(vocab.bos_id) if vocab.add_bos or vocab.model == "llama" else None),
+        ("eos_token", token(vocab.eos_id)), ("unk_token", token(vocab.unk_id)),
+        ("pad_token", token(vocab.pad_id))) if value is not None}
     if "<mask>" in vocab.tokens:
         special["mask_token"] = "<mask>"
+    template = metadata.get("tokenizer.chat_template")
+    if template is None and config["model_type"].startswith("gemma3"):
+        template = GEMMA3_CHAT_TEMPLATE  # the 270M's GGUF carries none; the instruction-tuned releases do
     _write_json(directory / "special_tokens_map.json", special)
     _write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "GemmaTokenizer",
+        "tokenizer_class": "GemmaTokenizer" if vocab.model == "llama" else "Qwen2Tokenizer",
         **special,
         "add_bos_token": vocab.add_bos,
         "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        "chat_template": metadata.get("tokenizer.chat_template", GEMMA3_CHAT_TEMPLATE),
+        **({"chat_template": template} if template is not None else {}),
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],
         "padding_side": "left",

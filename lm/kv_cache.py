@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from lm.attention import attention_mask
-from lm.config import TextConfig
+from lm.models.base import DecoderConfig
 
 
-def kv_bytes_per_token(config: TextConfig, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
     """Bytes one token costs across all layers: Σ_layers 2 × kv_heads × head_dim × bytes."""
     per_layer = 2 * config.num_key_value_heads * config.head_dim * _itemsize(dtype)
     return per_layer * config.num_hidden_layers
 
 
-def kv_bytes_for_context(config: TextConfig, context_len: int, dtype: torch.dtype, *, windowed: bool = True) -> int:
+def kv_bytes_for_context(config: DecoderConfig, context_len: int, dtype: torch.dtype, *, windowed: bool = True) -> int:
     """Bytes of KV cache for one sequence of `context_len` tokens.
 
     With `windowed`, local layers hold at most `sliding_window` tokens; otherwise every layer holds
@@ -60,11 +60,11 @@ class CacheShape:
     ring_len: int  # positions kept by each local layer: min(sliding_window, max_seq_len)
 
     @classmethod
-    def from_budget(cls, config: TextConfig, *, budget_bytes: int, max_seq_len: int, dtype: torch.dtype,
+    def from_budget(cls, config: DecoderConfig, *, budget_bytes: int, max_seq_len: int, dtype: torch.dtype,
                     max_slots: int) -> "CacheShape":
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-        ring_len = min(config.sliding_window, max_seq_len)
+        ring_len = min(config.sliding_window or max_seq_len, max_seq_len)  # no sliding layers: unused
         per_slot = slot_bytes(config, max_seq_len, dtype)
         num_slots = min(max_slots, budget_bytes // per_slot)
         if num_slots < 1:
@@ -75,14 +75,14 @@ class CacheShape:
         return cls(num_slots=num_slots, max_seq_len=max_seq_len, ring_len=ring_len)
 
 
-def slot_bytes(config: TextConfig, max_seq_len: int, dtype: torch.dtype) -> int:
+def slot_bytes(config: DecoderConfig, max_seq_len: int, dtype: torch.dtype) -> int:
     return kv_bytes_for_context(config, max_seq_len, dtype, windowed=True)
 
 
 class KVCache:
     """Per-layer key/value buffers for `shape.num_slots` sequences, plus per-cell bookkeeping."""
 
-    def __init__(self, config: TextConfig, shape: CacheShape, *, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config: DecoderConfig, shape: CacheShape, *, dtype: torch.dtype, device: torch.device | str):
         self.config = config
         self.shape = shape
         self.dtype = dtype

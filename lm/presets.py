@@ -1,10 +1,11 @@
-"""The released Gemma 3 decoders as named `TextConfig`s, for sizing (KV-cache memory, FLOPs) without
-a checkpoint at hand.
+"""Released decoders as named configs, for sizing (KV-cache memory, FLOPs) and for tests at the real
+layer shapes, without a checkpoint at hand.
 
-Each preset is parsed from the size fields of the published config.json (text-only 270M/1B:
-`Gemma3ForCausalLM`; 4B/12B/27B: the `text_config` of `Gemma3ForConditionalGeneration`, which leaves
-every other field at the reference defaults), so a preset is exactly what loading that checkpoint's
-config would give.
+Each preset is parsed by its family (lm.models) from the size fields of the published config.json
+(Gemma 3 text-only 270M/1B: `Gemma3ForCausalLM`; 4B/12B/27B: the `text_config` of
+`Gemma3ForConditionalGeneration`, which leaves every other field at the reference defaults; Qwen 3
+0.6B and 30B-A3B: `Qwen3ForCausalLM` and `Qwen3MoeForCausalLM`), so a preset is exactly what loading
+that checkpoint's config would give.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
-from lm.config import TextConfig
+from lm.models import family_of
+from lm.models.base import DecoderConfig
 
 _TEXT_ONLY_COMMON: dict[str, Any] = {
     "model_type": "gemma3_text",
@@ -68,16 +70,30 @@ PUBLISHED_CONFIGS: MappingProxyType[str, dict[str, Any]] = MappingProxyType({
         "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
         "query_pre_attn_scalar": 168,  # = hidden / heads, not head_dim
     }),
+    "qwen3-0.6b": {
+        "model_type": "qwen3", "vocab_size": 151_936, "hidden_size": 1024, "intermediate_size": 3072,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40_960, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "bos_token_id": 151_643, "eos_token_id": 151_645,
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "vocab_size": 151_936, "hidden_size": 2048, "intermediate_size": 6144,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40_960,
+        "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "bos_token_id": 151_643, "eos_token_id": 151_645,
+    },
 })
 
-PRESETS: MappingProxyType[str, TextConfig] = MappingProxyType(
-    {name: TextConfig.from_dict(config) for name, config in PUBLISHED_CONFIGS.items()}
+PRESETS: MappingProxyType[str, DecoderConfig] = MappingProxyType(
+    {name: family_of(config).config_from_dict(config) for name, config in PUBLISHED_CONFIGS.items()}
 )
 
 
-def preset(name: str) -> TextConfig:
-    """The `TextConfig` of a released Gemma 3 size, e.g. `preset("gemma3-4b")`."""
+def preset(name: str) -> DecoderConfig:
+    """The config of a released model, e.g. `preset("gemma3-4b")`; ValueError for an unknown name."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown Gemma 3 preset {name!r}; known: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -1,21 +1,20 @@
 """Prompt layout as pure functions: a request (chat messages, one user turn or plain text, with images)
 -> token ids with the positions of the image placeholders; and the cheap limits checked before it.
 
-Follows the reference `Gemma3Processor` with Gemma 3's chat template:
-- chat turns are `<start_of_turn>{user|model}\n{content}<end_of_turn>\n`, text parts trimmed, a system
-  prompt folded into the first user turn as "{system}\n\n", and `<start_of_turn>model\n` appended
-  for generation;
-- each image becomes, per tile, "\n\n<start_of_image>" + 256 placeholders + "<end_of_image>\n\n", and
-  an image with Pan & Scan crops becomes "Here is the original image {tile} and here are some crops
+- Chat messages are rendered by the checkpoint's own chat template (lm.chat_template, as transformers'
+  `apply_chat_template`), for every model family.
+- Images (Gemma 3 vision-language checkpoints) are expanded after rendering, as the reference
+  `Gemma3Processor` does: per tile "\n\n<start_of_image>" + 256 placeholders + "<end_of_image>\n\n",
+  and an image with Pan & Scan crops becomes "Here is the original image {tile} and here are some crops
   to help you see better {crop tiles joined by spaces}".
 
 Rules every entry point shares through `layout_request` (`tessera generate`, the LM service, and the
 gateway through the LM service):
 - Text a user writes in a chat (message contents, the system prompt, a one-turn prompt) is plain text:
-  a special-token string in it ("<end_of_turn>") is encoded as the characters it is spelled with, as
-  transformers' `split_special_tokens=True` encodes it, so no user can forge a turn; the template's own
-  control tokens are added as ids. `allow_special_tokens` (a server setting) lets chat text write them.
-  In a chat, images go where the image parts are, and nowhere else.
+  a control-token string in it ("<end_of_turn>", "<|im_start|>") is encoded as the characters it is
+  spelled with, as transformers' `apply_chat_template(sanitize_control_tokens=True)` encodes it, so no
+  user can forge a turn; the template's own control tokens are ids. `allow_special_tokens` (a server
+  setting) lets chat text write them. In a chat, images go where the image parts are, and nowhere else.
 - A raw prompt is the whole prompt, control tokens included, read as `Gemma3Processor(text=...)` reads
   it: its images go at its "<start_of_image>" markers, or, when it has none, before it (one marker per
   image, joined by spaces, as the processor writes them for images without text).
@@ -29,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from lm.tokenizer import END_OF_IMAGE, END_OF_TURN, START_OF_IMAGE, START_OF_TURN, Tokenizer
+from lm.tokenizer import END_OF_IMAGE, START_OF_IMAGE, Tokenizer
 from vision.pan_and_scan import MAX_CROPS_CAP, PanAndScanConfig, num_tiles
 
 TOKENS_PER_TILE = 256  # soft tokens per image tile (mm_tokens_per_image)
@@ -37,7 +36,6 @@ IMAGE_MARKER = START_OF_IMAGE  # where an image goes in a raw prompt (as in the 
 MAX_TILES_PER_IMAGE = 1 + MAX_CROPS_CAP  # the original and at most MAX_CROPS_CAP Pan & Scan crops
 _ORIGINAL_INTRO = "Here is the original image "
 _CROPS_INTRO = " and here are some crops to help you see better "
-_ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
 
 class EmptyPrompt(ValueError):
@@ -132,7 +130,8 @@ def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
     if raw:
         return layout_text(tokenizer, with_image_markers(prompt, len(image_tiles)), image_tiles,
                            tokens_per_tile=tokens_per_tile)
-    content = [{"type": "image"} for _ in image_tiles] + [{"type": "text", "text": prompt}]
+    # A string when there are no images: some templates (Qwen 3's) read only string content.
+    content = [{"type": "image"} for _ in image_tiles] + [{"type": "text", "text": prompt}] if image_tiles else prompt
     return layout_chat(tokenizer, [{"role": "user", "content": content}], image_tiles,
                        tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens)
 
@@ -253,17 +252,6 @@ def check_content_parts(parts_per_message: Sequence[int], limits: PromptLimits) 
 
 # ----- layout -----------------------------------------------------------------------------------------
 
-def render_chat(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-    """The text Gemma 3's chat template makes of `messages`, without the leading <bos> (`layout_chat`
-    adds it as a token). Image parts become IMAGE_MARKER."""
-    def text(segment) -> str:
-        if isinstance(segment, _Control):
-            return segment.token
-        return IMAGE_MARKER if isinstance(segment, _Image) else segment
-
-    return "".join(text(segment) for segment in _chat_segments(messages, add_generation_prompt))
-
-
 def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
     """Image parts in the messages, i.e. how many entries `layout_chat` expects in `image_tiles`."""
     return sum(
@@ -277,19 +265,85 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
 
 def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], image_tiles: Sequence[int] = (), *,
                 add_generation_prompt: bool = True, tokens_per_tile: int = TOKENS_PER_TILE,
-                allow_special_tokens: bool = False) -> Prompt:
-    """Token ids of a chat, with `image_tiles[i]` tiles (1 + crops) for the i-th image part. The
-    messages' text is plain text (see the module docstring) unless `allow_special_tokens`."""
-    segments = _chat_segments(messages, add_generation_prompt)
-    return _layout(tokenizer, segments, image_tiles, tokens_per_tile, add_bos=True,
-                   special_tokens_in_text=allow_special_tokens,
-                   mismatch=lambda n: f"chat has {n} image part(s) for {len(image_tiles)} image(s)")
+                allow_special_tokens: bool = False, **template_kwargs: Any) -> Prompt:
+    """Token ids of a chat rendered by the checkpoint's own chat template (lm.chat_template), with
+    `image_tiles[i]` tiles (1 + crops) for the i-th image part, expanded after rendering as the reference
+    processor does. Control tokens written in the messages stay plain text unless `allow_special_tokens`.
+    `template_kwargs` are template variables (e.g. `enable_thinking=False`). Raises ValueError (a
+    ChatTemplateError) when the model has no chat template, the template refuses the messages, or images
+    and image parts disagree."""
+    template = tokenizer.chat_template
+    if template is None:
+        raise ValueError("this model has no chat template (a base model): it cannot take chat messages; "
+                         "send a raw prompt")
+    check_message_content(messages)
+    if not template.image_marker:
+        messages = [_text_content_as_string(message) for message in messages]
+    rendered = template.render(messages, add_generation_prompt=add_generation_prompt,
+                               allow_control_tokens=allow_special_tokens, **template_kwargs)
+    if rendered.num_images != len(image_tiles):
+        raise ValueError(f"chat has {rendered.num_images} image part(s) for {len(image_tiles)} image(s)")
+
+    def expand(slot) -> list:
+        return _template_pieces(tokenizer, image_segments(image_tiles[slot.index], tokens_per_tile))
+
+    ids = template.encode(rendered, expand_image=expand)
+    placeholder = tokenizer.special.image_token_id
+    mask = [token == placeholder for token in ids] if image_tiles else [False] * len(ids)
+    if sum(mask) != sum(image_tiles) * tokens_per_tile:
+        raise ValueError(f"chat text holds image placeholder tokens ({sum(mask)} for {sum(image_tiles)} tiles)")
+    return Prompt(ids, mask, tuple(image_tiles), tokens_per_tile)
 
 
-def layout_text(tokenizer: Tokenizer, text: str, image_tiles: Sequence[int] = (), *, add_bos: bool = True,
+def check_message_content(messages: Sequence[Mapping[str, Any]]) -> None:
+    """ValueError naming the message unless each message's content is a string, None, or a list of
+    {"type": "text", "text": str} and {"type": "image"} parts: what a template may be given (a template
+    silently drops parts it does not know)."""
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"chat: message {index} content must be a string or a list of text/image parts, "
+                             f"got {type(content).__name__}")
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str) or kind == "image":
+                continue
+            raise ValueError(f"chat: message {index} has a content part of type {kind!r}; allowed: text (with a "
+                             "string `text`), image")
+
+
+def _text_content_as_string(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A text-only model's template reads `content` as a string (Qwen's concatenates it): a list of text
+    parts becomes its texts joined by newlines, as vLLM gives such templates ("string" content format)."""
+    content = message.get("content")
+    if not isinstance(content, (list, tuple)):
+        return message
+    return {**message, "content": "\n".join(part["text"] for part in content if part.get("type") == "text")}
+
+
+def _template_pieces(tokenizer: Tokenizer, segments: list) -> list:
+    """image_segments' output as ChatTemplate.encode takes an image's expansion: text as strings, control
+    tokens and placeholder runs as id lists."""
+    pieces: list = []
+    for segment in segments:
+        if isinstance(segment, _Placeholders):
+            pieces.append([tokenizer.special.image_token_id] * segment.count)
+        elif isinstance(segment, _Control):
+            pieces.append([tokenizer.control_id(segment.token)])
+        else:
+            pieces.append(segment)
+    return pieces
+
+
+def layout_text(tokenizer: Tokenizer, text: str, image_tiles: Sequence[int] = (), *, add_bos: bool | None = None,
                 tokens_per_tile: int = TOKENS_PER_TILE) -> Prompt:
     """Token ids of a plain prompt in which each IMAGE_MARKER stands for one image, the i-th having
-    `image_tiles[i]` tiles; control tokens written in the text are control tokens."""
+    `image_tiles[i]` tiles; control tokens written in the text are control tokens. `add_bos` defaults to
+    the checkpoint's choice (Gemma: a <bos> first; Qwen: none)."""
+    if add_bos is None:
+        add_bos = tokenizer.add_bos
     chunks = text.split(IMAGE_MARKER)
     segments: list = [chunks[0]]
     for chunk in chunks[1:]:
@@ -332,7 +386,7 @@ def _layout(tokenizer: Tokenizer, segments: list, image_tiles: Sequence[int], to
         else:
             expanded.append(segment)
 
-    ids: list[int] = [tokenizer.special.bos_id] if add_bos else []
+    ids: list[int] = [tokenizer.special.bos_id] if add_bos and tokenizer.special.bos_id is not None else []
     mask: list[bool] = [False] * len(ids)
     placeholder = tokenizer.special.image_token_id
     for segment in _merge_text(expanded):
@@ -359,51 +413,3 @@ def _merge_text(segments: list) -> list:
         else:
             merged.append(segment)
     return merged
-
-
-def _chat_segments(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list:
-    if not messages:
-        raise ValueError("chat: no messages")
-    first_user_prefix = ""
-    if messages[0].get("role") == "system":
-        first_user_prefix = _system_text(messages[0].get("content")) + "\n\n"
-        messages = messages[1:]
-    segments: list = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        if (role == "user") != (index % 2 == 0):
-            raise ValueError(f"chat: message {index} has role {role!r}; roles must alternate user/assistant "
-                             "starting with user (after an optional first system message)")
-        if role not in _ROLES:
-            raise ValueError(f"chat: message {index} has role {role!r}; allowed: system (first), user, assistant")
-        segments += [_Control(START_OF_TURN), f"{_ROLES[role]}\n" + (first_user_prefix if index == 0 else "")]
-        segments += _content_segments(message.get("content"), index)
-        segments += [_Control(END_OF_TURN), "\n"]
-    if add_generation_prompt:
-        segments += [_Control(START_OF_TURN), "model\n"]
-    return segments
-
-
-def _system_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)) and content and content[0].get("type") == "text":
-        return content[0]["text"]  # the template takes the first part only, untrimmed
-    raise ValueError("chat: a system message's content must be a string or a list starting with a text part")
-
-
-def _content_segments(content: Any, index: int) -> list:
-    if isinstance(content, str):
-        return [content.strip()]
-    if isinstance(content, (list, tuple)):
-        segments: list = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, Mapping) else None
-            if kind == "image":
-                segments.append(_Image())
-            elif kind == "text":
-                segments.append(part["text"].strip())
-            else:
-                raise ValueError(f"chat: message {index} has a content part of type {kind!r}; allowed: text, image")
-        return segments
-    raise ValueError(f"chat: message {index} content must be a string or a list of text/image parts")

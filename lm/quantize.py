@@ -17,10 +17,12 @@ SCHEMES = ("int8",)
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T with q int8 (out, in) and scale (out,)."""
+    """y = x @ (q * scale)^T (+ bias) with q int8 (out, in), scale (out,) and the bias, if any, kept as
+    it was (Qwen 2's q/k/v biases)."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         weight = weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-30) / 127.0  # (out,)
         # The kernel takes bf16 scales: round them (up, so |w| / scale stays <= 127) before quantising
@@ -37,7 +39,10 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
         else:
             out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
 
 class Int8Embedding(nn.Module):
@@ -55,22 +60,22 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
-    """Quantise `model` (a Gemma3TextModel) in place and return it."""
+    """Quantise `model` (any family's network: lm.models) in place and return it."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation {scheme!r}; available: {', '.join(SCHEMES)}")
     with torch.no_grad():
         _swap_linears(model.layers)
         tied = model.lm_head is None
-        source = model.embed.weight if tied else model.lm_head.weight
+        source = model.embed_tokens.weight if tied else model.lm_head.weight
         model.lm_head = Int8Linear(source)
         if tied:
-            model.embed = Int8Embedding(model.lm_head, source.dtype)
+            model.embed_tokens = Int8Embedding(model.lm_head, source.dtype)
     return model
 
 
 def _swap_linears(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child.weight))
+            setattr(module, name, Int8Linear(child.weight, child.bias))
         else:
             _swap_linears(child)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lm.checkpoints import resolve_model
-from lm.config import TextConfig
+from lm.models.base import DecoderConfig
 from lm.engine import Engine, EngineConfig
 from lm.tokenizer import Tokenizer
 from lm.weights import load_text_model
@@ -22,7 +22,7 @@ class LanguageModel:
     """A loaded decoder with its tokenizer; `engine()` builds a serving engine around it."""
 
     path: Path  # checkpoint directory the weights came from
-    config: TextConfig
+    config: DecoderConfig
     model: torch.nn.Module
     tokenizer: Tokenizer
     device: torch.device

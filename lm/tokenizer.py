@@ -25,22 +25,26 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    bos_id: int  # <bos>, first token of every prompt
-    eos_id: int  # <eos>
-    pad_id: int | None  # <pad>
-    start_of_turn_id: int  # <start_of_turn> (105 in Gemma 3)
-    end_of_turn_id: int  # <end_of_turn> (106), where instruction-tuned models stop
-    start_of_image_id: int  # <start_of_image> (255999), opens each image tile
-    end_of_image_id: int  # <end_of_image> (256000), closes it
-    image_token_id: int  # placeholder of one soft token; may lie outside the vocabulary
-    stop_ids: tuple[int, ...]  # generation ends on any of these (eos ids of the checkpoint + end_of_turn)
+    """Special ids, all read from the checkpoint (tokenizer_config.json, config.json,
+    generation_config.json); the Gemma 3 prompt tokens are None in a tokenizer without them."""
+
+    bos_id: int | None  # first token of every prompt where the checkpoint adds one (Gemma: <bos>; Qwen: none)
+    eos_id: int  # tokenizer_config.json's eos_token
+    pad_id: int | None
+    start_of_turn_id: int | None  # Gemma 3's <start_of_turn> (105)
+    end_of_turn_id: int | None  # Gemma 3's <end_of_turn> (106)
+    start_of_image_id: int | None  # Gemma 3's <start_of_image> (255999), opens each image tile
+    end_of_image_id: int | None  # Gemma 3's <end_of_image> (256000), closes it
+    image_token_id: int | None  # placeholder of one soft token (may lie outside the vocabulary); None: no images
+    stop_ids: tuple[int, ...]  # generation ends on any of these: every eos id the checkpoint states
 
 
 class Tokenizer:
-    def __init__(self, backend, special: SpecialTokens, *, add_bos: bool = True) -> None:
+    def __init__(self, backend, special: SpecialTokens, *, add_bos: bool = True, chat_template=None) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.special = special
         self.add_bos = add_bos  # the checkpoint's default for encode()
+        self.chat_template = chat_template  # lm.chat_template.ChatTemplate, or None: raw prompts only
         # The same tokenizer with special-token strings read as plain text. A second backend, never
         # mutated after this, rather than flipping `encode_special_tokens` on the shared one: encodes run
         # concurrently on worker threads with the GIL released.
@@ -60,34 +64,41 @@ class Tokenizer:
         config = _read_json(path / "config.json")
         generation = _read_json(path / "generation_config.json")
 
-        def required(token: str) -> int:
-            token_id = backend.token_to_id(token)
-            if token_id is None:
-                raise ValueError(f"{path}/tokenizer.json has no {token!r} token; is this a Gemma 3 tokenizer?")
-            return token_id
+        def token_id(field: str, required: bool) -> int | None:
+            token = _token_text(tokenizer_config.get(field))
+            found = None if token is None else backend.token_to_id(token)
+            if found is None and required:
+                raise ValueError(f"{path}: tokenizer_config.json's {field} {token!r} is not a token of tokenizer.json")
+            return found
 
-        bos_id = required(_token_text(tokenizer_config.get("bos_token")) or "<bos>")
-        eos_id = required(_token_text(tokenizer_config.get("eos_token")) or "<eos>")
-        pad_token = _token_text(tokenizer_config.get("pad_token")) or "<pad>"
-        end_of_turn_id = required(END_OF_TURN)
-        image_token_id = config.get("image_token_index", config.get("image_token_id"))
-        if image_token_id is None:
-            image_token_id = backend.token_to_id("<image_soft_token>")
-        stop = {eos_id, end_of_turn_id}
+        add_bos = bool(tokenizer_config.get("add_bos_token", False))
+        bos_id = token_id("bos_token", required=add_bos)
+        eos_id = token_id("eos_token", required=True)
+        stop = {eos_id}
         for source in (config, config.get("text_config") or {}, generation):
             stop.update(_ids(source.get("eos_token_id")))
+        start_of_image_id = backend.token_to_id(START_OF_IMAGE)
+        image_token_id = config.get("image_token_index", config.get("image_token_id"))
+        if image_token_id is None and start_of_image_id is not None:  # a Gemma 3 vocabulary without a vision tower
+            image_token_id = backend.token_to_id("<image_soft_token>") or DEFAULT_IMAGE_TOKEN_ID
         special = SpecialTokens(
             bos_id=bos_id,
             eos_id=eos_id,
-            pad_id=backend.token_to_id(pad_token),
-            start_of_turn_id=required(START_OF_TURN),
-            end_of_turn_id=end_of_turn_id,
-            start_of_image_id=required(START_OF_IMAGE),
-            end_of_image_id=required(END_OF_IMAGE),
-            image_token_id=int(image_token_id) if image_token_id is not None else DEFAULT_IMAGE_TOKEN_ID,
+            pad_id=token_id("pad_token", required=False),
+            start_of_turn_id=backend.token_to_id(START_OF_TURN),
+            end_of_turn_id=backend.token_to_id(END_OF_TURN),
+            start_of_image_id=start_of_image_id,
+            end_of_image_id=backend.token_to_id(END_OF_IMAGE),
+            image_token_id=None if image_token_id is None else int(image_token_id),
             stop_ids=tuple(sorted(stop)),
         )
-        return cls(backend, special, add_bos=bool(tokenizer_config.get("add_bos_token", True)))
+        from lm.chat_template import ChatTemplate, load_chat_templates
+
+        chat_template = None
+        if load_chat_templates(path):
+            marker = START_OF_IMAGE if image_token_id is not None and start_of_image_id is not None else None
+            chat_template = ChatTemplate.from_dir(path, backend, image_marker=marker)
+        return cls(backend, special, add_bos=add_bos, chat_template=chat_template)
 
     @property
     def vocab_size(self) -> int:
@@ -102,7 +113,7 @@ class Tokenizer:
         checkpoint's choice (Gemma: yes)."""
         backend = self.backend if special_tokens else self._plain_text_backend
         ids = _encode_without_gil(backend, text)
-        if self.add_bos if add_bos is None else add_bos:
+        if (self.add_bos if add_bos is None else add_bos) and self.special.bos_id is not None:
             ids.insert(0, self.special.bos_id)
         return ids
 

@@ -1,107 +1,63 @@
-"""Load the Gemma 3 decoder from a Hugging Face checkpoint directory (safetensors).
+"""Load a decoder from a Hugging Face checkpoint directory (safetensors), for any registered family.
 
-Strict: every expected key must be present with its exact shape, and no other key may sit in the
-decoder's namespace; errors name the offending keys. Tensors are memory-mapped with safetensors and
-only the shards that hold decoder keys are opened, so a vision-language checkpoint's vision shards
-are never read. The model is built on the meta device and receives the loaded tensors directly, so
-peak memory is one copy of the decoder in the caller's dtype and device.
+Strict: every parameter of the family's network (whose names are the checkpoint's) must be present
+with its exact shape, and no other key may sit in the decoder's namespace; errors name the offending
+keys. Tensors are memory-mapped with safetensors and only the shards that hold decoder keys are opened,
+so a vision-language checkpoint's vision shards are never read. The model is built on the meta device
+and receives the loaded tensors directly, so peak memory is one copy of the decoder in the caller's
+dtype and device.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from lm.config import TextConfig
-from lm.model import Gemma3TextModel
+from lm.models import family_of, read_config_json
+from lm.models.base import DecoderConfig, KeyLayout, ModelFamily
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class KeyLayout:
-    name: str  # description for error messages
-    prefix: str  # decoder namespace: every key under it must be a decoder weight
-    head_key: str  # where an (optional, tied) LM head would be stored
-
-
-# Checked in order; the first whose embedding key is present wins ("model.language_model." before
-# its own prefix "model.").
-KEY_LAYOUTS = (
-    KeyLayout(
-        "model.language_model.* (newer Gemma3ForConditionalGeneration)", "model.language_model.", "lm_head.weight"
-    ),
-    KeyLayout(
-        "language_model.model.* (published Gemma3ForConditionalGeneration)",
-        "language_model.model.",
-        "language_model.lm_head.weight",
-    ),
-    KeyLayout("model.* (Gemma3ForCausalLM)", "model.", "lm_head.weight"),
-)
 _EMBED_KEY = "embed_tokens.weight"
-
-_PER_LAYER = {  # our parameter name within a layer -> checkpoint key within "layers.{i}."
-    "input_norm.weight": "input_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight",
-    "attn.k_norm.weight": "self_attn.k_norm.weight",
-    "post_attn_norm.weight": "post_attention_layernorm.weight",
-    "pre_ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-    "post_ffn_norm.weight": "post_feedforward_layernorm.weight",
-}
+_HEAD = "lm_head.weight"
 
 
 class CheckpointError(ValueError):
     """The checkpoint does not hold the decoder weights its config describes."""
 
 
-def name_map(config: TextConfig) -> dict[str, str]:
-    """Model parameter name -> checkpoint key inside the decoder namespace (without the prefix)."""
-    names = {"embed.weight": _EMBED_KEY, "final_norm.weight": "norm.weight"}
-    for i in range(config.num_hidden_layers):
-        names.update({f"layers.{i}.{ours}": f"layers.{i}.{theirs}" for ours, theirs in _PER_LAYER.items()})
-    return names
-
-
 def load_text_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[TextConfig, Gemma3TextModel]:
+) -> tuple[DecoderConfig, torch.nn.Module]:
     """(config, model in eval mode) from a checkpoint directory with config.json and either
-    model.safetensors or model.safetensors.index.json + shards."""
+    model.safetensors or model.safetensors.index.json + shards. The family is config.json's
+    `model_type` (lm.models.FAMILIES); ValueError for an unsupported one, CheckpointError when the
+    weights do not match the config."""
     path = Path(path)
-    config = TextConfig.from_file(path)
+    raw = read_config_json(path)
+    family = family_of(raw)
+    config = family.config_from_dict(raw)
     with torch.device("meta"):
-        model = Gemma3TextModel(config)
-    state = load_text_state(path, config, model, dtype=dtype, device=device)
+        model = family.network(config)
+    state = load_text_state(path, family, config, model, dtype=dtype, device=device)
     model.load_state_dict(state, strict=True, assign=True)
     return config, model.to(device).eval()  # .to moves the RoPE buffers, built on the CPU
 
 
-def load_text_state(
-    path: Path, config: TextConfig, model: Gemma3TextModel, *, dtype: torch.dtype, device: str | torch.device
-) -> dict[str, torch.Tensor]:
+def load_text_state(path: Path, family: ModelFamily, config: DecoderConfig, model: torch.nn.Module, *,
+                    dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
     """The model's state dict read from the checkpoint, checked key by key against `model`'s shapes."""
     key_files = _key_files(path)
-    layout = _detect_layout(path, key_files)
-    names = name_map(config)
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = None  # stored outside the decoder namespace, at layout.head_key
-    expected = {_checkpoint_key(layout, ours, theirs): ours for ours, theirs in names.items()}
+    layout = _detect_layout(path, family, key_files)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {(layout.head_key if name == _HEAD else layout.prefix + name): name for name in shapes}
     _check_key_set(path, layout, expected, key_files)
 
     files = sorted({key_files[key] for key in expected} | _head_files(layout, key_files))
-    _check_shapes(path, files, expected, {name: tuple(p.shape) for name, p in model.named_parameters()})
+    _check_shapes(path, files, expected, shapes)
     state: dict[str, torch.Tensor] = {}
     head = None
     for file in files:
@@ -111,16 +67,12 @@ def load_text_state(
                     state[expected[key]] = handle.get_tensor(key).to(device=device, dtype=dtype)
                 elif key == layout.head_key and config.tie_word_embeddings:
                     head = handle.get_tensor(key).to(device=device, dtype=dtype)
-    if head is not None and not torch.equal(head, state["embed.weight"]):
+    if head is not None and not torch.equal(head, state[_EMBED_KEY]):
         raise CheckpointError(
             f"{path}: {layout.head_key} differs from {layout.prefix}{_EMBED_KEY}, but config.json ties "
             "the LM head to the embeddings (tie_word_embeddings)"
         )
     return state
-
-
-def _checkpoint_key(layout: KeyLayout, ours: str, theirs: str | None) -> str:
-    return layout.head_key if ours == "lm_head.weight" else layout.prefix + theirs
 
 
 def _key_files(path: Path) -> dict[str, str]:
@@ -136,11 +88,11 @@ def _key_files(path: Path) -> dict[str, str]:
     )
 
 
-def _detect_layout(path: Path, key_files: dict[str, str]) -> KeyLayout:
-    for layout in KEY_LAYOUTS:
+def _detect_layout(path: Path, family: ModelFamily, key_files: dict[str, str]) -> KeyLayout:
+    for layout in family.key_layouts:
         if layout.prefix + _EMBED_KEY in key_files:
             return layout
-    tried = ", ".join(layout.prefix + _EMBED_KEY for layout in KEY_LAYOUTS)
+    tried = ", ".join(layout.prefix + _EMBED_KEY for layout in family.key_layouts)
     raise CheckpointError(f"{path}: no decoder embedding found (looked for {tried})")
 
 
@@ -159,7 +111,8 @@ def _check_key_set(path: Path, layout: KeyLayout, expected: dict[str, str], key_
     if unexpected:
         problems.append(f"unexpected keys in the decoder namespace {layout.prefix}*: {_listing(unexpected)}")
     if problems:
-        raise CheckpointError(f"{path} ({layout.name}): " + "; ".join(problems))
+        raise CheckpointError(f"{path} ({layout.name}): " + "; ".join(problems)
+                              + " (does config.json's model_type name the checkpoint's family?)")
 
 
 def _check_shapes(

@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("vision.commands.preprocess", "decode, validate and tile images (Pan & Scan)"),
     "encode": ("vision.commands.encode", "images -> soft tokens with a checkpoint's SigLIP + projector"),
-    "generate": ("lm.commands.generate", "generate text with the Gemma 3 decoder (and images)"),
+    "generate": ("lm.commands.generate", "generate text with a Gemma 3 or Qwen decoder (and images, Gemma 3 4B-27B)"),
     "caption": ("service.commands.caption", "caption many images into a JSONL file (resumable, sharded)"),
     "bench": ("service.bench", "benchmarks against the reference, side by side"),
     "serve": ("service.commands.serve", "run the gRPC services: vision, lm, gateway or all in one process"),

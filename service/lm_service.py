@@ -260,7 +260,7 @@ class _DeclaredTiles(Sequence):
 
 def _accepts_images(loaded: LoadedLanguageModel) -> bool:
     """Whether the checkpoint is a vision-language one (it names an image placeholder token)."""
-    return getattr(loaded.lm.config, "image_token_index", None) is not None
+    return loaded.lm.config.accepts_images
 
 
 def _max_prompt_tokens(loaded: LoadedLanguageModel) -> int:

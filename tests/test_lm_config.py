@@ -1,4 +1,4 @@
-"""TextConfig parsing of every released Gemma 3 config.json format, checked against the sizes in
+"""Gemma3DecoderConfig parsing of every released Gemma 3 config.json format, checked against the sizes in
 DESIGN.md section 4 and against how transformers' own config classes read the same files."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from lm.config import FULL, SLIDING, TextConfig
+from lm.models.base import FULL, SLIDING
+from lm.models.gemma3 import Gemma3DecoderConfig
 from lm.presets import PRESETS, preset
 
 # The published config.json files (decoder-relevant fields, as released; the 4B/12B/27B text_config
@@ -57,7 +58,7 @@ DESIGN_SIZES = {
 
 @pytest.mark.parametrize("size", PUBLISHED)
 def test_published_configs_parse_to_the_design_sizes(size):
-    config = TextConfig.from_dict(PUBLISHED[size])
+    config = Gemma3DecoderConfig.from_dict(PUBLISHED[size])
     layers, hidden, heads, kv_heads, head_dim, window, factor = DESIGN_SIZES[size]
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (layers, hidden, heads)
     assert (config.num_key_value_heads, config.head_dim, config.sliding_window) == (kv_heads, head_dim, window)
@@ -81,7 +82,7 @@ def test_published_configs_read_as_transformers_reads_them(size):
         reference = Gemma3Config(**fields).text_config
     else:
         reference = Gemma3TextConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
-    ours = TextConfig.from_dict(raw)
+    ours = Gemma3DecoderConfig.from_dict(raw)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "sliding_window", "rms_norm_eps", "max_position_embeddings",
                  "query_pre_attn_scalar", "final_logit_softcapping", "tie_word_embeddings"):
@@ -102,16 +103,16 @@ def test_transformers_5_format_gives_the_same_config(size):
     fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
     resaved = (Gemma3Config if "text_config" in raw else Gemma3TextConfig)(**fields).to_dict()
     assert "rope_parameters" in (resaved.get("text_config") or resaved)
-    assert TextConfig.from_dict(resaved) == TextConfig.from_dict(raw)
+    assert Gemma3DecoderConfig.from_dict(resaved) == Gemma3DecoderConfig.from_dict(raw)
 
 
 def test_every_preset_is_one_of_the_published_configs_checked_here():
-    assert set(PRESETS) == {f"gemma3-{size}" for size in PUBLISHED}
+    assert {name for name in PRESETS if name.startswith("gemma3-")} == {f"gemma3-{size}" for size in PUBLISHED}
 
 
 def test_head_dim_is_read_not_derived():
     raw = dict(PUBLISHED["1b"], head_dim=96)
-    assert TextConfig.from_dict(raw).head_dim == 96
+    assert Gemma3DecoderConfig.from_dict(raw).head_dim == 96
 
 
 @pytest.mark.parametrize(
@@ -127,12 +128,17 @@ def test_head_dim_is_read_not_derived():
 )
 def test_unsupported_configs_are_refused_with_the_reason(change, message):
     with pytest.raises(ValueError, match=message):
-        TextConfig.from_dict({**PUBLISHED["1b"], **change})
+        Gemma3DecoderConfig.from_dict({**PUBLISHED["1b"], **change})
 
 
-def test_from_file_names_the_missing_file(tmp_path):
+def test_load_config_names_the_missing_file_and_an_unsupported_family(tmp_path):
+    from lm.models import load_config
+
     with pytest.raises(FileNotFoundError, match="config.json"):
-        TextConfig.from_file(tmp_path)
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match=r"model_type 'llama' \(architectures: LlamaForCausalLM\).*gemma3.*qwen3"):
+        load_config(tmp_path)
 
 
 def test_config_is_frozen():

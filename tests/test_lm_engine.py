@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lm.attention import FullAttention, tile_ids_from_mask
-from lm.config import TextConfig
+from lm.models.gemma3 import Gemma3DecoderConfig
 from lm.engine import Engine, EngineConfig
-from lm.model import Gemma3TextModel
+from lm.models.gemma3 import Gemma3TextModel
 from lm.requests import EngineOverloaded, GenerationRequest, InvalidRequest, PromptTooLong
 from lm.sampling import SamplingParams
 from lm.tokenizer import IncrementalDecoder
@@ -20,7 +20,7 @@ TILE = 4  # tokens per image tile in the tiny config
 IMAGE_ID = 90
 
 
-def tiny_config(**overrides) -> TextConfig:
+def tiny_config(**overrides) -> Gemma3DecoderConfig:
     fields = dict(
         model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
@@ -29,7 +29,7 @@ def tiny_config(**overrides) -> TextConfig:
         eos_token_id=1, final_logit_softcapping=None,
     )
     fields.update(overrides)
-    return TextConfig.from_dict({"model_type": "gemma3", "mm_tokens_per_image": TILE,
+    return Gemma3DecoderConfig.from_dict({"model_type": "gemma3", "mm_tokens_per_image": TILE,
                                  "image_token_index": IMAGE_ID, "text_config": fields})
 
 

@@ -18,19 +18,20 @@ BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 def reference_config(name: str):
-    """The preset's published config.json as transformers' own config classes read it."""
-    from transformers import Gemma3Config, Gemma3TextConfig
+    """The preset's published config.json as transformers' own config class of its model_type reads it
+    (the decoder's config: Gemma 3's text_config)."""
+    from transformers import AutoConfig
 
     raw = PUBLISHED_CONFIGS[name]
-    fields = {key: value for key, value in raw.items() if key != "model_type"}
-    return Gemma3Config(**fields).text_config if "text_config" in raw else Gemma3TextConfig(**fields)
+    config = AutoConfig.for_model(**raw)
+    return config.text_config if "text_config" in raw else config
 
 
 def formula_bytes(reference, tokens: int, element_bytes: int, *, windowed: bool) -> int:
     per_layer_token = 2 * reference.num_key_value_heads * reference.head_dim * element_bytes
+    layer_types = getattr(reference, "layer_types", None) or ["full_attention"] * reference.num_hidden_layers
     held = [min(tokens, reference.sliding_window) if windowed and kind == "sliding_attention" else tokens
-            for kind in reference.layer_types]
-    assert set(reference.layer_types) == {"sliding_attention", "full_attention"}
+            for kind in layer_types]
     return per_layer_token * sum(held)
 
 
@@ -38,13 +39,17 @@ def formula_bytes(reference, tokens: int, element_bytes: int, *, windowed: bool)
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_kv_bytes_equal_the_formula_on_the_published_config(name, dtype):
     config, reference = PRESETS[name], reference_config(name)
-    window = reference.sliding_window
+    window = reference.sliding_window or 4096  # Qwen 3: no window; the same token counts still apply
     assert kv_bytes_per_token(config, dtype) == formula_bytes(reference, 1, BYTES[dtype], windowed=False)
     for tokens in (1, 2, window - 1, window, window + 1, 3 * window + 5, 32 * 1024, 128 * 1024):
         for windowed in (False, True):
             expected = formula_bytes(reference, tokens, BYTES[dtype], windowed=windowed)
             assert kv_bytes_for_context(config, tokens, dtype, windowed=windowed) == expected, (tokens, windowed)
         assert slot_bytes(config, tokens, dtype) == formula_bytes(reference, tokens, BYTES[dtype], windowed=True)
+    if reference.sliding_window is None:  # every layer global: windowing saves nothing
+        assert kv_bytes_for_context(config, 128 * 1024, dtype) == kv_bytes_for_context(config, 128 * 1024, dtype,
+                                                                                        windowed=False)
+        return
     # Below the window nothing is saved; beyond it the local layers stop growing.
     assert kv_bytes_for_context(config, window, dtype) == kv_bytes_for_context(config, window, dtype, windowed=False)
     assert kv_bytes_for_context(config, window + 1, dtype) < kv_bytes_for_context(config, window + 1, dtype,

@@ -277,7 +277,7 @@ def test_embedding_scale_is_rounded_to_the_model_dtype_like_the_reference(tmp_pa
     ids = torch.arange(16)[None]
     with torch.no_grad():
         expected = reference(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[0]
-        got = model.embed_tokens(ids, None, None)
+        got = model.embed_inputs(ids, None, None)
     assert torch.equal(got, expected)
-    unrounded = (model.embed.weight.float() * 72**0.5).to(torch.bfloat16)[None]
+    unrounded = (model.embed_tokens.weight.float() * 72**0.5).to(torch.bfloat16)[None]
     assert not torch.equal(expected, unrounded)  # the rounding is visible at this width

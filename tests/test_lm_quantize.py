@@ -74,11 +74,11 @@ def test_int8_model_shares_one_int8_table_for_embedding_and_head(embedded_270m, 
                     for t in list(module.parameters()) + list(module.buffers())}
         return sum(storages.values())
 
-    assert int8_model.embed.table is int8_model.lm_head
+    assert int8_model.embed_tokens.table is int8_model.lm_head
     # no float copy of the 262,144 x 640 table is kept: about a quarter of the fp32 model's bytes
     assert stored_bytes(int8_model) < 0.3 * stored_bytes(embedded_270m.model)
     ids = torch.tensor([[2, 651, 5279, 529]])
-    expected = embedded_270m.model.embed(ids)
-    rows = int8_model.embed(ids)
+    expected = embedded_270m.model.embed_tokens(ids)
+    rows = int8_model.embed_tokens(ids)
     assert rows.dtype == torch.float32
     assert (rows - expected).abs().max() <= int8_model.lm_head.scales.float().max()  # one quantisation step

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from lm.prompt import layout_chat, render_chat
+from lm.prompt import layout_chat
 from lm.tokenizer import DEFAULT_IMAGE_TOKEN_ID, IncrementalDecoder, Tokenizer
 
 TEXTS = [
@@ -77,7 +77,7 @@ def test_chat_layout_equals_the_reference_chat_template(ours, reference_from_dir
                                                       add_generation_prompt=add_generation_prompt)
     expected = reference_from_dir.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                       add_generation_prompt=add_generation_prompt)["input_ids"]
-    assert reference_from_dir.bos_token + render_chat(messages, add_generation_prompt=add_generation_prompt) == rendered
+    assert ours.chat_template.render(messages, add_generation_prompt=add_generation_prompt).text == rendered
     prompt = layout_chat(ours, messages, add_generation_prompt=add_generation_prompt)
     assert prompt.token_ids == list(expected)
     assert not any(prompt.image_mask)

@@ -59,8 +59,8 @@ def test_three_key_layouts_load_identical_weights(tmp_path, tiny_vlm_dir, vlm):
         _state(_write(tmp_path / "newer", newer, config)),
         _state(_write(tmp_path / "causal", *_as_causal_lm(tensors, config))),
     ]
-    assert torch.equal(states[0]["layers.3.attn.k_proj.weight"], tensors[PUBLISHED_PREFIX + "layers.3.self_attn.k_proj.weight"])
-    assert torch.equal(states[0]["final_norm.weight"], tensors[PUBLISHED_PREFIX + "norm.weight"])
+    assert torch.equal(states[0]["layers.3.self_attn.k_proj.weight"], tensors[PUBLISHED_PREFIX + "layers.3.self_attn.k_proj.weight"])
+    assert torch.equal(states[0]["norm.weight"], tensors[PUBLISHED_PREFIX + "norm.weight"])
     for state in states[1:]:
         assert state.keys() == states[0].keys()
         assert all(torch.equal(state[name], states[0][name]) for name in state)
@@ -74,7 +74,7 @@ def test_only_decoder_shards_are_read(tmp_path, tiny_vlm_dir):
     assert vision_only, "fixture has no vision-only shard; the test would prove nothing"
     for file in vision_only:
         (copy / file).write_bytes(b"not a safetensors file")
-    assert torch.equal(_state(copy)["embed.weight"], _state(tiny_vlm_dir)["embed.weight"])
+    assert torch.equal(_state(copy)["embed_tokens.weight"], _state(tiny_vlm_dir)["embed_tokens.weight"])
 
 
 def test_dtype_and_device_come_from_the_caller(tiny_vlm_dir):
@@ -91,7 +91,7 @@ def test_tied_head_is_accepted_only_when_equal_to_the_embeddings(tmp_path, vlm):
     decoder, config = _as_causal_lm(*vlm)
     embed = decoder["model.embed_tokens.weight"]
     loaded = _state(_write(tmp_path / "equal", {**decoder, "lm_head.weight": embed.clone()}, config))
-    assert torch.equal(loaded["embed.weight"], embed)
+    assert torch.equal(loaded["embed_tokens.weight"], embed)
     with pytest.raises(CheckpointError, match=r"lm_head\.weight differs"):
         load_text_model(_write(tmp_path / "differs", {**decoder, "lm_head.weight": embed + 1}, config))
 

@@ -60,10 +60,6 @@ def _reference_ids(processor, ours, batch) -> tuple[list[int], list[bool]]:
     return [ours.special.image_token_id if i == image_token else i for i in ids], [i == image_token for i in ids]
 
 
-def _contains(sequence: list[int], part: list[int]) -> bool:
-    return any(sequence[i:i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
-
-
 # ----- control tokens in user text (item 10) ---------------------------------------------------------
 
 @pytest.mark.parametrize("text", SPECIAL_TEXTS)
@@ -86,7 +82,8 @@ def test_user_text_cannot_forge_turns(ours, reference):
     special = ours.special
     controls = {special.bos_id, special.eos_id, special.start_of_turn_id, special.end_of_turn_id}
     assert [i for i in prompt.token_ids if i in controls] == [i for i in harmless if i in controls]
-    assert _contains(prompt.token_ids, reference(FORGED, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    assert prompt.token_ids == reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                             return_dict=True, sanitize_control_tokens=True)["input_ids"]
 
     # A server that allows special tokens reads the text as the reference chat template does.
     allowed = layout_chat(ours, messages, allow_special_tokens=True)

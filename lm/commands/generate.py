@@ -11,7 +11,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma3-270m",
-                        help="gemma3-270m (the embedded default), a .gguf file or a checkpoint directory")
+                        help="gemma3-270m (the embedded default), qwen2.5-coder-1.5b-instruct (the qwen25-coder "
+                             "extra), a .gguf file or a checkpoint directory of a supported family")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the user's message (sent as one chat turn unless --raw)")
     source.add_argument("--messages", type=Path, help="JSON file: a list of chat messages {role, content}")

@@ -1,5 +1,5 @@
-"""`tessera bench lm`: the engine (fp32 and int8) against transformers and llama.cpp on the embedded
-Gemma 3 270M, side by side in one process.
+"""`tessera bench lm`: the engine (fp32 and int8) against transformers and llama.cpp on one model (the
+embedded Gemma 3 270M by default; `--model` any supported family), side by side in one process.
 
 Figures: decode tok/s at batch 1, aggregate decode tok/s with 8 concurrent requests, prefill tok/s
 for a 2,048-token prompt, time to first token, resident-memory growth while each contender runs, and
@@ -136,9 +136,9 @@ def int8_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
 
 def bench_transformers(path, tokenizer, args) -> dict:
     import torch
-    from transformers import Gemma3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     new = args.new_tokens
 
     def run(batch_ids: list[list[int]], max_new: int) -> float:
@@ -266,9 +266,11 @@ def run(args: argparse.Namespace) -> int:
 def _gguf_file(spec: str):
     from pathlib import Path
 
-    from lm.checkpoints import DEFAULT_MODEL, embedded_gguf
+    from lm.checkpoints import DEFAULT_MODEL, PACKAGED_MODELS, embedded_gguf, packaged_gguf
 
     if spec == DEFAULT_MODEL:
         return embedded_gguf()
+    if spec in PACKAGED_MODELS:
+        return packaged_gguf(spec, progress=False)
     path = Path(spec)
     return path if path.suffix.lower() == ".gguf" else None

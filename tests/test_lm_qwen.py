@@ -1,0 +1,184 @@
+"""The Qwen family against the reference (transformers `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+`Qwen3MoeForCausalLM`) on random weights, fp32: logits at every position, and 64 greedy tokens of several
+prompts decoded by the engine with chunked prefill and batching, teacher-forced through the reference.
+
+Shapes: Qwen2.5-1.5B's and Qwen3-0.6B's layers (two of them, so the suite stays fast); Qwen3-30B-A3B's
+attention and experts (all 128, top-8, renormalised, 768 wide) on a 512-wide residual stream, one dense
+and one sparse layer. The slow tests run the full 0.6B and one layer of the full 30B-A3B. Also: configs
+read as transformers reads them, YaRN frequencies, and a checkpoint of one family refused by another
+family's network, naming the keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lm.attention import FullAttention
+from lm.engine import Engine, EngineConfig
+from lm.models import load_config
+from lm.presets import PRESETS, PUBLISHED_CONFIGS
+from lm.requests import GenerationRequest
+from lm.sampling import SamplingParams
+from lm.weights import CheckpointError, load_text_model
+
+GREEDY_TOKENS = 64
+QWEN25_15B = {  # Qwen2.5-1.5B-Instruct's config.json, size fields
+    "model_type": "qwen2", "vocab_size": 151_936, "hidden_size": 1536, "intermediate_size": 8960,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32_768,
+    "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
+    "sliding_window": 32_768, "max_window_layers": 21, "bos_token_id": 151_643, "eos_token_id": 151_645,
+}
+TWO_LAYERS = {"num_hidden_layers": 2}
+SHAPES = {
+    "qwen3-0.6b": {**PUBLISHED_CONFIGS["qwen3-0.6b"], **TWO_LAYERS},
+    "qwen2.5-1.5b": {**QWEN25_15B, **TWO_LAYERS},
+    "qwen3-30b-a3b-narrow": {**PUBLISHED_CONFIGS["qwen3-30b-a3b"], **TWO_LAYERS, "hidden_size": 512,
+                             "mlp_only_layers": [0], "intermediate_size": 1024},
+}
+FULL_SHAPES = {  # slow
+    "qwen3-0.6b-full": PUBLISHED_CONFIGS["qwen3-0.6b"],
+    "qwen3-30b-a3b-one-layer": {**PUBLISHED_CONFIGS["qwen3-30b-a3b"], "num_hidden_layers": 1},
+}
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Weights that make every part of the network count: projections N(0, 0.02), biases N(0, 0.1), norm
+    weights 1 + N(0, 0.1), and embeddings N(0, 1) so the (tied) head's logits are well separated and a
+    greedy choice is never a near tie."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "norm" in name:
+                parameter.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                parameter.copy_(0.1 * noise)
+            elif "embed_tokens" in name or "lm_head" in name:
+                parameter.copy_(noise)
+            else:
+                parameter.copy_(0.02 * noise)
+
+
+def _random_checkpoint(name: str, fields: dict, tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**fields)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    _randomise(reference, seed=len(name))
+    directory = tmp_path_factory.mktemp(name)
+    reference.save_pretrained(directory)
+    return directory, reference
+
+
+@pytest.fixture(scope="module", params=[*sorted(SHAPES), *[pytest.param(n, marks=pytest.mark.slow)
+                                                          for n in sorted(FULL_SHAPES)]])
+def checkpoint(request, tmp_path_factory):
+    """(directory, reference model) of a random model at the named shapes (SHAPES, FULL_SHAPES)."""
+    return _random_checkpoint(request.param, {**SHAPES, **FULL_SHAPES}[request.param], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    return load_text_model(checkpoint[0], dtype=torch.float32)
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 151_643, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_logits_equal_the_reference_at_every_position(checkpoint, ours):
+    _, reference = checkpoint
+    config, model = ours
+    for seed, length in ((0, 1), (1, 7), (2, 61)):
+        ids = torch.tensor([_prompt(seed, length)])
+        positions = torch.arange(length)[None]
+        with torch.no_grad():
+            expected = reference(ids).logits[0].float()
+            got = model.logits(model(ids, positions, FullAttention(config, positions)))[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+def test_engine_greedy_tokens_equal_the_reference_with_chunked_prefill_and_batching(checkpoint, ours):
+    """Three prompts (one longer than a prefill chunk) decoded together; the reference, given each prompt
+    plus our 64 tokens in one forward, picks our token at every step."""
+    _, reference = checkpoint
+    config, model = ours
+    engine = Engine(model, config, EngineConfig(max_seq_len=160, kv_budget_bytes=64 << 20, max_batch=4,
+                                                prefill_chunk=16, stop_token_ids=()))
+    prompts = [_prompt(10, 5), _prompt(11, 40), _prompt(12, 17)]
+    engine.start()
+    try:
+        handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=GREEDY_TOKENS)))
+                   for p in prompts]
+        results = [handle.result(timeout=300) for handle in handles]
+    finally:
+        engine.stop()
+    for prompt, result in zip(prompts, results):
+        assert len(result.token_ids) == GREEDY_TOKENS
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + result.token_ids])).logits[0]
+        picks = logits[len(prompt) - 1:-1].argmax(dim=-1).tolist()
+        assert picks == result.token_ids
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-30b-a3b"])
+def test_presets_read_as_transformers_reads_them(name):
+    from transformers import AutoConfig
+
+    reference = AutoConfig.for_model(**PUBLISHED_CONFIGS[name])
+    ours = PRESETS[name]
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+                  "rms_norm_eps", "sliding_window", "bos_token_id"):
+        assert getattr(ours, field) == getattr(reference, field), field
+    assert ours.rope_theta == reference.rope_parameters["rope_theta"]
+    assert ours.eos_token_ids == (reference.eos_token_id,)
+    assert ours.layer_types == tuple(getattr(reference, "layer_types", None) or ["full_attention"] * 48)
+    if name == "qwen3-30b-a3b":
+        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                      "decoder_sparse_step"):
+            assert getattr(ours, field) == getattr(reference, field), field
+        assert all(ours.is_sparse(i) for i in range(ours.num_hidden_layers))
+
+
+def test_yarn_and_sliding_window_settings_are_read(tmp_path):
+    raw = {**PUBLISHED_CONFIGS["qwen3-0.6b"], "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                "original_max_position_embeddings": 32_768},
+           "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 20}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = load_config(tmp_path)
+    assert config.rope_scaling["rope_type"] == "yarn" and config.sliding_window == 64
+    assert config.layer_types == ("full_attention",) * 20 + ("sliding_attention",) * 8
+
+
+def test_yarn_frequencies_equal_the_reference():
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lm.layers import rope_inv_freq
+
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32_768}
+    reference_config = AutoConfig.for_model(**{**PUBLISHED_CONFIGS["qwen3-0.6b"], "rope_scaling": scaling,
+                                               "max_position_embeddings": 131_072})
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](reference_config, "cpu")
+    ours, factor = rope_inv_freq(128, 1_000_000.0, scaling)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor)
+
+
+def test_a_checkpoint_of_one_family_is_refused_by_another_naming_the_keys(checkpoint, tmp_path):
+    """Qwen's post_attention_layernorm is its pre-MLP norm; Gemma 3 has a post-attention norm and a
+    pre-feedforward one besides: stating the wrong model_type must fail on the key set, not load."""
+    directory, _ = checkpoint
+    wrong = shutil.copytree(directory, tmp_path / "as-gemma")
+    config = json.loads((wrong / "config.json").read_text())
+    gemma = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": config["hidden_size"]
+             // config["num_attention_heads"], **{k: config[k] for k in (
+                 "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads")}, "sliding_window": 512, "query_pre_attn_scalar": 128}
+    (wrong / "config.json").write_text(json.dumps(gemma))
+    with pytest.raises(CheckpointError, match=r"missing keys: .*pre_feedforward_layernorm"):
+        load_text_model(wrong)

@@ -1,0 +1,94 @@
+"""`tessera serve all` on a Qwen 3 checkpoint (a tiny random model with Qwen 3's real tokenizer and chat
+template), over a real loopback socket: the LM service and the gateway answer chats with the prompt the
+checkpoint's own template gives (equal to transformers' `apply_chat_template`) and stop on the
+checkpoint's end-of-turn id; GetInfo says the model takes no images, and images or soft tokens are
+INVALID_ARGUMENT naming why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import grpc
+import pytest
+import torch
+
+from proto.tessera.common.v1 import tensor_pb2
+from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
+from service_fixtures import photo, refused, start_server
+
+IM_END, END_OF_TEXT = 151_645, 151_643
+
+
+@pytest.fixture(scope="module")
+def checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", vocab_size=151_936, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=4096, tie_word_embeddings=True,
+                                  bos_token_id=END_OF_TEXT, eos_token_id=IM_END)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer_dir / name, directory / name)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, END_OF_TEXT]}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    running = start_server(model=str(checkpoint), max_seq_len=512)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield channel
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def _messages(chat):
+    return [lm_pb2.ChatMessage(role=m["role"], content=[lm_pb2.ContentPart(text=m["content"])]) for m in chat]
+
+
+def test_chat_prompt_is_the_checkpoints_template_and_generation_stops_at_its_end_of_turn(checkpoint, channel):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(checkpoint)
+    expected = reference.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=True)
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    tokenized = lm.Tokenize(lm_pb2.TokenizeRequest(messages=_messages(CHAT)), timeout=30)
+    assert list(tokenized.token_ids) == list(expected["input_ids"])
+    info = lm.GetInfo(lm_pb2.GetInfoRequest(), timeout=30)
+    assert not info.accepts_images and info.vocab_size == 151_936
+
+    stop_on_any_token = lm_pb2.StopTokenIds(ids=list(range(151_936)))  # the first token ends it: "stop"
+    reply = lm.Generate(lm_pb2.GenerateRequest(messages=_messages(CHAT), sampling=lm_pb2.SamplingParams(
+        max_new_tokens=4, stop_token_ids=stop_on_any_token)), timeout=60)
+    assert reply.finish_reason == "stop" and reply.prompt_tokens == len(expected["input_ids"])
+    gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+    answer = gateway.Query(gateway_pb2.QueryRequest(prompt="What is 2 + 2?", sampling=lm_pb2.SamplingParams(
+        max_new_tokens=5)), timeout=60)
+    assert answer.completion_tokens >= 1 and answer.finish_reason in ("stop", "length")
+    one_turn = reference.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert answer.prompt_tokens == len(one_turn)
+
+
+def test_images_and_soft_tokens_are_refused_for_a_text_only_model(channel):
+    gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+    error, _ = refused(lambda: gateway.Query(gateway_pb2.QueryRequest(
+        prompt="What is this?", images=[tensor_pb2.Image(data=photo(64, 48))]), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "text-only" in error.details()
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    soft = tensor_pb2.Tensor(data=b"\0" * (256 * 64 * 4), dtype="float32", shape=[1, 256, 64])
+    error, _ = refused(lambda: lm.Generate(lm_pb2.GenerateRequest(prompt="Hi", images=[soft]), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in error.details()
