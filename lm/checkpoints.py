@@ -98,7 +98,10 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None, *, progress: b
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; pass a .gguf file, a checkpoint "
                              f"directory or one of the named models {_named_models()}")
-        return gguf.cached_checkpoint(path, _name_for(path), cache_root, progress=progress)
+        digest = gguf.sha256_file(path)
+        # A packaged model's own GGUF (or a copy of it) shares the named model's conversion.
+        name = next((n for n, m in PACKAGED_MODELS.items() if m.sha256 == digest), _name_for(path))
+        return gguf.cached_checkpoint(path, name, cache_root, sha256=digest, progress=progress)
     raise FileNotFoundError(f"model {spec!r} is neither a named model {_named_models()} nor an existing .gguf "
                             "file or checkpoint directory")
 

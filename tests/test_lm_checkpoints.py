@@ -127,6 +127,13 @@ def test_resolve_model_converts_the_assembled_file_under_its_name(site, tmp_path
     monkeypatch.setattr(checkpoints.gguf, "cached_checkpoint", cached_checkpoint)
     assert resolve_model("fake", tmp_path, progress=False) == tmp_path / f"fake-{model.sha256[:16]}"
     assert calls == [(b"".join(contents), "fake", tmp_path, model.sha256)]
+    # The same file passed as a path (or a copy of it) shares that conversion; another file does not.
+    copy, other = tmp_path / "copy.gguf", tmp_path / "Other-Model.gguf"
+    copy.write_bytes(b"".join(contents))
+    other.write_bytes(b"GGUF another file")
+    assert resolve_model(str(copy), tmp_path, progress=False) == tmp_path / f"fake-{model.sha256[:16]}"
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert resolve_model(str(other), tmp_path, progress=False) == tmp_path / f"other-model-{digest[:16]}"
 
 
 def test_unknown_names_list_the_named_models(tmp_path):

@@ -9,6 +9,8 @@ llama-cpp-python sdist, tests/qwen_fixtures.py)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -124,7 +126,8 @@ def converted(request, vocabulary, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     path = directory / f"tiny-{request.param}.gguf"
     write_qwen_gguf(path, request.param, vocabulary)
-    return path, convert_gguf(path, directory / "converted", progress=False)
+    yield path, convert_gguf(path, directory / "converted", progress=False)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_converted_logits_equal_transformers_reading_the_same_gguf(converted):

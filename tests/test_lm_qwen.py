@@ -76,8 +76,12 @@ def _random_checkpoint(name: str, fields: dict, tmp_path_factory):
 @pytest.fixture(scope="module", params=[*sorted(SHAPES), *[pytest.param(n, marks=pytest.mark.slow)
                                                           for n in sorted(FULL_SHAPES)]])
 def checkpoint(request, tmp_path_factory):
-    """(directory, reference model) of a random model at the named shapes (SHAPES, FULL_SHAPES)."""
-    return _random_checkpoint(request.param, {**SHAPES, **FULL_SHAPES}[request.param], tmp_path_factory)
+    """(directory, reference model) of a random model at the named shapes (SHAPES, FULL_SHAPES); the
+    directory (GBs at real vocabulary sizes) is removed when the module is done with it."""
+    directory, reference = _random_checkpoint(request.param, {**SHAPES, **FULL_SHAPES}[request.param],
+                                              tmp_path_factory)
+    yield directory, reference
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +177,12 @@ def test_a_checkpoint_of_one_family_is_refused_by_another_naming_the_keys(checkp
     """Qwen's post_attention_layernorm is its pre-MLP norm; Gemma 3 has a post-attention norm and a
     pre-feedforward one besides: stating the wrong model_type must fail on the key set, not load."""
     directory, _ = checkpoint
-    wrong = shutil.copytree(directory, tmp_path / "as-gemma")
-    config = json.loads((wrong / "config.json").read_text())
+    wrong = tmp_path / "as-gemma"
+    wrong.mkdir()
+    for file in directory.iterdir():  # the weights linked, not copied (GBs)
+        (wrong / file.name).symlink_to(file)
+    config = json.loads((directory / "config.json").read_text())
+    (wrong / "config.json").unlink()
     gemma = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": config["hidden_size"]
              // config["num_attention_heads"], **{k: config[k] for k in (
                  "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
