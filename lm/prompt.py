@@ -34,6 +34,7 @@ from vision.pan_and_scan import MAX_CROPS_CAP, PanAndScanConfig, num_tiles
 TOKENS_PER_TILE = 256  # soft tokens per image tile (mm_tokens_per_image)
 IMAGE_MARKER = START_OF_IMAGE  # where an image goes in a raw prompt (as in the reference processor)
 MAX_TILES_PER_IMAGE = 1 + MAX_CROPS_CAP  # the original and at most MAX_CROPS_CAP Pan & Scan crops
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what the chat templates of the supported families render
 _ORIGINAL_INTRO = "Here is the original image "
 _CROPS_INTRO = " and here are some crops to help you see better "
 
@@ -278,6 +279,9 @@ def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], ima
                          "send a raw prompt")
     check_message_content(messages)
     if not template.image_marker:
+        if count_images(messages):
+            raise ValueError(f"chat has {count_images(messages)} image part(s), but this model is text-only "
+                             "(it takes no images): send text only, or use a vision-language checkpoint")
         messages = [_text_content_as_string(message) for message in messages]
     rendered = template.render(messages, add_generation_prompt=add_generation_prompt,
                                allow_control_tokens=allow_special_tokens, **template_kwargs)
@@ -296,10 +300,14 @@ def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], ima
 
 
 def check_message_content(messages: Sequence[Mapping[str, Any]]) -> None:
-    """ValueError naming the message unless each message's content is a string, None, or a list of
+    """ValueError naming the message unless its role is one of CHAT_ROLES (a template drops a role it
+    does not know without a word) and its content is a string, None, or a list of
     {"type": "text", "text": str} and {"type": "image"} parts: what a template may be given (a template
     silently drops parts it does not know)."""
     for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in CHAT_ROLES:
+            raise ValueError(f"chat: message {index} has role {role!r}; allowed: {', '.join(CHAT_ROLES)}")
         content = message.get("content") if isinstance(message, Mapping) else None
         if content is None or isinstance(content, str):
             continue

@@ -158,6 +158,36 @@ def test_yarn_and_sliding_window_settings_are_read(tmp_path):
     assert config.layer_types == ("full_attention",) * 20 + ("sliding_attention",) * 8
 
 
+def test_a_yarn_model_loads_and_equals_the_reference(tmp_path):
+    """A whole model whose config asks for YaRN (built on the meta device, then loaded), positions past
+    the original context included."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    fields = {"model_type": "qwen3", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 256, "rope_scaling": scaling, "tie_word_embeddings": True}
+    directory, reference = _random_checkpoint("yarn", fields, _Factory(tmp_path))
+    config, model = load_text_model(directory)
+    assert config.rope_scaling["rope_type"] == "yarn"
+    ids = torch.randint(0, 512, (1, 150), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(150)[None]
+    with torch.no_grad():
+        expected = reference(ids).logits[0].float()
+        got = model.logits(model(ids, positions, FullAttention(config, positions)))[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+class _Factory:
+    """tmp_path_factory's mktemp over one test's tmp_path."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
 def test_yarn_frequencies_equal_the_reference():
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

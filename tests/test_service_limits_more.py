@@ -151,7 +151,7 @@ def test_millions_of_stop_strings_or_messages_are_refused_at_once_and_stall_noth
         "100k stop strings": (lambda: generate(stop_many, timeout=60), RECEIVE_SECONDS,
                               "100,000 stop strings; at most 16"),
         "8 MiB stop string": (lambda: lm.Generate(lm_pb2.GenerateRequest(prompt="Hello", sampling=lm_pb2.SamplingParams(
-            max_new_tokens=12, stop=["\x01" * (8 << 20)])), timeout=60), PROMPT_SECONDS,
+            max_new_tokens=12, stop=["\x01" * (8 << 20)])), timeout=60), RECEIVE_SECONDS,
             "stop string 0 is 8,388,608 bytes; a stop string may have at most 1,024 bytes"),
         "1M messages": (lambda: count_tokens(chat_flood, timeout=60), RECEIVE_SECONDS, too_many_fields),
         "1M empty messages": (lambda: generate(empty_flood, timeout=60), RECEIVE_SECONDS, too_many_fields),

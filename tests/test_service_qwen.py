@@ -83,6 +83,20 @@ def test_chat_prompt_is_the_checkpoints_template_and_generation_stops_at_its_end
     assert answer.prompt_tokens == len(one_turn)
 
 
+def test_image_parts_and_unknown_roles_are_refused_not_dropped(channel):
+    """A text-only template would drop an image part or a role it does not know without a word."""
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    image_part = [lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(image=True),
+                                                           lm_pb2.ContentPart(text="what is it?")])]
+    error, _ = refused(lambda: lm.Tokenize(lm_pb2.TokenizeRequest(messages=image_part), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "text-only" in error.details()
+    for role in ("bogus", "", "developer"):
+        messages = [lm_pb2.ChatMessage(role=role, content=[lm_pb2.ContentPart(text="hello")])]
+        error, _ = refused(lambda: lm.Generate(lm_pb2.GenerateRequest(messages=messages), timeout=30))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, role
+        assert f"has role {role!r}; allowed: system, user, assistant, tool" in error.details()
+
+
 def test_images_and_soft_tokens_are_refused_for_a_text_only_model(channel):
     gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
     error, _ = refused(lambda: gateway.Query(gateway_pb2.QueryRequest(

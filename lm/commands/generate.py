@@ -124,7 +124,11 @@ def _engine_config(lm, prompt_tokens: int, max_new_tokens: int):
 def _messages(args: argparse.Namespace):
     if args.messages is None:
         return None
-    messages = json.loads(args.messages.read_text(encoding="utf-8"))
+    try:
+        messages = json.loads(args.messages.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{args.messages}: not valid JSON ({error}); expected a list of {{role, content}} "
+                         "objects") from None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ValueError(f"{args.messages}: expected a JSON list of {{role, content}} objects")
     return messages

@@ -105,7 +105,7 @@ def _yarn(inv_freq: Tensor, head_dim: int, theta: float, scaling: dict) -> tuple
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1: keep the original frequency; 0: interpolate (divide by factor)
     blended = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
     return blended, float(attention_factor)
