@@ -1,5 +1,5 @@
-"""The Mixture-of-Experts block (lm/layers/moe.py) against transformers' `Qwen3MoeSparseMoeBlock`
-with random weights, fp32: parity at small shapes and with all 128 experts (top-8), for several
+"""The Mixture-of-Experts block (lm/layers/moe.py) against transformers' Qwen 3 MoE block (the MLP of a
+one-layer `Qwen3MoeForCausalLM`, under its default experts implementation and "eager") with random weights, fp32: parity at small shapes and with all 128 experts (top-8), for several
 tokens, one token and tokens routed unevenly; the grouped (CUDA) path against the loop path; the
 checkpoint's key names; int8 weight-only quantisation of the experts.
 
@@ -31,16 +31,29 @@ ATOL = RTOL = 1e-5
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def make_pair(*, hidden_size=64, moe_intermediate_size=32, num_experts=8, top_k=2, norm_topk_prob=True, seed=0):
-    """(reference Qwen3MoeSparseMoeBlock with random weights, our block holding the same weights)."""
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+def reference_block(*, hidden_size, moe_intermediate_size, num_experts, top_k, norm_topk_prob,
+                    experts_implementation=None):
+    """transformers' Qwen 3 MoE block, reached through the public model class: the MLP of a one-layer
+    `Qwen3MoeForCausalLM` (random weights, fp32). `experts_implementation` None keeps transformers'
+    default for the machine (`grouped_mm`); "eager" is the block's loop over experts."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
                             num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
-                            hidden_act="silu")
-    config._experts_implementation = "eager"  # the block's own forward (a standalone block has no other)
-    reference = Qwen3MoeSparseMoeBlock(config).eval()
+                            hidden_act="silu", num_hidden_layers=1, vocab_size=16, intermediate_size=16,
+                            num_attention_heads=1, num_key_value_heads=1, head_dim=16)
+    model = Qwen3MoeForCausalLM(config).eval()
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    return model.model.layers[0].mlp
+
+
+def make_pair(*, hidden_size=64, moe_intermediate_size=32, num_experts=8, top_k=2, norm_topk_prob=True, seed=0,
+              experts_implementation=None):
+    """(reference Qwen 3 MoE block with random weights, our block holding the same weights)."""
+    reference = reference_block(hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
+                                num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                                experts_implementation=experts_implementation)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in reference.named_parameters():
@@ -84,8 +97,9 @@ def assert_matches_reference(reference, ours, x):
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 @pytest.mark.parametrize("shape", [(2, 5), (1, 1), (7,)], ids=["batch of sequences", "one token", "flat tokens"])
-def test_small_block_matches_the_reference(norm_topk_prob, shape):
-    reference, ours = make_pair(norm_topk_prob=norm_topk_prob)
+@pytest.mark.parametrize("experts_implementation", [None, "eager"], ids=["default", "eager"])
+def test_small_block_matches_the_reference(norm_topk_prob, shape, experts_implementation):
+    reference, ours = make_pair(norm_topk_prob=norm_topk_prob, experts_implementation=experts_implementation)
     x = torch.randn(*shape, 64, generator=torch.Generator().manual_seed(1))
     assert_matches_reference(reference, ours, x)
 

@@ -35,18 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_blocks(args: argparse.Namespace):
-    """(reference Qwen3MoeSparseMoeBlock with random fp32 weights, Tessera's block holding a copy)."""
+    """(reference model, its MoE block with random fp32 weights, Tessera's block holding a copy).
+    The reference block is reached through the public model class: the MLP of a one-layer
+    `Qwen3MoeForCausalLM` (a `Qwen3MoeSparseMoeBlock`), whose experts implementation the model's
+    `set_experts_implementation` switches."""
     import torch
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from lm.layers.moe import SparseMoeBlock
 
     config = Qwen3MoeConfig(hidden_size=args.hidden_size, moe_intermediate_size=args.moe_intermediate_size,
                             num_experts=args.num_experts, num_experts_per_tok=args.top_k, norm_topk_prob=True,
-                            hidden_act="silu")
-    config._experts_implementation = "eager"
-    reference = Qwen3MoeSparseMoeBlock(config).eval()
+                            hidden_act="silu", num_hidden_layers=1, vocab_size=16, intermediate_size=16,
+                            num_attention_heads=1, num_key_value_heads=1, head_dim=16)
+    model = Qwen3MoeForCausalLM(config).eval()
+    reference = model.model.layers[0].mlp
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         for name, tensor in reference.named_parameters():
@@ -59,7 +62,7 @@ def build_blocks(args: argparse.Namespace):
                               activation="silu")
     ours = ours.to_empty(device="cpu").eval()
     ours.load_state_dict(checkpoint_state_dict(reference), strict=True)
-    return reference, ours
+    return model, reference, ours
 
 
 def int8_copy(ours):
@@ -96,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.tokens.split(",")]
     load_before = os.getloadavg()
-    reference, ours = build_blocks(args)
+    model, reference, ours = build_blocks(args)
 
     def reference_with(implementation: str):
         def forward(x):
-            reference.experts.config._experts_implementation = implementation
+            model.set_experts_implementation(implementation)
             return reference(x)
         return forward
 
