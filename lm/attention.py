@@ -16,17 +16,34 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lm.models.base import LAYER_TYPES, SLIDING, DecoderConfig
 
 
 class AttentionContext(Protocol):
-    def kv(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Given this step's keys/values (B, kv_heads, T, head_dim) for layer `layer_idx` (already
-        normed and roped), store them if the context caches, and return the keys and values to attend
-        over (B, kv_heads, S, head_dim) and a boolean mask (B, 1, T, S), True = attend."""
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Attention of layer `layer_idx` for this step: queries q (B, H, T, head_dim) and this step's
+        keys/values (B, kv_heads, T, head_dim), already normed and roped. The context stores the keys and
+        values if it caches, chooses the keys each query sees and returns (B, H, T, head_dim)."""
         ...
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k/v (B, KV, S, D), mask
+    (B, 1, T, S) bool (True = attend) or None (every key). On CPU SDPA serves each KV head to H / KV
+    query heads without copying. On CUDA a boolean mask together with `enable_gqa` would fall back to
+    the math kernel, so there the KV heads are repeated and the mask made additive, which the
+    memory-efficient kernel takes."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if q.is_cuda and mask is not None:
+        if heads != kv_heads:
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
 
 
 def attention_mask(
@@ -103,5 +120,5 @@ class FullAttention:
             if layer_type in set(config.layer_types)
         }
 
-    def kv(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return keys, values, self.masks[self.layer_types[layer_idx]]
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        return sdpa(q, k, v, self.masks[self.layer_types[layer_idx]], scale)

@@ -1,29 +1,30 @@
-"""The engine's KV cache: fixed sequence slots, window-sized rings for local layers.
+"""The engine's paged KV cache: memory in fixed-size blocks, laid out for mixed attention kinds.
 
-Every running sequence owns one slot (a batch row in each layer's buffers). Global layers keep the
-whole context, `max_seq_len` positions; local (sliding-window) layers keep a ring of
-`min(sliding_window, max_seq_len)` positions, written at `position % window`. Slots are allocated
-once, from a byte budget, when the engine starts: a request either gets a slot or waits for one.
+A *group* is a set of layers with one attention kind (full, or sliding window of size w) that share
+one block table per request; every layer of a group has the same key/value shape. Following vLLM's
+hybrid KV cache manager, the layers of each kind are cut into groups of `page_layers` layers (the
+smallest kind's layer count), so one block id means the same bytes in every group: block b of group
+g stores, for the j-th layer of g, rows [b] of tensor j. One free list serves all groups; a block is
+the unit of allocation, reference counting and prefix caching (lm/engine/block_manager.py).
 
-The cache also records, per slot and ring cell, the absolute position (-1 when empty) and the image
-tile id (-1 for text) of what it holds, so attention masks are computed from stored facts rather
-than assumed layouts.
+Gemma 3 270M (18 layers, 3 full, 15 sliding) has page_layers 3: one full group and five sliding
+groups; a Qwen model with full attention only is one group of all its layers. A group of the last
+slice of a kind may be short of `page_layers`: its unused tensor rows are the padding vLLM also pays.
 
-Invariant: every empty cell holds zeros. Attention reads empty cells (a whole ring; global layers
-up to the longest sequence of the batch) and masks them out, but masking weighs a value by exactly 0
-and 0 × NaN is NaN: a cell left non-finite by an earlier request would poison every later request in
-that slot. So freeing a slot zeroes what it wrote, and moving a slot overwrites everything the
-destination held.
+Bytes a request holds: a full group ceil(n / block_size) blocks for n tokens; a sliding group only the
+blocks that still hold one of the last w positions (≤ ceil(w / block_size) + 1 once out-of-window
+blocks are freed). `kv_bytes_for_context` below is the block-free formula of DESIGN §5; the paged
+cache rounds it up to whole blocks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from lm.attention import attention_mask
-from lm.models.base import DecoderConfig
+from lm.models.base import FULL, SLIDING, DecoderConfig
 
 
 def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
@@ -52,182 +53,91 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
-class CacheShape:
-    """Geometry of the slot cache, decided once at start-up."""
+class KVGroup:
+    """Layers with one attention kind sharing one block table per request."""
 
-    num_slots: int  # sequences that can run at once (batch rows)
-    max_seq_len: int  # longest context (prompt + generated) a slot holds
-    ring_len: int  # positions kept by each local layer: min(sliding_window, max_seq_len)
+    kind: str  # lm.models.base FULL or SLIDING
+    window: int | None  # sliding_window for SLIDING groups, None for FULL
+    layers: tuple[int, ...]  # layer indices; the j-th uses storage tensor j
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How layers map onto groups and storage tensors, and the block size in tokens."""
+
+    groups: tuple[KVGroup, ...]
+    page_layers: int  # storage tensors (layers per group at most)
+    block_size: int  # tokens per block
 
     @classmethod
-    def from_budget(cls, config: DecoderConfig, *, budget_bytes: int, max_seq_len: int, dtype: torch.dtype,
-                    max_slots: int) -> "CacheShape":
-        if max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-        ring_len = min(config.sliding_window or max_seq_len, max_seq_len)  # no sliding layers: unused
-        per_slot = slot_bytes(config, max_seq_len, dtype)
-        num_slots = min(max_slots, budget_bytes // per_slot)
-        if num_slots < 1:
-            raise ValueError(
-                f"KV budget of {budget_bytes / 2**20:.1f} MiB cannot hold one sequence of {max_seq_len} "
-                f"tokens ({per_slot / 2**20:.1f} MiB per sequence): raise the budget or lower max_seq_len"
-            )
-        return cls(num_slots=num_slots, max_seq_len=max_seq_len, ring_len=ring_len)
+    def from_config(cls, config: DecoderConfig, block_size: int) -> "KVLayout":
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        by_kind: dict[str, list[int]] = {}
+        for layer_idx, kind in enumerate(config.layer_types):
+            by_kind.setdefault(kind, []).append(layer_idx)
+        page_layers = min(len(layers) for layers in by_kind.values())
+        groups = []
+        for kind in (FULL, SLIDING):
+            layers = by_kind.get(kind, [])
+            window = config.sliding_window if kind == SLIDING else None
+            for first in range(0, len(layers), page_layers):
+                groups.append(KVGroup(kind, window, tuple(layers[first:first + page_layers])))
+        return cls(groups=tuple(groups), page_layers=page_layers, block_size=block_size)
+
+    def place(self, layer_idx: int) -> tuple[int, int]:
+        """(group index, storage tensor index) of a layer."""
+        for g, group in enumerate(self.groups):
+            if layer_idx in group.layers:
+                return g, group.layers.index(layer_idx)
+        raise KeyError(f"layer {layer_idx} is in no KV group")
+
+    def block_bytes(self, config: DecoderConfig, dtype: torch.dtype) -> int:
+        """Bytes of one block id across the storage tensors (keys and values)."""
+        return self.page_layers * 2 * self.block_size * config.num_key_value_heads * config.head_dim * _itemsize(dtype)
+
+    def first_needed_block(self, group: KVGroup, position: int) -> int:
+        """Index of the first block a query at `position` (or later) still reads in this group: 0 for
+        full attention; for a window w, the block holding position - w + 1."""
+        if group.window is None:
+            return 0
+        return max(0, position - group.window + 1) // self.block_size
+
+    def blocks_for_request(self, num_tokens: int, chunk: int) -> int:
+        """Most blocks one request of `num_tokens` positions holds at once in all groups, when it computes
+        at most `chunk` tokens per step (a sliding group holds the window before a chunk plus the chunk)."""
+        total = 0
+        for group in self.groups:
+            if group.window is None:
+                total += math.ceil(num_tokens / self.block_size)
+            else:
+                span = min(num_tokens, group.window - 1 + chunk)
+                total += min(math.ceil(num_tokens / self.block_size), math.ceil(span / self.block_size) + 1)
+        return total
 
 
-def slot_bytes(config: DecoderConfig, max_seq_len: int, dtype: torch.dtype) -> int:
-    return kv_bytes_for_context(config, max_seq_len, dtype, windowed=True)
+def request_budget_bytes(config: DecoderConfig, max_seq_len: int, dtype: torch.dtype, *, block_size: int,
+                         prefill_chunk: int) -> int:
+    """The smallest KV budget (bytes) that holds one request of `max_seq_len` tokens computed in chunks
+    of at most `prefill_chunk` tokens, in blocks of `block_size` tokens."""
+    layout = KVLayout.from_config(config, block_size)
+    return layout.blocks_for_request(max_seq_len, prefill_chunk) * layout.block_bytes(config, dtype)
 
 
-class KVCache:
-    """Per-layer key/value buffers for `shape.num_slots` sequences, plus per-cell bookkeeping."""
+class PagedKVStorage:
+    """Key and value tensors of `num_blocks` blocks: keys[j], values[j] are
+    (num_blocks, block_size, kv_heads, head_dim) in the engine's dtype, for the j-th layer of every group.
+    Blocks are not zeroed when freed: attention reads only positions its own request has written
+    (lm/engine/model_runner.py slices each request's keys to exactly its positions)."""
 
-    def __init__(self, config: DecoderConfig, shape: CacheShape, *, dtype: torch.dtype, device: torch.device | str):
-        self.config = config
-        self.shape = shape
-        self.dtype = dtype
-        self.device = torch.device(device)
-        kv_heads, head_dim = config.num_key_value_heads, config.head_dim
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for layer_idx in range(config.num_hidden_layers):
-            length = shape.max_seq_len if config.is_global(layer_idx) else shape.ring_len
-            size = (shape.num_slots, kv_heads, length, head_dim)
-            self.keys.append(torch.zeros(size, dtype=dtype, device=self.device))
-            self.values.append(torch.zeros(size, dtype=dtype, device=self.device))
-        # Absolute position and tile id held by each cell; -1 = empty / text.
-        self.full_pos = torch.full((shape.num_slots, shape.max_seq_len), -1, dtype=torch.long, device=self.device)
-        self.full_tile = torch.full_like(self.full_pos, -1)
-        self.ring_pos = torch.full((shape.num_slots, shape.ring_len), -1, dtype=torch.long, device=self.device)
-        self.ring_tile = torch.full_like(self.ring_pos, -1)
+    def __init__(self, config: DecoderConfig, layout: KVLayout, num_blocks: int, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.layout, self.num_blocks = layout, num_blocks
+        shape = (num_blocks, layout.block_size, config.num_key_value_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
 
     @property
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def used_positions(self, slot: int) -> int:
-        """Cells [0, n) of the global layers that `slot` has written (they fill from position 0)."""
-        return int(self.full_pos[slot].max()) + 1  # -1 (empty) + 1 = 0
-
-    def clear_slot(self, slot: int) -> None:
-        """Empty a slot: zero the keys and values it wrote and mark every cell empty (see the module
-        docstring for why the data, not only the bookkeeping, is cleared)."""
-        used = self.used_positions(slot)
-        for layer_idx in range(self.config.num_hidden_layers):
-            for buffer in (self.keys[layer_idx], self.values[layer_idx]):
-                if self.config.is_global(layer_idx):
-                    buffer[slot, :, :used] = 0
-                else:
-                    buffer[slot] = 0
-        for table in (self.full_pos, self.full_tile, self.ring_pos, self.ring_tile):
-            table[slot] = -1
-
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy slot `src` into `dst` (batch compaction) and clear `src`. Global layers copy only the
-        positions either slot has written, not the whole `max_seq_len`: `src`'s cells beyond its own
-        are zeros, so whatever `dst` held there is overwritten with zeros too."""
-        used = max(self.used_positions(src), self.used_positions(dst))
-        for layer_idx in range(self.config.num_hidden_layers):
-            for buffer in (self.keys[layer_idx], self.values[layer_idx]):
-                if self.config.is_global(layer_idx):
-                    buffer[dst, :, :used] = buffer[src, :, :used]
-                else:
-                    buffer[dst] = buffer[src]
-        for table in (self.full_pos, self.full_tile, self.ring_pos, self.ring_tile):
-            table[dst] = table[src]
-        self.clear_slot(src)
-
-
-class PrefillAttention:
-    """AttentionContext for one chunk of one sequence's prompt, written into slot `slot`.
-
-    Global layers write first and attend over positions [0, end). Local layers attend over the ring's
-    previous contents plus the chunk (a chunk can be longer than the ring), then keep the chunk's last
-    `ring_len` tokens in the ring."""
-
-    def __init__(self, cache: KVCache, slot: int, positions: torch.Tensor, tile_ids: torch.Tensor):
-        # positions, tile_ids: (T,), consecutive positions starting where the slot left off
-        self.cache, self.slot = cache, slot
-        config, ring_len = cache.config, cache.shape.ring_len
-        start, end = int(positions[0]), int(positions[-1]) + 1
-        if end > cache.shape.max_seq_len:
-            raise ValueError(f"chunk ends at {end}, beyond the slot's {cache.shape.max_seq_len} positions")
-        self.positions = positions
-        q_pos, q_tile = positions[None], tile_ids[None]  # (1, T)
-
-        cache.full_pos[slot, start:end] = positions
-        cache.full_tile[slot, start:end] = tile_ids
-        self.start, self.end = start, end
-        self.global_mask = attention_mask(
-            q_pos, cache.full_pos[slot:slot + 1, :end], sliding_window=None,
-            q_tile=q_tile, k_tile=cache.full_tile[slot:slot + 1, :end],
-        )
-        ring_k_pos = torch.cat([cache.ring_pos[slot], positions])[None]  # (1, ring_len + T)
-        ring_k_tile = torch.cat([cache.ring_tile[slot], tile_ids])[None]
-        self.local_mask = attention_mask(
-            q_pos, ring_k_pos, sliding_window=config.sliding_window, q_tile=q_tile, k_tile=ring_k_tile,
-        )
-        # The chunk's last ring_len tokens stay in the ring.
-        kept = slice(max(0, len(positions) - ring_len), len(positions))
-        self.kept = kept
-        self.ring_cells = positions[kept] % ring_len
-        cache.ring_pos[slot, self.ring_cells] = positions[kept]
-        cache.ring_tile[slot, self.ring_cells] = tile_ids[kept]
-
-    def kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
-        # keys, values: (1, kv_heads, T, head_dim)
-        cache, slot = self.cache, self.slot
-        k_buf, v_buf = cache.keys[layer_idx], cache.values[layer_idx]
-        if cache.config.is_global(layer_idx):
-            k_buf[slot, :, self.start:self.end] = keys[0]
-            v_buf[slot, :, self.start:self.end] = values[0]
-            return k_buf[slot:slot + 1, :, :self.end], v_buf[slot:slot + 1, :, :self.end], self.global_mask
-        all_keys = torch.cat([k_buf[slot:slot + 1], keys], dim=2)  # (1, kv, ring+T, hd)
-        all_values = torch.cat([v_buf[slot:slot + 1], values], dim=2)
-        k_buf[slot][:, self.ring_cells] = keys[0, :, self.kept]  # (kv, kept, hd)
-        v_buf[slot][:, self.ring_cells] = values[0, :, self.kept]
-        return all_keys, all_values, self.local_mask
-
-
-class DecodeAttention:
-    """AttentionContext for one decode step of the sequences in slots [0, B): one new text token each,
-    at its own position. Each layer writes the new key/value first, then attends over the slot rows
-    in place (a ring cell being overwritten holds position - ring_len, already outside the window)."""
-
-    def __init__(self, cache: KVCache, positions: torch.Tensor):
-        # positions: (B,) the new token's position in each slot 0..B-1
-        self.cache = cache
-        batch = positions.shape[0]
-        rows = torch.arange(batch, device=positions.device)
-        ring_len = cache.shape.ring_len
-        self.rows, self.positions = rows, positions
-        self.ring_cells = positions % ring_len
-        self.span = int(positions.max()) + 1  # global layers attend over [0, span)
-
-        cache.full_pos[rows, positions] = positions
-        cache.full_tile[rows, positions] = -1
-        cache.ring_pos[rows, self.ring_cells] = positions
-        cache.ring_tile[rows, self.ring_cells] = -1
-        q_pos = positions[:, None]  # (B, 1)
-        q_tile = torch.full_like(q_pos, -1)
-        self.global_mask = attention_mask(
-            q_pos, cache.full_pos[:batch, :self.span], sliding_window=None,
-            q_tile=q_tile, k_tile=cache.full_tile[:batch, :self.span],
-        )
-        self.local_mask = attention_mask(
-            q_pos, cache.ring_pos[:batch], sliding_window=cache.config.sliding_window,
-            q_tile=q_tile, k_tile=cache.ring_tile[:batch],
-        )
-        self.batch = batch
-
-    def kv(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
-        # keys, values: (B, kv_heads, 1, head_dim)
-        cache, batch = self.cache, self.batch
-        k_buf, v_buf = cache.keys[layer_idx], cache.values[layer_idx]
-        is_global = cache.config.is_global(layer_idx)
-        cells = self.positions if is_global else self.ring_cells
-        k_buf[self.rows, :, cells] = keys[:, :, 0]  # (B, kv, hd)
-        v_buf[self.rows, :, cells] = values[:, :, 0]
-        if is_global:
-            return k_buf[:batch, :, :self.span], v_buf[:batch, :, :self.span], self.global_mask
-        return k_buf[:batch], v_buf[:batch], self.local_mask

@@ -69,11 +69,17 @@ class TextStream:
 
 
 class Sequence:
-    """One request in the engine, from admission to completion."""
+    """One request in the engine, from admission to completion.
+
+    Its tokens are the prompt followed by what it generated (`token_ids`); `num_computed_tokens` of them
+    have keys and values in the KV cache. A step computes [num_computed_tokens, end): a chunk of the prompt,
+    or the one token sampled last; when the step reaches the end of `token_ids`, the next token is sampled.
+    A preempted request loses its cache (num_computed_tokens 0) and computes its tokens again, generated
+    ones included, before sampling the next: nothing is sampled or streamed twice."""
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
                  soft_tokens: torch.Tensor | None, tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]],
-                 generator: torch.Generator, decoder):
+                 tile_hashes: list[bytes], generator: torch.Generator, decoder):
         self.request = request
         self.handle = handle
         self.params: SamplingParams = request.params
@@ -82,23 +88,48 @@ class Sequence:
         self.soft_tokens = soft_tokens  # (tiles, tokens_per_tile, hidden) in the engine's dtype, checked finite
         self.tile_ids = tile_ids  # (T,) tile id per prompt token, -1 for text
         self.tile_spans = tile_spans  # [start, end) of each tile's placeholders, in order
+        self.tile_hashes = tile_hashes  # content hash of each tile's soft tokens (prefix-cache keys)
+        self._tile_at = tile_ids.tolist()
         self.generator = generator
         self.text = TextStream(decoder, request.params.stop) if decoder is not None else None
+        self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
         self.generated: list[int] = []
-        self.prefilled = 0  # prompt tokens already in the cache
-        self.slot = -1
+        self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
+        self.block_tables: list[list[int | None]] = []  # per KV group (lm.engine.block_manager)
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, computed on demand
+        self.preemptions = 0
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """Still computing tokens it already has (its prompt, or everything again after a preemption)."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
     def next_position(self) -> int:
-        return self.prompt_len + len(self.generated) - 1  # position of the last sampled token
+        return self.num_tokens - 1  # position of the last sampled token (the next one computed in decode)
+
+    def tile_key(self, position: int) -> tuple[bytes, int] | None:
+        """(content hash of the image tile at `position`, the tile's first position), None for text."""
+        tile = self._tile_at[position] if position < self.prompt_len else -1
+        if tile < 0:
+            return None
+        return self.tile_hashes[tile], self.tile_spans[tile][0]
+
+    def ends_inside_tile(self, position: int) -> bool:
+        """Whether a chunk ending at `position` would split an image tile."""
+        return any(start < position < end for start, end in self.tile_spans)
 
     def next_chunk(self, budget: int) -> tuple[int, int]:
-        """[start, end) of the next prefill chunk: at most `budget` tokens, never splitting a tile
-        (a tile larger than the budget is taken whole)."""
-        start = self.prefilled
-        end = min(start + budget, self.prompt_len)
+        """[start, end) of the next tokens to compute: at most `budget` of them, never splitting an
+        image tile (a tile larger than the budget is taken whole)."""
+        start = self.num_computed_tokens
+        end = min(start + budget, self.num_tokens)
         for tile_start, tile_end in self.tile_spans:
             if tile_start < end < tile_end:
                 end = tile_start if tile_start > start else tile_end
@@ -115,6 +146,7 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.generated.append(token_id)
+        self.token_ids.append(token_id)
         if token_id in self.stop_token_ids:
             return "stop"
         delta, hit_stop = ("", False) if self.text is None else self.text.push(token_id)

@@ -233,9 +233,17 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
 
     def _register_gauges(self, engine: Engine) -> None:
         m = self.metrics
-        m.gauge("tessera_engine_queue_depth", "requests waiting for a slot", lambda: engine.stats().waiting)
-        m.gauge("tessera_engine_batch_size", "sequences in the decode batch", lambda: engine.stats().running)
-        m.gauge("tessera_engine_slots", "sequences the KV cache holds at once", lambda: engine.stats().slots)
+        m.gauge("tessera_engine_queue_depth", "requests waiting for admission", lambda: engine.stats().waiting)
+        m.gauge("tessera_engine_batch_size", "requests running (holding KV blocks)", lambda: engine.stats().running)
+        m.gauge("tessera_kv_cache_blocks", "KV cache blocks in all", lambda: engine.stats().kv_blocks_total)
+        m.gauge("tessera_kv_cache_blocks_free", "KV cache blocks free (cached but unreferenced included)",
+                lambda: engine.stats().kv_blocks_free)
+        m.gauge("tessera_prefix_cache_queries", "prefix-cache lookups", lambda: engine.stats().prefix_cache_queries)
+        m.gauge("tessera_prefix_cache_hits", "prefix-cache lookups that found blocks",
+                lambda: engine.stats().prefix_cache_hits)
+        m.gauge("tessera_prefix_cache_hit_tokens", "prompt tokens whose prefill the prefix cache skipped",
+                lambda: engine.stats().prefix_cache_hit_tokens)
+        m.gauge("tessera_engine_preemptions", "requests preempted for KV blocks", lambda: engine.stats().preemptions)
         m.gauge("tessera_kv_cache_tokens_used", "tokens held in the KV cache", lambda: engine.stats().kv_tokens_used)
         m.gauge("tessera_kv_cache_bytes", "bytes allocated for the KV cache", lambda: engine.stats().kv_bytes_total)
 

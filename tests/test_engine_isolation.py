@@ -1,5 +1,5 @@
 """No request can poison or take down another in the engine: non-finite soft tokens are refused with
-their position, a freed cache slot never leaks into the next request (even a NaN one), tiny
+their position, freed KV blocks never leak into the requests that reuse them (even NaN ones), tiny
 temperatures decode as greedy, and a failure in one row of a batch (sampling, stop handling,
 detokenising) ends that request alone while the others finish exactly as they would alone."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lm.engine
+import lm.engine.engine
 from lm.engine import Engine, EngineConfig
 from lm.requests import GenerationRequest, InvalidRequest
 from lm.sampling import SamplingParams
@@ -57,58 +57,82 @@ def test_soft_tokens_that_overflow_the_engine_dtype_are_refused(model_and_config
 # ----- a poisoned slot never leaks into its next tenant --------------------------------------------
 
 
-def test_a_nan_request_that_bypassed_validation_does_not_poison_its_slot(model_and_config, monkeypatch):
+def blocks_holding_nan(engine) -> set[int]:
+    """Block ids whose storage holds a NaN in any layer."""
+    found = set()
+    for tensor in engine.storage.keys + engine.storage.values:  # (blocks, block_size, kv, head_dim)
+        found |= set(torch.isnan(tensor).flatten(1).any(dim=1).nonzero().flatten().tolist())
+    return found
+
+
+def run_recording_blocks(engine, handles) -> set[int]:
+    """Step until `handles` are done; return every block id their requests held."""
+    used = set()
+    while not all(h.done for h in handles):
+        engine.step()
+        engine.check_blocks()
+        for sequence in engine.scheduler.running:
+            used |= {b for table in sequence.block_tables for b in table if b is not None}
+    return used
+
+
+def test_a_nan_request_that_bypassed_validation_does_not_poison_the_blocks_it_leaves(model_and_config, monkeypatch):
     """Soft tokens with a NaN are forced into the cache through a test hook (validation bypassed): that
-    request ends in error (its logits are NaN), and the next request in the same slot answers exactly as
-    on a fresh engine, although local layers read the whole ring of that slot."""
+    request ends in error (its logits are NaN) and leaves NaN in the blocks it freed (they are not
+    zeroed); the next request, given those very blocks (the budget holds only a few), answers exactly as
+    on a fresh engine: attention reads only positions a request has written itself."""
     model, config = model_and_config
-    engine = make_engine(model, config, max_batch=1)  # one slot: the next request lands in the same one
-    monkeypatch.setattr(lm.engine, "non_finite_soft_token", lambda soft_tokens: None)
+    engine = make_engine(model, config, max_batch=1, kv_budget_bytes=small_budget(engine_of(model, config), 30))
+    monkeypatch.setattr(lm.engine.engine, "non_finite_soft_token", lambda soft_tokens: None)
     soft = small_soft_tokens(2, config.hidden_size)
     soft[0, 1, 3] = float("nan")
     poisoned = engine.generate(image_request(2, soft))
     assert poisoned.finish_reason == "error" and "not finite" in poisoned.error
     monkeypatch.undo()
-    prompt = prompt_of(11, 5)
-    after = engine.generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=12)))
+    poisoned_blocks = blocks_holding_nan(engine)
+    assert poisoned_blocks, "the poisoned request left no NaN behind: the test proves nothing"
+    prompt = prompt_of(40, 5)
+    handle = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=12)))
+    used = run_recording_blocks(engine, [handle])
+    assert used & poisoned_blocks, "the next request got none of the poisoned blocks: the test proves nothing"
+    after = handle.result()
     fresh = make_engine(model, config, max_batch=1).generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=12)))
     assert after.finish_reason == fresh.finish_reason == "length"
     assert after.token_ids == fresh.token_ids == reference_greedy(model, config, prompt, 12)
-    assert all(bool(torch.isfinite(b).all()) for b in engine.cache.keys + engine.cache.values)  # freed: zeroed
 
 
-def test_nan_left_in_a_slot_never_reaches_the_sequence_moved_into_it(model_and_config):
-    """A long request's slot is filled with NaN while it decodes (as a poisoned request would leave it),
-    then it is cancelled: the short request compacted into that slot, decoding beside an even longer
-    one (so global layers read cells of the slot beyond its own positions), answers as it would alone."""
+def test_nan_left_in_freed_blocks_never_reaches_the_requests_that_reuse_them(model_and_config):
+    """A long request's blocks are filled with NaN while it decodes (as a poisoned request would leave
+    them), then it is cancelled: a short request decoding beside it and a longer one admitted into its
+    freed blocks both answer as they would alone."""
     model, config = model_and_config
-    engine = make_engine(model, config, max_batch=3)
+    engine = make_engine(model, config, max_batch=3, kv_budget_bytes=small_budget(engine_of(model, config), 24))
     long_prompt, short_prompt, longer_prompt = prompt_of(60, 1), prompt_of(5, 2), prompt_of(70, 3)
     doomed = engine.submit(GenerationRequest(long_prompt, SamplingParams(max_new_tokens=30), request_id="doomed"))
     short = engine.submit(GenerationRequest(short_prompt, SamplingParams(max_new_tokens=40), request_id="short"))
-    while engine.stats().running < 2:
+    while any(s.prefilling for s in engine.scheduler.running) or engine.stats().running < 2:
         engine.step()
-    assert [s.request.request_id for s in engine._decoding] == ["doomed", "short"]
-    cache = engine.cache
-    written = int((cache.full_pos[0] >= 0).sum())  # global layers fill from position 0
-    assert written > len(long_prompt) > cache.shape.ring_len
-    for layer_idx in range(config.num_hidden_layers):  # every cell the doomed request has written
-        cells = slice(0, written) if config.is_global(layer_idx) else slice(None)
-        cache.keys[layer_idx][0, :, cells] = float("nan")
-        cache.values[layer_idx][0, :, cells] = float("nan")
+    doomed_sequence = next(s for s in engine.scheduler.running if s.request.request_id == "doomed")
+    doomed_blocks = {b for table in doomed_sequence.block_tables for b in table if b is not None}
+    for tensor in engine.storage.keys + engine.storage.values:
+        tensor[sorted(doomed_blocks)] = float("nan")
     doomed.cancel()
     engine.step()
     assert doomed.result().finish_reason == "cancelled"
     longer = engine.submit(GenerationRequest(longer_prompt, SamplingParams(max_new_tokens=10)))
-    spans = []
-    while not (short.done and longer.done):
-        engine.step()
-        if engine.stats().running == 2:
-            spans.append(max(s.next_position for s in engine._decoding) - len(short_prompt))
+    used = run_recording_blocks(engine, [short, longer])
+    assert used & doomed_blocks, "no request reused the NaN blocks: the test proves nothing"
     assert short.result().token_ids == reference_greedy(model, config, short_prompt, 40)
-    assert spans and max(spans) > 30  # the short one really decoded beside a much longer context
     assert longer.result().token_ids == reference_greedy(model, config, longer_prompt, 10)
-    assert all(bool(torch.isfinite(b).all()) for b in cache.keys + cache.values)  # freed slots zeroed
+
+
+def engine_of(model, config):
+    return make_engine(model, config)
+
+
+def small_budget(engine, blocks: int) -> int:
+    """A KV budget of `blocks` blocks of `engine`'s layout."""
+    return blocks * engine.layout.block_bytes(engine.config, engine.dtype)
 
 
 # ----- tiny temperatures -----------------------------------------------------------------------------
@@ -204,7 +228,7 @@ def test_a_failure_in_one_row_fails_that_request_only(model_and_config, solo_res
     tokenizer = FaultyDecoders(faulty=1 if fault in ("detokenising", "flush") else None,
                                where="flush" if fault == "flush" else "push")
     if fault.startswith("sampling"):
-        real_sample, calls = lm.engine.sample, []
+        real_sample, calls = lm.engine.engine.sample, []
 
         def sample(logits, params, generator):
             if params.seed == FAULTY_SEED:
@@ -213,7 +237,7 @@ def test_a_failure_in_one_row_fails_that_request_only(model_and_config, solo_res
                     raise RuntimeError("injected sampling failure")
             return real_sample(logits, params, generator)
 
-        monkeypatch.setattr(lm.engine, "sample", sample)
+        monkeypatch.setattr(lm.engine.engine, "sample", sample)
     if fault == "stop_handling":
         real_append = Sequence.append
 

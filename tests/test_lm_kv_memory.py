@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 import torch
 
-from lm.kv_cache import CacheShape, KVCache, kv_bytes_for_context, kv_bytes_per_token, slot_bytes
+from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_for_context, kv_bytes_per_token, request_budget_bytes
 from lm.presets import PRESETS, PUBLISHED_CONFIGS
 
 GIB = 2**30
@@ -45,7 +45,6 @@ def test_kv_bytes_equal_the_formula_on_the_published_config(name, dtype):
         for windowed in (False, True):
             expected = formula_bytes(reference, tokens, BYTES[dtype], windowed=windowed)
             assert kv_bytes_for_context(config, tokens, dtype, windowed=windowed) == expected, (tokens, windowed)
-        assert slot_bytes(config, tokens, dtype) == formula_bytes(reference, tokens, BYTES[dtype], windowed=True)
     if reference.sliding_window is None:  # every layer global: windowing saves nothing
         assert kv_bytes_for_context(config, 128 * 1024, dtype) == kv_bytes_for_context(config, 128 * 1024, dtype,
                                                                                         windowed=False)
@@ -74,15 +73,32 @@ def test_design_table_is_the_formula_rounded(name, context, all_global, windowed
         assert gib.quantize(Decimal(figure)) == Decimal(figure), (figure, gib)
 
 
-def test_allocated_cache_is_the_size_the_formula_budgets():
-    """The slot cache really allocates what the sizing formula charges, so a budget holds the slots it says."""
-    config, reference = PRESETS["gemma3-270m"], reference_config("gemma3-270m")
-    max_seq_len = reference.sliding_window + 8  # global layers longer than the local rings
-    per_slot = formula_bytes(reference, max_seq_len, 2, windowed=True)
-    shape = CacheShape.from_budget(config, budget_bytes=2 * per_slot + per_slot // 2, max_seq_len=max_seq_len,
-                                   dtype=torch.bfloat16, max_slots=8)
-    assert (shape.num_slots, shape.ring_len) == (2, reference.sliding_window)
-    cache = KVCache(config, shape, dtype=torch.bfloat16, device="cpu")
-    assert cache.total_bytes == shape.num_slots * per_slot
-    assert CacheShape.from_budget(config, budget_bytes=10 * per_slot, max_seq_len=max_seq_len,
-                                  dtype=torch.bfloat16, max_slots=3).num_slots == 3
+def test_paged_storage_allocates_what_the_layout_charges_and_covers_every_layer_once():
+    """Gemma 3 270M: 3 full and 15 sliding layers make one full group and five sliding groups of three
+    layers; a budget of n blocks allocates exactly n blocks of `block_bytes`, and the smallest budget for
+    one request holds that request (the engine accepts it, and refuses one block less)."""
+    config = PRESETS["gemma3-270m"]
+    layout = KVLayout.from_config(config, 16)
+    layers = [layer for group in layout.groups for layer in group.layers]
+    assert sorted(layers) == list(range(config.num_hidden_layers))
+    full = [g for g in layout.groups if g.window is None]
+    assert len(full) == 1 and layout.page_layers == len(full[0].layers) == config.layer_types.count("full_attention")
+    assert all(g.window == config.sliding_window for g in layout.groups if g not in full)
+    storage = PagedKVStorage(config, layout, 7, dtype=torch.bfloat16, device="cpu")
+    assert storage.total_bytes == 7 * layout.block_bytes(config, torch.bfloat16)
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * 2
+    assert layout.block_bytes(config, torch.bfloat16) == layout.page_layers * 16 * per_token_layer
+
+
+def test_smallest_budget_for_one_request_is_accepted_and_one_block_less_is_refused():
+    from lm.engine import Engine, EngineConfig
+    from lm.models.gemma3 import Gemma3TextModel
+
+    config = PRESETS["gemma3-270m"]
+    budget = request_budget_bytes(config, 2000, torch.float32, block_size=16, prefill_chunk=512)
+    block = KVLayout.from_config(config, 16).block_bytes(config, torch.float32)
+    with torch.device("meta"):
+        model = Gemma3TextModel(config)
+    Engine(model, config, EngineConfig(max_seq_len=2000, kv_budget_bytes=budget))
+    with pytest.raises(ValueError, match="budget"):
+        Engine(model, config, EngineConfig(max_seq_len=2000, kv_budget_bytes=budget - block))

@@ -114,11 +114,14 @@ def _engine_config(lm, prompt_tokens: int, max_new_tokens: int):
     """One request: a cache sized for this prompt and continuation, up to the model's context length
     (a prompt longer than the model's context is refused by the engine with the limit named)."""
     from lm.engine import EngineConfig
-    from lm.kv_cache import slot_bytes
+    from lm.kv_cache import request_budget_bytes
 
     max_seq_len = max(2, min(lm.config.max_position_embeddings, prompt_tokens + max_new_tokens))
-    return EngineConfig(max_seq_len=max_seq_len, kv_budget_bytes=slot_bytes(lm.config, max_seq_len, lm.dtype),
-                        max_batch=1, stop_token_ids=lm.tokenizer.special.stop_ids)
+    defaults = EngineConfig()
+    budget = request_budget_bytes(lm.config, max_seq_len, lm.dtype, block_size=defaults.block_size,
+                                  prefill_chunk=defaults.prefill_chunk)
+    return EngineConfig(max_seq_len=max_seq_len, kv_budget_bytes=budget, max_batch=1,
+                        stop_token_ids=lm.tokenizer.special.stop_ids)
 
 
 def _messages(args: argparse.Namespace):

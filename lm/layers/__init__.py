@@ -149,8 +149,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     """Grouped-query self-attention: q/k/v projections (bias optional: Qwen 2), an optional per-head
-    RMSNorm of q and k before RoPE (Gemma 3, Qwen 3), RoPE, then scaled dot-product attention over what
-    the AttentionContext returns for `layer_idx` (cache and mask are its business) and o_proj."""
+    RMSNorm of q and k before RoPE (Gemma 3, Qwen 3), RoPE, then the AttentionContext's scaled dot-product
+    attention for `layer_idx` (which keys, the cache and the mask are its business) and o_proj."""
 
     def __init__(self, layer_idx: int, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float, qkv_bias: bool = False, qk_norm_eps: float | None = None,
@@ -180,10 +180,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, mask = attention.kv(self.layer_idx, k, v)  # (B, KV, S, D) x2, (B, 1, T, S)
-        # GQA without copying keys/values: each KV head serves H / KV query heads.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=heads != kv_heads)  # (B, H, T, D)
+        out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
 

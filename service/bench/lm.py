@@ -102,7 +102,7 @@ def bench_engine(lm, args, label: str) -> dict:
         prefill = len(ids) / result.time_to_first_token_s
     return {"name": label, "decode_tok_s": decode_1, "aggregate_8_tok_s": aggregate_8, "prefill_tok_s": prefill,
             "ttft_s": ttft, "peak_rss_growth_mib": memory.growth / 2**20, "weights_mib": _tensor_mib(lm.model),
-            "kv_cache_mib": engine.cache.total_bytes / 2**20}
+            "kv_cache_mib": engine.storage.total_bytes / 2**20}
 
 
 def int8_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:

@@ -1,0 +1,365 @@
+"""The inference engine: continuous batching over a paged KV cache with prefix caching and preemption.
+
+Three parts, each in its own module: the scheduler (lm/engine/scheduler.py: admission, the token
+budget, preemption), the block manager (lm/engine/block_manager.py: blocks, reference counts, prefix
+hashes, eviction) and the model runner (lm/engine/model_runner.py: the packed batch, the network, the
+logits). This module owns the thread that drives them, the requests' lifecycle and sampling.
+
+One step: cancelled requests leave; the scheduler picks the chunks (decode rows and prompt chunks
+together: every decoding request's token and at most `prefill_chunk` prompt tokens); the runner computes them in one forward; each request whose
+chunk reached its last token samples its next one, streams it and may finish. Finished requests release
+their blocks; their full blocks stay in the prefix cache until the memory is needed.
+
+One request never harms another: soft tokens must be finite (checked at `submit`); attention reads only
+the request's own positions; a row of non-finite logits, or a failure while sampling, stop handling or
+detokenising one sequence, ends that sequence alone with finish_reason "error"; and if the packed
+forward fails, each chunk is run alone so that only the requests whose own forward fails end in error.
+
+The engine owns the model, the cache and the thread that drives them; callers talk to it through
+`submit()` and the RequestHandle it returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from lm.attention import tile_ids_from_mask
+from lm.engine.block_manager import BlockManager
+from lm.engine.model_runner import ModelRunner, ScheduledChunk
+from lm.engine.scheduler import Scheduler
+from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token
+from lm.models.base import DecoderConfig
+from lm.requests import (
+    Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
+    non_finite_soft_token,
+)
+from lm.sampling import make_generator, sample
+from lm.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_seq_len: int = 4096  # longest context (prompt + generated tokens) of one request
+    kv_budget_bytes: int = 1 << 30  # memory for the KV cache blocks, allocated at start-up
+    max_batch: int = 16  # most requests running at once (max_num_seqs)
+    prefill_chunk: int = 512  # prompt tokens computed per step, besides one token per decoding request
+    max_queue: int = 256  # waiting requests beyond which new ones are refused as overloaded
+    stop_token_ids: tuple[int, ...] = (1, 106)  # <eos>, <end_of_turn>: default stops
+    seed: int = 0  # seeds requests that bring no seed of their own
+    block_size: int = 16  # tokens per KV cache block
+    enable_prefix_caching: bool = True  # reuse the blocks of an identical prefix (tokens and images)
+
+    def __post_init__(self) -> None:
+        for name in ("max_seq_len", "kv_budget_bytes", "max_batch", "prefill_chunk", "max_queue", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int  # requests queued (preempted ones included)
+    running: int  # requests holding KV blocks
+    prefilling: int  # running requests still computing tokens they have (prompt, or after preemption)
+    kv_bytes_per_token: int  # all layers, DESIGN §5 (a sliding layer stops paying past its window)
+    kv_bytes_total: int  # allocated for the blocks
+    kv_tokens_used: int  # tokens of running requests whose keys and values are cached
+    kv_blocks_total: int
+    kv_blocks_free: int  # free, cached-but-unreferenced included
+    block_size: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_query_tokens: int
+    prefix_cache_hit_tokens: int
+    preemptions: int
+
+
+class Engine:
+    def __init__(self, model, config: DecoderConfig, engine_config: EngineConfig = EngineConfig(), *,
+                 tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """`model` follows the family network contract (lm.models.base); `tokenizer` (optional,
+        lm.tokenizer.Tokenizer) supplies incremental decoders for streamed text and stop strings.
+        Raises ValueError if the KV budget cannot hold one request of `max_seq_len` tokens."""
+        self.model = model
+        self.config = config
+        self.engine_config = engine_config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.layout = KVLayout.from_config(config, engine_config.block_size)
+        block_bytes = self.layout.block_bytes(config, dtype)
+        num_blocks = engine_config.kv_budget_bytes // block_bytes
+        needed = self.layout.blocks_for_request(engine_config.max_seq_len, engine_config.prefill_chunk)
+        if num_blocks < needed:
+            raise ValueError(
+                f"KV budget of {engine_config.kv_budget_bytes / 2**20:.1f} MiB holds {num_blocks} blocks of "
+                f"{block_bytes / 2**10:.1f} KiB; one sequence of {engine_config.max_seq_len} tokens needs {needed} "
+                f"({needed * block_bytes / 2**20:.1f} MiB): raise the budget or lower max_seq_len"
+            )
+        self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
+        self.runner = ModelRunner(model, self.storage, self.layout, tokens_per_tile=config.mm_tokens_per_image,
+                                  device=self.device)
+        self.scheduler = self._new_scheduler()
+        self._rng = torch.Generator().manual_seed(engine_config.seed)
+        self._lock = threading.Condition()
+        self._incoming: list[Sequence] = []  # submitted, not yet seen by the scheduler
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _new_scheduler(self) -> Scheduler:
+        blocks = BlockManager(self.layout, self.storage.num_blocks,
+                              enable_prefix_caching=self.engine_config.enable_prefix_caching)
+        return Scheduler(blocks, max_num_prefill_tokens=self.engine_config.prefill_chunk,
+                         max_num_seqs=self.engine_config.max_batch)
+
+    # ----- caller side -------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request. Raises PromptTooLong / InvalidRequest for a bad request (including soft
+        tokens that are not finite in the engine's dtype) and EngineOverloaded when the queue is full."""
+        sequence = self._make_sequence(request)
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down and takes no new requests")
+            waiting = len(self._incoming) + len(self.scheduler.waiting)
+            if waiting >= self.engine_config.max_queue:
+                raise EngineOverloaded(
+                    f"overloaded: {waiting} requests already waiting (limit {self.engine_config.max_queue}); "
+                    "retry later"
+                )
+            self._incoming.append(sequence)
+            self._lock.notify()
+        return sequence.handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
+        """Submit and wait; drives the engine itself when no background thread runs."""
+        handle = self.submit(request)
+        if self._thread is None:
+            while not handle.done:
+                self.step()
+        return handle.result(timeout)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, cancel_pending: bool = True) -> None:
+        """Stop the background thread; requests still queued or running are cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if cancel_pending:
+            self._take_incoming()
+            for sequence in list(self.scheduler.waiting) + self.scheduler.running:
+                sequence.handle.cancel()
+            self._retire_cancelled()
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        blocks = scheduler.block_manager
+        running = list(scheduler.running)
+        with self._lock:
+            incoming = len(self._incoming)
+        return EngineStats(
+            waiting=len(scheduler.waiting) + incoming, running=len(running),
+            prefilling=sum(s.prefilling for s in running),
+            kv_bytes_per_token=kv_bytes_per_token(self.config, self.dtype), kv_bytes_total=self.storage.total_bytes,
+            kv_tokens_used=sum(s.num_computed_tokens for s in running),
+            kv_blocks_total=self.storage.num_blocks, kv_blocks_free=blocks.num_free_blocks,
+            block_size=self.layout.block_size, prefix_cache_queries=blocks.stats.queries,
+            prefix_cache_hits=blocks.stats.hits, prefix_cache_query_tokens=blocks.stats.query_tokens,
+            prefix_cache_hit_tokens=blocks.stats.hit_tokens, preemptions=scheduler.num_preemptions,
+        )
+
+    def check_blocks(self) -> None:
+        """Assert the block accounting invariant (lm.engine.block_manager.BlockManager.check); for tests."""
+        self.scheduler.block_manager.check(self.scheduler.running + list(self.scheduler.waiting))
+
+    # ----- engine side -------------------------------------------------------------------------
+
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty")
+        if prompt_len >= self.engine_config.max_seq_len:
+            raise PromptTooLong(
+                f"prompt is {prompt_len} tokens; the limit is {self.engine_config.max_seq_len - 1} "
+                f"(max_seq_len {self.engine_config.max_seq_len} includes at least one generated token)"
+            )
+        image_mask = torch.zeros(prompt_len, dtype=torch.bool)
+        if request.image_mask is not None:
+            image_mask = torch.as_tensor(request.image_mask, dtype=torch.bool).reshape(-1)
+            if image_mask.shape[0] != prompt_len:
+                raise InvalidRequest(f"image_mask has {image_mask.shape[0]} entries for {prompt_len} prompt tokens")
+        tiles = 0 if request.soft_tokens is None else request.soft_tokens.shape[0]
+        per_tile = self.config.mm_tokens_per_image
+        if int(image_mask.sum()) != tiles * per_tile:
+            raise InvalidRequest(
+                f"prompt has {int(image_mask.sum())} image placeholders but {tiles} tiles of soft tokens "
+                f"were given ({tiles} × {per_tile} = {tiles * per_tile} expected)"
+            )
+        soft_tokens = None
+        tile_hashes: list[bytes] = []
+        if request.soft_tokens is not None:
+            expected = (tiles, per_tile, self.config.hidden_size)
+            if tuple(request.soft_tokens.shape) != expected:
+                raise InvalidRequest(f"soft_tokens shape {tuple(request.soft_tokens.shape)}, expected {expected}")
+            # Checked in the engine's dtype: a finite float32 value can still overflow a narrower one.
+            soft_tokens = request.soft_tokens.to(dtype=self.dtype)
+            problem = non_finite_soft_token(soft_tokens)
+            if problem is not None:
+                raise InvalidRequest(f"soft_tokens has {problem} (as {str(self.dtype).removeprefix('torch.')}); "
+                                     f"soft tokens must be finite")
+            tile_hashes = [_content_hash(tile) for tile in soft_tokens]  # in the caller's thread
+        try:
+            tile_ids = tile_ids_from_mask(image_mask[None], per_tile)[0]
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        spans = _tile_spans(tile_ids)
+        stops = request.params.stop_token_ids
+        return Sequence(
+            request, RequestHandle(request.request_id),
+            stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
+            soft_tokens=soft_tokens, tile_ids=tile_ids, tile_spans=spans, tile_hashes=tile_hashes,
+            generator=make_generator(request.params.seed, self._rng),
+            decoder=self.tokenizer.incremental_decoder() if self.tokenizer is not None else None,
+        )
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._has_work():
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a scheduling bug: fail the running requests rather than hang them
+                log.exception("engine step failed")
+                self._fail_running(_describe(exc))
+
+    def _fail_running(self, error: str) -> None:
+        """End every running request with an error and start the block bookkeeping afresh; waiting
+        requests stay queued."""
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        self.scheduler = self._new_scheduler()
+        for sequence in waiting:
+            sequence.block_tables, sequence.num_computed_tokens = [], 0
+            self.scheduler.waiting.append(sequence)
+        for sequence in running:
+            _complete(sequence, "error", error)
+
+    def _has_work(self) -> bool:
+        return bool(self._incoming or self.scheduler.waiting or self.scheduler.running)
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        self.scheduler.waiting.extend(incoming)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        self._take_incoming()
+        self._retire_cancelled()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return
+        try:
+            results = [(chunks, self.runner.run(chunks))]
+        except Exception as exc:
+            if len(chunks) == 1:
+                log.exception("forward failed for request %s", chunks[0].sequence.request.request_id)
+                self._finish(chunks[0].sequence, "error", _describe(exc))
+                return
+            log.warning("a forward over %d chunks failed (%s); running each alone", len(chunks), _describe(exc))
+            results = []
+            for chunk in chunks:
+                try:
+                    results.append(([chunk], self.runner.run([chunk])))
+                except Exception as exc:  # one bad request must not take the others down
+                    log.exception("forward failed for request %s", chunk.sequence.request.request_id)
+                    self._finish(chunk.sequence, "error", _describe(exc))
+        for done, logits in results:
+            self.scheduler.computed(done)
+            self._sample([c for c in done if c.samples], logits)
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor | None) -> None:
+        """Sample, stream and maybe finish each request whose chunk reached its last token; logits (R, vocab)."""
+        if not chunks:
+            return
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (R,)
+        greedy = all(c.sequence.params.greedy for c in chunks)
+        choices = torch.argmax(logits, dim=-1).tolist() if greedy else None
+        for row, chunk in enumerate(chunks):
+            sequence = chunk.sequence
+            try:  # whatever goes wrong with one row ends that sequence alone
+                if not finite[row]:
+                    raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
+                token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
+                reason = sequence.append(token)
+                if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
+                    reason = "length"
+            except Exception as exc:
+                log.exception("decoding failed for request %s", sequence.request.request_id)
+                self._finish(sequence, "error", _describe(exc))
+                continue
+            if reason is not None:
+                self._finish(sequence, reason)
+
+    def _retire_cancelled(self) -> None:
+        for sequence in [s for s in self.scheduler.running + list(self.scheduler.waiting) if s.handle.cancelled]:
+            self._finish(sequence, "cancelled")
+
+    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
+        """Complete a request and release its blocks (its full blocks stay in the prefix cache)."""
+        self.scheduler.remove(sequence)
+        _complete(sequence, reason, error)
+
+
+def _complete(sequence: Sequence, reason: str, error: str | None = None) -> None:
+    """Hand the caller its Completion. Should releasing the held-back text fail (the detokeniser's
+    flush), the request ends with an error instead, and the engine goes on."""
+    try:
+        completion = sequence.completion(reason, error)
+    except Exception as exc:
+        log.exception("finishing request %s failed", sequence.request.request_id)
+        completion = sequence.completion("error", _describe(exc))
+    sequence.handle._finish(completion)
+
+
+def _content_hash(tensor: torch.Tensor) -> bytes:
+    """16-byte BLAKE2b digest of a tensor's values, dtype and shape (an image tile's soft tokens)."""
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.digest()
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _tile_spans(tile_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each tile's placeholder run, in prompt order."""
+    spans: list[tuple[int, int]] = []
+    ids = tile_ids.tolist()
+    for pos, tile in enumerate(ids):
+        if tile < 0:
+            continue
+        if spans and ids[spans[-1][0]] == tile:
+            spans[-1] = (spans[-1][0], pos + 1)
+        else:
+            spans.append((pos, pos + 1))
+    return spans

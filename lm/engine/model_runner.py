@@ -1,0 +1,151 @@
+"""The model runner: one packed forward pass over every chunk a step scheduled, then the logits of the
+requests that sample.
+
+All scheduled tokens (decode rows of one token, prompt chunks of many, from any number of requests) are
+packed into one (1, N) batch, so the projections and MLPs run once per step over N rows. Attention is
+per request (`PagedAttention`): each chunk's keys and values are written into its blocks, then its
+queries attend over exactly that request's positions, gathered from its block table, so attention costs
+each request its own context length, never the batch's longest, and no request reads another's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lm.attention import attention_mask, sdpa
+from lm.kv_cache import KVLayout, PagedKVStorage
+from lm.sequence import Sequence
+
+
+@dataclass
+class ScheduledChunk:
+    """Positions [start, end) of `sequence` computed this step."""
+
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so the step samples its next one."""
+        return self.end == self.sequence.num_tokens
+
+
+class PagedAttention:
+    """AttentionContext of one packed step over the paged cache (lm.attention.AttentionContext).
+
+    Per KV group: `slots` (N,) the storage row (block * block_size + offset) each packed token writes;
+    per group and chunk: the block ids holding the keys the chunk reads and where in them its keys start.
+    Keys a chunk reads: positions [lo, end), lo = 0 for full attention and start - window + 1 for a
+    sliding window. Masks (causal, window, image tiles both ways) are built once per attention kind and
+    chunk; a one-token chunk reads exactly its allowed keys and needs none."""
+
+    def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk],
+                 tokens_per_tile: int, device: torch.device):
+        self.storage, self.layout = storage, layout
+        size = layout.block_size
+        self.place = {layer: (g, j) for g, group in enumerate(layout.groups) for j, layer in enumerate(group.layers)}
+        self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
+        a = 0
+        for chunk in chunks:
+            self.offsets.append((a, a + chunk.num_tokens))
+            a += chunk.num_tokens
+        self.slots: list[Tensor] = []
+        self.reads: list[list[tuple[Tensor, int, int]]] = []  # per group, per chunk: (blocks, skip, length)
+        masks: dict[int | None, list[Tensor | None]] = {}
+        for g, group in enumerate(layout.groups):
+            slots, reads = [], []
+            for chunk in chunks:
+                lo = 0 if group.window is None else max(0, chunk.start - group.window + 1)
+                first, last = lo // size, (chunk.end - 1) // size
+                read = torch.tensor(chunk.sequence.block_tables[g][first:last + 1])  # blocks holding [lo, end)
+                positions = torch.arange(chunk.start, chunk.end)
+                slots.append(read[positions // size - first] * size + positions % size)
+                reads.append((read.to(device), lo - first * size, chunk.end - lo))
+            self.slots.append(torch.cat(slots).to(device))
+            self.reads.append(reads)
+            if group.window not in masks:
+                masks[group.window] = [self._mask(chunk, group.window, tokens_per_tile, device) for chunk in chunks]
+        self.masks = [masks[group.window] for group in layout.groups]
+
+    @staticmethod
+    def _mask(chunk: ScheduledChunk, window: int | None, tokens_per_tile: int, device) -> Tensor | None:
+        if chunk.num_tokens == 1:
+            return None  # one query reads [lo, end): all allowed (causal, inside the window)
+        sequence = chunk.sequence
+        lo = 0 if window is None else max(0, chunk.start - window + 1)
+        q_pos = torch.arange(chunk.start, chunk.end, device=device)[None]  # (1, T)
+        k_pos = torch.arange(lo, chunk.end, device=device)[None]  # (1, S)
+        tiles = sequence.tile_ids.to(device)
+        q_tile = _tiles_at(tiles, chunk.start, chunk.end)[None]
+        k_tile = _tiles_at(tiles, lo, chunk.end)[None]
+        return attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        # q (1, H, N, D); k, v (1, KV, N, D)
+        g, j = self.place[layer_idx]
+        keys, values = self.storage.keys[j], self.storage.values[j]  # (blocks, block_size, KV, D)
+        kv_heads, head_dim = keys.shape[2], keys.shape[3]
+        slots = self.slots[g]
+        keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, k[0].transpose(0, 1))
+        values.view(-1, kv_heads, head_dim).index_copy_(0, slots, v[0].transpose(0, 1))
+        outs = []
+        for (a, b), (blocks, skip, length), mask in zip(self.offsets, self.reads[g], self.masks[g]):
+            chunk_k = keys[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]  # (1, KV, S, D)
+            chunk_v = values[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
+            outs.append(sdpa(q[:, :, a:b], chunk_k, chunk_v, mask, scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:
+    """Tile ids of positions [start, end): the prompt's, -1 for generated tokens beyond it."""
+    inside = tile_ids[start:end]
+    if inside.shape[0] < end - start:
+        inside = torch.cat([inside, inside.new_full((end - start - inside.shape[0],), -1)])
+    return inside
+
+
+class ModelRunner:
+    """Runs the network over a step's chunks on the paged cache."""
+
+    def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, tokens_per_tile: int,
+                 device: torch.device):
+        self.model, self.storage, self.layout = model, storage, layout
+        self.tokens_per_tile, self.device = tokens_per_tile, device
+
+    def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
+        """One forward over `chunks`; returns fp32 logits (R, vocab) for the chunks that sample, in
+        order, or None if none does. Raises whatever the network raises."""
+        ids, positions, image_rows, soft_tokens, last_rows = [], [], [], [], []
+        row = 0
+        for chunk in chunks:
+            sequence = chunk.sequence
+            ids.extend(sequence.token_ids[chunk.start:chunk.end])
+            positions.append(torch.arange(chunk.start, chunk.end))
+            image_rows.append(_tiles_at(sequence.tile_ids, chunk.start, chunk.end) >= 0)
+            if sequence.soft_tokens is not None:
+                tiles = sequence.tiles_in(chunk.start, chunk.end)
+                if tiles.stop > tiles.start:
+                    soft_tokens.append(sequence.soft_tokens[tiles])
+            row += chunk.num_tokens
+            if chunk.samples:
+                last_rows.append(row - 1)
+        input_ids = torch.tensor(ids, device=self.device)[None]  # (1, N)
+        position_ids = torch.cat(positions).to(self.device)[None]  # (1, N)
+        image_mask = torch.cat(image_rows).to(self.device)[None]  # (1, N)
+        attention = PagedAttention(self.storage, self.layout, chunks, self.tokens_per_tile, self.device)
+        if soft_tokens:
+            hidden = self.model(input_ids, position_ids, attention,
+                                soft_tokens=torch.cat(soft_tokens).to(self.device), image_mask=image_mask)
+        else:
+            hidden = self.model(input_ids, position_ids, attention)
+        if not last_rows:
+            return None
+        return self.model.logits(hidden[0, torch.tensor(last_rows, device=self.device)])  # (R, vocab)

@@ -1,0 +1,223 @@
+"""The paged engine on the tiny Gemma 3 decoder (window 8, 4-token image tiles, full and sliding layers):
+greedy tokens equal recomputation from scratch with prefix caching on and off, under forced preemption,
+across block boundaries, the window boundary and image tiles spanning blocks; prefix hits share blocks for
+the same image and text and never for a different image; sliding-window groups hold only the window;
+the block accounting invariant holds after every step through finish, cancel and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm.engine import Engine, EngineConfig
+from lm.requests import GenerationRequest
+from lm.sampling import SamplingParams
+from test_lm_engine import (  # noqa: F401 - model_and_config is a fixture shared with the engine tests
+    TILE, image_prompt, model_and_config, prompt_of, reference_greedy,
+)
+
+
+def paged_engine(model, config, *, blocks: int | None = None, **overrides) -> Engine:
+    settings = dict(max_seq_len=96, kv_budget_bytes=1 << 24, max_batch=8, prefill_chunk=16, stop_token_ids=(),
+                    block_size=4)
+    settings.update(overrides)
+    engine = Engine(model, config, EngineConfig(**settings))
+    if blocks is not None:  # the same engine with a budget of exactly `blocks` blocks
+        settings["kv_budget_bytes"] = blocks * engine.layout.block_bytes(config, engine.dtype)
+        engine = Engine(model, config, EngineConfig(**settings))
+    return engine
+
+
+def run(engine: Engine, requests: list[GenerationRequest], *, on_step=None):
+    """Submit all, step until done checking the block invariant after every step; the handles."""
+    handles = [engine.submit(request) for request in requests]
+    steps = 0
+    while not all(handle.done for handle in handles):
+        engine.step()
+        engine.check_blocks()
+        if on_step is not None:
+            on_step(engine, steps)
+        steps += 1
+        assert steps < 10_000, "the engine made no progress"
+    return handles
+
+
+def text_requests(n: int, new_tokens: int = 20, shared: list[int] | None = None) -> list[GenerationRequest]:
+    prefix = shared or []
+    return [GenerationRequest(prefix + prompt_of(9 + 7 * i, 40 + i)[1:], SamplingParams(max_new_tokens=new_tokens),
+                              request_id=f"r{i}") for i in range(n)]
+
+
+def greedy_alone(model, config, request: GenerationRequest) -> list[int]:
+    soft, mask = request.soft_tokens, request.image_mask
+    return reference_greedy(model, config, request.prompt_ids, request.params.max_new_tokens, soft,
+                            None if mask is None else mask.tolist())
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 16])
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_greedy_equals_recompute_across_block_and_window_boundaries(model_and_config, block_size, prefix_caching):
+    """Prompts of 9 to 37 tokens (past the window of 8) sharing a 10-token prefix, 20 new tokens each."""
+    model, config = model_and_config
+    engine = paged_engine(model, config, block_size=block_size, enable_prefix_caching=prefix_caching)
+    requests = text_requests(5, shared=prompt_of(10, 99))
+    handles = run(engine, requests)
+    for request, handle in zip(requests, handles):
+        assert handle.result().token_ids == greedy_alone(model, config, request), request.request_id
+
+
+def test_preemption_keeps_every_answer_and_every_streamed_token(model_and_config):
+    """A budget far below what six requests need at once: requests are preempted (recomputed later
+    from prompt + generated tokens), and each answer and its stream equal the request run alone."""
+    model, config = model_and_config
+    engine = paged_engine(model, config, blocks=40, max_batch=6)
+    requests = text_requests(6, new_tokens=30)
+    handles = run(engine, requests)
+    assert engine.stats().preemptions > 0, "nothing was preempted: the test proves nothing"
+    for request, handle in zip(requests, handles):
+        result = handle.result()
+        streamed = [event.token_id for event in handle]
+        assert result.finish_reason == "length"
+        assert streamed == result.token_ids == greedy_alone(model, config, request), request.request_id
+
+
+def test_images_spanning_blocks_match_recompute_with_preemption_and_prefix_hits(model_and_config):
+    """Image tiles (4 placeholders) across 3-token blocks; the same image and text asked twice (the second
+    hits the cache), then a different image with the same text; the budget forces preemption."""
+    model, config = model_and_config
+    ids, mask = image_prompt([1, 2])
+    soft = torch.randn(3, TILE, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    other = torch.randn(3, TILE, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=16), soft_tokens=s, image_mask=torch.tensor(mask),
+                                  request_id=name) for name, s in (("a", soft), ("a-again", soft), ("b", other))]
+    requests += text_requests(3, new_tokens=16)
+    engine = paged_engine(model, config, block_size=3, blocks=60, max_batch=6, prefill_chunk=9)
+    handles = run(engine, requests)
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0, "no preemption or no hit: the test proves less"
+    for request, handle in zip(requests, handles):
+        assert handle.result().token_ids == greedy_alone(model, config, request), request.request_id
+
+
+def image_request(ids, mask, soft, name):
+    return GenerationRequest(ids, SamplingParams(max_new_tokens=4), soft_tokens=soft, image_mask=torch.tensor(mask),
+                             request_id=name)
+
+
+def test_the_same_image_and_text_share_blocks_and_a_different_image_never_does(model_and_config):
+    model, config = model_and_config
+    ids, mask = image_prompt([2])  # text, two tiles, text: 3 + 2 * 6 + 2 = 17 tokens
+    first_placeholder = mask.index(True)
+    soft = torch.randn(2, TILE, config.hidden_size, generator=torch.Generator().manual_seed(5))
+    other = soft.clone()
+    other[1, 2, 0] += 1.0  # one value of the second tile differs
+    engine = paged_engine(model, config, block_size=2)
+    computed = []
+    original = engine.runner.run
+
+    def spy(chunks):
+        computed.extend((c.sequence.request.request_id, c.start, c.end) for c in chunks)
+        return original(chunks)
+
+    engine.runner.run = spy
+    expected = greedy_alone(model, config, image_request(ids, mask, soft, "x"))
+    for name, tensor in (("first", soft), ("same", soft.clone()), ("other", other)):
+        hits_before = engine.stats().prefix_cache_hit_tokens
+        (handle,) = run(engine, [image_request(ids, mask, tensor, name)])
+        hit = engine.stats().prefix_cache_hit_tokens - hits_before
+        starts = [start for request_id, start, _ in computed if request_id == name]
+        if name == "first":
+            assert hit == 0 and min(starts) == 0
+            assert handle.result().token_ids == expected
+        elif name == "same":  # everything but the last prompt token's block came from the cache
+            assert hit >= len(ids) - 2 and min(starts) == hit
+            assert handle.result().token_ids == expected
+        else:  # the second tile differs: only blocks before it may be shared
+            second_tile = first_placeholder + TILE + 2
+            assert hit <= second_tile and min(starts) == hit
+            assert handle.result().token_ids == greedy_alone(model, config, image_request(ids, mask, other, "y"))
+
+
+def test_a_shared_prefix_is_computed_once(model_and_config):
+    """Eight requests with the same 40-token prefix, one after the other: the first computes it, the
+    others hit the cache for all its full blocks."""
+    model, config = model_and_config
+    engine = paged_engine(model, config, block_size=4, max_seq_len=128)
+    shared = prompt_of(40, 7)
+    requests = [GenerationRequest(shared + [20 + i, 30 + i], SamplingParams(max_new_tokens=5), request_id=str(i))
+                for i in range(8)]
+    for request in requests:
+        (handle,) = run(engine, [request])
+        assert handle.result().token_ids == greedy_alone(model, config, request)
+    stats = engine.stats()
+    assert stats.prefix_cache_queries == 8 and stats.prefix_cache_hits == 7
+    assert stats.prefix_cache_hit_tokens == 7 * 40  # 40 = 10 full blocks of 4
+
+
+def test_sliding_groups_hold_only_the_window(model_and_config):
+    """While a 90-token request decodes, each sliding-window group holds at most ceil(window / block) + 1
+    blocks, and a full group one block per block_size tokens."""
+    model, config = model_and_config
+    engine = paged_engine(model, config, block_size=4, max_seq_len=128, prefill_chunk=8)
+    windows = [group.window for group in engine.layout.groups]
+    assert None in windows and config.sliding_window in windows
+    held = []
+
+    def record(engine, step):
+        for sequence in engine.scheduler.running:
+            held.append([(sum(b is not None for b in table), sequence.num_computed_tokens)
+                         for table in sequence.block_tables])
+
+    run(engine, [GenerationRequest(prompt_of(60, 3), SamplingParams(max_new_tokens=30))], on_step=record)
+    assert held
+    for groups in held:
+        for window, (blocks, computed) in zip(windows, groups):
+            if window is None:
+                assert blocks == -(-computed // 4)
+            else:
+                assert blocks <= -(-window // 4) + 1
+
+
+def test_cancel_and_finish_in_any_order_leave_every_block_free_or_cached(model_and_config):
+    model, config = model_and_config
+    engine = paged_engine(model, config, blocks=40, max_batch=4)
+    requests = text_requests(6, new_tokens=25)
+
+    def cancel_some(engine, step):
+        if step in (3, 9):
+            for sequence in list(engine.scheduler.running)[:1] + list(engine.scheduler.waiting)[:1]:
+                sequence.handle.cancel()
+
+    handles = run(engine, requests, on_step=cancel_some)
+    reasons = [h.result().finish_reason for h in handles]
+    assert "cancelled" in reasons and "length" in reasons
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+    for request, handle in zip(requests, handles):
+        if handle.result().finish_reason == "length":
+            assert handle.result().token_ids == greedy_alone(model, config, request)
+
+
+def test_decode_cost_follows_each_requests_own_context(model_and_config):
+    """A decode step reads, per request, exactly its own positions (its window in sliding groups): the
+    keys gathered for a 5-token request beside a 90-token one are 5 long in full groups."""
+    model, config = model_and_config
+    engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
+    lengths = []
+    from lm.engine import model_runner
+
+    original = model_runner.sdpa
+
+    def spy(q, k, v, mask, scale):
+        lengths.append((q.shape[2], k.shape[2]))
+        return original(q, k, v, mask, scale)
+
+    model_runner.sdpa = spy
+    try:
+        run(engine, [GenerationRequest(prompt_of(90, 1), SamplingParams(max_new_tokens=3)),
+                     GenerationRequest(prompt_of(5, 2), SamplingParams(max_new_tokens=3))])
+    finally:
+        model_runner.sdpa = original
+    decode_keys = {k for q, k in lengths if q == 1}
+    assert {6, 7} <= decode_keys  # the short request's own context, not the batch's longest
+    assert max(decode_keys) <= 92
