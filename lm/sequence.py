@@ -98,6 +98,7 @@ class Sequence:
         self.block_tables: list[list[int | None]] = []  # per KV group (lm.engine.block_manager)
         self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, computed on demand
         self.preemptions = 0
+        self.streamed = 0  # generated tokens the output thread has streamed
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -141,36 +142,36 @@ class Sequence:
         inside = [i for i, (s, e) in enumerate(self.tile_spans) if start <= s and e <= end]
         return slice(inside[0], inside[-1] + 1) if inside else slice(0, 0)
 
-    def append(self, token_id: int) -> str | None:
-        """Record a sampled token, stream it, and return the finish reason if it ends the request."""
+    def append(self, token_id: int) -> tuple[str | None, bool]:
+        """Record a sampled token (engine thread): (the finish reason its id alone decides, or None;
+        whether it is to be streamed). A stop token ends the request and is not streamed; stop strings
+        are the output thread's business (lm.engine.output)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.generated.append(token_id)
         self.token_ids.append(token_id)
         if token_id in self.stop_token_ids:
-            return "stop"
-        delta, hit_stop = ("", False) if self.text is None else self.text.push(token_id)
-        self.handle._publish(TokenEvent(token_id=token_id, text=delta))
-        if hit_stop:
-            return "stop"
+            return "stop", False
         if len(self.generated) >= self.params.max_new_tokens:
-            return "length"
-        return None
+            return "length", True
+        return None, True
 
-    def completion(self, reason: str, error: str | None = None) -> Completion:
+    def completion(self, reason: str, error: str | None = None, generated: int | None = None) -> Completion:
+        """The Completion of the first `generated` tokens (all by default), releasing held-back text."""
         if self.text is not None and reason != "error":
             tail = self.text.flush()
             if tail:
                 self.handle._publish(TokenEvent(token_id=None, text=tail))
         now = time.perf_counter()
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
+        tokens = self.generated[:len(self.generated) if generated is None else generated]
         return Completion(
             request_id=self.request.request_id,
             text=self.text.text if self.text is not None else "",
-            token_ids=list(self.generated),
+            token_ids=tokens,
             finish_reason=reason,
             prompt_tokens=self.prompt_len,
-            completion_tokens=len(self.generated),
+            completion_tokens=len(tokens),
             time_to_first_token_s=ttft,
             total_time_s=now - self.submitted_at,
             error=error,

@@ -38,9 +38,12 @@ class ServeConfig:
     lm_target: str = "localhost:50052"  # gateway only
     device: str = "cpu"
     dtype: str = "float32"
-    max_batch: int = 8  # engine decode batch
+    max_batch: int = 8  # engine: requests running at once (max_num_seqs)
     max_seq_len: int = 4096  # engine context per request
     kv_budget_mb: int = 1024  # engine KV cache budget
+    prefill_chunk: int = 512  # engine: prompt tokens per step, besides one token per decoding request
+    block_size: int = 16  # engine: tokens per KV cache block
+    enable_prefix_caching: bool = True  # engine: reuse KV blocks of identical prefixes (tokens and images)
     max_queue: int = 64  # waiting requests before RESOURCE_EXHAUSTED
     max_message_mb: int = 64  # gRPC max send/receive message size
     # Request limits (vision: images and tiles; lm, gateway, all), checked before any tokenizing, decoding
@@ -81,7 +84,8 @@ class ServeConfig:
         if self.backend_tls_cert and not self.backend_tls_ca:
             raise ValueError("--backend-tls-cert needs --backend-tls-ca (the CA bundle that signed the backends' "
                              "certificates), which turns TLS on for the gateway's calls to them")
-        for name in ("max_batch", "max_seq_len", "kv_budget_mb", "max_queue", "max_message_mb"):
+        for name in ("max_batch", "max_seq_len", "kv_budget_mb", "prefill_chunk", "block_size", "max_queue",
+                     "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

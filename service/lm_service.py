@@ -97,6 +97,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
     async def GetInfo(self, request, context):
         loaded = self._ready()
         config, engine_config = loaded.lm.config, loaded.engine.engine_config
+        stats = loaded.engine.stats()
         return lm_pb2.LanguageModelInfo(
             model=self.model_name, vocab_size=config.vocab_size, d_model=config.hidden_size,
             tokens_per_tile=config.mm_tokens_per_image, image_token_id=loaded.lm.tokenizer.special.image_token_id,
@@ -104,6 +105,10 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             max_queue=engine_config.max_queue, dtype=str(loaded.lm.dtype).removeprefix("torch."),
             accepts_images=_accepts_images(loaded),
             max_message_bytes=self.max_message_bytes,
+            kv_block_size=stats.block_size, kv_blocks_total=stats.kv_blocks_total, kv_blocks_free=stats.kv_blocks_free,
+            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+            prefix_cache_query_tokens=stats.prefix_cache_query_tokens,
+            prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens, preemptions=stats.preemptions,
         )
 
     # ----- the work, shared with the in-process gateway -------------------------------------------

@@ -48,7 +48,9 @@ def default_lm_loader(config: ServeConfig) -> Callable[[], lm_service.LoadedLang
         lm = load_language_model(config.model, device=config.device, dtype=DTYPES[config.dtype], progress=False)
         engine = lm.engine(EngineConfig(
             max_seq_len=config.max_seq_len, kv_budget_bytes=config.kv_budget_mb << 20, max_batch=config.max_batch,
-            max_queue=config.max_queue, stop_token_ids=lm.tokenizer.special.stop_ids))
+            prefill_chunk=config.prefill_chunk, block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching, max_queue=config.max_queue,
+            stop_token_ids=lm.tokenizer.special.stop_ids))
         engine.start()
         log.info("language model %s loaded from %s in %.1f s", config.model, lm.path, lm.load_seconds)
         return lm_service.LoadedLanguageModel(lm, engine)

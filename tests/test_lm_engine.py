@@ -231,6 +231,43 @@ def test_streamed_text_never_splits_characters_and_honours_stop_strings(model_an
     assert result.finish_reason == "stop"
 
 
+class BlockedTokenizer(CharTokenizer):
+    """CharTokenizer whose detokenizer waits for `release` before decoding anything."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def decode(self, ids, skip_special_tokens=False):
+        assert self.release.wait(timeout=60), "never released"
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_detokenization_is_off_the_steps_critical_path(model_and_config):
+    """With the detokenizer stalled, the engine still computes every token (steps never wait for text);
+    once it runs, the text and the stop string are applied as usual: the Completion ends at the stop
+    string although the engine computed past it."""
+    model, config = model_and_config
+    plain = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, stop_token_ids=()),
+                   tokenizer=CharTokenizer())
+    prompt = prompt_of(8, 21)
+    full = plain.generate(GenerationRequest(prompt, SamplingParams(max_new_tokens=20)))
+    tokenizer = BlockedTokenizer()
+    engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, stop_token_ids=()),
+                    tokenizer=tokenizer)
+    stop = full.text[5:7]
+    handle = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=20, stop=(stop,))))
+    engine.step()
+    (sequence,) = engine.scheduler.running
+    while engine.scheduler.running:  # to max_new_tokens: the engine cannot see the stop string yet
+        engine.step()
+    assert sequence.generated == full.token_ids and not handle.done  # all 20 computed, none detokenized
+    tokenizer.release.set()
+    result = handle.result(timeout=60)
+    assert result.finish_reason == "stop" and result.text == full.text[:full.text.index(stop)]
+    assert result.token_ids == full.token_ids[:len(result.token_ids)] and len(result.token_ids) < 20
+    assert engine.stats().running == 0 and engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+
+
 def test_cancel_frees_the_slot_at_once_and_others_continue(model_and_config):
     model, config = model_and_config
     engine = make_engine(model, config, max_batch=2)

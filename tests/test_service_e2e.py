@@ -115,6 +115,25 @@ def test_tokenize_count_and_info(server, channel):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text-only" in error.value.details()
     info = stub.GetInfo(lm_pb2.GetInfoRequest())
     assert (info.vocab_size, info.d_model, info.tokens_per_tile) == (lm.config.vocab_size, 640, 256)
+    engine = server.server.lm.loaded.engine
+    assert (info.kv_block_size, info.kv_blocks_total) == (engine.layout.block_size, engine.storage.num_blocks)
+
+
+def test_info_counts_prefix_cache_hits(server, channel):
+    """The same 40-token prompt twice: the second request's full blocks come from the prefix cache, and
+    GetInfo's counters say so."""
+    stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    before = stub.GetInfo(lm_pb2.GetInfoRequest())
+    prompt = " ".join(f"word{i}" for i in range(20))
+    request = lm_pb2.GenerateRequest(prompt=prompt, raw=True, sampling=lm_pb2.SamplingParams(max_new_tokens=3))
+    first, second = stub.Generate(request, timeout=60), stub.Generate(request, timeout=60)
+    assert list(first.token_ids) == list(second.token_ids)
+    after = stub.GetInfo(lm_pb2.GetInfoRequest())
+    assert after.prefix_cache_queries - before.prefix_cache_queries == 2
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 1
+    block = after.kv_block_size
+    prompt_tokens = first.prompt_tokens
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == (prompt_tokens - 1) // block * block
 
 
 def test_health_per_service_and_text_only_vision(channel):

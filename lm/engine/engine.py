@@ -3,11 +3,14 @@
 Three parts, each in its own module: the scheduler (lm/engine/scheduler.py: admission, the token
 budget, preemption), the block manager (lm/engine/block_manager.py: blocks, reference counts, prefix
 hashes, eviction) and the model runner (lm/engine/model_runner.py: the packed batch, the network, the
-logits). This module owns the thread that drives them, the requests' lifecycle and sampling.
+logits); detokenization, stop strings, streaming and completions run on the output thread
+(`output.py`), off the step's critical path. This module owns the thread that drives the steps, the
+requests' lifecycle and sampling.
 
-One step: cancelled requests leave; the scheduler picks the chunks (decode rows and prompt chunks
-together: every decoding request's token and at most `prefill_chunk` prompt tokens); the runner computes them in one forward; each request whose
-chunk reached its last token samples its next one, streams it and may finish. Finished requests release
+One step: cancelled requests (and those the output thread completed at a stop string) leave; the
+scheduler picks the chunks (every decoding request's token and at most `prefill_chunk` prompt tokens);
+the runner computes them in one forward; each request whose chunk reached its last token samples its
+next one, hands it to the output thread and may finish (stop token, length). Finished requests release
 their blocks; their full blocks stay in the prefix cache until the memory is needed.
 
 One request never harms another: soft tokens must be finite (checked at `submit`); attention reads only
@@ -31,6 +34,7 @@ import torch
 from lm.attention import tile_ids_from_mask
 from lm.engine.block_manager import BlockManager
 from lm.engine.model_runner import ModelRunner, ScheduledChunk
+from lm.engine.output import OutputProcessor
 from lm.engine.scheduler import Scheduler
 from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token
 from lm.models.base import DecoderConfig
@@ -106,6 +110,7 @@ class Engine:
         self.runner = ModelRunner(model, self.storage, self.layout, tokens_per_tile=config.mm_tokens_per_image,
                                   device=self.device)
         self.scheduler = self._new_scheduler()
+        self.output = OutputProcessor()
         self._rng = torch.Generator().manual_seed(engine_config.seed)
         self._lock = threading.Condition()
         self._incoming: list[Sequence] = []  # submitted, not yet seen by the scheduler
@@ -142,7 +147,10 @@ class Engine:
         handle = self.submit(request)
         if self._thread is None:
             while not handle.done:
-                self.step()
+                if self._has_work():
+                    self.step()
+                else:  # finished here; the output thread completes it
+                    self.output.drain()
         return handle.result(timeout)
 
     def start(self) -> None:
@@ -162,7 +170,8 @@ class Engine:
             self._take_incoming()
             for sequence in list(self.scheduler.waiting) + self.scheduler.running:
                 sequence.handle.cancel()
-            self._retire_cancelled()
+            self._retire_finished()
+        self.output.drain()
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -257,7 +266,7 @@ class Engine:
             sequence.block_tables, sequence.num_computed_tokens = [], 0
             self.scheduler.waiting.append(sequence)
         for sequence in running:
-            _complete(sequence, "error", error)
+            self.output.finish(sequence, "error", error)
 
     def _has_work(self) -> bool:
         return bool(self._incoming or self.scheduler.waiting or self.scheduler.running)
@@ -271,7 +280,7 @@ class Engine:
     def step(self) -> None:
         """One scheduling step (see the module docstring)."""
         self._take_incoming()
-        self._retire_cancelled()
+        self._retire_finished()
         chunks = self.scheduler.schedule()
         if not chunks:
             return
@@ -307,7 +316,9 @@ class Engine:
                 if not finite[row]:
                     raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
                 token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
-                reason = sequence.append(token)
+                reason, stream = sequence.append(token)
+                if stream:
+                    self.output.token(sequence, token)
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
             except Exception as exc:
@@ -317,25 +328,18 @@ class Engine:
             if reason is not None:
                 self._finish(sequence, reason)
 
-    def _retire_cancelled(self) -> None:
-        for sequence in [s for s in self.scheduler.running + list(self.scheduler.waiting) if s.handle.cancelled]:
+    def _retire_finished(self) -> None:
+        """Cancelled requests end; requests the output thread completed (a stop string, a detokenizer
+        failure) release their blocks."""
+        for sequence in [s for s in self.scheduler.running + list(self.scheduler.waiting)
+                         if s.handle.cancelled or s.handle.done]:
             self._finish(sequence, "cancelled")
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> None:
-        """Complete a request and release its blocks (its full blocks stay in the prefix cache)."""
+        """Release a request's blocks (its full blocks stay in the prefix cache) and have the output
+        thread complete it (a no-op if it completed there already)."""
         self.scheduler.remove(sequence)
-        _complete(sequence, reason, error)
-
-
-def _complete(sequence: Sequence, reason: str, error: str | None = None) -> None:
-    """Hand the caller its Completion. Should releasing the held-back text fail (the detokeniser's
-    flush), the request ends with an error instead, and the engine goes on."""
-    try:
-        completion = sequence.completion(reason, error)
-    except Exception as exc:
-        log.exception("finishing request %s failed", sequence.request.request_id)
-        completion = sequence.completion("error", _describe(exc))
-    sequence.handle._finish(completion)
+        self.output.finish(sequence, reason, error)
 
 
 def _content_hash(tensor: torch.Tensor) -> bytes:

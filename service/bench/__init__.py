@@ -17,6 +17,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "serve": ("service.bench.serve", "gateway over gRPC vs the engine in process: req/s, p50/p99 at 1/4/16 clients"),
     "caption": ("service.bench.caption", "batch captioning images/s vs a transformers loop, one image at a time"),
     "hostile": ("service.bench.hostile", "health and stream latency of `serve all` while hostile requests arrive"),
+    "engine": ("service.bench.engine", "paged engine: concurrency at a fixed KV budget, prefix-cache TTFT, decode "
+                                       "step per context length"),
     "moe": ("service.bench.moe", "one Qwen3-30B-A3B MoE layer tokens/s at 1/8/512 tokens vs Qwen3MoeSparseMoeBlock"),
 }
 

@@ -124,7 +124,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LanguageModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "d_model", "tokens_per_tile", "image_token_id", "max_seq_len", "max_batch", "max_queue", "dtype", "accepts_images", "max_message_bytes")
+    __slots__ = ("model", "vocab_size", "d_model", "tokens_per_tile", "image_token_id", "max_seq_len", "max_batch", "max_queue", "dtype", "accepts_images", "max_message_bytes", "kv_block_size", "kv_blocks_total", "kv_blocks_free", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "preemptions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,14 @@ class LanguageModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     d_model: int
@@ -147,4 +155,12 @@ class LanguageModelInfo(_message.Message):
     dtype: str
     accepts_images: bool
     max_message_bytes: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., image_token_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., dtype: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_query_tokens: int
+    prefix_cache_hit_tokens: int
+    preemptions: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., d_model: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., image_token_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., dtype: _Optional[str] = ..., accepts_images: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,257 @@
+"""`tessera bench engine`: what the paged engine buys — concurrency at a fixed KV budget, prefix caching
+on shared prefixes and multi-turn image chats, and decode cost per request's own context.
+
+Parts (`--part`, default all):
+- concurrency: random weights with Gemma 3 4B's attention geometry (34 layers, 5 sliding : 1 full,
+  4 KV heads, head_dim 256, window 1024; 4 query heads instead of 8 and a 128-wide residual stream,
+  since this measures memory and scheduling, not compute), fp32, a 1 GiB KV budget, `--requests`
+  requests of prompt lengths log-uniform in [50, 4000] and 16-256 new tokens, all submitted at once.
+  Printed: peak concurrent sequences, tokens/s, preemptions; and the slot design's concurrency at the
+  same budget, which is exact by its own sizing rule: every sequence reserved `max_seq_len` positions in
+  each full layer and a `window` ring in each sliding layer, so it ran min(max_batch, budget // slot)
+  sequences (`kv_bytes_for_context(config, max_seq_len, windowed=True)` per slot; that engine is gone).
+- prefix: time to first token with prefix caching on vs off, side by side: (a) the embedded 270M,
+  16 requests one after another sharing a 2,000-token prefix (mean TTFT of requests 2-16); (b) the tiny
+  random-weight vision-language checkpoint, a two-turn chat about one image (Pan & Scan, 3 tiles): the
+  second turn's TTFT. The vision encode is done once and reused by both turns (the vision service's
+  soft-token cache does the same), so only the language model's prefill is compared.
+- decode: the embedded 270M in fp32, the mean decode step time of 8 requests with one 4,000-token and
+  seven 100-token contexts against 8 requests of 100 tokens (goal <= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPEATS = 5  # two-turn image chats per setting (medians reported)
+GOALS = {"concurrency": 4.0, "prefix": 5.0, "decode": 1.5}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", choices=["all", "concurrency", "prefix", "decode"], default="all")
+    parser.add_argument("--requests", type=int, default=64, help="concurrency part: requests (default 64)")
+    parser.add_argument("--kv-budget-mib", type=int, default=1024, help="concurrency part: KV budget (default 1024)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    parts = ["concurrency", "prefix", "decode"] if args.part == "all" else [args.part]
+    ratios = []
+    for part in parts:
+        ratios += {"concurrency": concurrency, "prefix": prefix, "decode": decode}[part](args)
+    print()
+    for line in ratios:
+        print(line)
+    return 0
+
+
+# ----- concurrency at a fixed budget ----------------------------------------------------------------
+
+def geometry_4b_config():
+    """Gemma 3 4B's attention geometry (published config) with a small residual stream and vocabulary."""
+    from lm.models.gemma3 import Gemma3DecoderConfig
+    from lm.presets import PUBLISHED_CONFIGS
+
+    raw = PUBLISHED_CONFIGS["gemma3-4b"]
+    text = {**raw["text_config"], "hidden_size": 128, "intermediate_size": 256, "vocab_size": 1024,
+            "num_attention_heads": 4}
+    return Gemma3DecoderConfig.from_dict({**raw, "text_config": text})
+
+
+def random_model(config, seed: int):
+    import torch
+
+    from lm.models.gemma3 import Gemma3TextModel
+
+    torch.manual_seed(seed)
+    model = Gemma3TextModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if "norm" in name else 0.05)
+    return model
+
+
+def concurrency(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    from lm.engine import Engine, EngineConfig
+    from lm.kv_cache import kv_bytes_for_context
+    from lm.requests import GenerationRequest
+    from lm.sampling import SamplingParams
+
+    config = geometry_4b_config()
+    model = random_model(config, args.seed)
+    rng = random.Random(args.seed)
+    prompts = [round(math.exp(rng.uniform(math.log(50), math.log(4000)))) for _ in range(args.requests)]
+    new_tokens = [rng.randint(16, 256) for _ in range(args.requests)]
+    max_seq_len = 4000 + 256
+    budget = args.kv_budget_mib << 20
+    engine = Engine(model, config, EngineConfig(max_seq_len=max_seq_len, kv_budget_bytes=budget,
+                                                max_batch=args.requests, prefill_chunk=512, stop_token_ids=()))
+    slot = kv_bytes_for_context(config, max_seq_len, torch.float32, windowed=True)
+    slot_sequences = min(args.requests, budget // slot)
+    print(f"concurrency: 4B attention geometry ({config.num_hidden_layers} layers, "
+          f"{config.layer_types.count('full_attention')} full, window {config.sliding_window}, "
+          f"{config.num_key_value_heads} KV heads x {config.head_dim}), fp32, KV budget {args.kv_budget_mib} MiB, "
+          f"{args.requests} requests, prompts {min(prompts)}-{max(prompts)} tokens (mean {statistics.mean(prompts):.0f}), "
+          f"{sum(new_tokens)} new tokens in all")
+    handles = [engine.submit(GenerationRequest([rng.randrange(3, 1000) for _ in range(n)],
+                                               SamplingParams(max_new_tokens=m)))
+               for n, m in zip(prompts, new_tokens)]
+    peak_running = peak_decoding = steps = 0
+    started = time.perf_counter()
+    while not all(h.done for h in handles):
+        engine.step()
+        steps += 1
+        stats = engine.stats()
+        peak_running = max(peak_running, stats.running)
+        peak_decoding = max(peak_decoding, stats.running - stats.prefilling)
+    seconds = time.perf_counter() - started
+    generated = sum(len(h.result().token_ids) for h in handles)
+    assert all(h.result().finish_reason == "length" for h in handles), "a request did not finish normally"
+    stats = engine.stats()
+    print(f"  paged engine: {engine.storage.num_blocks} blocks of {engine.layout.block_size} tokens; peak "
+          f"{peak_running} sequences holding KV ({peak_decoding} decoding at once); {steps} steps in "
+          f"{seconds:.1f} s: {generated / seconds:.1f} generated tok/s, "
+          f"{(sum(prompts) + generated) / seconds:.1f} tok/s computed; {stats.preemptions} preemptions")
+    print(f"  slot design: {slot / 2**20:.1f} MiB reserved per sequence of max_seq_len {max_seq_len}: "
+          f"{slot_sequences} sequences at once")
+    ratio = peak_running / max(slot_sequences, 1)
+    return [f"ratio peak concurrent sequences paged / slot design: {ratio:.1f}x (goal >= {GOALS['concurrency']:g}x)"]
+
+
+# ----- prefix caching -------------------------------------------------------------------------------
+
+def _serial_ttft(engine, requests) -> list[float]:
+    """Each request submitted after the previous one finished; time to first token of each, in seconds."""
+    ttfts = []
+    for request in requests:
+        handle = engine.submit(request)
+        while not handle.done:
+            engine.step()
+        ttfts.append(handle.result().time_to_first_token_s)
+    return ttfts
+
+
+def prefix(args: argparse.Namespace) -> list[str]:
+    from lm.engine import EngineConfig
+    from lm.requests import GenerationRequest
+    from lm.runtime import load_language_model
+    from lm.sampling import SamplingParams
+
+    lm = load_language_model("gemma3-270m", progress=False)
+    words = ("the river city market bridge evening light story northern harbour winter garden old "
+             "stone road music house morning bread").split()
+    rng = random.Random(args.seed)
+    ids: list[int] = lm.tokenizer.encode("Background notes for every question below.", add_bos=True)
+    while len(ids) < 2000:
+        ids += lm.tokenizer.encode(" " + " ".join(rng.choice(words) for _ in range(40)) + ".", add_bos=False)
+    shared = ids[:2000]
+    questions = [shared + lm.tokenizer.encode(f"\nQuestion {i}: what happened on day {i}?\nAnswer:", add_bos=False)
+                 for i in range(16)]
+    results = {}
+    for caching in (True, False):
+        engine = lm.engine(EngineConfig(max_seq_len=2200, kv_budget_bytes=512 << 20, max_batch=4,
+                                        stop_token_ids=(), enable_prefix_caching=caching))
+        ttfts = _serial_ttft(engine, [GenerationRequest(q, SamplingParams(max_new_tokens=8)) for q in questions])
+        results[caching] = ttfts
+        stats = engine.stats()
+        print(f"prefix (270M, 2,000-token shared prefix, 16 requests one after another), prefix caching "
+              f"{'on ' if caching else 'off'}: first TTFT {ttfts[0]:.3f} s, mean of the 15 others "
+              f"{statistics.mean(ttfts[1:]):.3f} s; cache hit tokens {stats.prefix_cache_hit_tokens}")
+    text_ratio = statistics.mean(results[False][1:]) / statistics.mean(results[True][1:])
+    image_ratio = _image_chat(args)
+    return [f"ratio shared-prefix TTFT off / on (270M): {text_ratio:.1f}x (goal >= {GOALS['prefix']:g}x)",
+            f"ratio second-turn TTFT off / on (tiny VLM, one image): {image_ratio:.1f}x "
+            f"(goal >= {GOALS['prefix']:g}x)"]
+
+
+def _image_chat(args: argparse.Namespace) -> float:
+    import torch
+
+    from lm.engine import EngineConfig
+    from lm.prompt import layout_chat
+    from lm.requests import GenerationRequest
+    from lm.runtime import load_language_model
+    from lm.sampling import SamplingParams
+    from service.pipeline import encode_images
+    from service.tiny_checkpoints import write_tiny_captioning_checkpoint
+    from vision.sample import synthetic_photo
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = write_tiny_captioning_checkpoint(Path(directory) / "tiny-vlm", seed=args.seed)
+        lm = load_language_model(str(checkpoint), progress=False)
+        photo = Path(directory) / "photo.png"
+        synthetic_photo(seed=args.seed).save(photo)
+        images = encode_images(lm, [str(photo)], pan_and_scan=True)
+    turn_one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    ttft: dict[bool, list[float]] = {True: [], False: []}
+    hits: dict[bool, int] = {}
+    for _ in range(REPEATS):
+        for caching in (True, False):  # a fresh engine per chat: turn one, then the timed turn two
+            engine = lm.engine(EngineConfig(max_seq_len=2048, kv_budget_bytes=256 << 20, max_batch=4,
+                                            stop_token_ids=(), enable_prefix_caching=caching))
+            prompt = layout_chat(lm.tokenizer, turn_one, images.tiles_per_image)
+            first = engine.generate(GenerationRequest(prompt.token_ids, SamplingParams(max_new_tokens=24),
+                                                      soft_tokens=images.soft_tokens,
+                                                      image_mask=torch.tensor(prompt.image_mask)))
+            turn_two = turn_one + [{"role": "assistant", "content": first.text},
+                                   {"role": "user", "content": "And what is in the top left corner?"}]
+            second = layout_chat(lm.tokenizer, turn_two, images.tiles_per_image)
+            ttft[caching] += _serial_ttft(engine, [GenerationRequest(
+                second.token_ids, SamplingParams(max_new_tokens=8), soft_tokens=images.soft_tokens,
+                image_mask=torch.tensor(second.image_mask))])
+            hits[caching] = engine.stats().prefix_cache_hit_tokens  # of the second turn (the first has none)
+    for caching in (True, False):
+        print(f"prefix (tiny VLM, 2-turn chat, {sum(images.tiles_per_image)} tiles, second prompt "
+              f"{len(second.token_ids)} tokens, {REPEATS} chats), prefix caching {'on ' if caching else 'off'}: "
+              f"second-turn TTFT median {statistics.median(ttft[caching]) * 1e3:.1f} ms"
+              f"; cache hit tokens {hits[caching]}")
+    return statistics.median(ttft[False]) / statistics.median(ttft[True])
+
+
+# ----- decode cost per context ----------------------------------------------------------------------
+
+def decode(args: argparse.Namespace) -> list[str]:
+    from lm.engine import EngineConfig
+    from lm.requests import GenerationRequest
+    from lm.runtime import load_language_model
+    from lm.sampling import SamplingParams
+
+    lm = load_language_model("gemma3-270m", progress=False)
+    rng = random.Random(args.seed)
+
+    def step_time(lengths: list[int]) -> float:
+        engine = lm.engine(EngineConfig(max_seq_len=4200, kv_budget_bytes=1 << 30, max_batch=8, prefill_chunk=1024,
+                                        stop_token_ids=(), enable_prefix_caching=False))
+        handles = [engine.submit(GenerationRequest([2] + [rng.randrange(1000, 200_000) for _ in range(n - 1)],
+                                                   SamplingParams(max_new_tokens=64))) for n in lengths]
+        while engine.stats().prefilling or engine.stats().waiting:
+            engine.step()
+        for _ in range(2):  # warm-up
+            engine.step()
+        times = []
+        for _ in range(16):
+            started = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - started)
+        for handle in handles:
+            handle.cancel()
+        engine.step()
+        return statistics.median(times)
+
+    short = step_time([100] * 8)
+    mixed = step_time([4000] + [100] * 7)
+    print(f"decode (270M fp32, batch 8): median step {short * 1e3:.1f} ms with eight 100-token contexts, "
+          f"{mixed * 1e3:.1f} ms with one 4,000-token and seven 100-token contexts")
+    return [f"ratio decode step one-long / all-short: {mixed / short:.2f}x (goal <= {GOALS['decode']:g}x)"]
