@@ -108,7 +108,7 @@ class RequestHandle:
     """The caller's side of one request: iterate for TokenEvents, or wait for the Completion.
 
     Thread-safe: the engine thread publishes, any one consumer thread reads. `cancel()` asks the
-    engine to stop the request and free its cache slot at its next step."""
+    engine to stop the request and free its KV blocks at its next step."""
 
     def __init__(self, request_id: str):
         self.request_id = request_id

@@ -105,14 +105,22 @@ def test_logits_equal_the_reference_at_every_position(checkpoint, ours):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
 
 
-def test_engine_greedy_tokens_equal_the_reference_with_chunked_prefill_and_batching(checkpoint, ours):
+@pytest.mark.parametrize("paging", ["default", "tight"])
+def test_engine_greedy_tokens_equal_the_reference_with_chunked_prefill_and_batching(checkpoint, ours, paging):
     """Three prompts (one longer than a prefill chunk) decoded together; the reference, given each prompt
-    plus our 64 tokens in one forward, picks our token at every step."""
+    plus our 64 tokens in one forward, picks our token at every step. "tight": 4-token blocks, two prompts
+    sharing a 24-token prefix (prefix-cache hits) and a budget too small for all three at full length
+    (preemption)."""
     _, reference = checkpoint
     config, model = ours
-    engine = Engine(model, config, EngineConfig(max_seq_len=160, kv_budget_bytes=64 << 20, max_batch=4,
-                                                prefill_chunk=16, stop_token_ids=()))
+    settings = dict(max_seq_len=160, kv_budget_bytes=64 << 20, max_batch=4, prefill_chunk=16, stop_token_ids=())
     prompts = [_prompt(10, 5), _prompt(11, 40), _prompt(12, 17)]
+    if paging == "tight":
+        prompts[2] = prompts[1][:24] + prompts[2]
+        probe = Engine(model, config, EngineConfig(**settings, block_size=4))
+        settings["kv_budget_bytes"] = 60 * probe.layout.block_bytes(config, probe.dtype)  # 240 tokens
+        settings["block_size"] = 4
+    engine = Engine(model, config, EngineConfig(**settings))
     engine.start()
     try:
         handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=GREEDY_TOKENS)))
@@ -120,6 +128,9 @@ def test_engine_greedy_tokens_equal_the_reference_with_chunked_prefill_and_batch
         results = [handle.result(timeout=300) for handle in handles]
     finally:
         engine.stop()
+    if paging == "tight":
+        stats = engine.stats()
+        assert stats.preemptions > 0 and stats.prefix_cache_hits > 0, stats
     for prompt, result in zip(prompts, results):
         assert len(result.token_ids) == GREEDY_TOKENS
         with torch.no_grad():
