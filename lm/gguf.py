@@ -41,50 +41,6 @@ CHECKPOINT_FILES = (
     "tokenizer_config.json",
 )
 
-# Gemma 3's chat template as published with the instruction-tuned checkpoints (tokenizer_config.json).
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    '    {%- set first_user_prefix = "" -%}\n'
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    '        {%- set role = "model" -%}\n'
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    '        {{ raise_exception("Invalid content type") }}\n'
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\\n'}}\n"
-    "{%- endif -%}\n"
-)
-END_OF_TURN = "<end_of_turn>"
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -173,10 +129,10 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, progress: bool = True, sh
             save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
             del tensors
             vocab = read_vocabulary(metadata)
-            _write_tokenizer_files(staging, vocab, metadata, config)
+            _write_tokenizer_files(staging, vocab, metadata, config, family)
             bar.update()
         _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", _generation_config(vocab, config))
+        _write_json(staging / "generation_config.json", _generation_config(vocab, config, family))
         _write_json(staging / CONVERSION_MARKER, {"format": CONVERSION_FORMAT,
                                                   "gguf_sha256": sha256 or sha256_file(gguf_path)})
         _publish(staging, output_dir)
@@ -203,11 +159,13 @@ def _publish(staging: Path, output_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _generation_config(vocab: "GgufVocabulary", config: dict) -> dict:
+def _generation_config(vocab: "GgufVocabulary", config: dict, family) -> dict:
     """Generation stops on <eos>, on the end-of-turn token the file states (tokenizer.ggml.eot_token_id)
-    and, as llama.cpp and the published Gemma 3 checkpoints do, on Gemma's <end_of_turn>."""
+    and on the family's end-of-turn tokens that the vocabulary holds (`ModelFamily.gguf_stop_tokens`,
+    e.g. Gemma's <end_of_turn>, as llama.cpp and the published checkpoints do)."""
     eos = [config["eos_token_id"]]
-    for extra in (vocab.eot_id, vocab.tokens.index(END_OF_TURN) if END_OF_TURN in vocab.tokens else None):
+    extras = [vocab.eot_id] + [vocab.tokens.index(text) for text in family.gguf_stop_tokens if text in vocab.tokens]
+    for extra in extras:
         if extra is not None and extra not in eos:
             eos.append(extra)
     return {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
@@ -409,7 +367,8 @@ def derive_merges(tokens: list[str], ids: dict[str, int]) -> list[tuple[str, str
     return merges
 
 
-def _write_tokenizer_files(directory: Path, vocab: GgufVocabulary, metadata: _Metadata, config: dict) -> None:
+def _write_tokenizer_files(directory: Path, vocab: GgufVocabulary, metadata: _Metadata, config: dict,
+                           family) -> None:
     build_tokenizer(vocab).save(str(directory / "tokenizer.json"))
 
     def token(index: int | None) -> str | None:
@@ -421,9 +380,7 @@ def _write_tokenizer_files(directory: Path, vocab: GgufVocabulary, metadata: _Me
         ("pad_token", token(vocab.pad_id))) if value is not None}
     if "<mask>" in vocab.tokens:
         special["mask_token"] = "<mask>"
-    template = metadata.get("tokenizer.chat_template")
-    if template is None and config["model_type"].startswith("gemma3"):
-        template = GEMMA3_CHAT_TEMPLATE  # the 270M's GGUF carries none; the instruction-tuned releases do
+    template = metadata.get("tokenizer.chat_template") or family.gguf_chat_template
     _write_json(directory / "special_tokens_map.json", special)
     _write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "GemmaTokenizer" if vocab.model == "llama" else "Qwen2Tokenizer",

@@ -105,6 +105,8 @@ class ModelFamily:
     gguf_config: Callable[[Any], dict[str, Any]] | None = None  # GGUF metadata -> config.json dict
     gguf_tensor_names: Callable[[dict[str, Any]], dict[str, str]] | None = None  # config.json -> {gguf: hf key}
     gguf_tensor_values: Callable[[str, Any], Any] | None = None  # (gguf name, float32 array) -> HF values
+    gguf_chat_template: str | None = None  # written for a GGUF that carries no tokenizer.chat_template
+    gguf_stop_tokens: tuple[str, ...] = ()  # token texts generation also stops on (end of turn)
 
 
 def id_tuple(value: int | list[int] | None) -> tuple[int, ...]:
