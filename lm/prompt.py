@@ -308,7 +308,10 @@ def check_message_content(messages: Sequence[Mapping[str, Any]]) -> None:
         role = message.get("role") if isinstance(message, Mapping) else None
         if role not in CHAT_ROLES:
             raise ValueError(f"chat: message {index} has role {role!r}; allowed: {', '.join(CHAT_ROLES)}")
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if "content" not in message:
+            raise ValueError(f"chat: message {index} ({role}) has no content; give a string or a list of "
+                             "text/image parts (an empty string for none)")
+        content = message.get("content")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, (list, tuple)):

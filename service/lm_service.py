@@ -100,7 +100,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         stats = loaded.engine.stats()
         return lm_pb2.LanguageModelInfo(
             model=self.model_name, vocab_size=config.vocab_size, d_model=config.hidden_size,
-            tokens_per_tile=config.mm_tokens_per_image, image_token_id=loaded.lm.tokenizer.special.image_token_id,
+            tokens_per_tile=config.mm_tokens_per_image if _accepts_images(loaded) else 0, image_token_id=loaded.lm.tokenizer.special.image_token_id,
             max_seq_len=engine_config.max_seq_len, max_batch=engine_config.max_batch,
             max_queue=engine_config.max_queue, dtype=str(loaded.lm.dtype).removeprefix("torch."),
             accepts_images=_accepts_images(loaded),

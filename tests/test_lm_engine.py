@@ -307,6 +307,9 @@ def test_limits_give_clear_errors(model_and_config):
         engine.submit(GenerationRequest(prompt_of(40, 1)))
     with pytest.raises(InvalidRequest, match="empty"):
         engine.submit(GenerationRequest([]))
+    for bad in (-1, config.vocab_size):
+        with pytest.raises(InvalidRequest, match=f"stop_token_ids \\[{bad}\\] lie outside the vocabulary"):
+            engine.submit(GenerationRequest(prompt_of(5, 1), SamplingParams(stop_token_ids=(1, bad))))
     ids, mask = image_prompt([1])
     with pytest.raises(InvalidRequest, match="placeholders"):
         engine.submit(GenerationRequest(ids, image_mask=torch.tensor(mask)))

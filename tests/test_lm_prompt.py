@@ -150,6 +150,7 @@ def test_layout_positions_and_counts(ours):
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": [{"type": "audio"}]}], "audio"),
     ([{"role": "user", "content": 5}], "string or a list"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user"}], r"message 1 \(user\) has no content"),
 ])
 def test_bad_messages_are_rejected(ours, messages, match):
     with pytest.raises(ValueError, match=match):

@@ -114,7 +114,9 @@ def test_tokenize_count_and_info(server, channel):
         stub.CountTokens(lm_pb2.TokenizeRequest(messages=[with_image], image_tiles=[2]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text-only" in error.value.details()
     info = stub.GetInfo(lm_pb2.GetInfoRequest())
-    assert (info.vocab_size, info.d_model, info.tokens_per_tile) == (lm.config.vocab_size, 640, 256)
+    # the 270M is text-only: it takes no tiles, so it states no tokens per tile
+    assert (info.vocab_size, info.d_model, info.tokens_per_tile, info.accepts_images) == (lm.config.vocab_size, 640, 0,
+                                                                                          False)
     engine = server.server.lm.loaded.engine
     assert (info.kv_block_size, info.kv_blocks_total) == (engine.layout.block_size, engine.storage.num_blocks)
 

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera generate: cannot load model {args.model!r}: {error}", file=sys.stderr)
         return 2
     try:
+        if args.image and not lm.config.accepts_images:
+            raise ValueError(f"model {args.model!r} is text-only (it takes no images): drop --image, or use a "
+                             "vision-language checkpoint")
         # The prompt is laid out and its length checked with the tile counts from the image headers,
         # so that a prompt too long for the model is refused before any image is decoded or encoded.
         prompt = _layout(lm, args, messages, plan_tiles(args.image, pan_and_scan=args.pan_and_scan))

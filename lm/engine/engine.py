@@ -236,6 +236,10 @@ class Engine:
             raise InvalidRequest(str(exc)) from exc
         spans = _tile_spans(tile_ids)
         stops = request.params.stop_token_ids
+        outside = [t for t in stops or () if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise InvalidRequest(f"stop_token_ids {outside[:4]} lie outside the vocabulary (ids 0 to "
+                                 f"{self.config.vocab_size - 1})")
         return Sequence(
             request, RequestHandle(request.request_id),
             stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
