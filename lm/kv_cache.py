@@ -119,9 +119,15 @@ class KVLayout:
 def request_budget_bytes(config: DecoderConfig, max_seq_len: int, dtype: torch.dtype, *, block_size: int,
                          prefill_chunk: int) -> int:
     """The smallest KV budget (bytes) that holds one request of `max_seq_len` tokens computed in chunks
-    of at most `prefill_chunk` tokens, in blocks of `block_size` tokens."""
+    of at most `prefill_chunk` tokens (or one image tile, if longer), in blocks of `block_size` tokens."""
     layout = KVLayout.from_config(config, block_size)
-    return layout.blocks_for_request(max_seq_len, prefill_chunk) * layout.block_bytes(config, dtype)
+    return layout.blocks_for_request(max_seq_len, largest_chunk(config, prefill_chunk)) * layout.block_bytes(config, dtype)
+
+
+def largest_chunk(config: DecoderConfig, prefill_chunk: int) -> int:
+    """Most tokens one request computes in a step: `prefill_chunk`, or a whole image tile when a tile is
+    longer (a chunk never splits a tile)."""
+    return max(prefill_chunk, config.mm_tokens_per_image if config.accepts_images else 0)
 
 
 class PagedKVStorage:

@@ -115,26 +115,52 @@ def image_token_cost(width: int, height: int, pan_and_scan: PanAndScanConfig,
 
 def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
                    messages: Sequence[Mapping[str, Any]] | None = None, image_tiles: Sequence[int] = (),
-                   tokens_per_tile: int = TOKENS_PER_TILE, allow_special_tokens: bool = False) -> Prompt:
+                   tokens_per_tile: int = TOKENS_PER_TILE, allow_special_tokens: bool = False,
+                   template_kwargs: Mapping[str, Any] | None = None) -> Prompt:
     """The prompt of one request, `image_tiles[i]` being the tiles (1 + crops) of its i-th image:
     - `messages`: a chat (images at its image parts; `prompt` must then be empty);
     - `raw`: `prompt` as plain text, images at its IMAGE_MARKERs or, when it has none, before it;
     - otherwise: `prompt` as one user turn, the images first.
-    Raises EmptyPrompt (no text, no image, no messages) and ValueError (bad messages, image markers
-    that do not match the images)."""
+    `template_kwargs` are chat-template variables (e.g. {"enable_thinking": False}); raw text has no
+    template, so they are refused with it. Raises EmptyPrompt (no text, no image, no messages) and
+    ValueError (bad messages, image markers that do not match the images, template kwargs with raw)."""
+    template_kwargs = check_template_kwargs(template_kwargs or {})
     if messages:
         if prompt:
             raise ValueError("give either prompt or messages, not both")
         return layout_chat(tokenizer, messages, image_tiles, tokens_per_tile=tokens_per_tile,
-                           allow_special_tokens=allow_special_tokens)
+                           allow_special_tokens=allow_special_tokens, **template_kwargs)
     require_prompt(prompt, raw=raw, num_images=len(image_tiles))
     if raw:
+        if template_kwargs:
+            raise ValueError(f"chat template kwargs ({', '.join(sorted(template_kwargs))}) need a chat prompt; "
+                             "a raw prompt has no template")
         return layout_text(tokenizer, with_image_markers(prompt, len(image_tiles)), image_tiles,
                            tokens_per_tile=tokens_per_tile)
     # A string when there are no images: some templates (Qwen 3's) read only string content.
     content = [{"type": "image"} for _ in image_tiles] + [{"type": "text", "text": prompt}] if image_tiles else prompt
     return layout_chat(tokenizer, [{"role": "user", "content": content}], image_tiles,
-                       tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens)
+                       tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens,
+                       **template_kwargs)
+
+
+# Names layout_chat and the template renderer set themselves: a client's template kwargs cannot replace them.
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "allow_control_tokens",
+                                     "allow_special_tokens", "image_tiles", "tokens_per_tile", "bos_token",
+                                     "eos_token", "raise_exception"})
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Chat-template variables a client may set (e.g. `enable_thinking`): identifiers, not the names the
+    renderer sets itself, values of plain JSON types. Raises ValueError naming the first bad one."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise ValueError(f"chat template kwarg {key!r} is not a plain name (letters, digits, underscores)")
+        if key in RESERVED_TEMPLATE_NAMES:
+            raise ValueError(f"chat template kwarg {key!r} is set by the server; it cannot be given")
+        if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            raise ValueError(f"chat template kwarg {key!r} has a {type(value).__name__}; values are JSON")
+    return dict(kwargs)
 
 
 def require_prompt(prompt: str, *, raw: bool, num_images: int) -> None:

@@ -86,6 +86,7 @@ def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
 class TokenEvent:
     token_id: int | None  # None for text held back until the end (a pending stop-string prefix)
     text: str  # newly complete text (may be empty while a character or stop string is pending)
+    reasoning: bool = False  # the token and text belong to the reasoning (<think> block), not the answer
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class Completion:
     time_to_first_token_s: float | None
     total_time_s: float
     error: str | None = None  # set when finish_reason == "error"
+    reasoning_text: str = ""  # the <think> block's text (markers left out); `text` is the answer alone
+    reasoning_tokens: int = 0  # of completion_tokens, those of the <think> block (its markers included)
+    reasoning_truncated: bool = False  # generation stopped while still thinking (no answer was given)
 
 
 _DONE = object()
@@ -107,7 +111,7 @@ _DONE = object()
 class RequestHandle:
     """The caller's side of one request: iterate for TokenEvents, or wait for the Completion.
 
-    Thread-safe: the engine thread publishes, any one consumer thread reads. `cancel()` asks the
+    Thread-safe: the engine's output thread publishes, any one consumer thread reads. `cancel()` asks the
     engine to stop the request and free its KV blocks at its next step."""
 
     def __init__(self, request_id: str):
@@ -116,7 +120,7 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._completion: Completion | None = None
-        self._notify = None  # called (engine thread) after each event and at the finish
+        self._notify = None  # called (output thread) after each event and at the finish
 
     # engine side
     def _publish(self, event: TokenEvent) -> None:
@@ -136,7 +140,7 @@ class RequestHandle:
 
     # caller side
     def set_notifier(self, notify) -> None:
-        """`notify()` (no arguments) is called from the engine thread after every event and when the
+        """`notify()` (no arguments) is called from the engine's output thread after every event and when the
         request finishes, so an event loop can wait for events without blocking a thread (e.g.
         `lambda: loop.call_soon_threadsafe(flag.set)`); drain with `next_event(timeout=0)`."""
         self._notify = notify

@@ -28,6 +28,9 @@ class SamplingParams:
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's defaults (end of turn, eos)
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, not included in the output
+    # Most tokens of thinking (a reasoning model's <think> block), counted from the last <think>; then
+    # the engine ends the block (lm.thinking). None = unlimited; 0 = no thinking.
+    thinking_budget: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,6 +44,9 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int)
+                                                 or self.thinking_budget < 0):
+            problems.append(f"thinking_budget must be an integer >= 0, got {self.thinking_budget!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if problems:

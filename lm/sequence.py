@@ -8,6 +8,7 @@ import torch
 
 from lm.requests import Completion, GenerationRequest, RequestHandle, TokenEvent
 from lm.sampling import SamplingParams
+from lm.thinking import ThinkingTokens
 
 
 class TextStream:
@@ -28,6 +29,11 @@ class TextStream:
         self._released: list[str] = []  # released so far, in pieces (joined once, by `text`)
         self._pending = ""  # decoded but not released: at most `_hold` characters between pushes
         self._stopped = False
+        self._strip_newlines = False  # drop the next released text's leading newlines
+
+    def strip_leading_newlines(self) -> None:
+        """Drop the leading newlines of what is released next (the blank line after `</think>`)."""
+        self._strip_newlines = True
 
     @property
     def text(self) -> str:
@@ -44,28 +50,29 @@ class TextStream:
         window = self._pending + piece  # the held-back tail + the new piece: where a new match lies
         hits = [i for i in (window.find(s) for s in self._stop) if i >= 0]
         if hits:
-            out = window[:min(hits)]
-            self._release(out)
+            out = self._release(window[:min(hits)])
             self._pending = ""
             self._stopped = True
             return out, True
         keep = min(self._hold, len(window))
         out = window[:len(window) - keep]
         self._pending = window[len(out):]
-        self._release(out)
-        return out, False
+        return self._release(out), False
 
     def flush(self) -> str:
         """Release whatever is held (at the end of generation); nothing after a stop string."""
         if self._stopped:
             return ""
         out, self._pending = self._pending + self._decoder.flush(), ""
-        self._release(out)
-        return out
+        return self._release(out)
 
-    def _release(self, out: str) -> None:
+    def _release(self, out: str) -> str:
+        if self._strip_newlines and out:
+            out = out.lstrip("\n")
+            self._strip_newlines = not out
         if out:
             self._released.append(out)
+        return out
 
 
 class Sequence:
@@ -79,7 +86,8 @@ class Sequence:
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
                  soft_tokens: torch.Tensor | None, tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]],
-                 tile_hashes: list[bytes], generator: torch.Generator, decoder):
+                 tile_hashes: list[bytes], generator: torch.Generator, decoder,
+                 thinking: ThinkingTokens | None = None, reasoning_decoder=None):
         self.request = request
         self.handle = handle
         self.params: SamplingParams = request.params
@@ -92,6 +100,13 @@ class Sequence:
         self._tile_at = tile_ids.tolist()
         self.generator = generator
         self.text = TextStream(decoder, request.params.stop) if decoder is not None else None
+        # Thinking (lm.thinking): the engine thread tracks the open block for the budget, the output
+        # thread its own copy for the text; the reasoning text has no stop strings.
+        self.thinking = thinking
+        self.think_open = None if thinking is None else thinking.open_block_start(request.prompt_ids)
+        self.reasoning = TextStream(reasoning_decoder, ()) if reasoning_decoder is not None else None
+        self.in_reasoning = self.think_open is not None  # output thread
+        self.reasoning_tokens = 0  # output thread
         self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
         self.generated: list[int] = []
         self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
@@ -150,20 +165,48 @@ class Sequence:
             self.first_token_at = time.perf_counter()
         self.generated.append(token_id)
         self.token_ids.append(token_id)
+        self._track_thinking(token_id)
         if token_id in self.stop_token_ids:
             return "stop", False
         if len(self.generated) >= self.params.max_new_tokens:
             return "length", True
         return None, True
 
+    def force(self, token_ids: list[int]) -> list[int]:
+        """Append tokens the engine chose (the thinking budget's), as many as max_new_tokens leaves
+        room for; they are computed like a prompt chunk before the next token is sampled. Returns them."""
+        token_ids = token_ids[:max(0, self.params.max_new_tokens - len(self.generated))]
+        for token_id in token_ids:
+            self.generated.append(token_id)
+            self.token_ids.append(token_id)
+            self._track_thinking(token_id)
+        return token_ids
+
+    def _track_thinking(self, token_id: int) -> None:
+        if self.thinking is not None:
+            if token_id == self.thinking.start_id:
+                self.think_open = len(self.token_ids) - 1
+            elif token_id == self.thinking.end_id:
+                self.think_open = None
+
+    @property
+    def thinking_spent(self) -> int | None:
+        """Tokens after the open `<think>` (None when no block is open)."""
+        return None if self.think_open is None else len(self.token_ids) - 1 - self.think_open
+
     def completion(self, reason: str, error: str | None = None, generated: int | None = None) -> Completion:
         """The Completion of the first `generated` tokens (all by default), releasing held-back text."""
+        if self.reasoning is not None and reason != "error":
+            tail = self.reasoning.flush()
+            if tail:
+                self.handle._publish(TokenEvent(token_id=None, text=tail, reasoning=True))
         if self.text is not None and reason != "error":
             tail = self.text.flush()
             if tail:
                 self.handle._publish(TokenEvent(token_id=None, text=tail))
         now = time.perf_counter()
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
+        reasoning_text = self.reasoning.text if self.reasoning is not None else ""
         tokens = self.generated[:len(self.generated) if generated is None else generated]
         return Completion(
             request_id=self.request.request_id,
@@ -175,4 +218,7 @@ class Sequence:
             time_to_first_token_s=ttft,
             total_time_s=now - self.submitted_at,
             error=error,
+            reasoning_text=reasoning_text,
+            reasoning_tokens=self.reasoning_tokens,
+            reasoning_truncated=reason == "length" and self.in_reasoning,
         )

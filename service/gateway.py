@@ -210,7 +210,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             tiles = [item.num_crops + 1 for item in encoded.images]
         encode_s = time.perf_counter() - started
         lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, raw=request.raw, images=images,
-                                            sampling=request.sampling, request_id=request.request_id)
+                                            sampling=request.sampling, request_id=request.request_id,
+                                            chat_template_kwargs=request.chat_template_kwargs)
         first_token_s = None
         async for message in self.language_model.generate_stream(lm_request, remaining()):
             if message.HasField("done"):
@@ -220,12 +221,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                     tiles_per_image=tiles, encode_time_s=encode_s,
                     time_to_first_token_s=first_token_s or 0.0, total_time_s=time.perf_counter() - started,
-                    token_ids=done.token_ids))
+                    token_ids=done.token_ids, reasoning_text=done.reasoning_text,
+                    reasoning_tokens=done.reasoning_tokens, reasoning_truncated=done.reasoning_truncated))
                 return
             if first_token_s is None and message.HasField("token_id"):
                 first_token_s = time.perf_counter() - started
             if message.text:
-                yield gateway_pb2.QueryStreamResponse(text=message.text)
+                yield gateway_pb2.QueryStreamResponse(text=message.text, reasoning=message.reasoning)
         raise RuntimeError("the language model's stream ended without a final message")
 
     async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, tiles: list[int], timeout) -> None:
@@ -234,7 +236,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits,
                            stop=request.sampling.stop)
         counted = await self.language_model.count_tokens(
-            lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, image_tiles=tiles), timeout)
+            lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, image_tiles=tiles,
+                                   chat_template_kwargs=request.chat_template_kwargs), timeout)
         if counted.count > counted.max_prompt_tokens:
             raise RequestTooLarge(f"prompt is {counted.count} tokens with its images' {sum(tiles)} tiles "
                                   f"({', '.join(map(str, tiles))}); the limit is {counted.max_prompt_tokens} tokens")

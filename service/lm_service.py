@@ -30,7 +30,7 @@ from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_
 from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
-from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
+from service.wire import messages_from_proto, sampling_from_proto, template_kwargs_from_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                         return
                     if first_token_at is None and event.token_id is not None:
                         first_token_at = time.perf_counter()
-                    message = lm_pb2.GenerateStreamResponse(text=event.text)
+                    message = lm_pb2.GenerateStreamResponse(text=event.text, reasoning=event.reasoning)
                     if event.token_id is not None:
                         message.token_id = event.token_id
                     yield message
@@ -223,7 +223,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         chat `messages` (from `_messages`), raw text, or one user turn."""
         return layout_request(
             loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw, messages=messages, image_tiles=tiles,
-            tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens)
+            tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens,
+            template_kwargs=template_kwargs_from_proto(request.chat_template_kwargs))
 
     async def _off_loop(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work, *args)
@@ -308,4 +309,6 @@ def _completion_proto(completion) -> lm_pb2.GenerateResponse:
         finish_reason=completion.finish_reason, prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
         time_to_first_token_s=completion.time_to_first_token_s or 0.0, total_time_s=completion.total_time_s,
+        reasoning_text=completion.reasoning_text, reasoning_tokens=completion.reasoning_tokens,
+        reasoning_truncated=completion.reasoning_truncated,
     )

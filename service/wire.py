@@ -59,7 +59,35 @@ def sampling_from_proto(message: lm_pb2.SamplingParams) -> SamplingParams:
         seed=int(message.seed) if message.HasField("seed") else None,
         stop=tuple(message.stop),
         stop_token_ids=tuple(message.stop_token_ids.ids) if message.HasField("stop_token_ids") else None,
+        thinking_budget=int(message.thinking_budget) if message.HasField("thinking_budget") else None,
     )
+
+
+MAX_TEMPLATE_KWARGS = 32  # chat-template variables in one request
+MAX_TEMPLATE_KWARGS_BYTES = 64 << 10  # UTF-8 bytes of their names and JSON values together
+
+
+def template_kwargs_from_proto(entries) -> dict:
+    """A request's `chat_template_kwargs` (name -> JSON text) as template variables. Raises ValueError
+    naming the entry: too many or too large (counted before anything is parsed), a value that is not
+    JSON, or a name lm.prompt.check_template_kwargs refuses."""
+    import json
+
+    from lm.prompt import check_template_kwargs
+
+    if len(entries) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"chat_template_kwargs has {len(entries):,} entries; at most {MAX_TEMPLATE_KWARGS}")
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in entries.items())
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"chat_template_kwargs hold {size:,} bytes; at most {MAX_TEMPLATE_KWARGS_BYTES:,}")
+    kwargs = {}
+    for key, text in entries.items():
+        try:
+            kwargs[key] = json.loads(text)
+        except ValueError:
+            raise ValueError(f"chat_template_kwargs[{key!r}] is not JSON ({text[:40]!r}); give e.g. \"false\", "
+                             "\"3\" or \"\\\"text\\\"\"") from None
+    return check_template_kwargs(kwargs)
 
 
 def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
@@ -69,6 +97,8 @@ def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
         message.seed = params.seed
     if params.stop_token_ids is not None:
         message.stop_token_ids.ids.extend(params.stop_token_ids)
+    if params.thinking_budget is not None:
+        message.thinking_budget = params.thinking_budget
     return message
 
 

@@ -33,6 +33,10 @@ def run(engine: Engine, requests: list[GenerationRequest], *, on_step=None):
     handles = [engine.submit(request) for request in requests]
     steps = 0
     while not all(handle.done for handle in handles):
+        stats = engine.stats()
+        if not (stats.running or stats.waiting):
+            engine.output.drain()  # all computed: the output thread completes the last ones
+            continue
         engine.step()
         engine.check_blocks()
         if on_step is not None:
@@ -221,3 +225,24 @@ def test_decode_cost_follows_each_requests_own_context(model_and_config):
     decode_keys = {k for q, k in lengths if q == 1}
     assert {6, 7} <= decode_keys  # the short request's own context, not the batch's longest
     assert max(decode_keys) <= 92
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_a_tile_longer_than_the_chunk_fits_the_smallest_budget(model_and_config, block_size):
+    """With prefill_chunk 1 a 4-token tile is still computed whole: the smallest budget the engine
+    accepts (lm.kv_cache.request_budget_bytes) must hold the tile's chunk, or a lone image request would
+    preempt itself forever and block the queue behind it."""
+    from lm.kv_cache import request_budget_bytes
+
+    model, config = model_and_config
+    budget = request_budget_bytes(config, 60, torch.float32, block_size=block_size, prefill_chunk=1)
+    engine = paged_engine(model, config, max_seq_len=60, prefill_chunk=1, block_size=block_size,
+                          kv_budget_bytes=budget)
+    ids, mask = image_prompt([1])
+    ids, mask = prompt_of(40, 3) + ids[1:], [False] * 40 + mask[1:]
+    soft = torch.randn(1, TILE, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    request = GenerationRequest(ids, SamplingParams(max_new_tokens=5), soft_tokens=soft, image_mask=torch.tensor(mask))
+    text = GenerationRequest(prompt_of(6, 4), SamplingParams(max_new_tokens=5))
+    image_handle, text_handle = run(engine, [request, text])
+    assert image_handle.result().token_ids == greedy_alone(model, config, request)
+    assert text_handle.result().token_ids == greedy_alone(model, config, text)

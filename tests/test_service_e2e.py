@@ -189,3 +189,11 @@ def test_metrics_count_requests_by_method_and_code(server, channel):
     assert "tessera_time_to_first_token_seconds_count" in text and "tessera_engine_queue_depth" in text
     generated = [line for line in text.splitlines() if line.startswith("tessera_tokens_generated_total")]
     assert generated and float(generated[0].split()[-1]) >= 2
+
+
+def test_a_thinking_budget_on_a_model_that_does_not_think_is_invalid_argument(channel):
+    stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(lm_pb2.GenerateRequest(prompt="hi", sampling=lm_pb2.SamplingParams(thinking_budget=8)),
+                      timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not think" in error.value.details()

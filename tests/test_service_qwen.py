@@ -106,3 +106,65 @@ def test_images_and_soft_tokens_are_refused_for_a_text_only_model(channel):
     soft = tensor_pb2.Tensor(data=b"\0" * (256 * 64 * 4), dtype="float32", shape=[1, 256, 64])
     error, _ = refused(lambda: lm.Generate(lm_pb2.GenerateRequest(prompt="Hi", images=[soft]), timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in error.details()
+
+
+THINK, END_THINK = 151_667, 151_668
+
+
+def test_enable_thinking_false_is_rendered_as_the_template_renders_it(checkpoint, channel):
+    """chat_template_kwargs reach the template: the prompt ids equal apply_chat_template(enable_thinking=
+    False), which pre-fills the empty <think> block; a value that is not JSON is INVALID_ARGUMENT naming it."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(checkpoint)
+    expected = reference.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                             enable_thinking=False)["input_ids"]
+    assert THINK in expected and END_THINK in expected
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    tokenized = lm.Tokenize(lm_pb2.TokenizeRequest(messages=_messages(CHAT),
+                                                   chat_template_kwargs={"enable_thinking": "false"}), timeout=30)
+    assert list(tokenized.token_ids) == list(expected)
+    error, _ = refused(lambda: lm.Tokenize(lm_pb2.TokenizeRequest(
+        messages=_messages(CHAT), chat_template_kwargs={"enable_thinking": "nope"}), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "enable_thinking" in error.details()
+
+
+def test_thinking_budget_zero_places_the_empty_block_and_reasoning_is_kept_apart(channel):
+    """Budget 0: the first completion tokens are <think>, a blank line, </think>, a blank line (what the
+    template writes for enable_thinking=False); the stream marks the block's pieces as reasoning, the answer
+    pieces add up to `text`, and reasoning + answer tokens are the completion tokens; the gateway too."""
+    from transformers import AutoTokenizer  # noqa: F401 - the fixture's tokenizer is the real Qwen 3 one
+
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    sampling = lm_pb2.SamplingParams(max_new_tokens=12, thinking_budget=0, stop_token_ids=lm_pb2.StopTokenIds())
+    messages = list(lm.GenerateStream(lm_pb2.GenerateRequest(messages=_messages(CHAT), sampling=sampling),
+                                      timeout=60))
+    done = messages[-1].done
+    blank = list(done.token_ids)[1]
+    assert list(done.token_ids)[:4] == [THINK, blank, END_THINK, blank]
+    assert done.completion_tokens == 12 and done.reasoning_tokens == 3 and not done.reasoning_truncated
+    pieces = messages[:-1]
+    assert [p.token_id for p in pieces if p.reasoning and p.HasField("token_id")] == [THINK, blank, END_THINK]
+    assert "".join(p.text for p in pieces if not p.reasoning) == done.text
+    assert done.reasoning_text.strip() == "" and not done.text.startswith("\n")
+    gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+    answer = gateway.Query(gateway_pb2.QueryRequest(prompt="What is 2 + 2?", sampling=sampling), timeout=60)
+    assert answer.reasoning_tokens == 3 and answer.completion_tokens == 12
+
+
+def test_generate_cli_keeps_reasoning_apart(checkpoint, capsys):
+    """`tessera generate --thinking-budget 0` on a Qwen 3 checkpoint: --json has the reasoning fields, and
+    the streamed output puts the (empty) thinking under its header before the answer."""
+    from service.cli import main
+
+    args = ["generate", "--model", str(checkpoint), "--prompt", "What is 2 + 2?", "--thinking-budget", "0",
+            "--max-new-tokens", "6"]
+    assert main(args + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["token_ids"][0] == THINK and summary["token_ids"][2] == END_THINK
+    assert summary["reasoning_tokens"] == 3 and summary["reasoning_text"].strip() == ""
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.index("[Thinking]") < out.index("[Answer]") and out.endswith(summary["text"] + "\n")
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--template-kwarg", "enable_thinking"]) == 2
+    assert "NAME=JSON" in capsys.readouterr().err

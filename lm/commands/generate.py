@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=["int8"], help="weight quantisation (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    thinking = parser.add_argument_group("reasoning models (Qwen 3)")
+    thinking.add_argument("--thinking-budget", type=int, metavar="N",
+                          help="most tokens of thinking; then the block is closed and the model answers (0: none)")
+    thinking.add_argument("--no-thinking", action="store_true",
+                          help="render the chat with enable_thinking=false (the template's empty <think> block)")
+    thinking.add_argument("--template-kwarg", action="append", default=[], metavar="NAME=JSON",
+                          help='a chat-template variable, e.g. enable_thinking=false (repeatable)')
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +49,24 @@ def sampling_params(args: argparse.Namespace):
     from lm.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                          thinking_budget=getattr(args, "thinking_budget", None))
+
+
+def template_kwargs(args: argparse.Namespace) -> dict:
+    """--template-kwarg NAME=JSON entries and --no-thinking as chat-template variables. Raises ValueError."""
+    kwargs = {}
+    for entry in args.template_kwarg:
+        name, sep, text = entry.partition("=")
+        if not sep:
+            raise ValueError(f"--template-kwarg {entry!r}: expected NAME=JSON, e.g. enable_thinking=false")
+        try:
+            kwargs[name] = json.loads(text)
+        except ValueError:
+            raise ValueError(f"--template-kwarg {name}: {text!r} is not JSON (e.g. false, 3, \"text\")") from None
+    if args.no_thinking:
+        kwargs["enable_thinking"] = False
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,11 +104,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             handle = engine.submit(request)
             if not args.json:
-                for event in handle:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                _print_stream(handle)
             result = handle.result()
         finally:
             engine.stop()
@@ -96,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     decode_s = result.total_time_s - (result.time_to_first_token_s or 0.0)
     summary = {
-        "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+        "text": result.text, "reasoning_text": result.reasoning_text, "reasoning_tokens": result.reasoning_tokens,
+        "reasoning_truncated": result.reasoning_truncated,
+        "token_ids": result.token_ids, "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
         "images": [{"image": p, "tiles": t} for p, t in zip(args.image, images.tiles_per_image)],
         "timings": {"load_s": round(lm.load_seconds, 3), "encode_s": round(images.seconds, 3),
@@ -149,9 +171,30 @@ def _check_context(lm, prompt_tokens: int) -> None:
                             f"{context} tokens includes at least one generated token)")
 
 
+def _print_stream(handle) -> None:
+    """Stream the text; a reasoning model's thinking goes first under a "Thinking" header (dimmed on a
+    terminal), the answer under an "Answer" header."""
+    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    section = None
+    for event in handle:
+        if not event.text:
+            continue
+        if event.reasoning != section and (event.reasoning or section is not None):
+            sys.stdout.write(f"{reset}\n" if section else "")
+            sys.stdout.write(f"[Thinking]\n{dim}" if event.reasoning else "[Answer]\n")
+        section = event.reasoning
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    if section:  # the thinking was the last thing streamed: the answer is empty
+        sys.stdout.write(f"{reset}\n[Answer]\n")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def _layout(lm, args, messages, tiles_per_image):
     """The prompt by the rules every entry point shares (`lm.prompt.layout_request`)."""
     from lm.prompt import layout_request
 
     return layout_request(lm.tokenizer, prompt=args.prompt or "", raw=args.raw, messages=messages,
-                          image_tiles=tiles_per_image, tokens_per_tile=lm.config.mm_tokens_per_image)
+                          image_tiles=tiles_per_image, tokens_per_tile=lm.config.mm_tokens_per_image,
+                          template_kwargs=template_kwargs(args))

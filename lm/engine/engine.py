@@ -36,7 +36,7 @@ from lm.engine.block_manager import BlockManager
 from lm.engine.model_runner import ModelRunner, ScheduledChunk
 from lm.engine.output import OutputProcessor
 from lm.engine.scheduler import Scheduler
-from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token
+from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token, largest_chunk
 from lm.models.base import DecoderConfig
 from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
@@ -44,6 +44,7 @@ from lm.requests import (
 )
 from lm.sampling import make_generator, sample
 from lm.sequence import Sequence
+from lm.thinking import ThinkingTokens
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, config: DecoderConfig, engine_config: EngineConfig = EngineConfig(), *,
-                 tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 tokenizer=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 thinking: ThinkingTokens | None = None):
         """`model` follows the family network contract (lm.models.base); `tokenizer` (optional,
-        lm.tokenizer.Tokenizer) supplies incremental decoders for streamed text and stop strings.
+        lm.tokenizer.Tokenizer) supplies incremental decoders for streamed text and stop strings, and the
+        `<think>` markers of a reasoning model (`thinking`, lm.thinking; given explicitly, it wins).
         Raises ValueError if the KV budget cannot hold one request of `max_seq_len` tokens."""
         self.model = model
         self.config = config
@@ -96,10 +99,12 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokenizer = tokenizer
+        self.thinking = thinking if thinking is not None or tokenizer is None else ThinkingTokens.from_tokenizer(tokenizer)
         self.layout = KVLayout.from_config(config, engine_config.block_size)
         block_bytes = self.layout.block_bytes(config, dtype)
         num_blocks = engine_config.kv_budget_bytes // block_bytes
-        needed = self.layout.blocks_for_request(engine_config.max_seq_len, engine_config.prefill_chunk)
+        needed = self.layout.blocks_for_request(engine_config.max_seq_len,
+                                                largest_chunk(config, engine_config.prefill_chunk))
         if num_blocks < needed:
             raise ValueError(
                 f"KV budget of {engine_config.kv_budget_bytes / 2**20:.1f} MiB holds {num_blocks} blocks of "
@@ -143,7 +148,8 @@ class Engine:
         return sequence.handle
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
-        """Submit and wait; drives the engine itself when no background thread runs."""
+        """Submit and wait; drives the engine itself when no background thread runs (then from one
+        thread at a time: `step` is not thread-safe, `submit` is)."""
         handle = self.submit(request)
         if self._thread is None:
             while not handle.done:
@@ -151,6 +157,7 @@ class Engine:
                     self.step()
                 else:  # finished here; the output thread completes it
                     self.output.drain()
+            self._retire_finished()  # one the output thread completed (a stop string) frees its blocks now
         return handle.result(timeout)
 
     def start(self) -> None:
@@ -235,18 +242,30 @@ class Engine:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
         spans = _tile_spans(tile_ids)
+        budget = request.params.thinking_budget
+        if budget is not None and self.thinking is None:
+            raise InvalidRequest(f"thinking_budget is set ({budget}), but this model does not think (its vocabulary "
+                                 "has no <think> and </think> tokens); leave it unset")
         stops = request.params.stop_token_ids
         outside = [t for t in stops or () if not 0 <= t < self.config.vocab_size]
         if outside:
             raise InvalidRequest(f"stop_token_ids {outside[:4]} lie outside the vocabulary (ids 0 to "
                                  f"{self.config.vocab_size - 1})")
-        return Sequence(
+        sequence = Sequence(
             request, RequestHandle(request.request_id),
             stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
             soft_tokens=soft_tokens, tile_ids=tile_ids, tile_spans=spans, tile_hashes=tile_hashes,
             generator=make_generator(request.params.seed, self._rng),
             decoder=self.tokenizer.incremental_decoder() if self.tokenizer is not None else None,
+            thinking=self.thinking,
+            reasoning_decoder=(self.tokenizer.incremental_decoder()
+                               if self.tokenizer is not None and self.thinking is not None else None),
         )
+        if budget == 0:  # no thinking: the empty block goes before the model's first token
+            forced = self.thinking.no_thinking_ids(block_open=sequence.think_open is not None)
+            for token in sequence.force(forced):
+                self.output.token(sequence, token)
+        return sequence
 
     def _loop(self) -> None:
         while True:
@@ -282,7 +301,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling step (see the module docstring)."""
+        """One scheduling step (see the module docstring). Called by the engine thread, or, without
+        `start()`, by one caller thread at a time."""
         self._take_incoming()
         self._retire_finished()
         chunks = self.scheduler.schedule()
@@ -323,6 +343,11 @@ class Engine:
                 reason, stream = sequence.append(token)
                 if stream:
                     self.output.token(sequence, token)
+                if reason is None and self._thinking_over_budget(sequence):
+                    for forced in sequence.force(self.thinking.closing_ids()):
+                        self.output.token(sequence, forced)
+                    if len(sequence.generated) >= sequence.params.max_new_tokens:
+                        reason = "length"
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
             except Exception as exc:
@@ -331,6 +356,16 @@ class Engine:
                 continue
             if reason is not None:
                 self._finish(sequence, reason)
+
+    def _thinking_over_budget(self, sequence: Sequence) -> bool:
+        """Whether the open `<think>` block has reached the request's budget and may be closed now: not
+        while the text ends inside a multi-byte character (the next token completes it first)."""
+        budget, spent = sequence.params.thinking_budget, sequence.thinking_spent
+        if budget is None or spent is None or spent < budget:
+            return False
+        if self.tokenizer is not None and self.tokenizer.decode(sequence.token_ids[-4:]).endswith("\ufffd"):
+            return False
+        return True
 
     def _retire_finished(self) -> None:
         """Cancelled requests end; requests the output thread completed (a stop string, a detokenizer

@@ -4,7 +4,8 @@ completions, on a thread of its own.
 The engine thread only appends each sampled token to its request and hands it over (`token`); it decides
 the finishes it can see from ids alone (a stop token, max_new_tokens, the context limit, cancel, errors)
 and hands those over too (`finish`), in order. This thread turns tokens into text (lm.sequence.TextStream:
-incremental detokenizer, stop strings), publishes the events and the Completion. A stop string, or a
+incremental detokenizer, stop strings), keeps a reasoning model's `<think>` block apart from the answer
+(stop strings apply to the answer), publishes the events and the Completion. A stop string, or a
 failure while detokenizing one request, completes that request here; the engine sees the handle done at
 its next step and frees the request's blocks, so a request may compute a token or two past its stop
 string, which are never shown (vLLM's output processor aborts requests the same way).
@@ -80,9 +81,28 @@ class OutputProcessor:
             _complete(sequence, reason, error, generated)
             return
         try:
-            sequence.streamed += 1
-            delta, hit_stop = ("", False) if sequence.text is None else sequence.text.push(token_id)
-            sequence.handle._publish(TokenEvent(token_id=token_id, text=delta))
+            thinking = sequence.thinking
+            hit_stop = False
+            if thinking is not None and token_id in (thinking.start_id, thinking.end_id):
+                # the markers count as reasoning tokens; their text is left out of both texts
+                sequence.reasoning_tokens += 1
+                sequence.in_reasoning = token_id == thinking.start_id
+                tail = ""
+                if not sequence.in_reasoning:
+                    tail = sequence.reasoning.flush() if sequence.reasoning is not None else ""
+                    if sequence.text is not None:
+                        sequence.text.strip_leading_newlines()  # the blank line after </think>
+                sequence.streamed += 1
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=tail, reasoning=True))
+            elif sequence.in_reasoning:
+                sequence.reasoning_tokens += 1
+                delta = sequence.reasoning.push(token_id)[0] if sequence.reasoning is not None else ""
+                sequence.streamed += 1
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta, reasoning=True))
+            else:
+                delta, hit_stop = ("", False) if sequence.text is None else sequence.text.push(token_id)
+                sequence.streamed += 1  # after the push: a token whose text failed is not in the Completion
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta))
         except Exception as exc:
             log.exception("detokenizing failed for request %s", sequence.request.request_id)
             _complete(sequence, "error", f"{type(exc).__name__}: {exc}", sequence.streamed)

@@ -1,0 +1,183 @@
+"""Hybrid thinking in the engine, driven by a scripted model (the next token is a fixed function of the
+last one): the thinking budget closes an open <think> block with the end message, </think> and a blank
+line, then the model answers; a model that closes the block itself gets nothing inserted; budget 0; a
+block opened by the prompt; streamed pieces marked reasoning or answer; cancel while thinking;
+preemption and chunked prefill in the middle of a budgeted request change nothing; a model without
+<think> refuses a budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lm.engine import Engine, EngineConfig
+from lm.requests import GenerationRequest, InvalidRequest
+from lm.sampling import SamplingParams
+from lm.thinking import ThinkingTokens
+from lm.tokenizer import IncrementalDecoder
+from test_lm_engine import tiny_config
+
+BOS, EOS, THINK, END_THINK, BLANK = 2, 1, 3, 4, 5
+THOUGHT = (6, 7)  # "hmm ", "so "
+ANSWER = (10, 11, 12)  # "The ", "answer ", "is 42."
+MESSAGE = (8, 9)  # the end-of-thinking message
+USER = 20  # a prompt token
+TEXT = {BOS: "", EOS: "", THINK: "<think>", END_THINK: "</think>", BLANK: "\n\n", 6: "hmm ", 7: "so ",
+        8: "\nTime is up. ", 9: "Answering.\n", 10: "The ", 11: "answer ", 12: "is 42.", USER: "Q? "}
+THINKING = ThinkingTokens(start_id=THINK, end_id=END_THINK, end_message_ids=MESSAGE, blank_line_ids=(BLANK,))
+
+
+class ScriptTokenizer:
+    def incremental_decoder(self):
+        return IncrementalDecoder(self, skip_special_tokens=True)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("" if skip_special_tokens and i in (THINK, END_THINK) else TEXT.get(i, "?") for i in ids)
+
+
+class ScriptedModel(nn.Module):
+    """next token = `script[last token]`: hidden states are one-hot last tokens, logits one-hot choices.
+    Follows the family network contract (lm.models.base) without attention (its cache is never read)."""
+
+    def __init__(self, script: dict[int, int], vocab: int = 32):
+        super().__init__()
+        table = torch.full((vocab,), EOS)
+        for last, nxt in script.items():
+            table[last] = nxt
+        self.register_buffer("table", table)
+        self.vocab = vocab
+
+    def forward(self, input_ids, positions, attention, soft_tokens=None, image_mask=None):
+        return nn.functional.one_hot(input_ids, self.vocab).float()  # (1, N, vocab)
+
+    def logits(self, hidden):
+        return nn.functional.one_hot(self.table[hidden.argmax(-1)], self.vocab).float() * 10
+
+
+ENDLESS = {USER: THINK, THINK: 6, 6: 7, 7: 6, BLANK: 10, 10: 11, 11: 12, 12: EOS,
+           MESSAGE[0]: MESSAGE[1], MESSAGE[1]: END_THINK, END_THINK: BLANK}  # thinks forever unless cut
+SELF_CLOSING = {**ENDLESS, 7: END_THINK}  # "hmm so </think>" then answers
+
+
+def engine_for(script, **overrides) -> Engine:
+    config = tiny_config(vocab_size=32)
+    settings = dict(max_seq_len=128, kv_budget_bytes=1 << 22, max_batch=4, prefill_chunk=16, stop_token_ids=(EOS,),
+                    block_size=4)
+    settings.update(overrides)
+    return Engine(ScriptedModel(script), config, EngineConfig(**settings), tokenizer=ScriptTokenizer(),
+                  thinking=THINKING)
+
+
+def run(engine, request):
+    handle = engine.submit(request)
+    while not handle.done:
+        engine.step()
+    return handle, handle.result()
+
+
+def ask(budget, prompt=(BOS, USER), max_new_tokens=40, stop=()):
+    return GenerationRequest(list(prompt), SamplingParams(max_new_tokens=max_new_tokens, thinking_budget=budget,
+                                                          stop=stop))
+
+
+def test_budget_reached_mid_thought_inserts_the_message_then_the_model_answers():
+    handle, result = run(engine_for(ENDLESS), ask(budget=5))
+    # <think> then 5 thinking tokens, then the message, </think>, blank line, then the answer
+    assert result.token_ids == [THINK, 6, 7, 6, 7, 6, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.reasoning_text == "hmm so hmm so hmm \nTime is up. Answering.\n"
+    assert result.text == "The answer is 42."
+    assert result.reasoning_tokens == 1 + 5 + 2 + 1  # <think>, thoughts, message, </think>
+    assert result.finish_reason == "stop" and not result.reasoning_truncated
+    events = list(handle)
+    assert "".join(e.text for e in events if e.reasoning) == result.reasoning_text
+    assert "".join(e.text for e in events if not e.reasoning) == result.text
+
+
+def test_a_block_the_model_closes_itself_gets_nothing_inserted():
+    _, result = run(engine_for(SELF_CLOSING), ask(budget=5))
+    assert result.token_ids == [THINK, 6, 7, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.reasoning_text == "hmm so " and result.text == "The answer is 42."
+
+
+def test_budget_zero_places_the_empty_block_first():
+    _, result = run(engine_for(ENDLESS), ask(budget=0))
+    assert result.token_ids == [THINK, BLANK, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.reasoning_text.strip() == "" and result.text == "The answer is 42."
+    assert result.reasoning_tokens == 3 and result.completion_tokens == 3 + 1 + len(ANSWER) + 1
+
+
+def test_a_block_opened_by_the_prompt_counts_toward_the_budget():
+    """A thinking-only template pre-fills "<think>" + a blank line: those count from the <think>."""
+    script = {**ENDLESS, USER: THINK}
+    _, result = run(engine_for(script), ask(budget=3, prompt=(BOS, USER, THINK, BLANK)))
+    # the prompt's blank line and two sampled tokens reach the budget of 3: the block is closed there
+    assert result.token_ids == [10, 11, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.reasoning_text == "The answer \nTime is up. Answering.\n" and result.text == "The answer is 42."
+    assert result.reasoning_tokens == 2 + 2 + 1
+
+
+def test_no_budget_and_too_few_tokens_says_the_reasoning_was_truncated():
+    _, result = run(engine_for(ENDLESS), ask(budget=None, max_new_tokens=12))
+    assert result.finish_reason == "length" and result.reasoning_truncated
+    assert result.text == "" and result.reasoning_tokens == 12
+
+
+def test_the_inserted_tokens_count_toward_max_new_tokens():
+    _, result = run(engine_for(ENDLESS), ask(budget=5, max_new_tokens=8))
+    assert result.token_ids == [THINK, 6, 7, 6, 7, 6, *MESSAGE] and result.finish_reason == "length"
+
+
+def test_stop_strings_apply_to_the_answer_not_the_reasoning():
+    _, result = run(engine_for(ENDLESS), ask(budget=5, stop=("hmm", "answer")))
+    assert result.finish_reason == "stop" and result.text == "The "
+    assert result.reasoning_text.startswith("hmm so")
+
+
+def test_cancel_while_thinking():
+    engine = engine_for(ENDLESS)
+    handle = engine.submit(ask(budget=None, max_new_tokens=100))
+    for _ in range(5):
+        engine.step()
+    handle.cancel()
+    engine.step()
+    result = handle.result(timeout=30)
+    assert result.finish_reason == "cancelled" and not result.reasoning_truncated and result.text == ""
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+
+
+def test_preemption_and_chunked_prefill_change_nothing():
+    """Four budgeted requests with long prompts, chunks of 3 tokens and a budget of a few blocks
+    (preemption): each answer equals the request run alone."""
+    alone = run(engine_for(ENDLESS), ask(budget=5, prompt=[BOS] + [USER] * 20))[1]
+    probe = engine_for(ENDLESS)
+    tight = engine_for(ENDLESS, prefill_chunk=3,
+                       kv_budget_bytes=40 * probe.layout.block_bytes(probe.config, probe.dtype))
+    handles = [tight.submit(ask(budget=5, prompt=[BOS] + [USER] * 20)) for _ in range(4)]
+    while not all(h.done for h in handles):
+        tight.step()
+        tight.check_blocks()
+    assert tight.stats().preemptions > 0
+    for handle in handles:
+        result = handle.result()
+        assert (result.token_ids, result.text, result.reasoning_text) == (alone.token_ids, alone.text,
+                                                                          alone.reasoning_text)
+
+
+def test_a_model_that_does_not_think_refuses_a_budget():
+    config = tiny_config(vocab_size=32)
+    engine = Engine(ScriptedModel(ENDLESS), config, EngineConfig(max_seq_len=64, kv_budget_bytes=1 << 22),
+                    tokenizer=None)
+    with pytest.raises(InvalidRequest, match="does not think"):
+        engine.submit(ask(budget=4))
+
+
+def test_markers_come_from_the_qwen3_tokenizer(qwen3_tokenizer_dir):
+    """<think> 151667 and </think> 151668 (DESIGN §7); the inserted text round-trips through the tokenizer."""
+    from lm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(qwen3_tokenizer_dir)
+    thinking = ThinkingTokens.from_tokenizer(tokenizer)
+    assert (thinking.start_id, thinking.end_id) == (151667, 151668)
+    assert tokenizer.decode(thinking.closing_ids()).endswith("</think>\n\n")
+    assert tokenizer.decode(thinking.no_thinking_ids(block_open=False)) == "<think>\n\n</think>\n\n"
