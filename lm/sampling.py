@@ -1,4 +1,5 @@
-"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, seeded).
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, min-p, seeded;
+repetition, presence and frequency penalties).
 
 Every accepted temperature is numerically safe: scores are computed as (logits - max) / temperature,
 so the best token scores exactly 0 and every other one a number <= 0 (-inf at worst): nothing can
@@ -31,6 +32,11 @@ class SamplingParams:
     # Most tokens of thinking (a reasoning model's <think> block), counted from the last <think>; then
     # the engine ends the block (lm.thinking). None = unlimited; 0 = no thinking.
     thinking_budget: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature); 0 = off
+    # Penalties against repetition, applied to the logits before anything else (greedy included):
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated, once
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+    repetition_penalty: float = 1.0  # CTRL / transformers: prompt and output tokens' logits / p if > 0, else x p
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,10 +53,22 @@ class SamplingParams:
         if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int)
                                                  or self.thinking_budget < 0):
             problems.append(f"thinking_budget must be an integer >= 0, got {self.thinking_budget!r}")
+        if not math.isfinite(self.min_p) or not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits are changed by a repetition penalty before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -80,8 +98,29 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
         # Drop a token when the tokens before it already reach top_p (the first is always kept).
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         keep &= ~torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    if params.min_p > 0:
+        # p_i >= min_p * p_max  <=>  score_i - score_max >= log(min_p), and score_max is 0 here
+        keep &= scores >= math.log(params.min_p)
     scores = scores.masked_fill(~keep, float("-inf"))
     return torch.softmax(scores, dim=-1)  # the best token always survives: its term is exp(0) = 1
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: list[int], prompt_len: int) -> torch.Tensor:
+    """`logits` (vocab,) with the repetition penalties of `params` applied, given the request's tokens
+    (`token_ids`: prompt then output, `prompt_len` of them the prompt). repetition_penalty (Keskar et al.
+    2019, CTRL; transformers' RepetitionPenaltyLogitsProcessor) covers prompt and output tokens;
+    presence_penalty and frequency_penalty (OpenAI's definitions, as vLLM applies them) the output only.
+    Returns a new float32 tensor; the input is unchanged."""
+    logits = logits.detach().float().clone()
+    if params.repetition_penalty != 1.0 and token_ids:
+        seen = torch.tensor(sorted(set(token_ids)), device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    output = token_ids[prompt_len:]
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1]).float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -60,6 +60,9 @@ def sampling_from_proto(message: lm_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(message.stop),
         stop_token_ids=tuple(message.stop_token_ids.ids) if message.HasField("stop_token_ids") else None,
         thinking_budget=int(message.thinking_budget) if message.HasField("thinking_budget") else None,
+        min_p=float(message.min_p), presence_penalty=float(message.presence_penalty),
+        frequency_penalty=float(message.frequency_penalty),
+        repetition_penalty=float(message.repetition_penalty) if message.HasField("repetition_penalty") else 1.0,
     )
 
 
@@ -92,7 +95,10 @@ def template_kwargs_from_proto(entries) -> dict:
 
 def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
     message = lm_pb2.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                    top_k=params.top_k, top_p=params.top_p, stop=list(params.stop))
+                                    top_k=params.top_k, top_p=params.top_p, stop=list(params.stop),
+                                    min_p=params.min_p, presence_penalty=params.presence_penalty,
+                                    frequency_penalty=params.frequency_penalty,
+                                    repetition_penalty=params.repetition_penalty)
     if params.seed is not None:
         message.seed = params.seed
     if params.stop_token_ids is not None:

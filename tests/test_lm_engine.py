@@ -394,3 +394,24 @@ def test_a_scheduling_failure_fails_running_requests_instead_of_hanging(model_an
         assert later.result(timeout=30).token_ids == reference_greedy(model, config, prompt_of(6, 2), 4)
     finally:
         engine.stop()
+
+
+def test_greedy_with_penalties_equals_recompute_with_the_same_penalties(model_and_config):
+    """The engine applies the penalties to each row before its argmax: equal to recomputing the whole
+    sequence and applying lm.sampling.apply_penalties at every step."""
+    from lm.sampling import apply_penalties
+
+    model, config = model_and_config
+    params = SamplingParams(max_new_tokens=20, repetition_penalty=1.5, frequency_penalty=0.8, presence_penalty=0.3)
+    prompt = prompt_of(12, 31)
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(20):
+            positions = torch.arange(len(ids))[None]
+            hidden = model(torch.tensor([ids]), positions, FullAttention(config, positions))
+            logits = apply_penalties(model.logits(hidden[0, -1]), params, ids, len(prompt))
+            ids.append(int(torch.argmax(logits)))
+    engine = make_engine(model, config)
+    penalized = engine.generate(GenerationRequest(prompt, params)).token_ids
+    assert penalized == ids[len(prompt):]
+    assert penalized != reference_greedy(model, config, prompt, 20)  # the penalties changed something

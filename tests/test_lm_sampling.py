@@ -73,3 +73,51 @@ def test_non_finite_logits_are_an_error_not_a_token(bad, temperature):
     logits[7] = bad
     with pytest.raises(ValueError, match="not finite"):
         sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("temperature,min_p", [(1.0, 0.05), (0.7, 0.2), (1.5, 0.5)])
+def test_min_p_equals_the_reference_warper(temperature, min_p):
+    from transformers import MinPLogitsWarper
+
+    logits = logits_row(5, scale=3.0)
+    scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+    expected = torch.softmax(MinPLogitsWarper(min_p)(None, scores), dim=-1)[0]
+    got = next_token_probs(logits, SamplingParams(temperature=temperature, min_p=min_p))
+    assert torch.equal(got > 0, expected > 0) and 1 < int((got > 0).sum()) < logits.numel()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_equals_the_reference_processor(penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from lm.sampling import apply_penalties
+
+    logits = logits_row(6, vocab=50, scale=3.0)
+    token_ids = [3, 7, 7, 12, 40, 3]  # prompt [3, 7, 7], output [12, 40, 3]
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([token_ids]), logits[None].clone())[0]
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=penalty), token_ids, prompt_len=3)
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, logits)
+
+
+def test_presence_and_frequency_penalties_follow_the_output_counts():
+    """OpenAI's definition: logit - frequency x count - presence x (count > 0), over output tokens only."""
+    from lm.sampling import apply_penalties
+
+    logits = logits_row(7, vocab=20, scale=3.0)
+    token_ids = [1, 2, 2] + [5, 5, 5, 9, 1]  # prompt, then output: 5 three times, 9 and 1 once
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, params, token_ids, prompt_len=3)
+    expected = logits.clone()
+    for token, count in ((5, 3), (9, 1), (1, 1)):
+        expected[token] -= 0.25 * count + 0.5
+    torch.testing.assert_close(got, expected)  # 2 (prompt only) and the rest unchanged
+    assert params.penalized and not SamplingParams().penalized
+
+
+@pytest.mark.parametrize("field,value", [("min_p", 1.5), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
+                                         ("repetition_penalty", 0.0), ("min_p", float("nan"))])
+def test_out_of_range_penalties_are_refused_naming_them(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

@@ -168,3 +168,15 @@ def test_generate_cli_keeps_reasoning_apart(checkpoint, capsys):
     assert out.index("[Thinking]") < out.index("[Answer]") and out.endswith(summary["text"] + "\n")
     assert main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--template-kwarg", "enable_thinking"]) == 2
     assert "NAME=JSON" in capsys.readouterr().err
+
+
+def test_query_cli_sends_the_budget_and_template_kwargs(server, capsys):
+    from service.cli import main
+
+    assert main(["query", "--target", server.target, "--thinking-budget", "0", "--max-new-tokens", "6",
+                 "What is 2 + 2?"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("[Thinking]") < out.index("[Answer]")
+    assert main(["query", "--target", server.target, "--stream", "--no-thinking", "--max-new-tokens", "4",
+                 "What is 2 + 2?"]) == 0
+    assert "[Thinking]" not in capsys.readouterr().out  # the template's empty block is prompt, not output

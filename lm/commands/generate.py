@@ -43,6 +43,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2]; 0 = off")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2]; 0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 10]; 1 = off")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -50,7 +54,9 @@ def sampling_params(args: argparse.Namespace):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                          thinking_budget=getattr(args, "thinking_budget", None))
+                          thinking_budget=getattr(args, "thinking_budget", None), min_p=args.min_p,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty)
 
 
 def template_kwargs(args: argparse.Namespace) -> dict:

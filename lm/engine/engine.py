@@ -42,7 +42,7 @@ from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
     non_finite_soft_token,
 )
-from lm.sampling import make_generator, sample
+from lm.sampling import apply_penalties, make_generator, sample
 from lm.sequence import Sequence
 from lm.thinking import ThinkingTokens
 
@@ -332,14 +332,20 @@ class Engine:
         if not chunks:
             return
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # (R,)
-        greedy = all(c.sequence.params.greedy for c in chunks)
+        greedy = all(c.sequence.params.greedy and not c.sequence.params.penalized for c in chunks)
         choices = torch.argmax(logits, dim=-1).tolist() if greedy else None
         for row, chunk in enumerate(chunks):
             sequence = chunk.sequence
             try:  # whatever goes wrong with one row ends that sequence alone
                 if not finite[row]:
                     raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
-                token = choices[row] if choices is not None else sample(logits[row], sequence.params, sequence.generator)
+                if choices is not None:
+                    token = choices[row]
+                else:
+                    row_logits = logits[row]
+                    if sequence.params.penalized:
+                        row_logits = apply_penalties(row_logits, sequence.params, sequence.token_ids, sequence.prompt_len)
+                    token = sample(row_logits, sequence.params, sequence.generator)
                 reason, stream = sequence.append(token)
                 if stream:
                     self.output.token(sequence, token)

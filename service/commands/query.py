@@ -4,6 +4,7 @@ ask a running gateway (`tessera serve gateway` or `all`) and print the answer.""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--thinking-budget", type=int, metavar="N",
+                        help="reasoning models: most tokens of thinking, then the model answers (0: none)")
+    parser.add_argument("--no-thinking", action="store_true", help="reasoning models: enable_thinking=false")
+    parser.add_argument("--template-kwarg", action="append", default=[], metavar="NAME=JSON",
+                        help="a chat-template variable, e.g. enable_thinking=false (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--ca-cert", type=Path, help="PEM root certificate: connect with TLS")
     parser.add_argument("--auth-token", help="bearer token (default: env TESSERA_AUTH_TOKEN)")
@@ -37,11 +43,17 @@ def build_request(args: argparse.Namespace):
 
     sampling = lm_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p)
+    from lm.commands.generate import template_kwargs
+
     if args.seed is not None:
         sampling.seed = args.seed
+    if args.thinking_budget is not None:
+        sampling.thinking_budget = args.thinking_budget
+    kwargs = {name: json.dumps(value) for name, value in template_kwargs(args).items()}
     images = [tensor_pb2.Image(data=path.read_bytes()) for path in args.image]
     return gateway_pb2.QueryRequest(prompt=args.prompt, raw=args.raw, images=images, sampling=sampling,
-                                    pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=args.pan_and_scan))
+                                    pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=args.pan_and_scan),
+                                    chat_template_kwargs=kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         request = build_request(args)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         print(f"tessera query: {error}", file=sys.stderr)
         return 2
     limit = args.max_message_mb << 20
@@ -66,15 +78,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.stream:
             done = None
+            section = None
             for message in stub.QueryStream(request, timeout=args.timeout, metadata=metadata):
                 if message.HasField("done"):
                     done = message.done
-                else:
+                elif message.text:
+                    if message.reasoning != section and (message.reasoning or section is not None):
+                        sys.stdout.write("[Thinking]\n" if message.reasoning else "\n[Answer]\n")
+                    section = message.reasoning
                     sys.stdout.write(message.text)
                     sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write("\n[Answer]\n\n" if section else "\n")
         else:
             done = stub.Query(request, timeout=args.timeout, metadata=metadata)
+            if done.reasoning_tokens:
+                print(f"[Thinking]\n{done.reasoning_text}\n[Answer]")
             print(done.text)
     except grpc.RpcError as error:
         print(f"tessera query: {error.code().name}: {error.details()}", file=sys.stderr)
