@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from lm.checkpoints import resolve_model
 from lm.models.base import DecoderConfig
 from lm.engine import Engine, EngineConfig
+from lm.sampling import checkpoint_sampling_defaults
 from lm.tokenizer import Tokenizer
 from lm.weights import load_text_model
 
@@ -29,6 +31,7 @@ class LanguageModel:
     dtype: torch.dtype
     load_seconds: float
     quantization: str | None = None
+    sampling_defaults: dict = field(default_factory=dict)  # lm.sampling.checkpoint_sampling_defaults
 
     def engine(self, engine_config: EngineConfig | None = None) -> Engine:
         if engine_config is None:
@@ -49,5 +52,9 @@ def load_language_model(spec: str, *, device: str | torch.device = "cpu", dtype:
 
         quantize_model(model, quantize)
     tokenizer = Tokenizer.from_dir(path)
+    generation = path / "generation_config.json"
+    defaults = checkpoint_sampling_defaults(json.loads(generation.read_text(encoding="utf-8"))
+                                            if generation.is_file() else {})
     return LanguageModel(path=path, config=config, model=model, tokenizer=tokenizer, device=torch.device(device),
-                         dtype=dtype, load_seconds=time.perf_counter() - started, quantization=quantize)
+                         dtype=dtype, load_seconds=time.perf_counter() - started, quantization=quantize,
+                         sampling_defaults=defaults)

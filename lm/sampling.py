@@ -144,3 +144,14 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     return generator
+
+
+def checkpoint_sampling_defaults(generation_config: dict) -> dict:
+    """The sampling settings a checkpoint recommends (its generation_config.json, as transformers reads
+    it): {"temperature", "top_p", "top_k"} where stated, and only when `do_sample` is true (transformers
+    decodes greedily otherwise, whatever the temperature says). Qwen 3 ships its thinking-mode ones."""
+    if generation_config.get("do_sample") is not True:
+        return {}
+    names = {"temperature": float, "top_p": float, "top_k": int}
+    return {name: kind(generation_config[name]) for name, kind in names.items()
+            if generation_config.get(name) is not None}

@@ -164,7 +164,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
     def _generation_request(self, loaded: LoadedLanguageModel, request) -> GenerationRequest:
         config = loaded.lm.config
         messages = self._messages(request, stop=request.sampling.stop)  # the cheaper checks first
-        params = sampling_from_proto(request.sampling)
+        params = sampling_from_proto(request.sampling, loaded.lm.sampling_defaults)
         soft_tokens = []
         for index, image in enumerate(request.images):
             tensor = tensor_from_proto(image, f"image {index} soft tokens")

@@ -49,13 +49,20 @@ def tensor_from_proto(message: tensor_pb2.Tensor, what: str = "tensor") -> torch
     return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
 
 
-def sampling_from_proto(message: lm_pb2.SamplingParams) -> SamplingParams:
-    """Raises ValueError (with every reason) for bad parameters."""
+def sampling_from_proto(message: lm_pb2.SamplingParams, defaults: dict | None = None) -> SamplingParams:
+    """`defaults` (lm.sampling.checkpoint_sampling_defaults) fill temperature, top_k and top_p where the
+    message leaves them unset; otherwise greedy / off. Raises ValueError (with every reason) for bad
+    parameters."""
+    defaults = defaults or {}
+
+    def chosen(name: str, off):
+        return getattr(message, name) if message.HasField(name) else defaults.get(name, off)
+
     return SamplingParams(
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else 128,
-        temperature=float(message.temperature),
-        top_k=int(message.top_k),
-        top_p=float(message.top_p) if message.HasField("top_p") else 1.0,
+        temperature=float(chosen("temperature", 0.0)),
+        top_k=int(chosen("top_k", 0)),
+        top_p=float(chosen("top_p", 1.0)),
         seed=int(message.seed) if message.HasField("seed") else None,
         stop=tuple(message.stop),
         stop_token_ids=tuple(message.stop_token_ids.ids) if message.HasField("stop_token_ids") else None,

@@ -181,3 +181,38 @@ def test_markers_come_from_the_qwen3_tokenizer(qwen3_tokenizer_dir):
     assert (thinking.start_id, thinking.end_id) == (151667, 151668)
     assert tokenizer.decode(thinking.closing_ids()).endswith("</think>\n\n")
     assert tokenizer.decode(thinking.no_thinking_ids(block_open=False)) == "<think>\n\n</think>\n\n"
+
+
+def test_greedy_decoding_on_a_thinking_model_warns_once_per_request(caplog):
+    engine = engine_for(ENDLESS)
+    with caplog.at_level("WARNING", logger="lm.engine.engine"):
+        run(engine, ask(budget=5))  # greedy
+        run(engine, GenerationRequest([BOS, USER], SamplingParams(max_new_tokens=12, temperature=0.6, seed=1)))
+        run(engine, ask(budget=0))  # no thinking at all: nothing to warn about
+    warnings = [r for r in caplog.records if "decodes greedily on a thinking model" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("generation_config,expected", [
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}, {"temperature": 0.6, "top_p": 0.95,
+                                                                          "top_k": 20}),
+    ({"do_sample": False, "temperature": 0.6}, {}),  # transformers decodes greedily without do_sample
+    ({"temperature": 0.6}, {}),
+    ({"do_sample": True, "top_k": 20}, {"top_k": 20}),
+])
+def test_checkpoint_sampling_defaults_are_read_as_transformers_reads_them(generation_config, expected):
+    from lm.sampling import checkpoint_sampling_defaults
+
+    assert checkpoint_sampling_defaults(generation_config) == expected
+
+
+def test_unset_sampling_fields_take_the_checkpoints_defaults_and_set_ones_win():
+    from proto.tessera.lm.v1 import lm_pb2
+    from service.wire import sampling_from_proto
+
+    defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    unset = sampling_from_proto(lm_pb2.SamplingParams(), defaults)
+    assert (unset.temperature, unset.top_p, unset.top_k) == pytest.approx((0.6, 0.95, 20))
+    greedy = sampling_from_proto(lm_pb2.SamplingParams(temperature=0.0, top_k=0), defaults)
+    assert greedy.greedy and greedy.top_k == 0 and greedy.top_p == pytest.approx(0.95)
+    assert sampling_from_proto(lm_pb2.SamplingParams()).greedy  # no defaults: greedy, as before

@@ -38,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--temperature", type=float,
+                        help="0 = greedy (default: the checkpoint's generation_config.json if it samples, else 0)")
+    parser.add_argument("--top-k", type=int, help="0 = off (default: the checkpoint's, else 0)")
+    parser.add_argument("--top-p", type=float, help="1 = off (default: the checkpoint's, else 1)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
@@ -49,11 +50,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 10]; 1 = off")
 
 
-def sampling_params(args: argparse.Namespace):
+def sampling_params(args: argparse.Namespace, defaults: dict | None = None):
+    """The flags as SamplingParams; `defaults` (the checkpoint's, lm.sampling.checkpoint_sampling_defaults)
+    fill temperature, top_k and top_p left unset, else greedy / off. Raises ValueError."""
     from lm.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+    defaults = defaults or {}
+
+    def chosen(name: str, off):
+        value = getattr(args, name)
+        return defaults.get(name, off) if value is None else value
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=chosen("temperature", 0.0),
+                          top_k=chosen("top_k", 0), top_p=chosen("top_p", 1.0), seed=args.seed, stop=tuple(args.stop),
                           thinking_budget=getattr(args, "thinking_budget", None), min_p=args.min_p,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           repetition_penalty=args.repetition_penalty)
@@ -95,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera generate: cannot load model {args.model!r}: {error}", file=sys.stderr)
         return 2
     try:
+        params = sampling_params(args, lm.sampling_defaults)
         if args.image and not lm.config.accepts_images:
             raise ValueError(f"model {args.model!r} is text-only (it takes no images): drop --image, or use a "
                              "vision-language checkpoint")

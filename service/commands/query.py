@@ -21,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send the prompt as plain text to complete, not as a chat turn (base models); images "
                              "go at its <start_of_image> markers, or before the text when it has none")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: the model's recommendation, else 0)")
+    parser.add_argument("--top-k", type=int, help="0 = off (default: the model's, else 0)")
+    parser.add_argument("--top-p", type=float, help="1 = off (default: the model's, else 1)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--thinking-budget", type=int, metavar="N",
                         help="reasoning models: most tokens of thinking, then the model answers (0: none)")
@@ -41,8 +41,10 @@ def build_request(args: argparse.Namespace):
     from proto.tessera.gateway.v1 import gateway_pb2
     from proto.tessera.lm.v1 import lm_pb2
 
-    sampling = lm_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p)
+    sampling = lm_pb2.SamplingParams(max_new_tokens=args.max_new_tokens)
+    for name in ("temperature", "top_k", "top_p"):  # unset: the model's recommendation
+        if getattr(args, name) is not None:
+            setattr(sampling, name, getattr(args, name))
     from lm.commands.generate import template_kwargs
 
     if args.seed is not None:
