@@ -216,3 +216,23 @@ def test_unset_sampling_fields_take_the_checkpoints_defaults_and_set_ones_win():
     greedy = sampling_from_proto(lm_pb2.SamplingParams(temperature=0.0, top_k=0), defaults)
     assert greedy.greedy and greedy.top_k == 0 and greedy.top_p == pytest.approx(0.95)
     assert sampling_from_proto(lm_pb2.SamplingParams()).greedy  # no defaults: greedy, as before
+
+
+class ByteScriptTokenizer(ScriptTokenizer):
+    """Tokens 13 and 14 are the two bytes of "é": 13 alone is an incomplete character."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        data = b"".join({13: b"\xc3", 14: b"\xa9"}.get(i) or super(ByteScriptTokenizer, self).decode(
+            [i], skip_special_tokens).encode() for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+def test_the_budget_never_cuts_inside_a_multibyte_character():
+    """The budget is reached on the first byte of "é": the block is closed after the second."""
+    script = {**ENDLESS, THINK: 6, 6: 13, 13: 14, 14: 6}
+    engine = Engine(ScriptedModel(script), tiny_config(vocab_size=32),
+                    EngineConfig(max_seq_len=128, kv_budget_bytes=1 << 22, stop_token_ids=(EOS,), block_size=4),
+                    tokenizer=ByteScriptTokenizer(), thinking=THINKING)
+    _, result = run(engine, ask(budget=2))
+    assert result.token_ids == [THINK, 6, 13, 14, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.reasoning_text.startswith("hmm é") and "\ufffd" not in result.reasoning_text
