@@ -236,3 +236,11 @@ def test_the_budget_never_cuts_inside_a_multibyte_character():
     _, result = run(engine, ask(budget=2))
     assert result.token_ids == [THINK, 6, 13, 14, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
     assert result.reasoning_text.startswith("hmm é") and "\ufffd" not in result.reasoning_text
+
+
+def test_budget_zero_needs_room_for_an_answer():
+    engine = engine_for(ENDLESS)
+    with pytest.raises(InvalidRequest, match="no room for an answer"):
+        engine.submit(ask(budget=0, max_new_tokens=4))
+    _, result = run(engine, ask(budget=0, max_new_tokens=5))
+    assert result.token_ids == [THINK, BLANK, END_THINK, BLANK, ANSWER[0]] and result.finish_reason == "length"

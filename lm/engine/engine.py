@@ -267,6 +267,9 @@ class Engine:
         )
         if budget == 0:  # no thinking: the empty block goes before the model's first token
             forced = self.thinking.no_thinking_ids(block_open=sequence.think_open is not None)
+            if request.params.max_new_tokens <= len(forced):
+                raise InvalidRequest(f"max_new_tokens {request.params.max_new_tokens} leaves no room for an answer "
+                                     f"after the empty thinking block of thinking_budget 0 ({len(forced)} tokens)")
             for token in sequence.force(forced):
                 self.output.token(sequence, token)
         return sequence
