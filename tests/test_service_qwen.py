@@ -180,3 +180,26 @@ def test_query_cli_sends_the_budget_and_template_kwargs(server, capsys):
     assert main(["query", "--target", server.target, "--stream", "--no-thinking", "--max-new-tokens", "4",
                  "What is 2 + 2?"]) == 0
     assert "[Thinking]" not in capsys.readouterr().out  # the template's empty block is prompt, not output
+
+
+def test_a_thinking_budget_closes_an_open_block_over_grpc(checkpoint, channel):
+    """A raw prompt that opens the block (as thinking-only templates pre-fill "<think>\\n"): with budget 5
+    the server inserts its end-of-thinking message, </think> and a blank line after 4 sampled tokens (the
+    prompt's newline counts), and the answer follows; reasoning + answer tokens = completion tokens."""
+    from lm.thinking import ThinkingTokens
+    from lm.tokenizer import Tokenizer
+
+    thinking = ThinkingTokens.from_tokenizer(Tokenizer.from_dir(checkpoint))
+    prompt = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    lm = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    sampling = lm_pb2.SamplingParams(max_new_tokens=40, thinking_budget=5, stop_token_ids=lm_pb2.StopTokenIds())
+    messages = list(lm.GenerateStream(lm_pb2.GenerateRequest(prompt=prompt, raw=True, sampling=sampling), timeout=60))
+    done = messages[-1].done
+    ids = list(done.token_ids)
+    closing = thinking.closing_ids()
+    assert ids[4:4 + len(closing)] == closing, "the block was not closed after the budget"
+    reasoning = 4 + len(closing) - len(thinking.blank_line_ids)  # up to and including </think>
+    assert done.reasoning_tokens == reasoning and done.completion_tokens == 40
+    assert done.reasoning_text.rstrip().endswith("I will now answer from what I have so far.")
+    assert sum(1 for m in messages[:-1] if m.HasField("token_id") and not m.reasoning) == 40 - reasoning
+    assert "".join(m.text for m in messages[:-1] if not m.reasoning) == done.text
