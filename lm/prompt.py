@@ -144,10 +144,12 @@ def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
                        **template_kwargs)
 
 
-# Names layout_chat and the template renderer set themselves: a client's template kwargs cannot replace them.
-RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "allow_control_tokens",
-                                     "allow_special_tokens", "image_tiles", "tokens_per_tile", "bos_token",
-                                     "eos_token", "raise_exception"})
+# Names layout_chat and the template renderer (lm.chat_template) set themselves, and the sandbox's globals
+# (Jinja's and transformers'): a client's template kwargs cannot replace them. So are the special-token
+# names (any name ending in "_token").
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "documents", "allow_control_tokens",
+                                     "allow_special_tokens", "image_tiles", "tokens_per_tile", "raise_exception",
+                                     "strftime_now", "namespace", "dict", "range", "lipsum", "cycler", "joiner"})
 
 
 def check_template_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,7 +158,7 @@ def check_template_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
             raise ValueError(f"chat template kwarg {key!r} is not a plain name (letters, digits, underscores)")
-        if key in RESERVED_TEMPLATE_NAMES:
+        if key in RESERVED_TEMPLATE_NAMES or key.endswith("_token"):
             raise ValueError(f"chat template kwarg {key!r} is set by the server; it cannot be given")
         if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
             raise ValueError(f"chat template kwarg {key!r} has a {type(value).__name__}; values are JSON")

@@ -44,9 +44,9 @@ class TextStream:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly released text, whether a stop string was hit)."""
-        piece = self._decoder.push(token_id)
+        piece = self._strip(self._decoder.push(token_id))
         if not piece:
-            return "", False  # nothing new (a partial character): nothing new can match
+            return "", False  # nothing new (a partial character, a dropped newline): nothing new can match
         window = self._pending + piece  # the held-back tail + the new piece: where a new match lies
         hits = [i for i in (window.find(s) for s in self._stop) if i >= 0]
         if hits:
@@ -63,13 +63,17 @@ class TextStream:
         """Release whatever is held (at the end of generation); nothing after a stop string."""
         if self._stopped:
             return ""
-        out, self._pending = self._pending + self._decoder.flush(), ""
+        out, self._pending = self._pending + self._strip(self._decoder.flush()), ""
         return self._release(out)
 
+    def _strip(self, piece: str) -> str:
+        """`piece` without the leading newlines to drop (before any stop string is searched in it)."""
+        if self._strip_newlines and piece:
+            piece = piece.lstrip("\n")
+            self._strip_newlines = not piece
+        return piece
+
     def _release(self, out: str) -> str:
-        if self._strip_newlines and out:
-            out = out.lstrip("\n")
-            self._strip_newlines = not out
         if out:
             self._released.append(out)
         return out
@@ -172,10 +176,12 @@ class Sequence:
             return "length", True
         return None, True
 
-    def force(self, token_ids: list[int]) -> list[int]:
-        """Append tokens the engine chose (the thinking budget's), as many as max_new_tokens leaves
-        room for; they are computed like a prompt chunk before the next token is sampled. Returns them."""
-        token_ids = token_ids[:max(0, self.params.max_new_tokens - len(self.generated))]
+    def force(self, token_ids: list[int], max_seq_len: int) -> list[int]:
+        """Append tokens the engine chose (the thinking budget's), as many as max_new_tokens and the context
+        leave room for with one token still to sample after them; they are computed like a prompt chunk
+        before the next token is sampled. Returns those appended."""
+        room = min(self.params.max_new_tokens - len(self.generated), max_seq_len - 1 - len(self.token_ids))
+        token_ids = token_ids[:max(0, room)]
         for token_id in token_ids:
             self.generated.append(token_id)
             self.token_ids.append(token_id)

@@ -6,7 +6,8 @@ block at the end of the prompt (thinking-only variants pre-fill `<think>\\n`) or
 reaches the budget, in tokens counted from the last `<think>`, the server ends it by appending a short
 end-of-thinking message, `</think>` and a blank line, and the model goes on to answer. Budget 0 means no
 thinking: the empty block (`<think>\\n\\n</think>\\n\\n`, what the template writes for
-`enable_thinking=False`) is placed before the model's first token.
+`enable_thinking=False`) is placed before the model's first token, unless the prompt already closed a
+block (then nothing is added).
 
 A model whose vocabulary has no `<think>` / `</think>` tokens (Gemma 3) has no thinking: a budget is
 refused (lm.engine.Engine.submit raises InvalidRequest).
@@ -54,6 +55,14 @@ class ThinkingTokens:
         if block_open:
             return [*self.blank_line_ids, self.end_id, *self.blank_line_ids]
         return [self.start_id, *self.blank_line_ids, self.end_id, *self.blank_line_ids]
+
+    def closed_block_last(self, token_ids: Sequence[int]) -> bool:
+        """Whether the last marker in `token_ids` is `</think>` (a block the prompt already closed, as
+        `enable_thinking=False` templates write)."""
+        for token in reversed(token_ids):
+            if token in (self.start_id, self.end_id):
+                return token == self.end_id
+        return False
 
     def open_block_start(self, token_ids: Sequence[int]) -> int | None:
         """Index of the `<think>` that is still open at the end of `token_ids`, or None."""

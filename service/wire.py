@@ -94,7 +94,7 @@ def template_kwargs_from_proto(entries) -> dict:
     for key, text in entries.items():
         try:
             kwargs[key] = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             raise ValueError(f"chat_template_kwargs[{key!r}] is not JSON ({text[:40]!r}); give e.g. \"false\", "
                              "\"3\" or \"\\\"text\\\"\"") from None
     return check_template_kwargs(kwargs)

@@ -244,3 +244,55 @@ def test_budget_zero_needs_room_for_an_answer():
         engine.submit(ask(budget=0, max_new_tokens=4))
     _, result = run(engine, ask(budget=0, max_new_tokens=5))
     assert result.token_ids == [THINK, BLANK, END_THINK, BLANK, ANSWER[0]] and result.finish_reason == "length"
+
+
+def test_a_newline_stop_string_does_not_match_the_blank_line_after_the_block():
+    _, result = run(engine_for(ENDLESS), ask(budget=5, stop=("\n",)))
+    assert result.text == "The answer is 42." and result.token_ids[-1] == EOS
+
+
+def test_budget_zero_adds_nothing_after_a_block_the_prompt_closed():
+    _, result = run(engine_for(ENDLESS), ask(budget=0, prompt=(BOS, USER, THINK, BLANK, END_THINK, BLANK)))
+    assert result.token_ids == [*ANSWER, EOS] and result.reasoning_tokens == 0
+
+
+def test_a_prompt_already_over_the_budget_is_closed_before_the_first_token():
+    _, result = run(engine_for(ENDLESS), ask(budget=1, prompt=(BOS, USER, THINK, 6, 7, 6)))
+    assert result.token_ids[:len(THINKING.closing_ids())] == THINKING.closing_ids()
+
+
+def test_the_inserted_tokens_respect_max_seq_len():
+    with pytest.raises(InvalidRequest, match="no room for an answer"):
+        engine_for(ENDLESS, max_seq_len=16).submit(ask(budget=0, prompt=[BOS] + [USER] * 14))
+    _, result = run(engine_for(ENDLESS, max_seq_len=12), ask(budget=5))
+    assert result.finish_reason == "length" and result.prompt_tokens + result.completion_tokens <= 12
+    assert result.token_ids == [THINK, 6, 7, 6, 7, 6, *MESSAGE, END_THINK][:12 - 2 - 1]
+
+
+def test_a_real_replacement_character_does_not_hold_the_budget_off():
+    class Replacing(ScriptTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join("\ufffd" if i == 13 else super(Replacing, self).decode([i], skip_special_tokens)
+                           for i in ids)
+
+    engine = Engine(ScriptedModel({**ENDLESS, THINK: 13, 13: 13}), tiny_config(vocab_size=32),
+                    EngineConfig(max_seq_len=128, kv_budget_bytes=1 << 22, stop_token_ids=(EOS,), block_size=4),
+                    tokenizer=Replacing(), thinking=THINKING)
+    _, result = run(engine, ask(budget=3, max_new_tokens=30))
+    assert END_THINK in result.token_ids and result.token_ids.index(END_THINK) <= 1 + 3 + 3 + len(MESSAGE)
+    assert not result.reasoning_truncated and result.text == "The answer is 42."
+
+
+@pytest.mark.parametrize("name", ["documents", "pad_token", "namespace", "range", "messages"])
+def test_template_kwargs_cannot_replace_the_renderers_names(name):
+    from lm.prompt import check_template_kwargs
+
+    with pytest.raises(ValueError, match=name):
+        check_template_kwargs({name: 1})
+
+
+def test_deeply_nested_template_kwargs_are_a_value_error():
+    from service.wire import template_kwargs_from_proto
+
+    with pytest.raises(ValueError, match="not JSON"):
+        template_kwargs_from_proto({"x": "[" * 5000 + "]" * 5000})

@@ -77,7 +77,7 @@ def template_kwargs(args: argparse.Namespace) -> dict:
             raise ValueError(f"--template-kwarg {entry!r}: expected NAME=JSON, e.g. enable_thinking=false")
         try:
             kwargs[name] = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError(f"--template-kwarg {name}: {text!r} is not JSON (e.g. false, 3, \"text\")") from None
     if args.no_thinking:
         kwargs["enable_thinking"] = False

@@ -265,12 +265,19 @@ class Engine:
             reasoning_decoder=(self.tokenizer.incremental_decoder()
                                if self.tokenizer is not None and self.thinking is not None else None),
         )
-        if budget == 0:  # no thinking: the empty block goes before the model's first token
+        forced = []
+        if budget == 0 and not self.thinking.closed_block_last(request.prompt_ids):
+            # no thinking: the empty block (or the end of the one the prompt opened) before the first token
             forced = self.thinking.no_thinking_ids(block_open=sequence.think_open is not None)
-            if request.params.max_new_tokens <= len(forced):
-                raise InvalidRequest(f"max_new_tokens {request.params.max_new_tokens} leaves no room for an answer "
-                                     f"after the empty thinking block of thinking_budget 0 ({len(forced)} tokens)")
-            for token in sequence.force(forced):
+        elif budget is not None and sequence.thinking_spent is not None and sequence.thinking_spent >= budget:
+            forced = self.thinking.closing_ids()  # the prompt's own thinking already spent the budget
+        if forced:
+            room = min(request.params.max_new_tokens, self.engine_config.max_seq_len - 1 - prompt_len)
+            if room <= len(forced):
+                raise InvalidRequest(f"thinking_budget {budget}: max_new_tokens {request.params.max_new_tokens} and "
+                                     f"max_seq_len {self.engine_config.max_seq_len} leave no room for an answer after "
+                                     f"the {len(forced)} tokens that end the thinking")
+            for token in sequence.force(forced, self.engine_config.max_seq_len):
                 self.output.token(sequence, token)
         return sequence
 
@@ -357,9 +364,11 @@ class Engine:
                 if stream:
                     self.output.token(sequence, token)
                 if reason is None and self._thinking_over_budget(sequence):
-                    for forced in sequence.force(self.thinking.closing_ids()):
+                    closing = self.thinking.closing_ids()
+                    appended = sequence.force(closing, self.engine_config.max_seq_len)
+                    for forced in appended:
                         self.output.token(sequence, forced)
-                    if len(sequence.generated) >= sequence.params.max_new_tokens:
+                    if len(appended) < len(closing):  # max_new_tokens or the context ran out
                         reason = "length"
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
@@ -376,7 +385,9 @@ class Engine:
         budget, spent = sequence.params.thinking_budget, sequence.thinking_spent
         if budget is None or spent is None or spent < budget:
             return False
-        if self.tokenizer is not None and self.tokenizer.decode(sequence.token_ids[-4:]).endswith("\ufffd"):
+        # A UTF-8 character spans at most 4 bytes: past 3 more tokens a trailing U+FFFD is a real one.
+        if spent < budget + 3 and self.tokenizer is not None \
+                and self.tokenizer.decode(sequence.token_ids[-4:]).endswith("\ufffd"):
             return False
         return True
 
