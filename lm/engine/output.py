@@ -68,7 +68,7 @@ class OutputProcessor:
                 continue
             try:
                 self._process(*item)
-            except Exception:  # never lose the thread: the request is failed below, others go on
+            except Exception:  # never lose the thread: log it and go on with the other requests
                 log.exception("output processing failed")
             finally:
                 self._queue.task_done()
@@ -95,8 +95,8 @@ class OutputProcessor:
                 sequence.streamed += 1
                 sequence.handle._publish(TokenEvent(token_id=token_id, text=tail, reasoning=True))
             elif sequence.in_reasoning:
-                sequence.reasoning_tokens += 1
                 delta = sequence.reasoning.push(token_id)[0] if sequence.reasoning is not None else ""
+                sequence.reasoning_tokens += 1
                 sequence.streamed += 1
                 sequence.handle._publish(TokenEvent(token_id=token_id, text=delta, reasoning=True))
             else:
