@@ -19,6 +19,7 @@ cache rounds it up to whole blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -85,12 +86,10 @@ class KVLayout:
                 groups.append(KVGroup(kind, window, tuple(layers[first:first + page_layers])))
         return cls(groups=tuple(groups), page_layers=page_layers, block_size=block_size)
 
-    def place(self, layer_idx: int) -> tuple[int, int]:
-        """(group index, storage tensor index) of a layer."""
-        for g, group in enumerate(self.groups):
-            if layer_idx in group.layers:
-                return g, group.layers.index(layer_idx)
-        raise KeyError(f"layer {layer_idx} is in no KV group")
+    @functools.cached_property
+    def placement(self) -> dict[int, tuple[int, int]]:
+        """Layer index -> (group index, storage tensor index), computed once."""
+        return {layer: (g, j) for g, group in enumerate(self.groups) for j, layer in enumerate(group.layers)}
 
     def block_bytes(self, config: DecoderConfig, dtype: torch.dtype) -> int:
         """Bytes of one block id across the storage tensors (keys and values)."""

@@ -25,6 +25,7 @@ tokenizer, too, splits its input at added tokens and encodes the pieces one by o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -150,6 +151,29 @@ def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
 RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "documents", "allow_control_tokens",
                                      "allow_special_tokens", "image_tiles", "tokens_per_tile", "raise_exception",
                                      "strftime_now", "namespace", "dict", "range", "lipsum", "cycler", "joiner"})
+
+
+MAX_TEMPLATE_KWARGS = 32  # chat-template variables in one request
+MAX_TEMPLATE_KWARGS_BYTES = 64 << 10  # UTF-8 bytes of their names and JSON values together
+
+
+def template_kwargs_from_json(entries: Mapping[str, str], *, source: str = "chat_template_kwargs") -> dict[str, Any]:
+    """Chat-template variables given as name -> JSON text (a request's `chat_template_kwargs`, the CLI's
+    --template-kwarg). Raises ValueError naming `source` and the entry: too many or too large (counted
+    before anything is parsed), a value that is not JSON (nested too deep included), or a name
+    check_template_kwargs refuses."""
+    if len(entries) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"{source} has {len(entries):,} entries; at most {MAX_TEMPLATE_KWARGS}")
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in entries.items())
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"{source} hold {size:,} bytes; at most {MAX_TEMPLATE_KWARGS_BYTES:,}")
+    kwargs = {}
+    for key, text in entries.items():
+        try:
+            kwargs[key] = json.loads(text)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
+            raise ValueError(f"{source} {key!r}: {text[:40]!r} is not JSON; give e.g. false, 3 or \"text\"") from None
+    return check_template_kwargs(kwargs)
 
 
 def check_template_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -146,6 +146,16 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     return generator
 
 
+_OFF = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}  # greedy, no top-k, no top-p
+
+
+def sampling_choices(defaults: dict, **given) -> dict:
+    """temperature, top_k and top_p for SamplingParams: each as `given` (None or absent: unset), else the
+    checkpoint's (`defaults`, checkpoint_sampling_defaults), else greedy / off."""
+    return {name: given[name] if given.get(name) is not None else defaults.get(name, off)
+            for name, off in _OFF.items()}
+
+
 def checkpoint_sampling_defaults(generation_config: dict) -> dict:
     """The sampling settings a checkpoint recommends (its generation_config.json, as transformers reads
     it): {"temperature", "top_p", "top_k"} where stated, and only when `do_sample` is true (transformers

@@ -26,11 +26,11 @@ import torch
 
 from lm.engine import Engine
 from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_size, check_text_bytes, layout_request,
-                       text_bytes)
+                       template_kwargs_from_json, text_bytes)
 from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
-from service.wire import messages_from_proto, sampling_from_proto, template_kwargs_from_proto, tensor_from_proto
+from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         return layout_request(
             loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw, messages=messages, image_tiles=tiles,
             tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens,
-            template_kwargs=template_kwargs_from_proto(request.chat_template_kwargs))
+            template_kwargs=template_kwargs_from_json(request.chat_template_kwargs))
 
     async def _off_loop(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work, *args)

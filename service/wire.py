@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.sampling import SamplingParams
+from lm.sampling import SamplingParams, sampling_choices
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.lm.v1 import lm_pb2
 from vision.pan_and_scan import PanAndScanConfig
@@ -53,16 +53,10 @@ def sampling_from_proto(message: lm_pb2.SamplingParams, defaults: dict | None = 
     """`defaults` (lm.sampling.checkpoint_sampling_defaults) fill temperature, top_k and top_p where the
     message leaves them unset; otherwise greedy / off. Raises ValueError (with every reason) for bad
     parameters."""
-    defaults = defaults or {}
-
-    def chosen(name: str, off):
-        return getattr(message, name) if message.HasField(name) else defaults.get(name, off)
-
+    given = {name: getattr(message, name) for name in ("temperature", "top_k", "top_p") if message.HasField(name)}
     return SamplingParams(
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else 128,
-        temperature=float(chosen("temperature", 0.0)),
-        top_k=int(chosen("top_k", 0)),
-        top_p=float(chosen("top_p", 1.0)),
+        **sampling_choices(defaults or {}, **given),
         seed=int(message.seed) if message.HasField("seed") else None,
         stop=tuple(message.stop),
         stop_token_ids=tuple(message.stop_token_ids.ids) if message.HasField("stop_token_ids") else None,
@@ -71,33 +65,6 @@ def sampling_from_proto(message: lm_pb2.SamplingParams, defaults: dict | None = 
         frequency_penalty=float(message.frequency_penalty),
         repetition_penalty=float(message.repetition_penalty) if message.HasField("repetition_penalty") else 1.0,
     )
-
-
-MAX_TEMPLATE_KWARGS = 32  # chat-template variables in one request
-MAX_TEMPLATE_KWARGS_BYTES = 64 << 10  # UTF-8 bytes of their names and JSON values together
-
-
-def template_kwargs_from_proto(entries) -> dict:
-    """A request's `chat_template_kwargs` (name -> JSON text) as template variables. Raises ValueError
-    naming the entry: too many or too large (counted before anything is parsed), a value that is not
-    JSON, or a name lm.prompt.check_template_kwargs refuses."""
-    import json
-
-    from lm.prompt import check_template_kwargs
-
-    if len(entries) > MAX_TEMPLATE_KWARGS:
-        raise ValueError(f"chat_template_kwargs has {len(entries):,} entries; at most {MAX_TEMPLATE_KWARGS}")
-    size = sum(len(key.encode()) + len(value.encode()) for key, value in entries.items())
-    if size > MAX_TEMPLATE_KWARGS_BYTES:
-        raise ValueError(f"chat_template_kwargs hold {size:,} bytes; at most {MAX_TEMPLATE_KWARGS_BYTES:,}")
-    kwargs = {}
-    for key, text in entries.items():
-        try:
-            kwargs[key] = json.loads(text)
-        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
-            raise ValueError(f"chat_template_kwargs[{key!r}] is not JSON ({text[:40]!r}); give e.g. \"false\", "
-                             "\"3\" or \"\\\"text\\\"\"") from None
-    return check_template_kwargs(kwargs)
 
 
 def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:

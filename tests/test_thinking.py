@@ -292,7 +292,7 @@ def test_template_kwargs_cannot_replace_the_renderers_names(name):
 
 
 def test_deeply_nested_template_kwargs_are_a_value_error():
-    from service.wire import template_kwargs_from_proto
+    from lm.prompt import template_kwargs_from_json
 
     with pytest.raises(ValueError, match="not JSON"):
-        template_kwargs_from_proto({"x": "[" * 5000 + "]" * 5000})
+        template_kwargs_from_json({"x": "[" * 5000 + "]" * 5000})

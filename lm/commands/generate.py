@@ -53,16 +53,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def sampling_params(args: argparse.Namespace, defaults: dict | None = None):
     """The flags as SamplingParams; `defaults` (the checkpoint's, lm.sampling.checkpoint_sampling_defaults)
     fill temperature, top_k and top_p left unset, else greedy / off. Raises ValueError."""
-    from lm.sampling import SamplingParams
+    from lm.sampling import SamplingParams, sampling_choices
 
-    defaults = defaults or {}
-
-    def chosen(name: str, off):
-        value = getattr(args, name)
-        return defaults.get(name, off) if value is None else value
-
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=chosen("temperature", 0.0),
-                          top_k=chosen("top_k", 0), top_p=chosen("top_p", 1.0), seed=args.seed, stop=tuple(args.stop),
+    chosen = sampling_choices(defaults or {}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, seed=args.seed, stop=tuple(args.stop),
                           thinking_budget=getattr(args, "thinking_budget", None), min_p=args.min_p,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           repetition_penalty=args.repetition_penalty)
@@ -70,15 +64,15 @@ def sampling_params(args: argparse.Namespace, defaults: dict | None = None):
 
 def template_kwargs(args: argparse.Namespace) -> dict:
     """--template-kwarg NAME=JSON entries and --no-thinking as chat-template variables. Raises ValueError."""
-    kwargs = {}
+    from lm.prompt import template_kwargs_from_json
+
+    texts = {}
     for entry in args.template_kwarg:
         name, sep, text = entry.partition("=")
         if not sep:
             raise ValueError(f"--template-kwarg {entry!r}: expected NAME=JSON, e.g. enable_thinking=false")
-        try:
-            kwargs[name] = json.loads(text)
-        except (ValueError, RecursionError):
-            raise ValueError(f"--template-kwarg {name}: {text!r} is not JSON (e.g. false, 3, \"text\")") from None
+        texts[name] = text
+    kwargs = template_kwargs_from_json(texts, source="--template-kwarg")
     if args.no_thinking:
         kwargs["enable_thinking"] = False
     return kwargs
@@ -120,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             handle = engine.submit(request)
             if not args.json:
-                _print_stream(handle)
+                print_sections((event.text, event.reasoning) for event in handle)
             result = handle.result()
         finally:
             engine.stop()
@@ -187,19 +181,20 @@ def _check_context(lm, prompt_tokens: int) -> None:
                             f"{context} tokens includes at least one generated token)")
 
 
-def _print_stream(handle) -> None:
-    """Stream the text; a reasoning model's thinking goes first under a "Thinking" header (dimmed on a
-    terminal), the answer under an "Answer" header."""
+def print_sections(pieces) -> None:
+    """Stream (text, is_reasoning) pieces to stdout: a reasoning model's thinking under a "[Thinking]"
+    header (dimmed on a terminal), then its answer under "[Answer]"; plain text when nothing is reasoning.
+    Shared by `tessera generate` and `tessera query --stream`."""
     dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
     section = None
-    for event in handle:
-        if not event.text:
+    for text, reasoning in pieces:
+        if not text:
             continue
-        if event.reasoning != section and (event.reasoning or section is not None):
+        if reasoning != section and (reasoning or section is not None):
             sys.stdout.write(f"{reset}\n" if section else "")
-            sys.stdout.write(f"[Thinking]\n{dim}" if event.reasoning else "[Answer]\n")
-        section = event.reasoning
-        sys.stdout.write(event.text)
+            sys.stdout.write(f"[Thinking]\n{dim}" if reasoning else "[Answer]\n")
+        section = reasoning
+        sys.stdout.write(text)
         sys.stdout.flush()
     if section:  # the thinking was the last thing streamed: the answer is empty
         sys.stdout.write(f"{reset}\n[Answer]\n")

@@ -112,8 +112,7 @@ class Engine:
                 f"({needed * block_bytes / 2**20:.1f} MiB): raise the budget or lower max_seq_len"
             )
         self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
-        self.runner = ModelRunner(model, self.storage, self.layout, tokens_per_tile=config.mm_tokens_per_image,
-                                  device=self.device)
+        self.runner = ModelRunner(model, self.storage, self.layout, device=self.device)
         self.scheduler = self._new_scheduler()
         self.output = OutputProcessor()
         self._rng = torch.Generator().manual_seed(engine_config.seed)
@@ -277,8 +276,7 @@ class Engine:
                 raise InvalidRequest(f"thinking_budget {budget}: max_new_tokens {request.params.max_new_tokens} and "
                                      f"max_seq_len {self.engine_config.max_seq_len} leave no room for an answer after "
                                      f"the {len(forced)} tokens that end the thinking")
-            for token in sequence.force(forced, self.engine_config.max_seq_len):
-                self.output.token(sequence, token)
+            self._force(sequence, forced)
         return sequence
 
     def _loop(self) -> None:
@@ -365,10 +363,7 @@ class Engine:
                     self.output.token(sequence, token)
                 if reason is None and self._thinking_over_budget(sequence):
                     closing = self.thinking.closing_ids()
-                    appended = sequence.force(closing, self.engine_config.max_seq_len)
-                    for forced in appended:
-                        self.output.token(sequence, forced)
-                    if len(appended) < len(closing):  # max_new_tokens or the context ran out
+                    if self._force(sequence, closing) < len(closing):  # max_new_tokens or the context ran out
                         reason = "length"
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
@@ -378,6 +373,14 @@ class Engine:
                 continue
             if reason is not None:
                 self._finish(sequence, reason)
+
+    def _force(self, sequence: Sequence, token_ids: list[int]) -> int:
+        """Append the engine's own tokens to a request (lm.sequence.Sequence.force) and stream them;
+        returns how many fit."""
+        appended = sequence.force(token_ids, self.engine_config.max_seq_len)
+        for token in appended:
+            self.output.token(sequence, token)
+        return len(appended)
 
     def _thinking_over_budget(self, sequence: Sequence) -> bool:
         """Whether the open `<think>` block has reached the request's budget and may be closed now: not

@@ -47,11 +47,9 @@ class PagedAttention:
     sliding window. Masks (causal, window, image tiles both ways) are built once per attention kind and
     chunk; a one-token chunk reads exactly its allowed keys and needs none."""
 
-    def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk],
-                 tokens_per_tile: int, device: torch.device):
+    def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk], device: torch.device):
         self.storage, self.layout = storage, layout
         size = layout.block_size
-        self.place = {layer: (g, j) for g, group in enumerate(layout.groups) for j, layer in enumerate(group.layers)}
         self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
         a = 0
         for chunk in chunks:
@@ -72,11 +70,11 @@ class PagedAttention:
             self.slots.append(torch.cat(slots).to(device))
             self.reads.append(reads)
             if group.window not in masks:
-                masks[group.window] = [self._mask(chunk, group.window, tokens_per_tile, device) for chunk in chunks]
+                masks[group.window] = [self._mask(chunk, group.window, device) for chunk in chunks]
         self.masks = [masks[group.window] for group in layout.groups]
 
     @staticmethod
-    def _mask(chunk: ScheduledChunk, window: int | None, tokens_per_tile: int, device) -> Tensor | None:
+    def _mask(chunk: ScheduledChunk, window: int | None, device) -> Tensor | None:
         if chunk.num_tokens == 1:
             return None  # one query reads [lo, end): all allowed (causal, inside the window)
         sequence = chunk.sequence
@@ -90,7 +88,7 @@ class PagedAttention:
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q (1, H, N, D); k, v (1, KV, N, D)
-        g, j = self.place[layer_idx]
+        g, j = self.layout.placement[layer_idx]
         keys, values = self.storage.keys[j], self.storage.values[j]  # (blocks, block_size, KV, D)
         kv_heads, head_dim = keys.shape[2], keys.shape[3]
         slots = self.slots[g]
@@ -115,10 +113,8 @@ def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:
 class ModelRunner:
     """Runs the network over a step's chunks on the paged cache."""
 
-    def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, tokens_per_tile: int,
-                 device: torch.device):
-        self.model, self.storage, self.layout = model, storage, layout
-        self.tokens_per_tile, self.device = tokens_per_tile, device
+    def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, device: torch.device):
+        self.model, self.storage, self.layout, self.device = model, storage, layout, device
 
     def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
         """One forward over `chunks`; returns fp32 logits (R, vocab) for the chunks that sample, in
@@ -140,7 +136,7 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device)[None]  # (1, N)
         position_ids = torch.cat(positions).to(self.device)[None]  # (1, N)
         image_mask = torch.cat(image_rows).to(self.device)[None]  # (1, N)
-        attention = PagedAttention(self.storage, self.layout, chunks, self.tokens_per_tile, self.device)
+        attention = PagedAttention(self.storage, self.layout, chunks, self.device)
         if soft_tokens:
             hidden = self.model(input_ids, position_ids, attention,
                                 soft_tokens=torch.cat(soft_tokens).to(self.device), image_mask=image_mask)

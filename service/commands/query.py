@@ -61,6 +61,7 @@ def build_request(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from lm.commands.generate import print_sections
     from proto.tessera.gateway.v1 import gateway_pb2_grpc
 
     try:
@@ -80,17 +81,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.stream:
             done = None
-            section = None
-            for message in stub.QueryStream(request, timeout=args.timeout, metadata=metadata):
-                if message.HasField("done"):
-                    done = message.done
-                elif message.text:
-                    if message.reasoning != section and (message.reasoning or section is not None):
-                        sys.stdout.write("[Thinking]\n" if message.reasoning else "\n[Answer]\n")
-                    section = message.reasoning
-                    sys.stdout.write(message.text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n[Answer]\n\n" if section else "\n")
+
+            def pieces():
+                nonlocal done
+                for message in stub.QueryStream(request, timeout=args.timeout, metadata=metadata):
+                    if message.HasField("done"):
+                        done = message.done
+                    else:
+                        yield message.text, message.reasoning
+
+            print_sections(pieces())
         else:
             done = stub.Query(request, timeout=args.timeout, metadata=metadata)
             if done.reasoning_tokens:
