@@ -117,31 +117,33 @@ def image_token_cost(width: int, height: int, pan_and_scan: PanAndScanConfig,
 def layout_request(tokenizer: Tokenizer, *, prompt: str = "", raw: bool = False,
                    messages: Sequence[Mapping[str, Any]] | None = None, image_tiles: Sequence[int] = (),
                    tokens_per_tile: int = TOKENS_PER_TILE, allow_special_tokens: bool = False,
-                   template_kwargs: Mapping[str, Any] | None = None) -> Prompt:
+                   template_kwargs: Mapping[str, Any] | None = None,
+                   tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:
     """The prompt of one request, `image_tiles[i]` being the tiles (1 + crops) of its i-th image:
     - `messages`: a chat (images at its image parts; `prompt` must then be empty);
     - `raw`: `prompt` as plain text, images at its IMAGE_MARKERs or, when it has none, before it;
     - otherwise: `prompt` as one user turn, the images first.
     `template_kwargs` are chat-template variables (e.g. {"enable_thinking": False}); raw text has no
-    template, so they are refused with it. Raises EmptyPrompt (no text, no image, no messages) and
-    ValueError (bad messages, image markers that do not match the images, template kwargs with raw)."""
+    template, so they are refused with it; so are `tools` (OpenAI function definitions, given to the
+    template). Raises EmptyPrompt (no text, no image, no messages) and ValueError (bad messages, image
+    markers that do not match the images, template kwargs or tools with raw)."""
     template_kwargs = check_template_kwargs(template_kwargs or {})
     if messages:
         if prompt:
             raise ValueError("give either prompt or messages, not both")
         return layout_chat(tokenizer, messages, image_tiles, tokens_per_tile=tokens_per_tile,
-                           allow_special_tokens=allow_special_tokens, **template_kwargs)
+                           allow_special_tokens=allow_special_tokens, tools=tools, **template_kwargs)
     require_prompt(prompt, raw=raw, num_images=len(image_tiles))
     if raw:
-        if template_kwargs:
-            raise ValueError(f"chat template kwargs ({', '.join(sorted(template_kwargs))}) need a chat prompt; "
-                             "a raw prompt has no template")
+        if template_kwargs or tools:
+            given = "tools" if tools else f"chat template kwargs ({', '.join(sorted(template_kwargs))})"
+            raise ValueError(f"{given} need a chat prompt; a raw prompt has no template")
         return layout_text(tokenizer, with_image_markers(prompt, len(image_tiles)), image_tiles,
                            tokens_per_tile=tokens_per_tile)
     # A string when there are no images: some templates (Qwen 3's) read only string content.
     content = [{"type": "image"} for _ in image_tiles] + [{"type": "text", "text": prompt}] if image_tiles else prompt
     return layout_chat(tokenizer, [{"role": "user", "content": content}], image_tiles,
-                       tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens,
+                       tokens_per_tile=tokens_per_tile, allow_special_tokens=allow_special_tokens, tools=tools,
                        **template_kwargs)
 
 
@@ -174,6 +176,28 @@ def template_kwargs_from_json(entries: Mapping[str, str], *, source: str = "chat
         except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             raise ValueError(f"{source} {key!r}: {text[:40]!r} is not JSON; give e.g. false, 3 or \"text\"") from None
     return check_template_kwargs(kwargs)
+
+
+MAX_TOOLS = 128  # function definitions in one request
+
+
+def tools_from_json(text: str) -> list[dict[str, Any]] | None:
+    """A request's tools (OpenAI's JSON array of {"type": "function", "function": {"name", ...}}), None
+    for empty text. Raises ValueError naming the entry that is not such a definition."""
+    if not text:
+        return None
+    try:
+        tools = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError(f"tools are not valid JSON: {text[:60]!r}") from None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ValueError(f"tools must be a JSON array of at most {MAX_TOOLS} function definitions")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tools[{index}] is not {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+    return tools
 
 
 def check_template_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -318,11 +342,13 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
 
 def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], image_tiles: Sequence[int] = (), *,
                 add_generation_prompt: bool = True, tokens_per_tile: int = TOKENS_PER_TILE,
-                allow_special_tokens: bool = False, **template_kwargs: Any) -> Prompt:
+                allow_special_tokens: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
+                **template_kwargs: Any) -> Prompt:
     """Token ids of a chat rendered by the checkpoint's own chat template (lm.chat_template), with
     `image_tiles[i]` tiles (1 + crops) for the i-th image part, expanded after rendering as the reference
     processor does. Control tokens written in the messages stay plain text unless `allow_special_tokens`.
-    `template_kwargs` are template variables (e.g. `enable_thinking=False`). Raises ValueError (a
+    `template_kwargs` are template variables (e.g. `enable_thinking=False`); `tools` OpenAI function
+    definitions, the template's `tools` (None: a chat without tools). Raises ValueError (a
     ChatTemplateError) when the model has no chat template, the template refuses the messages, or images
     and image parts disagree."""
     template = tokenizer.chat_template
@@ -335,7 +361,7 @@ def layout_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], ima
             raise ValueError(f"chat has {count_images(messages)} image part(s), but this model is text-only "
                              "(it takes no images): send text only, or use a vision-language checkpoint")
         messages = [_text_content_as_string(message) for message in messages]
-    rendered = template.render(messages, add_generation_prompt=add_generation_prompt,
+    rendered = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
                                allow_control_tokens=allow_special_tokens, **template_kwargs)
     if rendered.num_images != len(image_tiles):
         raise ValueError(f"chat has {rendered.num_images} image part(s) for {len(image_tiles)} image(s)")

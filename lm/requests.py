@@ -7,6 +7,7 @@ import queue
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class GenerationRequest:
     soft_tokens: torch.Tensor | None = None  # (tiles, tokens_per_tile, hidden), in placeholder order
     image_mask: torch.Tensor | None = None  # (T,) bool, True at placeholder positions
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    grammar: Any = None  # lm.structured.GrammarMatcher: the answer is constrained to its grammar (None: free)
 
 
 def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
@@ -83,10 +85,20 @@ def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log probability under the model (float32 log-softmax of its logits) and the
+    most likely tokens at that step: `top` is ((token_id, logprob), ...), best first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     token_id: int | None  # None for text held back until the end (a pending stop-string prefix)
     text: str  # newly complete text (may be empty while a character or stop string is pending)
     reasoning: bool = False  # the token and text belong to the reasoning (<think> block), not the answer
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs, for sampled (not inserted) tokens
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,9 @@ class Completion:
     reasoning_text: str = ""  # the <think> block's text (markers left out); `text` is the answer alone
     reasoning_tokens: int = 0  # of completion_tokens, those of the <think> block (its markers included)
     reasoning_truncated: bool = False  # generation stopped while still thinking (no answer was given)
+    # With SamplingParams.logprobs: one per token of token_ids, None for tokens the engine inserted
+    # (the thinking budget's); empty otherwise.
+    logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 _DONE = object()

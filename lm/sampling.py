@@ -18,6 +18,7 @@ import torch
 
 # The smallest normal float32 (~1.18e-38): any temperature below it selects the argmax (see above).
 GREEDY_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated, once
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
     repetition_penalty: float = 1.0  # CTRL / transformers: prompt and output tokens' logits / p if > 0, else x p
+    # Log probabilities of each sampled token (log-softmax of the model's logits, before penalties,
+    # temperature and constraints, as vLLM reports them): None = none; N = the token's own plus the N most
+    # likely (OpenAI's top_logprobs, at most MAX_LOGPROBS).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +65,9 @@ class SamplingParams:
                 problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if not math.isfinite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
             problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if problems:
@@ -76,14 +84,17 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
-def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def next_token_probs(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The distribution the next token is drawn from: float32 (vocab,) on the CPU, finite, summing to 1.
 
-    `logits` (vocab,) must be finite (ValueError otherwise). Greedy parameters give the one-hot
-    vector of the argmax (the first one on ties); otherwise softmax((logits - max) / temperature)
-    after top-k and top-p filtering (see the module docstring for why the max is subtracted first)."""
+    `logits` (vocab,) must be finite (ValueError otherwise). `allowed` (vocab,) bool, optional: the only
+    tokens that may be drawn (a grammar's; at least one must be True), applied before everything else.
+    Greedy parameters give the one-hot vector of the argmax (the first one on ties); otherwise
+    softmax((logits - max) / temperature) after top-k and top-p filtering (see the module docstring
+    for why the max is subtracted first)."""
     logits = logits.detach().float().cpu()  # the generator lives on the CPU
     _require_finite(logits)
+    logits = _restrict(logits, allowed)
     if params.greedy:
         return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits), 1.0)
     scores = (logits - logits.max()) / params.temperature  # <= 0, the best exactly 0: cannot overflow
@@ -123,13 +134,35 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: lis
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of finite logits (vocab,): the argmax when `params.greedy`,
-    otherwise a draw from `next_token_probs` with `generator`. Raises ValueError on non-finite logits."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           allowed: torch.Tensor | None = None) -> int:
+    """Pick the next token from one row of finite logits (vocab,), among the `allowed` ones when given
+    ((vocab,) bool): the argmax when `params.greedy`, otherwise a draw from `next_token_probs` with
+    `generator`. Raises ValueError on non-finite logits or when nothing is allowed."""
     if params.greedy:
         _require_finite(logits)
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(next_token_probs(logits, params), 1, generator=generator))
+        return int(torch.argmax(_restrict(logits, allowed)))
+    return int(torch.multinomial(next_token_probs(logits, params, allowed), 1, generator=generator))
+
+
+def _restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    if allowed is None:
+        return logits
+    allowed = allowed.to(logits.device)
+    if allowed.shape != logits.shape or not bool(allowed.any()):
+        raise ValueError(f"the constraint allows no token (mask of shape {tuple(allowed.shape)}, "
+                         f"{int(allowed.sum())} allowed)")
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def token_logprobs(logprobs: torch.Tensor, token_id: int, top: int) -> "TokenLogprob":
+    """The TokenLogprob of `token_id` from one row of log-probabilities (vocab,), with the `top` most
+    likely tokens (best first; ties by the lower id)."""
+    from lm.requests import TokenLogprob
+
+    best = torch.topk(logprobs, top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token_id, float(logprobs[token_id]), pairs)
 
 
 def _require_finite(logits: torch.Tensor) -> None:

@@ -113,6 +113,9 @@ class Sequence:
         self.reasoning_tokens = 0  # output thread
         self.token_ids: list[int] = list(request.prompt_ids)  # prompt + generated
         self.generated: list[int] = []
+        self.logprobs: list = []  # TokenLogprob or None per generated token, with params.logprobs
+        self.grammar = request.grammar  # lm.structured.GrammarMatcher or None (engine thread)
+        self.grammar_started = False  # the grammar has taken a token (the answer began)
         self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
         self.block_tables: list[list[int | None]] = []  # per KV group (lm.engine.block_manager)
         self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, computed on demand
@@ -161,12 +164,13 @@ class Sequence:
         inside = [i for i, (s, e) in enumerate(self.tile_spans) if start <= s and e <= end]
         return slice(inside[0], inside[-1] + 1) if inside else slice(0, 0)
 
-    def append(self, token_id: int) -> tuple[str | None, bool]:
-        """Record a sampled token (engine thread): (the finish reason its id alone decides, or None;
-        whether it is to be streamed). A stop token ends the request and is not streamed; stop strings
-        are the output thread's business (lm.engine.output)."""
+    def append(self, token_id: int, logprob=None) -> tuple[str | None, bool]:
+        """Record a sampled token and its TokenLogprob (engine thread): (the finish reason its id alone
+        decides, or None; whether it is to be streamed). A stop token ends the request and is not
+        streamed; stop strings are the output thread's business (lm.engine.output)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        self.logprobs.append(logprob)  # before `generated`: the output thread reads it by that index
         self.generated.append(token_id)
         self.token_ids.append(token_id)
         self._track_thinking(token_id)
@@ -183,6 +187,7 @@ class Sequence:
         room = min(self.params.max_new_tokens - len(self.generated), max_seq_len - 1 - len(self.token_ids))
         token_ids = token_ids[:max(0, room)]
         for token_id in token_ids:
+            self.logprobs.append(None)
             self.generated.append(token_id)
             self.token_ids.append(token_id)
             self._track_thinking(token_id)
@@ -227,4 +232,5 @@ class Sequence:
             reasoning_text=reasoning_text,
             reasoning_tokens=self.reasoning_tokens,
             reasoning_truncated=reason == "length" and self.in_reasoning,
+            logprobs=tuple(self.logprobs[:len(tokens)]) if self.params.logprobs is not None else (),
         )

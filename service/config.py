@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
-ROLES = ("vision", "lm", "gateway", "all")
-DEFAULT_PORTS = {"vision": 50051, "lm": 50052, "gateway": 50050, "all": 50050}
+ROLES = ("vision", "lm", "gateway", "all", "openai")
+DEFAULT_PORTS = {"vision": 50051, "lm": 50052, "gateway": 50050, "all": 50050, "openai": 8000}
 _SECRETS = ("auth_token",)
 _HELP = {
     "auth_token": "bearer token clients must send; visible to every local user in `ps`: prefer "
@@ -22,6 +22,10 @@ _HELP = {
     "backend_tls_cert": "gateway: PEM client certificate for the vision/LM services (with --backend-tls-key)",
     "backend_timeout": "gateway: deadline in seconds of each call to the vision/LM services when the client "
                        "sets none",
+    "http_port": "all: port of the OpenAI-compatible HTTP API (0 = off); `serve openai` serves it on --port",
+    "gateway_target": "openai: the gateway it calls (host:port), with --backend-tls-* and the bearer token",
+    "served_model_name": "all, openai: the model's name in the HTTP API (/v1/models, the requests' `model`); "
+                         "default: --model",
     "backend_keepalive_s": "gateway: seconds between keepalive pings on each backend connection; one unanswered "
                            "as long closes it, so a frozen backend is found within about twice this",
 }
@@ -32,7 +36,10 @@ class ServeConfig:
     role: str  # vision | lm | gateway | all
     model: str = "gemma3-270m"  # model id, .gguf file or checkpoint directory (vision, lm, all)
     host: str = "0.0.0.0"  # bind address
-    port: int = 0  # gRPC port; 0 here = the role's default (see DEFAULT_PORTS)
+    port: int = 0  # gRPC port (openai: HTTP port); 0 here = the role's default (see DEFAULT_PORTS)
+    http_port: int = 8000  # all: OpenAI-compatible HTTP API port (service.openai_api); 0 = off
+    gateway_target: str = "localhost:50050"  # openai only: the gateway it calls
+    served_model_name: str | None = None  # all, openai: the model's name in the HTTP API; None = `model`
     metrics_port: int = 9090  # Prometheus HTTP port; 0 = off
     vision_target: str = "localhost:50051"  # gateway only
     lm_target: str = "localhost:50052"  # gateway only
@@ -84,6 +91,8 @@ class ServeConfig:
         if self.backend_tls_cert and not self.backend_tls_ca:
             raise ValueError("--backend-tls-cert needs --backend-tls-ca (the CA bundle that signed the backends' "
                              "certificates), which turns TLS on for the gateway's calls to them")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"--http-port must be a port number (0 = off), got {self.http_port}")
         for name in ("max_batch", "max_seq_len", "kv_budget_mb", "prefill_chunk", "block_size", "max_queue",
                      "max_message_mb"):
             if getattr(self, name) < 1:

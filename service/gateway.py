@@ -19,14 +19,15 @@ from typing import AsyncIterator
 
 import grpc
 
-from lm.prompt import PromptLimits, RequestTooLarge, check_request_size, require_prompt, text_bytes
+from lm.prompt import (PromptLimits, RequestTooLarge, check_content_parts, check_request_size, count_images,
+                       require_prompt, text_bytes)
 from lm.requests import check_request_id
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from service.interceptors import BackendError
 from service.vision_service import tiles_from_headers
-from service.wire import pan_and_scan_from_proto
+from service.wire import messages_from_proto, pan_and_scan_from_proto
 from vision.image import ImageLimits
 
 SERVICE_NAME = "tessera.gateway.v1.GatewayService"
@@ -192,10 +193,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return None if deadline is None else max(deadline - time.perf_counter(), 0.001)
 
         check_request_id(request.request_id)
-        require_prompt(request.prompt, raw=request.raw, num_images=len(request.images))
-        # The text, the stop strings and the number of images, before any image is read.
-        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=[1] * len(request.images),
-                           limits=self.limits, stop=request.sampling.stop)
+        messages = self._check_prompt(request)
         images, tiles = [], []
         if request.images:
             if self.vision is None:
@@ -203,15 +201,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                  "send text only or serve a vision-language checkpoint")
             tiles = await asyncio.to_thread(tiles_from_headers, [image.data for image in request.images],
                                             pan_and_scan_from_proto(request.pan_and_scan), self.image_limits)
-            await self._check_prompt_fits(request, tiles, remaining())
+            await self._check_prompt_fits(request, messages, tiles, remaining())
             encoded = await self.vision.encode(
                 vision_pb2.EncodeRequest(images=request.images, pan_and_scan=request.pan_and_scan), remaining())
             images = [item.soft_tokens for item in encoded.images]
             tiles = [item.num_crops + 1 for item in encoded.images]
         encode_s = time.perf_counter() - started
-        lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, raw=request.raw, images=images,
-                                            sampling=request.sampling, request_id=request.request_id,
-                                            chat_template_kwargs=request.chat_template_kwargs)
+        lm_request = lm_pb2.GenerateRequest(prompt=request.prompt, raw=request.raw, messages=request.messages,
+                                            images=images, sampling=request.sampling, request_id=request.request_id,
+                                            chat_template_kwargs=request.chat_template_kwargs,
+                                            tools_json=request.tools_json)
         first_token_s = None
         async for message in self.language_model.generate_stream(lm_request, remaining()):
             if message.HasField("done"):
@@ -222,22 +221,55 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     tiles_per_image=tiles, encode_time_s=encode_s,
                     time_to_first_token_s=first_token_s or 0.0, total_time_s=time.perf_counter() - started,
                     token_ids=done.token_ids, reasoning_text=done.reasoning_text,
-                    reasoning_tokens=done.reasoning_tokens, reasoning_truncated=done.reasoning_truncated))
+                    reasoning_tokens=done.reasoning_tokens, reasoning_truncated=done.reasoning_truncated,
+                    logprobs=done.logprobs))
                 return
             if first_token_s is None and message.HasField("token_id"):
                 first_token_s = time.perf_counter() - started
-            if message.text:
-                yield gateway_pb2.QueryStreamResponse(text=message.text, reasoning=message.reasoning)
+            if message.text or message.HasField("logprob"):
+                reply = gateway_pb2.QueryStreamResponse(text=message.text, reasoning=message.reasoning)
+                if message.HasField("logprob"):
+                    reply.logprob.CopyFrom(message.logprob)
+                yield reply
         raise RuntimeError("the language model's stream ended without a final message")
 
-    async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, tiles: list[int], timeout) -> None:
+    def _check_prompt(self, request: gateway_pb2.QueryRequest) -> list | None:
+        """The cheap checks, before any image is read: a prompt or chat messages (their image parts match
+        the images), then the text (prompt, messages, tools), the stop strings and the number of images
+        against the limits. Returns the chat messages (lm/prompt.py's form), None for a prompt."""
+        messages = None
+        if request.messages:
+            if request.prompt:
+                raise ValueError("give either prompt or messages, not both")
+            check_request_size(text_bytes=0, tiles_per_image=[1] * len(request.images), limits=self.limits,
+                               messages=len(request.messages), stop=request.sampling.stop)
+            check_content_parts([len(message.content) for message in request.messages], self.limits)
+            messages = messages_from_proto(request.messages)
+            parts = count_images(messages)
+            if parts != len(request.images):
+                raise ValueError(f"the messages have {parts} image part(s) for {len(request.images)} image(s); each "
+                                 "image part takes the next of the request's images")
+        else:
+            require_prompt(request.prompt, raw=request.raw, num_images=len(request.images))
+        check_request_size(text_bytes=self._text_bytes(request, messages), tiles_per_image=[1] * len(request.images),
+                           limits=self.limits, stop=request.sampling.stop)
+        return messages
+
+    @staticmethod
+    def _text_bytes(request: gateway_pb2.QueryRequest, messages: list | None) -> int:
+        calls = sum(len(message.tool_calls_json) for message in request.messages)
+        return text_bytes(request.prompt, messages or ()) + text_bytes(request.tools_json) + calls
+
+    async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, messages: list | None, tiles: list[int],
+                                 timeout) -> None:
         """RequestTooLarge unless the images' tiles are within the limits and the whole prompt, laid out
         by the language model with these tiles, fits its context."""
-        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits,
+        check_request_size(text_bytes=self._text_bytes(request, messages), tiles_per_image=tiles, limits=self.limits,
                            stop=request.sampling.stop)
         counted = await self.language_model.count_tokens(
-            lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, image_tiles=tiles,
-                                   chat_template_kwargs=request.chat_template_kwargs), timeout)
+            lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, messages=request.messages,
+                                   image_tiles=tiles, chat_template_kwargs=request.chat_template_kwargs,
+                                   tools_json=request.tools_json), timeout)
         if counted.count > counted.max_prompt_tokens:
             raise RequestTooLarge(f"prompt is {counted.count} tokens with its images' {sum(tiles)} tiles "
                                   f"({', '.join(map(str, tiles))}); the limit is {counted.max_prompt_tokens} tokens")

@@ -15,6 +15,7 @@ in the engine, which frees its slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -26,11 +27,12 @@ import torch
 
 from lm.engine import Engine
 from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_size, check_text_bytes, layout_request,
-                       template_kwargs_from_json, text_bytes)
+                       template_kwargs_from_json, text_bytes, tools_from_json)
 from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
-from service.wire import messages_from_proto, sampling_from_proto, tensor_from_proto
+from service.wire import (logprob_to_proto, messages_from_proto, sampling_from_proto, structured_output_from_proto,
+                          tensor_from_proto)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         self._check_size(loaded, request, _DeclaredTiles(request.images), stop=request.sampling.stop)
         generation = await self._off_loop(self._generation_request, loaded, request)
         engine = loaded.engine
+        token_text = _token_texts(loaded.lm.tokenizer)
         handle = engine.submit(generation)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
@@ -146,13 +149,15 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                             raise RuntimeError(f"generation failed for request {completion.request_id}: "
                                                f"{completion.error}")
                         self._observe(completion, first_token_at, started)
-                        yield lm_pb2.GenerateStreamResponse(done=_completion_proto(completion))
+                        yield lm_pb2.GenerateStreamResponse(done=_completion_proto(completion, token_text))
                         return
                     if first_token_at is None and event.token_id is not None:
                         first_token_at = time.perf_counter()
                     message = lm_pb2.GenerateStreamResponse(text=event.text, reasoning=event.reasoning)
                     if event.token_id is not None:
                         message.token_id = event.token_id
+                    if event.logprob is not None:
+                        message.logprob.CopyFrom(logprob_to_proto(event.logprob, token_text))
                     yield message
                 if not events:
                     await wake.wait()
@@ -185,8 +190,11 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         prompt = self._layout(loaded, request, tiles, messages)
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
+        constraint = structured_output_from_proto(request.sampling)
+        grammar = loaded.engine.grammar(constraint) if constraint is not None else None
         return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
-                                 image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), **kwargs)
+                                 image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), grammar=grammar,
+                                 **kwargs)
 
     def _check_size(self, loaded: LoadedLanguageModel, request, tiles: Sequence[int], *,
                     stop: Sequence[str] = ()) -> None:
@@ -198,7 +206,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             raise ValueError(f"the model {self.model_name} is text-only (GetInfo: accepts_images=false); the "
                              f"request has {len(tiles):,} image(s): send text only, or serve a vision-language "
                              "checkpoint")
-        check_request_size(text_bytes=text_bytes(request.prompt), tiles_per_image=tiles, limits=self.limits,
+        check_request_size(text_bytes=_request_text_bytes(request), tiles_per_image=tiles, limits=self.limits,
                            max_prompt_tokens=_max_prompt_tokens(loaded),
                            tokens_per_tile=loaded.lm.config.mm_tokens_per_image, messages=len(request.messages),
                            stop=stop)
@@ -210,7 +218,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         if not request.messages:
             return None
         messages = messages_from_proto(request.messages)  # O(parts): bounded by the checks on the loop
-        check_text_bytes(text_bytes(request.prompt, messages), self.limits, stop=stop)
+        check_text_bytes(_request_text_bytes(request, messages), self.limits, stop=stop)
         return messages
 
     def _prompt(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> Prompt:
@@ -224,7 +232,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         return layout_request(
             loaded.lm.tokenizer, prompt=request.prompt, raw=request.raw, messages=messages, image_tiles=tiles,
             tokens_per_tile=loaded.lm.config.mm_tokens_per_image, allow_special_tokens=self.limits.allow_special_tokens,
-            template_kwargs=template_kwargs_from_json(request.chat_template_kwargs))
+            template_kwargs=template_kwargs_from_json(request.chat_template_kwargs),
+            tools=tools_from_json(request.tools_json))
 
     async def _off_loop(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work, *args)
@@ -272,6 +281,20 @@ class _DeclaredTiles(Sequence):
         return int(shape[0]) if len(shape) == 3 else 1
 
 
+def _request_text_bytes(request, messages=()) -> int:
+    """The text a request carries (lm.prompt.text_bytes), its tools and earlier tool calls included."""
+    calls = sum(len(message.tool_calls_json) for message in request.messages) if messages else 0
+    return text_bytes(request.prompt, messages) + text_bytes(request.tools_json) + calls
+
+
+def _token_texts(tokenizer):
+    """token id -> its text alone (special tokens written out), for log probabilities."""
+    @functools.lru_cache(maxsize=4096)
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+    return text
+
+
 def _accepts_images(loaded: LoadedLanguageModel) -> bool:
     """Whether the checkpoint is a vision-language one (it names an image placeholder token)."""
     return loaded.lm.config.accepts_images
@@ -303,8 +326,9 @@ def _wake_threadsafe(loop: asyncio.AbstractEventLoop, flag: asyncio.Event) -> No
         pass
 
 
-def _completion_proto(completion) -> lm_pb2.GenerateResponse:
+def _completion_proto(completion, token_text) -> lm_pb2.GenerateResponse:
     return lm_pb2.GenerateResponse(
+        logprobs=[logprob_to_proto(record, token_text) for record in completion.logprobs if record is not None],
         request_id=completion.request_id, text=completion.text, token_ids=completion.token_ids,
         finish_reason=completion.finish_reason, prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,

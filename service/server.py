@@ -9,6 +9,10 @@ for up to `grace` seconds, cancels the rest, then stops the engine.
 Health: "" says the process serves (liveness); each service name says it can answer (readiness). A
 gateway deployed apart reports its service SERVING only while both backends are reachable and
 SERVING (service/backends.py); its "" stays SERVING, so a backend outage never restarts gateways.
+
+HTTP: `serve all` also serves the OpenAI-compatible API (service.openai_api) on --http-port, in this
+event loop, calling the gateway servicer directly; `serve openai` serves only that API, on --port, in
+front of a gateway reached over gRPC (its /health follows the gateway's readiness).
 """
 
 from __future__ import annotations
@@ -111,6 +115,8 @@ class TesseraServer:
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
         self._stopped = False
+        self._http = None  # service.openai_api.HttpServer
+        self.http_port = 0
 
     @property
     def service_names(self) -> list[str]:
@@ -127,6 +133,8 @@ class TesseraServer:
         """Bind and start serving (health NOT_SERVING until the models are loaded). Returns the port."""
         config = self.config
         token = config.bearer_token()
+        if config.role == "openai":
+            return await self._start_openai(token)
         interceptors = [ErrorsAndMetricsInterceptor(self.metrics, max_response_bytes=config.max_message_bytes,
                                                     max_request_fields=config.max_request_fields)]
         if token:
@@ -163,6 +171,47 @@ class TesseraServer:
         self._load_task = asyncio.create_task(self._load())
         if self._backends is not None:
             self._backends_task = asyncio.create_task(self._backends.run())
+        if self.gateway is not None and config.role == "all" and config.http_port:
+            from service.openai_api import LocalGateway
+
+            await self._start_http(LocalGateway(self.gateway, ready=lambda: self._models_ready), config.http_port, token)
+        return self.port
+
+    async def _start_http(self, gateway, port: int, token: str | None) -> None:
+        from service.openai_api import HttpServer, HttpSettings, OpenAIFront
+
+        config = self.config
+        settings = HttpSettings(model_name=config.served_model_name or config.model, auth_token=token,
+                                max_body_bytes=config.max_message_bytes, default_max_tokens=config.max_seq_len)
+        self._http = HttpServer(OpenAIFront(gateway, settings, registry=self.metrics.registry), config.host, port,
+                                grace_period=config.grace_period)
+        try:
+            self.http_port = await self._http.start()
+        except OSError as error:
+            if self._server is not None:
+                await self._server.stop(0)
+            raise OSError(f"the HTTP port {port}: {error}") from error
+
+    async def _start_openai(self, token: str | None) -> int:
+        """`serve openai`: the HTTP API alone, in front of the gateway at --gateway-target."""
+        from service.openai_api import RemoteGateway
+
+        config = self.config
+        options = gateway_module.channel_options(config.max_message_bytes)
+        credentials = backend_credentials(config.backend_tls_ca, config.backend_tls_cert, config.backend_tls_key)
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        backend = Backend("gateway", config.gateway_target, gateway_module.SERVICE_NAME)
+        channel = open_channel(backend, options, credentials, keepalive_s=config.backend_keepalive_s)
+        self._channels = [channel]
+        self._backends = BackendReadiness([(backend, channel)], lambda ready: asyncio.sleep(0),
+                                          refusal=token_refusal(metadata), metrics=self.metrics)
+        self._backends_task = asyncio.create_task(self._backends.run())
+        await self._start_http(RemoteGateway(channel, metadata, ready=lambda: self._backends.ready),
+                               config.port, token)
+        self.port = self.http_port
+        self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
+        self._models_ready = True
+        self.loaded.set()
         return self.port
 
     def _open_backends(self, token: str | None, options: list) -> None:
@@ -222,8 +271,9 @@ class TesseraServer:
         self._stopped = True
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
+        # In-flight HTTP requests drain beside the gRPC ones (uvicorn waits up to the grace period).
+        await asyncio.gather(self._http.stop() if self._http is not None else asyncio.sleep(0),
+                             self._server.stop(grace) if self._server is not None else asyncio.sleep(0))
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self._backends_task is not None:

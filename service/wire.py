@@ -3,6 +3,7 @@ messages. Nothing past this module sees a protobuf type."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from lm.sampling import SamplingParams, sampling_choices
+from lm.structured import StructuredOutput
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.lm.v1 import lm_pb2
 from vision.pan_and_scan import PanAndScanConfig
@@ -64,7 +66,32 @@ def sampling_from_proto(message: lm_pb2.SamplingParams, defaults: dict | None = 
         min_p=float(message.min_p), presence_penalty=float(message.presence_penalty),
         frequency_penalty=float(message.frequency_penalty),
         repetition_penalty=float(message.repetition_penalty) if message.HasField("repetition_penalty") else 1.0,
+        logprobs=int(message.logprobs) if message.HasField("logprobs") else None,
     )
+
+
+def structured_output_from_proto(message: lm_pb2.SamplingParams) -> StructuredOutput | None:
+    """The request's constraint (lm.structured), None when it has none. `json_object: false` is
+    refused like an image part set to false: it sets the oneof, and reading it as "none" would guess."""
+    if not message.HasField("structured_output"):
+        return None
+    output = message.structured_output
+    kind = output.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output is set but names no constraint (json_schema, json_object, regex "
+                         "or lark_grammar)")
+    if kind == "json_object":
+        if not output.json_object:
+            raise ValueError("structured_output.json_object is false; leave structured_output unset for free text")
+        return StructuredOutput("json_object")
+    return StructuredOutput("lark" if kind == "lark_grammar" else kind, getattr(output, kind))
+
+
+def logprob_to_proto(record, token_text) -> lm_pb2.TokenLogprob:
+    """A TokenLogprob (lm.requests) as its message; `token_text(id)` gives a token's text."""
+    return lm_pb2.TokenLogprob(
+        token_id=record.token_id, token=token_text(record.token_id), logprob=record.logprob,
+        top=[lm_pb2.TopLogprob(token_id=i, token=token_text(i), logprob=p) for i, p in record.top])
 
 
 def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
@@ -79,6 +106,8 @@ def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
         message.stop_token_ids.ids.extend(params.stop_token_ids)
     if params.thinking_budget is not None:
         message.thinking_budget = params.thinking_budget
+    if params.logprobs is not None:
+        message.logprobs = params.logprobs
     return message
 
 
@@ -114,5 +143,23 @@ def messages_from_proto(messages) -> list[dict[str, Any]]:
                                  "image: true (the next of the request's images goes there), a text part sets text")
             else:
                 raise ValueError(f"message {index}, content part {number}: neither text nor image is set")
-        result.append({"role": message.role, "content": parts})
+        entry: dict[str, Any] = {"role": message.role, "content": parts}
+        if message.tool_calls_json:
+            entry["tool_calls"] = _tool_calls(message.tool_calls_json, index)
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name:
+            entry["name"] = message.name
+        result.append(entry)
     return result
+
+
+def _tool_calls(text: str, index: int) -> list[dict[str, Any]]:
+    """An assistant message's tool calls (OpenAI's JSON array), as the chat template reads them."""
+    try:
+        calls = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError(f"message {index}: tool_calls_json is not valid JSON: {text[:60]!r}") from None
+    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+        raise ValueError(f"message {index}: tool_calls_json must be a JSON array of tool call objects")
+    return calls

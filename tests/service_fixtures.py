@@ -37,7 +37,7 @@ def start_server(role: str = "all", *, model: str, load_lm=None, load_vision=Non
     from service.config import ServeConfig
     from service.server import ServerThread, TesseraServer
 
-    settings = dict(host="127.0.0.1", port=free_port(), metrics_port=0, kv_budget_mb=64, max_seq_len=1024,
+    settings = dict(host="127.0.0.1", port=free_port(), metrics_port=0, http_port=0, kv_budget_mb=64, max_seq_len=1024,
                     max_batch=8, grace_period=5.0)
     settings.update(overrides)
     config = ServeConfig(role=role, model=model, **settings)

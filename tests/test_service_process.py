@@ -96,7 +96,7 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -
 
 def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
     port = free_port()
-    env = {**os.environ, "TESSERA_GRACE_PERIOD": "30", "TESSERA_METRICS_PORT": "0"}
+    env = {**os.environ, "TESSERA_GRACE_PERIOD": "30", "TESSERA_METRICS_PORT": "0", "TESSERA_HTTP_PORT": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
          "--port", str(port), "--kv-budget-mb", "64", "--max-seq-len", "1024"],

@@ -42,8 +42,9 @@ from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
     non_finite_soft_token,
 )
-from lm.sampling import apply_penalties, make_generator, sample
+from lm.sampling import apply_penalties, make_generator, sample, token_logprobs
 from lm.sequence import Sequence
+from lm.structured import GrammarCompiler, GrammarMatcher, StructuredOutput
 from lm.thinking import ThinkingTokens
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Engine:
         self._incoming: list[Sequence] = []  # submitted, not yet seen by the scheduler
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._grammars: GrammarCompiler | None = None
 
     def _new_scheduler(self) -> Scheduler:
         blocks = BlockManager(self.layout, self.storage.num_blocks,
@@ -145,6 +147,17 @@ class Engine:
             self._incoming.append(sequence)
             self._lock.notify()
         return sequence.handle
+
+    def grammar(self, constraint: StructuredOutput) -> GrammarMatcher:
+        """A matcher for a request's GenerationRequest.grammar (lm.structured; the first call reads the
+        tokenizer's vocabulary, about a second for 150k tokens). Raises ValueError for a constraint that
+        cannot be used, InvalidRequest for a model without a tokenizer."""
+        if self.tokenizer is None:
+            raise InvalidRequest("structured output needs the model's tokenizer; this engine has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend, self.config.vocab_size,
+                                             self.engine_config.stop_token_ids)
+        return self._grammars.matcher(constraint)
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
         """Submit and wait; drives the engine itself when no background thread runs (then from one
@@ -344,23 +357,37 @@ class Engine:
         if not chunks:
             return
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # (R,)
-        greedy = all(c.sequence.params.greedy and not c.sequence.params.penalized for c in chunks)
-        choices = torch.argmax(logits, dim=-1).tolist() if greedy else None
+        plain = all(c.sequence.params.greedy and not c.sequence.params.penalized and c.sequence.grammar is None
+                    for c in chunks)
+        choices = torch.argmax(logits, dim=-1).tolist() if plain else None
+        logprobs = None
+        if any(c.sequence.params.logprobs is not None for c in chunks):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), of the raw logits
         for row, chunk in enumerate(chunks):
             sequence = chunk.sequence
             try:  # whatever goes wrong with one row ends that sequence alone
                 if not finite[row]:
                     raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
+                constrained = self._grammar_applies(sequence)
                 if choices is not None:
                     token = choices[row]
                 else:
                     row_logits = logits[row]
                     if sequence.params.penalized:
                         row_logits = apply_penalties(row_logits, sequence.params, sequence.token_ids, sequence.prompt_len)
-                    token = sample(row_logits, sequence.params, sequence.generator)
-                reason, stream = sequence.append(token)
+                    allowed = self._allowed(sequence) if constrained else None
+                    token = sample(row_logits, sequence.params, sequence.generator, allowed)
+                if constrained and not (token == self._think_start and not sequence.grammar_started):
+                    sequence.grammar.accept(token)
+                    sequence.grammar_started = True
+                record = None
+                if logprobs is not None and sequence.params.logprobs is not None:
+                    record = token_logprobs(logprobs[row], token, sequence.params.logprobs)
+                reason, stream = sequence.append(token, record)
                 if stream:
                     self.output.token(sequence, token)
+                if reason is None and constrained and sequence.grammar.finished:
+                    reason = "stop"  # the grammar allows nothing more: the answer is complete
                 if reason is None and self._thinking_over_budget(sequence):
                     closing = self.thinking.closing_ids()
                     if self._force(sequence, closing) < len(closing):  # max_new_tokens or the context ran out
@@ -373,6 +400,23 @@ class Engine:
                 continue
             if reason is not None:
                 self._finish(sequence, reason)
+
+    @property
+    def _think_start(self) -> int | None:
+        return None if self.thinking is None else self.thinking.start_id
+
+    def _grammar_applies(self, sequence: Sequence) -> bool:
+        """A request's grammar constrains its answer: not the inside of a `<think>` block."""
+        return sequence.grammar is not None and sequence.think_open is None
+
+    def _allowed(self, sequence: Sequence) -> torch.Tensor:
+        """(vocab,) bool: what the grammar allows next; before the answer begins, a thinking model may
+        also open its `<think>` block (unless the prompt closed one: thinking is off)."""
+        allowed = sequence.grammar.allowed()
+        if (self.thinking is not None and not sequence.grammar_started
+                and not self.thinking.closed_block_last(sequence.token_ids)):
+            allowed[self.thinking.start_id] = True
+        return allowed
 
     def _force(self, sequence: Sequence, token_ids: list[int]) -> int:
         """Append the engine's own tokens to a request (lm.sequence.Sequence.force) and stream them;

@@ -83,6 +83,7 @@ class OutputProcessor:
         try:
             thinking = sequence.thinking
             hit_stop = False
+            logprob = sequence.logprobs[sequence.streamed]  # this token's (None unless asked for)
             if thinking is not None and token_id in (thinking.start_id, thinking.end_id):
                 # the markers count as reasoning tokens; their text is left out of both texts
                 sequence.reasoning_tokens += 1
@@ -93,16 +94,16 @@ class OutputProcessor:
                     if sequence.text is not None:
                         sequence.text.strip_leading_newlines()  # the blank line after </think>
                 sequence.streamed += 1
-                sequence.handle._publish(TokenEvent(token_id=token_id, text=tail, reasoning=True))
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=tail, reasoning=True, logprob=logprob))
             elif sequence.in_reasoning:
                 delta = sequence.reasoning.push(token_id)[0] if sequence.reasoning is not None else ""
                 sequence.reasoning_tokens += 1
                 sequence.streamed += 1
-                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta, reasoning=True))
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta, reasoning=True, logprob=logprob))
             else:
                 delta, hit_stop = ("", False) if sequence.text is None else sequence.text.push(token_id)
                 sequence.streamed += 1  # after the push: a token whose text failed is not in the Completion
-                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta))
+                sequence.handle._publish(TokenEvent(token_id=token_id, text=delta, logprob=logprob))
         except Exception as exc:
             log.exception("detokenizing failed for request %s", sequence.request.request_id)
             _complete(sequence, "error", f"{type(exc).__name__}: {exc}", sequence.streamed)

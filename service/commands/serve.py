@@ -1,4 +1,5 @@
-"""`tessera serve vision|lm|gateway|all`: run a gRPC service until SIGTERM (graceful drain).
+"""`tessera serve vision|lm|gateway|all|openai`: run a gRPC service (openai: the HTTP API) until SIGTERM
+(graceful drain).
 
 Every flag can also come from TESSERA_<FLAG> (e.g. TESSERA_METRICS_PORT); a flag on the command line
 wins. The effective configuration is printed as one JSON line on stderr at start-up, secrets redacted.
@@ -17,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from service.config import ROLES, add_arguments as add_config_arguments
 
     parser.add_argument("role", choices=ROLES,
-                        help="vision, lm, gateway (image+text entry point calling the other two), or all in one process")
+                        help="vision, lm, gateway (image+text entry point calling the other two), all in one process "
+                             "(with the OpenAI-compatible HTTP API on --http-port), or openai (that HTTP API alone, "
+                             "in front of the gateway at --gateway-target)")
     add_config_arguments(parser)
 
 
@@ -50,6 +53,7 @@ async def _serve(config) -> int:
         print(f"tessera serve: cannot start on {config.host}:{config.port}: {error}", file=sys.stderr)
         return 2
     print(f"tessera serve {config.role}: listening on {config.host}:{port}"
+          + (f", OpenAI-compatible HTTP on :{server.http_port}" if server.http_port and config.role == "all" else "")
           + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), file=sys.stderr, flush=True)
     status = await server.serve_until_signal()
     if server.load_error is not None:

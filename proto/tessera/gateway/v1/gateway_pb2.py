@@ -26,7 +26,7 @@ from proto.tessera.common.v1 import tensor_pb2 as proto_dot_tessera_dot_common_d
 from proto.tessera.lm.v1 import lm_pb2 as proto_dot_tessera_dot_lm_dot_v1_dot_lm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&proto/tessera/gateway/v1/gateway.proto\x12\x12tessera.gateway.v1\x1a$proto/tessera/common/v1/tensor.proto\x1a\x1cproto/tessera/lm/v1/lm.proto\"\xe9\x02\n\x0cQueryRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.tessera.common.v1.Image\x12:\n\x0cpan_and_scan\x18\x03 \x01(\x0b\x32$.tessera.common.v1.PanAndScanOptions\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tessera.lm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\x12V\n\x14\x63hat_template_kwargs\x18\x07 \x03(\x0b\x32\x38.tessera.gateway.v1.QueryRequest.ChatTemplateKwargsEntry\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x02\n\rQueryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftiles_per_image\x18\x06 \x03(\x05\x12\x15\n\rencode_time_s\x18\x07 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\t \x01(\x01\x12\x11\n\ttoken_ids\x18\n \x03(\x05\x12\x16\n\x0ereasoning_text\x18\x0b \x01(\t\x12\x18\n\x10reasoning_tokens\x18\x0c \x01(\x05\x12\x1b\n\x13reasoning_truncated\x18\r \x01(\x08\"g\n\x13QueryStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32!.tessera.gateway.v1.QueryResponse\x12\x11\n\treasoning\x18\x03 \x01(\x08\x32\xba\x01\n\x0eGatewayService\x12L\n\x05Query\x12 .tessera.gateway.v1.QueryRequest\x1a!.tessera.gateway.v1.QueryResponse\x12Z\n\x0bQueryStream\x12 .tessera.gateway.v1.QueryRequest\x1a\'.tessera.gateway.v1.QueryStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&proto/tessera/gateway/v1/gateway.proto\x12\x12tessera.gateway.v1\x1a$proto/tessera/common/v1/tensor.proto\x1a\x1cproto/tessera/lm/v1/lm.proto\"\xab\x03\n\x0cQueryRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.tessera.common.v1.Image\x12:\n\x0cpan_and_scan\x18\x03 \x01(\x0b\x32$.tessera.common.v1.PanAndScanOptions\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.tessera.lm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0b\n\x03raw\x18\x06 \x01(\x08\x12V\n\x14\x63hat_template_kwargs\x18\x07 \x03(\x0b\x32\x38.tessera.gateway.v1.QueryRequest.ChatTemplateKwargsEntry\x12,\n\x08messages\x18\x08 \x03(\x0b\x32\x1a.tessera.lm.v1.ChatMessage\x12\x12\n\ntools_json\x18\t \x01(\t\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf0\x02\n\rQueryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x17\n\x0ftiles_per_image\x18\x06 \x03(\x05\x12\x15\n\rencode_time_s\x18\x07 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\t \x01(\x01\x12\x11\n\ttoken_ids\x18\n \x03(\x05\x12\x16\n\x0ereasoning_text\x18\x0b \x01(\t\x12\x18\n\x10reasoning_tokens\x18\x0c \x01(\x05\x12\x1b\n\x13reasoning_truncated\x18\r \x01(\x08\x12-\n\x08logprobs\x18\x0e \x03(\x0b\x32\x1b.tessera.lm.v1.TokenLogprob\"\x95\x01\n\x13QueryStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\x04\x64one\x18\x02 \x01(\x0b\x32!.tessera.gateway.v1.QueryResponse\x12\x11\n\treasoning\x18\x03 \x01(\x08\x12,\n\x07logprob\x18\x04 \x01(\x0b\x32\x1b.tessera.lm.v1.TokenLogprob2\xba\x01\n\x0eGatewayService\x12L\n\x05Query\x12 .tessera.gateway.v1.QueryRequest\x1a!.tessera.gateway.v1.QueryResponse\x12Z\n\x0bQueryStream\x12 .tessera.gateway.v1.QueryRequest\x1a\'.tessera.gateway.v1.QueryStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._loaded_options = None
   _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_options = b'8\001'
   _globals['_QUERYREQUEST']._serialized_start=131
-  _globals['_QUERYREQUEST']._serialized_end=492
-  _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=435
-  _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=492
-  _globals['_QUERYRESPONSE']._serialized_start=495
-  _globals['_QUERYRESPONSE']._serialized_end=816
-  _globals['_QUERYSTREAMRESPONSE']._serialized_start=818
-  _globals['_QUERYSTREAMRESPONSE']._serialized_end=921
-  _globals['_GATEWAYSERVICE']._serialized_start=924
-  _globals['_GATEWAYSERVICE']._serialized_end=1110
+  _globals['_QUERYREQUEST']._serialized_end=558
+  _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=501
+  _globals['_QUERYREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=558
+  _globals['_QUERYRESPONSE']._serialized_start=561
+  _globals['_QUERYRESPONSE']._serialized_end=929
+  _globals['_QUERYSTREAMRESPONSE']._serialized_start=932
+  _globals['_QUERYSTREAMRESPONSE']._serialized_end=1081
+  _globals['_GATEWAYSERVICE']._serialized_start=1084
+  _globals['_GATEWAYSERVICE']._serialized_end=1270
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.tessera.common.v1 import tensor_pb2 as proto_dot_tessera_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/tessera/lm/v1/lm.proto\x12\rtessera.lm.v1\x1a$proto/tessera/common/v1/tensor.proto\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.tessera.lm.v1.ContentPart\"\x1b\n\x0cStopTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb3\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x33\n\x0estop_token_ids\x18\x07 \x01(\x0b\x32\x1b.tessera.lm.v1.StopTokenIds\x12\x1c\n\x0fthinking_budget\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x12\n\x10_thinking_budgetB\x15\n\x13_repetition_penalty\"\xdd\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.tessera.lm.v1.ChatMessage\x12)\n\x06images\x18\x04 \x03(\x0b\x32\x19.tessera.common.v1.Tensor\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.tessera.lm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12T\n\x14\x63hat_template_kwargs\x18\x07 \x03(\x0b\x32\x36.tessera.lm.v1.GenerateRequest.ChatTemplateKwargsEntry\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\x12\x16\n\x0ereasoning_text\x18\t \x01(\t\x12\x18\n\x10reasoning_tokens\x18\n \x01(\x05\x12\x1b\n\x13reasoning_truncated\x18\x0b \x01(\x08\"\x8c\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\x08token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12-\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1f.tessera.lm.v1.GenerateResponse\x12\x11\n\treasoning\x18\x04 \x01(\x08\x42\x0b\n\t_token_id\"\x82\x02\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.tessera.lm.v1.ChatMessage\x12\x13\n\x0bimage_tiles\x18\x04 \x03(\x05\x12T\n\x14\x63hat_template_kwargs\x18\x05 \x03(\x0b\x32\x36.tessera.lm.v1.TokenizeRequest.ChatTemplateKwargsEntry\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"?\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\x05\"\x10\n\x0eGetInfoRequest\"\xcf\x03\n\x11LanguageModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\x05\x12\x16\n\x0eimage_token_id\x18\x05 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x11\n\tmax_queue\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\n \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x03\x12\x15\n\rkv_block_size\x18\x0c \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x0e \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\x0f \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x10 \x01(\x03\x12!\n\x19prefix_cache_query_tokens\x18\x11 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x12 \x01(\x03\x12\x13\n\x0bpreemptions\x18\x13 \x01(\x03\x32\xaa\x03\n\x14LanguageModelService\x12K\n\x08Generate\x12\x1e.tessera.lm.v1.GenerateRequest\x1a\x1f.tessera.lm.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.tessera.lm.v1.GenerateRequest\x1a%.tessera.lm.v1.GenerateStreamResponse0\x01\x12K\n\x08Tokenize\x12\x1e.tessera.lm.v1.TokenizeRequest\x1a\x1f.tessera.lm.v1.TokenizeResponse\x12Q\n\x0b\x43ountTokens\x12\x1e.tessera.lm.v1.TokenizeRequest\x1a\".tessera.lm.v1.CountTokensResponse\x12J\n\x07GetInfo\x12\x1d.tessera.lm.v1.GetInfoRequest\x1a .tessera.lm.v1.LanguageModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/tessera/lm/v1/lm.proto\x12\rtessera.lm.v1\x1a$proto/tessera/common/v1/tensor.proto\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x08H\x00\x42\x06\n\x04part\"\x85\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.tessera.lm.v1.ContentPart\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x1b\n\x0cStopTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x93\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x33\n\x0estop_token_ids\x18\x07 \x01(\x0b\x32\x1b.tessera.lm.v1.StopTokenIds\x12\x1c\n\x0fthinking_budget\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12:\n\x11structured_output\x18\x0e \x01(\x0b\x32\x1f.tessera.lm.v1.StructuredOutputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x12\n\x10_thinking_budgetB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"q\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12&\n\x03top\x18\x04 \x03(\x0b\x32\x19.tessera.lm.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xf1\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.tessera.lm.v1.ChatMessage\x12)\n\x06images\x18\x04 \x03(\x0b\x32\x19.tessera.common.v1.Tensor\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.tessera.lm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12T\n\x14\x63hat_template_kwargs\x18\x07 \x03(\x0b\x32\x36.tessera.lm.v1.GenerateRequest.ChatTemplateKwargsEntry\x12\x12\n\ntools_json\x18\x08 \x01(\t\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\x12\x16\n\x0ereasoning_text\x18\t \x01(\t\x12\x18\n\x10reasoning_tokens\x18\n \x01(\x05\x12\x1b\n\x13reasoning_truncated\x18\x0b \x01(\x08\x12-\n\x08logprobs\x18\x0c \x03(\x0b\x32\x1b.tessera.lm.v1.TokenLogprob\"\xba\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\x08token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12-\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1f.tessera.lm.v1.GenerateResponse\x12\x11\n\treasoning\x18\x04 \x01(\x08\x12,\n\x07logprob\x18\x05 \x01(\x0b\x32\x1b.tessera.lm.v1.TokenLogprobB\x0b\n\t_token_id\"\x96\x02\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03raw\x18\x02 \x01(\x08\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.tessera.lm.v1.ChatMessage\x12\x13\n\x0bimage_tiles\x18\x04 \x03(\x05\x12T\n\x14\x63hat_template_kwargs\x18\x05 \x03(\x0b\x32\x36.tessera.lm.v1.TokenizeRequest.ChatTemplateKwargsEntry\x12\x12\n\ntools_json\x18\x06 \x01(\t\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"?\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\x05\"\x10\n\x0eGetInfoRequest\"\xcf\x03\n\x11LanguageModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x04 \x01(\x05\x12\x16\n\x0eimage_token_id\x18\x05 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x11\n\tmax_queue\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\n \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x03\x12\x15\n\rkv_block_size\x18\x0c \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x0e \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\x0f \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x10 \x01(\x03\x12!\n\x19prefix_cache_query_tokens\x18\x11 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x12 \x01(\x03\x12\x13\n\x0bpreemptions\x18\x13 \x01(\x03\x32\xaa\x03\n\x14LanguageModelService\x12K\n\x08Generate\x12\x1e.tessera.lm.v1.GenerateRequest\x1a\x1f.tessera.lm.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.tessera.lm.v1.GenerateRequest\x1a%.tessera.lm.v1.GenerateStreamResponse0\x01\x12K\n\x08Tokenize\x12\x1e.tessera.lm.v1.TokenizeRequest\x1a\x1f.tessera.lm.v1.TokenizeResponse\x12Q\n\x0b\x43ountTokens\x12\x1e.tessera.lm.v1.TokenizeRequest\x1a\".tessera.lm.v1.CountTokensResponse\x12J\n\x07GetInfo\x12\x1d.tessera.lm.v1.GetInfoRequest\x1a .tessera.lm.v1.LanguageModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,32 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_options = b'8\001'
   _globals['_CONTENTPART']._serialized_start=85
   _globals['_CONTENTPART']._serialized_end=139
-  _globals['_CHATMESSAGE']._serialized_start=141
-  _globals['_CHATMESSAGE']._serialized_end=213
-  _globals['_STOPTOKENIDS']._serialized_start=215
-  _globals['_STOPTOKENIDS']._serialized_end=242
-  _globals['_SAMPLINGPARAMS']._serialized_start=245
-  _globals['_SAMPLINGPARAMS']._serialized_end=680
-  _globals['_GENERATEREQUEST']._serialized_start=683
-  _globals['_GENERATEREQUEST']._serialized_end=1032
-  _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=975
-  _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1032
-  _globals['_GENERATERESPONSE']._serialized_start=1035
-  _globals['_GENERATERESPONSE']._serialized_end=1311
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1314
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1454
-  _globals['_TOKENIZEREQUEST']._serialized_start=1457
-  _globals['_TOKENIZEREQUEST']._serialized_end=1715
-  _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=975
-  _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1032
-  _globals['_TOKENIZERESPONSE']._serialized_start=1717
-  _globals['_TOKENIZERESPONSE']._serialized_end=1754
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1756
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1819
-  _globals['_GETINFOREQUEST']._serialized_start=1821
-  _globals['_GETINFOREQUEST']._serialized_end=1837
-  _globals['_LANGUAGEMODELINFO']._serialized_start=1840
-  _globals['_LANGUAGEMODELINFO']._serialized_end=2303
-  _globals['_LANGUAGEMODELSERVICE']._serialized_start=2306
-  _globals['_LANGUAGEMODELSERVICE']._serialized_end=2732
+  _globals['_CHATMESSAGE']._serialized_start=142
+  _globals['_CHATMESSAGE']._serialized_end=275
+  _globals['_STOPTOKENIDS']._serialized_start=277
+  _globals['_STOPTOKENIDS']._serialized_end=304
+  _globals['_SAMPLINGPARAMS']._serialized_start=307
+  _globals['_SAMPLINGPARAMS']._serialized_end=838
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=840
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=953
+  _globals['_TOKENLOGPROB']._serialized_start=955
+  _globals['_TOKENLOGPROB']._serialized_end=1059
+  _globals['_TOPLOGPROB']._serialized_start=1061
+  _globals['_TOPLOGPROB']._serialized_end=1123
+  _globals['_GENERATEREQUEST']._serialized_start=1126
+  _globals['_GENERATEREQUEST']._serialized_end=1495
+  _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=1438
+  _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1495
+  _globals['_GENERATERESPONSE']._serialized_start=1498
+  _globals['_GENERATERESPONSE']._serialized_end=1821
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1824
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2010
+  _globals['_TOKENIZEREQUEST']._serialized_start=2013
+  _globals['_TOKENIZEREQUEST']._serialized_end=2291
+  _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=1438
+  _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1495
+  _globals['_TOKENIZERESPONSE']._serialized_start=2293
+  _globals['_TOKENIZERESPONSE']._serialized_end=2330
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2332
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2395
+  _globals['_GETINFOREQUEST']._serialized_start=2397
+  _globals['_GETINFOREQUEST']._serialized_end=2413
+  _globals['_LANGUAGEMODELINFO']._serialized_start=2416
+  _globals['_LANGUAGEMODELINFO']._serialized_end=2879
+  _globals['_LANGUAGEMODELSERVICE']._serialized_start=2882
+  _globals['_LANGUAGEMODELSERVICE']._serialized_end=3308
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,262 @@
+"""The OpenAI API's request bodies (chat completions, completions) as pydantic models, and their
+translation into gateway queries (`tessera.gateway.v1.QueryRequest`).
+
+Field names and meanings are OpenAI's (https://platform.openai.com/docs/api-reference/chat). Tessera's
+extensions, under the names vLLM uses where it has one: `top_k`, `min_p`, `repetition_penalty`,
+`chat_template_kwargs` (e.g. {"enable_thinking": false}), `thinking_budget` (most tokens of a reasoning
+model's <think> block) and `pan_and_scan` (Pan & Scan crops per request). Unknown fields are ignored, as
+OpenAI's own server ignores fields a client library adds.
+
+Where Tessera differs: an unset `temperature` / `top_p` / `top_k` takes the checkpoint's recommendation
+(its generation_config.json with do_sample true), else greedy decoding; an unset `max_tokens` allows
+generation up to the context's end.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto.tessera.common.v1 import tensor_pb2
+from proto.tessera.gateway.v1 import gateway_pb2
+from proto.tessera.lm.v1 import lm_pb2
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON with `status` (HTTP)."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 499: "client_closed_request",
+             503: "service_unavailable", 504: "timeout_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageUrl(_Body):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCallIn(_Body):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier turn's thinking: the templates leave it out of the prompt
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class PanAndScan(_Body):
+    enabled: bool = True
+    min_crop_size: int | None = None
+    max_num_crops: int | None = None
+    min_ratio_to_activate: float | None = None
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Tessera extensions (vLLM's names)
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking_budget: int | None = None
+    pan_and_scan: PanAndScan | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    logprobs: int | None = None  # the legacy API's: the N most likely tokens at each step (0-5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# ----- translation into gateway queries -----------------------------------------------------------
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<base64>;base64)?,",
+                       re.ASCII)
+
+
+def image_from_url(url: str, *, max_bytes: int, where: str) -> tensor_pb2.Image:
+    """An image part's bytes from a base64 `data:` URL. ApiError 400 for any other URL (remote images are
+    not fetched) or a URL that is not base64 data, 413 for data over `max_bytes`."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        scheme = url.split(":", 1)[0][:16] if ":" in url else "no scheme"
+        raise ApiError(400, f"{where}: image_url must be a base64 data: URL (data:image/png;base64,...); got "
+                            f"{scheme!r}: this server does not fetch images from the network", param=where)
+    if match["base64"] is None:
+        raise ApiError(400, f"{where}: the data: URL is not base64-encoded", param=where)
+    payload = url[match.end():]
+    if len(payload) // 4 * 3 > max_bytes + 3:  # checked before decoding
+        raise ApiError(413, f"{where}: the image is about {len(payload) // 4 * 3:,} bytes; at most {max_bytes:,}",
+                       param=where)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data: URL holds invalid base64", param=where) from None
+    return tensor_pb2.Image(data=data, mime_type=match["mime"] or "")
+
+
+def messages_to_proto(messages: list[Message], *, max_image_bytes: int
+                      ) -> tuple[list[lm_pb2.ChatMessage], list[tensor_pb2.Image]]:
+    """OpenAI chat messages as the gateway's (images in order). "developer" is a system message."""
+    result, images = [], []
+    for index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        parts = []
+        content = message.content
+        if isinstance(content, str):
+            parts.append(lm_pb2.ContentPart(text=content))
+        elif content is not None:
+            for number, part in enumerate(content):
+                where = f"messages[{index}].content[{number}]"
+                if part.type == "text" and part.text is not None:
+                    parts.append(lm_pb2.ContentPart(text=part.text))
+                elif part.type == "image_url" and part.image_url is not None:
+                    images.append(image_from_url(part.image_url.url, max_bytes=max_image_bytes, where=where))
+                    parts.append(lm_pb2.ContentPart(image=True))
+                else:
+                    raise ApiError(400, f"{where}: content part of type {part.type!r} is not supported (text and "
+                                        "image_url are)", param=where)
+        entry = lm_pb2.ChatMessage(role=role, content=parts, name=message.name or "",
+                                   tool_call_id=message.tool_call_id or "")
+        if message.tool_calls:
+            entry.tool_calls_json = json.dumps([call.model_dump(exclude_none=True) for call in message.tool_calls])
+        result.append(entry)
+    return result, images
+
+
+def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_tokens: int,
+                      logprobs: int | None) -> lm_pb2.SamplingParams:
+    message = lm_pb2.SamplingParams(
+        max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if getattr(body, name) is not None:
+            setattr(message, name, getattr(body, name))
+    if body.seed is not None:
+        if not 0 <= body.seed < 2**63:
+            raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")
+        message.seed = body.seed
+    if logprobs is not None:
+        message.logprobs = logprobs
+    return message
+
+
+def pan_and_scan_to_proto(options: PanAndScan | None) -> tensor_pb2.PanAndScanOptions:
+    message = tensor_pb2.PanAndScanOptions()
+    if options is None:
+        return message
+    message.enabled = options.enabled
+    for name in ("min_crop_size", "max_num_crops", "min_ratio_to_activate"):
+        if getattr(options, name) is not None:
+            setattr(message, name, getattr(options, name))
+    return message
+
+
+def template_kwargs_to_proto(kwargs: dict[str, Any] | None) -> dict[str, str]:
+    return {key: json.dumps(value) for key, value in (kwargs or {}).items()}
+
+
+def with_seed(query: gateway_pb2.QueryRequest, index: int) -> gateway_pb2.QueryRequest:
+    """The query of the `index`-th of n choices: its own seed (seed + index) when a seed is given, so
+    that choices differ and each is reproducible."""
+    if index == 0 or not query.sampling.HasField("seed"):
+        return query
+    copy = gateway_pb2.QueryRequest()
+    copy.CopyFrom(query)
+    copy.sampling.seed = (query.sampling.seed + index) % 2**63
+    return copy
