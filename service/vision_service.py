@@ -158,14 +158,22 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         hits = [t is not None for t in soft_tokens]
         missing = [i for i, t in enumerate(soft_tokens) if t is None]
         if missing:
-            results = await self._preprocess([sources[i] for i in missing], pan_and_scan, missing)
+            # The same image twice in one request (a chat that shows it again) is encoded once.
+            firsts, seen = [], set()
+            for index in missing:
+                if keys[index] not in seen:
+                    seen.add(keys[index])
+                    firsts.append(index)
+            results = await self._preprocess([sources[i] for i in firsts], pan_and_scan, firsts)
             encoded = await asyncio.to_thread(self._encode_locked, encoder,
                                               [torch.from_numpy(r.tiles) for r in results])
-            for index, value in zip(missing, encoded):
-                soft_tokens[index] = value
-                self.cache.put(keys[index], value)
+            by_key = {keys[index]: value for index, value in zip(firsts, encoded)}
+            for key, value in by_key.items():
+                self.cache.put(key, value)
+            for index in missing:
+                soft_tokens[index] = by_key[keys[index]]
             if self.metrics is not None:
-                self.metrics.images_encoded.inc(len(missing))
+                self.metrics.images_encoded.inc(len(firsts))
         return await asyncio.to_thread(_encode_reply, keys, soft_tokens, hits)
 
     async def _plan(self, sources: list[bytes], pan_and_scan: PanAndScanConfig) -> list[int]:

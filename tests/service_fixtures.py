@@ -99,3 +99,90 @@ def wait_status(channel, service: str, expected: int, timeout: float) -> float:
             f"{service or 'server'} not {health_pb2.HealthCheckResponse.ServingStatus.Name(expected)} after {timeout} s"
         time.sleep(0.1)
     return time.monotonic() - started
+
+
+IM_END, END_OF_TEXT, THINK = 151_645, 151_643, 151_667  # Qwen 3's <|im_end|>, <|endoftext|>, <think>
+
+
+def write_tiny_qwen3(directory: Path, tokenizer_dir: Path, *, tie_word_embeddings: bool = True) -> Path:
+    """A random two-layer Qwen 3 with Qwen 3's real tokenizer and chat template (stops: <|im_end|>,
+    <|endoftext|>, as the published generation_config.json says)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", vocab_size=151_936, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
+                                  bos_token_id=END_OF_TEXT, eos_token_id=IM_END)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, END_OF_TEXT]}))
+    return directory
+
+
+def write_scripted_qwen3(directory: Path, tokenizer_dir: Path, script: dict[int, int]) -> Path:
+    """A Qwen 3 checkpoint (real tokenizer and template) whose next token is `script[last token]`, at
+    any temperature: every layer's output projections are zero, so the last hidden state is the last
+    token's embedding; scripted tokens embed as distinct basis vectors and the (untied) head maps each
+    to its successor with a logit of 80 (after the final RMSNorm), every other token 0. Unscripted
+    tokens embed as zero (uniform logits)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    write_tiny_qwen3(directory, tokenizer_dir, tie_word_embeddings=False)
+    path = directory / "model.safetensors"
+    weights = load_file(path)
+    hidden = weights["model.embed_tokens.weight"].shape[1]
+    if len(script) > hidden:
+        raise ValueError(f"a script of {len(script)} states needs more than {hidden} dimensions")
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name].zero_()
+    weights["model.embed_tokens.weight"].zero_()
+    weights["lm_head.weight"].zero_()
+    weights["model.norm.weight"].fill_(1.0)
+    for state, (token, successor) in enumerate(script.items()):
+        weights["model.embed_tokens.weight"][token, state] = 1.0
+        weights["lm_head.weight"][successor, state] = 10.0  # x 8, the RMSNorm of a one-hot 64-vector
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, path, metadata={"format": "pt"})
+    return directory
+
+
+def start_process(model: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 180):
+    """`tessera serve all --model MODEL` on free loopback ports (gRPC, HTTP; metrics off), waited for
+    until /health answers 200. Returns (process, gRPC target, HTTP base URL)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    port, http_port = free_port(), free_port()
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would stall the server once full
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "all", "--model", model, "--host", "127.0.0.1",
+         "--port", str(port), "--http-port", str(http_port), "--metrics-port", "0", *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"tessera serve all exited with {process.returncode}: {log.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return process, f"127.0.0.1:{port}", base
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("tessera serve all did not become ready")
+        time.sleep(0.2)

@@ -7,36 +7,19 @@ INVALID_ARGUMENT naming why."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import grpc
 import pytest
-import torch
 
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
-from service_fixtures import photo, refused, start_server
-
-IM_END, END_OF_TEXT = 151_645, 151_643
+from service_fixtures import END_OF_TEXT, IM_END, photo, refused, start_server, write_tiny_qwen3
 
 
 @pytest.fixture(scope="module")
 def checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("qwen3", vocab_size=151_936, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  max_position_embeddings=4096, tie_word_embeddings=True,
-                                  bos_token_id=END_OF_TEXT, eos_token_id=IM_END)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    directory = tmp_path_factory.mktemp("tiny-qwen3")
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(qwen3_tokenizer_dir / name, directory / name)
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, END_OF_TEXT]}))
-    return directory
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), qwen3_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,487 @@
+"""The OpenAI-compatible HTTP API with the official `openai` client, against `tessera serve all` in a
+process of its own on loopback (a tiny random Qwen 3 with Qwen 3's real tokenizer and chat template):
+chat and completions, streaming with usage, n and seed, logprobs (equal to the gRPC gateway's, which
+the reference model checks), stop strings, JSON schema and json_object output that parses and validates
+on a random-weight model (decoding is constrained), forced tool calls with the template's tool prompt
+(token counts equal to transformers' `apply_chat_template`), a tool-result turn, the bearer token, and
+error statuses; greedy answers equal the gRPC gateway's. Reasoning (`reasoning_content`, thinking
+budget) runs on a scripted Qwen 3 (tests/service_fixtures.write_scripted_qwen3)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx
+import openai
+import pytest
+import torch
+
+from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from proto.tessera.lm.v1 import lm_pb2
+from service_fixtures import (THINK, free_port, photo, start_process, start_server, write_scripted_qwen3,
+                              write_tiny_qwen3)
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-7f3a"
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
+    return write_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-http"), qwen3_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def stack(checkpoint, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN + "\n")
+    process, target, base = start_process(str(checkpoint), "--max-seq-len", "512", "--kv-budget-mb", "64",
+                                          "--served-model-name", "tiny-qwen3", "--auth-token-file", str(token_file),
+                                          "--max-message-mb", "1", cwd=REPO)
+    yield target, base
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack[1] + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    with grpc.insecure_channel(stack[0]) as channel:
+        yield gateway_pb2_grpc.GatewayServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def reference_tokenizer(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def data_url(image: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(image).decode()}"
+
+
+def chat(client, messages, **kwargs):
+    kwargs.setdefault("extra_body", NO_THINKING)
+    return client.chat.completions.create(model="tiny-qwen3", messages=messages, **kwargs)
+
+
+def grpc_query(gateway, messages, **sampling):
+    request = gateway_pb2.QueryRequest(
+        messages=[lm_pb2.ChatMessage(role=m["role"], content=[lm_pb2.ContentPart(text=m["content"])]) for m in messages],
+        sampling=lm_pb2.SamplingParams(**sampling), chat_template_kwargs={"enable_thinking": "false"})
+    return gateway.Query(request, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
+
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def test_models_health_and_the_bearer_token(stack, client):
+    assert [model.id for model in client.models.list().data] == ["tiny-qwen3"]
+    assert httpx.get(stack[1] + "/health").status_code == 200  # probes carry no token
+    for key in ("wrong", ""):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            openai.OpenAI(base_url=stack[1] + "/v1", api_key=key or "x", max_retries=0).models.list()
+        assert "bearer token" in caught.value.message
+    reply = httpx.post(stack[1] + "/v1/chat/completions", json={"model": "tiny-qwen3", "messages": HELLO})
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_greedy_chat_equals_the_grpc_answer_and_counts_the_reference_prompt(client, gateway, reference_tokenizer):
+    reply = chat(client, HELLO, max_tokens=12, temperature=0)
+    over_grpc = grpc_query(gateway, HELLO, max_new_tokens=12, temperature=0.0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == over_grpc.text and over_grpc.completion_tokens == 12
+    assert choice.finish_reason == "length"
+    expected = reference_tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False,
+                                                       tokenize=True, return_dict=False)
+    assert reply.usage.prompt_tokens == len(expected) == over_grpc.prompt_tokens
+    assert reply.usage.completion_tokens == 12 and reply.usage.total_tokens == len(expected) + 12
+    assert reply.model == "tiny-qwen3" and reply.object == "chat.completion"
+
+
+def test_streamed_deltas_join_into_the_whole_answer_with_usage_last(client):
+    whole = chat(client, HELLO, max_tokens=10, temperature=0).choices[0].message.content
+    chunks = list(chat(client, HELLO, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_differ(client):
+    first = chat(client, HELLO, max_tokens=8, temperature=1.0, n=2, seed=7)
+    again = chat(client, HELLO, max_tokens=8, temperature=1.0, n=2, seed=7)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1]
+    assert texts == [c.message.content for c in again.choices]
+    assert texts[0] != texts[1]  # each choice has its own seed (seed + index)
+    assert first.usage.completion_tokens == 16
+    other = chat(client, HELLO, max_tokens=8, temperature=1.0, seed=8)
+    assert other.choices[0].message.content != texts[0]
+
+
+def test_logprobs_equal_the_grpc_ones_and_the_reference_model(client, gateway, checkpoint, reference_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    reply = chat(client, HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    over_grpc = grpc_query(gateway, HELLO, max_new_tokens=6, temperature=0.0, logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == len(over_grpc.logprobs) == 6
+    for entry, record in zip(entries, over_grpc.logprobs):
+        assert entry.token == record.token and entry.logprob == pytest.approx(record.logprob, abs=1e-6)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the best
+        assert entry.bytes == list(entry.token.encode())
+    # The reference: transformers' log-softmax of the same checkpoint's logits at each generated position.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = reference_tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, enable_thinking=False,
+                                                     tokenize=True, return_dict=False)
+    ids = torch.tensor([prompt + list(over_grpc.token_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), dim=-1)
+    for step, record in enumerate(over_grpc.logprobs):
+        assert record.token_id == over_grpc.token_ids[step]
+        assert record.logprob == pytest.approx(float(logprobs[step, record.token_id]), abs=1e-4)
+        assert [t.token_id for t in record.top] == torch.topk(logprobs[step], 3).indices.tolist()
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    whole = chat(client, HELLO, max_tokens=16, temperature=1.0, seed=5).choices[0].message.content
+    words = [i for i, c in enumerate(whole) if not c.isspace() and i >= 2]
+    assert words, whole
+    stop = whole[words[0]:words[0] + 2]
+    reply = chat(client, HELLO, max_tokens=16, temperature=1.0, seed=5, stop=[stop])
+    assert reply.choices[0].message.content == whole[:whole.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "member": {"type": "boolean"}},
+          "required": ["name", "age", "member"], "additionalProperties": False}
+
+
+def test_json_schema_output_parses_and_validates_on_a_random_model(client):
+    reply = chat(client, [{"role": "user", "content": "A person, as JSON."}], max_tokens=60, temperature=1.0, n=3,
+                 seed=3, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    for choice in reply.choices:
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age", "member"}, person
+        assert isinstance(person["name"], str) and len(person["name"]) <= 10
+        assert isinstance(person["age"], int) and not isinstance(person["age"], bool) and 0 <= person["age"] <= 150
+        assert isinstance(person["member"], bool)
+        assert choice.finish_reason == "stop"
+    free = chat(client, [{"role": "user", "content": "A person, as JSON."}], max_tokens=20, temperature=1.0, seed=3)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)  # unconstrained, the random model writes no JSON
+
+
+def test_json_object_output_is_one_object(client):
+    reply = chat(client, [{"role": "user", "content": "JSON please"}], max_tokens=80, temperature=0.7, seed=11,
+                 response_format={"type": "json_object"})
+    choice = reply.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:  # cut by max_tokens: still the beginning of one object
+        assert choice.message.content.startswith("{")
+
+
+def test_a_bad_schema_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, HELLO, max_tokens=4, response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert "json_schema" in caught.value.message
+
+
+def test_forced_tool_calls_come_back_as_tool_calls_with_the_templates_tool_prompt(client, reference_tokenizer):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    expected = reference_tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True,
+                                                       enable_thinking=False, tokenize=True, return_dict=False)
+    named = chat(client, messages, tools=TOOLS, max_tokens=60, temperature=1.0, seed=1,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    required = chat(client, messages, tools=TOOLS, max_tokens=120, temperature=1.0, seed=2, tool_choice="required")
+    for reply in (named, required):
+        assert reply.usage.prompt_tokens == len(expected)
+        calls = reply.choices[0].message.tool_calls
+        assert calls and all(call.function.name == "get_weather" and call.id.startswith("call_") for call in calls)
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("C", "F")
+    assert required.choices[0].finish_reason == "tool_calls" and required.choices[0].message.content is None
+    assert named.choices[0].finish_reason == "stop"  # as OpenAI answers a named tool_choice
+    none = chat(client, messages, tools=TOOLS, max_tokens=2, tool_choice="none")
+    assert none.usage.prompt_tokens == len(reference_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False, tokenize=True, return_dict=False))
+
+
+def test_a_streamed_forced_tool_call_arrives_as_a_tool_calls_delta(client):
+    chunks = list(chat(client, [{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS, max_tokens=120,
+                       temperature=1.0, seed=4, tool_choice="required", stream=True))
+    deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert deltas and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    assert set(json.loads(deltas[0].function.arguments)) == {"city", "unit"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_a_tool_result_turn_is_rendered_as_the_reference_renders_it(client, reference_tokenizer):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                            "arguments": json.dumps({"city": "Paris", "unit": "C"})}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 21}"}]
+    reply = chat(client, messages, tools=TOOLS, max_tokens=2)
+    reference = [{**m, "content": m["content"] or ""} for m in messages]
+    expected = reference_tokenizer.apply_chat_template(reference, tools=TOOLS, add_generation_prompt=True,
+                                                       enable_thinking=False, tokenize=True, return_dict=False)
+    assert reply.usage.prompt_tokens == len(expected)
+
+
+def test_completions_are_raw_text_with_legacy_logprobs(client, gateway):
+    reply = client.completions.create(model="tiny-qwen3", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                      logprobs=2)
+    over_grpc = gateway.Query(gateway_pb2.QueryRequest(prompt="Once upon a time", raw=True,
+                                                       sampling=lm_pb2.SamplingParams(max_new_tokens=5, temperature=0.0)),
+                              metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60)
+    choice = reply.choices[0]
+    assert choice.text == over_grpc.text and reply.usage.completion_tokens == 5
+    assert len(choice.logprobs.tokens) == 5 and "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs.text_offset == [sum(len(t) for t in choice.logprobs.tokens[:i]) for i in range(5)]
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    streamed = client.completions.create(model="tiny-qwen3", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "other", "messages": HELLO}, 404, "does not exist"),
+    ({"model": "tiny-qwen3", "messages": []}, 400, "messages"),
+    ({"model": "tiny-qwen3", "messages": "hi"}, 400, "messages"),
+    ({"model": "tiny-qwen3", "messages": HELLO, "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny-qwen3", "messages": HELLO, "top_logprobs": 2}, 400, "logprobs"),
+    ({"model": "tiny-qwen3", "messages": HELLO, "n": 99}, 400, "n must be"),
+    ({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]}, 400, "data: URL"),
+    ({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(photo(64, 48))}}]}]}, 400, "text-only"),
+    ({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}, 400, "invalid base64"),
+    ({"model": "tiny-qwen3", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "input_audio"),
+    ({"model": "tiny-qwen3", "messages": HELLO, "tool_choice": "required"}, 400, "tool_choice needs tools"),
+    ({"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x" * 400_000}] * 3}, 413, "bytes"),
+])
+def test_errors_are_openai_json_with_the_right_status(stack, body, status, words):
+    reply = httpx.post(stack[1] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"},
+                       timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and error["type"]
+
+
+def test_a_prompt_over_the_context_is_a_400_before_any_token(stack):
+    reply = httpx.post(stack[1] + "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60,
+                       json={"model": "tiny-qwen3", "messages": [{"role": "user", "content": "word " * 2000}]})
+    assert reply.status_code == 400 and "the limit is 511" in reply.json()["error"]["message"]
+
+
+def test_32_concurrent_streams_all_complete(stack):
+    async def one(client, index):
+        stream = await client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": f"n{index}"}],
+                                                      max_tokens=6, temperature=1.0, seed=index, stream=True,
+                                                      stream_options={"include_usage": True}, extra_body=NO_THINKING)
+        chunks = [chunk async for chunk in stream]
+        return chunks[-1].usage.completion_tokens, [c.choices[0].finish_reason for c in chunks if c.choices]
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=stack[1] + "/v1", api_key=TOKEN, max_retries=0, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    for completion_tokens, reasons in asyncio.run(main()):
+        assert completion_tokens == 6 and reasons[-1] == "length"
+
+
+def test_a_client_that_disconnects_frees_its_request(stack, gateway):
+    from proto.tessera.lm.v1 import lm_pb2_grpc
+
+    with httpx.stream("POST", stack[1] + "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"model": "tiny-qwen3", "messages": HELLO, "max_tokens": 400, "stream": True,
+                            **NO_THINKING}, timeout=60) as reply:
+        for line in reply.iter_lines():
+            if '"content"' in line:
+                break  # one token seen: hang up
+    with grpc.insecure_channel(stack[0]) as channel:
+        info = lm_pb2_grpc.LanguageModelServiceStub(channel)
+        for _ in range(100):
+            state = info.GetInfo(lm_pb2.GetInfoRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),))
+            if state.kv_blocks_free == state.kv_blocks_total:
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert state.kv_blocks_free == state.kv_blocks_total  # cancelled, its blocks freed
+
+
+# ----- reasoning, on a scripted Qwen 3 --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def thinker(qwen3_tokenizer_dir, tmp_path_factory):
+    """Thinks "Let me count" over and over once it opens <think>; after a blank line answers "The answer
+    is 4." and ends its turn."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(qwen3_tokenizer_dir / "tokenizer.json"))
+    newline, blank = tokenizer.encode("\n").ids, tokenizer.encode("\n\n").ids
+    thought, answer = tokenizer.encode("Let me count").ids, tokenizer.encode("The answer is 4.").ids
+    states = thought + answer + newline + blank
+    assert len(newline) == len(blank) == 1 and len(set(states)) == len(states)  # each token one successor
+    script = {newline[0]: THINK, THINK: thought[0], **dict(zip(thought, thought[1:] + thought[:1])),
+              blank[0]: answer[0], **dict(zip(answer, answer[1:] + [151_645]))}
+    directory = write_scripted_qwen3(tmp_path_factory.mktemp("scripted-qwen3"), qwen3_tokenizer_dir, script)
+    port = free_port()
+    server = start_server(model=str(directory), max_seq_len=256, http_port=port, served_model_name="thinker")
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    server.stop()
+
+
+def test_reasoning_content_with_a_thinking_budget(thinker):
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    reply = thinker.chat.completions.create(model="thinker", messages=question, max_tokens=60, temperature=0.7,
+                                            extra_body={"thinking_budget": 6})
+    message = reply.choices[0].message
+    assert message.content == "The answer is 4." and reply.choices[0].finish_reason == "stop"
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning.startswith("Let me countLet me") and "<think>" not in reasoning and "</think>" not in reasoning
+    assert reply.usage.completion_tokens_details.reasoning_tokens > 6
+    chunks = list(thinker.chat.completions.create(model="thinker", messages=question, max_tokens=60, stream=True,
+                                                  temperature=0.7, extra_body={"thinking_budget": 6}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+    off = thinker.chat.completions.create(model="thinker", messages=question, max_tokens=20,
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off.choices[0].message.content == "The answer is 4."
+    assert not off.choices[0].message.model_extra.get("reasoning_content")
+    cut = thinker.chat.completions.create(model="thinker", messages=question, max_tokens=5, temperature=0.7)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
+
+
+# ----- loading -----------------------------------------------------------------------------------------
+
+def test_503_while_the_model_loads(checkpoint):
+    import threading
+
+    from service.server import default_lm_loader
+    from service.config import ServeConfig
+
+    release = threading.Event()
+    load = default_lm_loader(ServeConfig(role="all", model=str(checkpoint), max_seq_len=256, kv_budget_mb=16))
+
+    def held():
+        release.wait(60)
+        return load()
+
+    port = free_port()
+    server = start_server(model=str(checkpoint), load_lm=held, wait=False, http_port=port, max_seq_len=256)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/health").status_code == 503
+        reply = httpx.post(base + "/v1/chat/completions", json={"model": str(checkpoint), "messages": HELLO})
+        assert reply.status_code == 503 and "loading" in reply.json()["error"]["message"]
+        release.set()
+        server.call(server.server.loaded.wait(), 120)
+        assert httpx.get(base + "/health").status_code == 200
+    finally:
+        release.set()
+        server.stop()
+
+
+# ----- images, on a tiny vision-language Gemma 3 ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vlm(tiny_vlm_tok_dir):
+    process, target, base = start_process(str(tiny_vlm_tok_dir), "--max-seq-len", "2048", "--kv-budget-mb", "256",
+                                          "--served-model-name", "tiny-vlm", cwd=REPO)
+    yield target, base, openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not among the metrics")
+
+
+def test_an_image_data_url_answers_as_the_grpc_gateway_does(vlm):
+    target, base, client = vlm
+    image = photo(320, 200, seed=3)
+    reply = client.chat.completions.create(model="tiny-vlm", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                     {"type": "text", "text": "Describe the image."}]}])
+    with grpc.insecure_channel(target) as channel:
+        over_grpc = gateway_pb2_grpc.GatewayServiceStub(channel).Query(gateway_pb2.QueryRequest(
+            prompt="Describe the image.", images=[{"data": image}],
+            sampling=lm_pb2.SamplingParams(max_new_tokens=8, temperature=0.0)), timeout=300)
+    assert reply.choices[0].message.content == over_grpc.text
+    assert reply.usage.prompt_tokens == over_grpc.prompt_tokens > 256
+
+
+def test_a_two_turn_image_chat_encodes_the_image_once_and_reuses_the_prefix(vlm):
+    target, base, client = vlm
+    image = data_url(photo(300, 300, seed=9), "image/png")
+    first_turn = [{"role": "system", "content": "You describe photos."},
+                  {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                               {"type": "image_url", "image_url": {"url": image}}]}]
+    encoded = metric(base, "tessera_images_encoded_total")
+    first = client.chat.completions.create(model="tiny-vlm", messages=first_turn, max_tokens=6, temperature=0)
+    assert metric(base, "tessera_images_encoded_total") == encoded + 1
+    second_turn = first_turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                                {"role": "user", "content": "And the colours?"}]
+    hits = metric(base, "tessera_prefix_cache_hit_tokens")
+    second = client.chat.completions.create(model="tiny-vlm", messages=second_turn, max_tokens=6, temperature=0)
+    assert metric(base, "tessera_images_encoded_total") == encoded + 1  # the vision cache held it
+    assert metric(base, "tessera_prefix_cache_hit_tokens") - hits >= 256  # the first turn's image tokens at least
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # The same image twice in one request, and a third turn about it again: still one encode.
+    twice = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                          {"type": "text", "text": "Compare:"},
+                                          {"type": "image_url", "image_url": {"url": image}}]}]
+    client.chat.completions.create(model="tiny-vlm", messages=twice, max_tokens=2, temperature=0)
+    assert metric(base, "tessera_images_encoded_total") == encoded + 1
+    fresh = data_url(photo(200, 300, seed=10))
+    client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": fresh}}, {"type": "image_url", "image_url": {"url": fresh}}]}])
+    assert metric(base, "tessera_images_encoded_total") == encoded + 2
+
+
+def test_pan_and_scan_per_request_and_image_errors_over_http(vlm):
+    target, base, client = vlm
+    wide = data_url(photo(1200, 300, seed=4))
+    plain = client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": wide}}]}])
+    cropped = client.chat.completions.create(model="tiny-vlm", max_tokens=1, extra_body={"pan_and_scan": {
+        "enabled": True, "min_crop_size": 64, "max_num_crops": 4}}, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": wide}}]}])
+    assert cropped.usage.prompt_tokens >= plain.usage.prompt_tokens + 2 * 256  # crops add tiles
+    broken = data_url(photo(64, 48)[:60])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": broken}}]}])
+    assert "image 0" in caught.value.message
+    with pytest.raises(openai.APIStatusError) as caught:  # more images than the request limit (8)
+        client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": wide}}] * 9}])
+    assert caught.value.status_code == 413 and "images" in caught.value.message
