@@ -26,6 +26,9 @@ _HELP = {
     "gateway_target": "openai: the gateway it calls (host:port), with --backend-tls-* and the bearer token",
     "served_model_name": "all, openai: the model's name in the HTTP API (/v1/models, the requests' `model`); "
                          "default: --model",
+    "allowed_media_domains": "all, openai: fetch http(s) image URLs from these hosts (comma-separated; a name "
+                             "also allows its subdomains); only public addresses, no redirects; default: none "
+                             "(base64 data: URLs only)",
     "backend_keepalive_s": "gateway: seconds between keepalive pings on each backend connection; one unanswered "
                            "as long closes it, so a frozen backend is found within about twice this",
 }
@@ -40,6 +43,8 @@ class ServeConfig:
     http_port: int = 8000  # all: OpenAI-compatible HTTP API port (service.openai_api); 0 = off
     gateway_target: str = "localhost:50050"  # openai only: the gateway it calls
     served_model_name: str | None = None  # all, openai: the model's name in the HTTP API; None = `model`
+    allowed_media_domains: str | None = None  # all, openai: comma-separated hosts image URLs may come from; None: none
+    media_timeout_s: float = 10.0  # all, openai: seconds to fetch one image URL
     metrics_port: int = 9090  # Prometheus HTTP port; 0 = off
     vision_target: str = "localhost:50051"  # gateway only
     lm_target: str = "localhost:50052"  # gateway only
@@ -91,6 +96,8 @@ class ServeConfig:
         if self.backend_tls_cert and not self.backend_tls_ca:
             raise ValueError("--backend-tls-cert needs --backend-tls-ca (the CA bundle that signed the backends' "
                              "certificates), which turns TLS on for the gateway's calls to them")
+        if not self.media_timeout_s > 0:
+            raise ValueError(f"--media-timeout-s must be positive (seconds), got {self.media_timeout_s}")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"--http-port must be a port number (0 = off), got {self.http_port}")
         for name in ("max_batch", "max_seq_len", "kv_budget_mb", "prefill_chunk", "block_size", "max_queue",
@@ -134,6 +141,11 @@ class ServeConfig:
         over it is refused before it is parsed (service.decode)."""
         chat = self.max_messages * (2 + 2 * self.max_content_parts)
         return 2 * (chat + self.max_stop_strings + 8 * (self.max_images + self.max_tiles)) + 4096
+
+    @property
+    def media_domains(self) -> tuple[str, ...]:
+        """--allowed-media-domains as lower-case host names."""
+        return tuple(d.strip().lower().rstrip(".") for d in (self.allowed_media_domains or "").split(",") if d.strip())
 
     def bearer_token(self) -> str | None:
         """The bearer token: --auth-token (or TESSERA_AUTH_TOKEN), else the first line of --auth-token-file,

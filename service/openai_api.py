@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP front (`tessera serve openai`, and part of `serve all`): FastAPI on uvicorn,
-in front of the gateway.
+in front of the gateway. Image parts are base64 `data:` URLs; `http(s)` URLs are fetched only from the
+hosts of --allowed-media-domains (service.media_fetch).
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health` (200
 once the model is loaded and the gateway serving, else 503) and `GET /metrics` (Prometheus). Each
@@ -41,6 +42,7 @@ from lm.requests import EngineOverloaded, EngineStopped
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
 from service.interceptors import BackendError, DeadlineExceeded, NotReady
+from service.media_fetch import fetch_image
 from service.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, messages_to_proto, pan_and_scan_to_proto, sampling_to_proto,
     template_kwargs_to_proto, with_seed,
@@ -62,6 +64,8 @@ class HttpSettings:
     max_image_bytes: int = 20 << 20  # largest decoded image
     default_max_tokens: int = 4096  # max_tokens when unset: the context's length (generation ends there)
     request_timeout_s: float | None = None  # deadline of each gateway query (None: none)
+    allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may be fetched from (service.media_fetch)
+    media_timeout_s: float = 10.0  # seconds to fetch one image URL
 
 
 # ----- the gateway, in this process or over gRPC -------------------------------------------------
@@ -146,7 +150,12 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
         raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     if not body.messages:
         raise ApiError(400, "messages is empty; send at least one message", param="messages")
-    messages, images = messages_to_proto(body.messages, max_image_bytes=settings.max_image_bytes)
+    fetch = None
+    if settings.allowed_media_domains:
+        def fetch(url: str, where: str) -> bytes:
+            return fetch_image(url, allowed_domains=settings.allowed_media_domains, max_bytes=settings.max_image_bytes,
+                               timeout_s=settings.media_timeout_s, where=where)
+    messages, images = messages_to_proto(body.messages, max_image_bytes=settings.max_image_bytes, fetch=fetch)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_to_proto(body, max_tokens=max_tokens, default_max_tokens=settings.default_max_tokens,
                                  logprobs=(body.top_logprobs or 0) if body.logprobs else None)
@@ -303,7 +312,8 @@ class OpenAIFront:
             if not self.gateway.ready():
                 raise ApiError(503, "the model is still loading; retry shortly")
             if route == "chat":
-                query, mode = _chat_query(body, self.settings)
+                # base64 decoding and image fetches: off the event loop
+                query, mode = await asyncio.to_thread(_chat_query, body, self.settings)
                 queries = [(i, with_seed(query, i), mode) for i in range(body.n)]
             else:
                 queries = self._completion_queries(body)

@@ -168,14 +168,16 @@ _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=
                        re.ASCII)
 
 
-def image_from_url(url: str, *, max_bytes: int, where: str) -> tensor_pb2.Image:
-    """An image part's bytes from a base64 `data:` URL. ApiError 400 for any other URL (remote images are
-    not fetched) or a URL that is not base64 data, 413 for data over `max_bytes`."""
+def image_from_url(url: str, *, max_bytes: int, where: str, fetch=None) -> tensor_pb2.Image:
+    """An image part's bytes: decoded from a base64 `data:` URL, or `fetch(url, where)` for any other
+    (service.media_fetch; None: refused). ApiError 400 for a URL that is neither or data that is not
+    base64, 413 for data over `max_bytes` (checked before decoding)."""
     match = _DATA_URL.match(url)
     if match is None:
-        scheme = url.split(":", 1)[0][:16] if ":" in url else "no scheme"
-        raise ApiError(400, f"{where}: image_url must be a base64 data: URL (data:image/png;base64,...); got "
-                            f"{scheme!r}: this server does not fetch images from the network", param=where)
+        if fetch is None:
+            raise ApiError(400, f"{where}: image_url must be a base64 data: URL (data:image/png;base64,...); this "
+                                "server does not fetch images from the network", param=where)
+        return tensor_pb2.Image(data=fetch(url, where))
     if match["base64"] is None:
         raise ApiError(400, f"{where}: the data: URL is not base64-encoded", param=where)
     payload = url[match.end():]
@@ -189,9 +191,10 @@ def image_from_url(url: str, *, max_bytes: int, where: str) -> tensor_pb2.Image:
     return tensor_pb2.Image(data=data, mime_type=match["mime"] or "")
 
 
-def messages_to_proto(messages: list[Message], *, max_image_bytes: int
+def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=None
                       ) -> tuple[list[lm_pb2.ChatMessage], list[tensor_pb2.Image]]:
-    """OpenAI chat messages as the gateway's (images in order). "developer" is a system message."""
+    """OpenAI chat messages as the gateway's (images in order; `fetch` as image_from_url's). "developer"
+    is a system message."""
     result, images = [], []
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
@@ -205,7 +208,8 @@ def messages_to_proto(messages: list[Message], *, max_image_bytes: int
                 if part.type == "text" and part.text is not None:
                     parts.append(lm_pb2.ContentPart(text=part.text))
                 elif part.type == "image_url" and part.image_url is not None:
-                    images.append(image_from_url(part.image_url.url, max_bytes=max_image_bytes, where=where))
+                    images.append(image_from_url(part.image_url.url, max_bytes=max_image_bytes, where=where,
+                                                 fetch=fetch))
                     parts.append(lm_pb2.ContentPart(image=True))
                 else:
                     raise ApiError(400, f"{where}: content part of type {part.type!r} is not supported (text and "

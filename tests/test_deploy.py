@@ -201,15 +201,20 @@ def _environment(container: dict, docs: list[dict]) -> dict[str, str]:
     return environ
 
 
-def _serve_config(docs, component: str):
+def _serve_config(docs, component: str, role: str | None = None):
+    """The effective configuration of the `role` container (default: the component's own) of a
+    component's pod."""
     from service.config import from_args
 
+    role = role or component
     deployment = find(docs, "Deployment", f"tessera-{component}")[0]
     spec = deployment["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == (["gateway", "openai"] if component == "gateway" else [component])
+    (container,) = [c for c in spec["containers"] if c["name"] == role]
     assert container["command"] == ["tessera"]
     args = build_parser().parse_args(container["args"])  # the real parser: exits on an unknown flag
-    assert (args.command, args.role) == ("serve", component)
+    assert (args.command, args.role) == ("serve", role)
     environ = _environment(container, docs)
     return from_args(args.role, args, environ), spec, container, environ
 
@@ -257,6 +262,22 @@ def test_environment_variables_are_serve_flags(services, component):
             assert effective == type(effective)(value), f"{name}={value!r} but the server would use {effective!r}"
 
 
+def test_the_openai_container_serves_http_in_front_of_its_pods_gateway(services):
+    target, docs = services
+    gateway, spec, _, _ = _serve_config(docs, "gateway")
+    config, _, container, environ = _serve_config(docs, "gateway", "openai")
+    assert config.gateway_target == f"localhost:{gateway.port}"  # the pod's own gateway
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": config.port}
+    assert config.metrics_port == 0 != gateway.metrics_port  # one pod, one network: no second exporter on 9090
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": config.port}
+    for probe in ("startupProbe", "livenessProbe"):  # /health is 503 while a backend loads: not for liveness
+        assert container[probe]["tcpSocket"]["port"] == config.port
+    assert environ["TESSERA_AUTH_TOKEN"] == "secret" and config.served_model_name
+    assert config.grace_period < spec["terminationGracePeriodSeconds"]
+    service = find(docs, "Service", "tessera-gateway")[0]
+    assert {"name": "http", "port": 8000, "targetPort": "http", "appProtocol": "http"} in service["spec"]["ports"]
+
+
 def test_gateway_targets_are_the_vision_and_lm_services(services):
     target, docs = services
     config, *_ = _serve_config(docs, "gateway")
@@ -276,13 +297,13 @@ def test_gpu_overlay_puts_vision_and_lm_on_gpus_only():
         config = find(docs, "ConfigMap", "tessera-config")[0]["data"]
         assert config["TESSERA_DEVICE"] == ("cuda" if gpu else "cpu")
         for component in HEALTH_SERVICES:
-            (container,) = find(docs, "Deployment", f"tessera-{component}")[0]["spec"]["template"]["spec"]["containers"]
-            limits = container["resources"]["limits"]
-            wants_gpu = gpu and component != "gateway"
-            assert ("nvidia.com/gpu" in limits) == wants_gpu, f"{target} {component}"
-            assert container["resources"]["requests"] and limits
-            if wants_gpu:
-                assert container["image"].endswith("-cuda")
+            for container in find(docs, "Deployment", f"tessera-{component}")[0]["spec"]["template"]["spec"]["containers"]:
+                limits = container["resources"]["limits"]
+                wants_gpu = gpu and component != "gateway"
+                assert ("nvidia.com/gpu" in limits) == wants_gpu, f"{target} {component} {container['name']}"
+                assert container["resources"]["requests"] and limits
+                if wants_gpu:
+                    assert container["image"].endswith("-cuda")
 
 
 # ----- the captioning Job ---------------------------------------------------------------------------------

@@ -485,3 +485,34 @@ def test_pan_and_scan_per_request_and_image_errors_over_http(vlm):
         client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": wide}}] * 9}])
     assert caught.value.status_code == 413 and "images" in caught.value.message
+
+
+def test_a_grammar_leaves_the_thinking_free_and_constrains_the_answer(thinker):
+    digit = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["n"], "additionalProperties": False}
+    reply = thinker.chat.completions.create(
+        model="thinker", messages=[{"role": "user", "content": "2 + 2?"}], max_tokens=60, temperature=0.7,
+        response_format={"type": "json_schema", "json_schema": {"name": "digit", "schema": digit}},
+        extra_body={"thinking_budget": 4})
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"].startswith("Let me count")  # the script's own thinking
+    assert set(json.loads(message.content)) == {"n"} and reply.choices[0].finish_reason == "stop"
+
+
+def test_serve_openai_alone_in_front_of_a_gateway(stack, client):
+    front = start_server("openai", model="unused", port=free_port(), gateway_target=stack[0], auth_token=TOKEN,
+                         served_model_name="tiny-qwen3")
+    try:
+        base = f"http://127.0.0.1:{front.server.port}"
+        for _ in range(100):  # /health follows the gateway's readiness
+            if httpx.get(base + "/health").status_code == 200:
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        remote = openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+        assert remote.chat.completions.create(model="tiny-qwen3", messages=HELLO, max_tokens=8, temperature=0,
+                                              extra_body=NO_THINKING).choices[0].message.content == \
+            chat(client, HELLO, max_tokens=8, temperature=0).choices[0].message.content
+        with pytest.raises(openai.BadRequestError):  # the gateway's INVALID_ARGUMENT is a 400 here too
+            remote.chat.completions.create(model="tiny-qwen3", messages=HELLO, max_tokens=8, temperature=-3)
+    finally:
+        front.stop()

@@ -1,0 +1,120 @@
+"""Pieces of the OpenAI-compatible API on their own: the Hermes tool-call parser (whole and streamed, split
+anywhere), image URLs (base64 data: URLs; http(s) fetched only from allowed hosts, public addresses, within
+size limits, no redirects)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+
+import pytest
+
+from service import media_fetch
+from service.openai_protocol import ApiError, image_from_url
+from service.tool_calls import ToolCallStream, parse_tool_calls
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TEXTS = [
+    "no calls at all",
+    CALL,
+    "Let me look.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"),
+    '<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call> done',
+    "<tool_call>not json</tool_call> kept as text",
+    "<tool_call>\n{\"arguments\": {}}\n</tool_call>",  # no name: not a call
+    "an unfinished <tool_call>\n{\"name\": \"f\"",
+    "a lone < and <tool_ and <tool_call",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streaming_split_anywhere_gives_the_whole_parse(text):
+    content, calls = parse_tool_calls(text)
+    for step in (1, 2, 3, 7):
+        stream = ToolCallStream()
+        got, streamed = "", []
+        for start in range(0, len(text), step):
+            piece, done = stream.push(text[start:start + step])
+            got += piece
+            streamed += done
+        got += stream.flush()
+        assert got.strip() == content
+        assert [(c.name, json.loads(c.arguments)) for c in streamed] == [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_what_the_parser_takes_and_leaves():
+    assert parse_tool_calls(TEXTS[0]) == ("no calls at all", [])
+    content, calls = parse_tool_calls(TEXTS[2])
+    assert content == "Let me look." and [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]
+    assert len({c.id for c in calls}) == 2
+    assert json.loads(parse_tool_calls(TEXTS[3])[1][0].arguments) == {"x": 1}
+    assert parse_tool_calls(TEXTS[4]) == ("<tool_call>not json</tool_call> kept as text", [])
+    assert parse_tool_calls(TEXTS[5])[1] == []
+    assert parse_tool_calls(TEXTS[6]) == (TEXTS[6], [])
+
+
+def test_data_urls():
+    png = b"\x89PNG\r\n\x1a\n" + b"x" * 100
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    image = image_from_url(url, max_bytes=1000, where="p")
+    assert image.data == png and image.mime_type == "image/png"
+    for bad, status, words in [("data:image/png,rawbytes", 400, "not base64"), ("data:image/png;base64,@@@@", 400,
+                               "invalid base64"), (url, 413, "at most 50"), ("https://x.example/a.png", 400, "data: URL")]:
+        with pytest.raises(ApiError) as caught:
+            image_from_url(bad, max_bytes=50, where="p")
+        assert caught.value.status == status and words in caught.value.message
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/")
+            self.end_headers()
+            return
+        body = b"P" * (100 if self.path == "/small.png" else 5000)
+        self.send_response(200 if self.path != "/missing.png" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://localhost:{server.server_address[1]}"
+    server.shutdown()
+
+
+def fetch(url, domains=("localhost",), max_bytes=1000):
+    return media_fetch.fetch_image(url, allowed_domains=domains, max_bytes=max_bytes, timeout_s=5)
+
+
+def test_image_urls_are_refused_unless_allowed_and_public(image_host):
+    for url, domains, words in [(image_host + "/small.png", (), "does not fetch"),
+                                (image_host + "/small.png", ("example.com",), "not from 'localhost'"),
+                                ("ftp://localhost/x.png", ("localhost",), "only data:, http: and https:"),
+                                (image_host + "/small.png", ("localhost",), "non-public address")]:
+        with pytest.raises(ApiError) as caught:
+            fetch(url, domains)
+        assert caught.value.status == 400 and words in caught.value.message
+    assert media_fetch.host_allowed("img.example.com", ("example.com",))
+    assert not media_fetch.host_allowed("badexample.com", ("example.com",))
+
+
+def test_an_allowed_public_host_is_fetched_within_the_limits(image_host, monkeypatch):
+    # The test server is on loopback: the address check is replaced by one that pins it, as it would
+    # pin a public address.
+    monkeypatch.setattr(media_fetch, "public_address", lambda host, port: "127.0.0.1")
+    assert fetch(image_host + "/small.png") == b"P" * 100
+    for path, status, words in [("/big.png", 413, "at most 1,000"), ("/missing.png", 400, "HTTP 404"),
+                                ("/moved", 400, "HTTP 302")]:
+        with pytest.raises(ApiError) as caught:
+            fetch(image_host + path)
+        assert caught.value.status == status and words in caught.value.message
