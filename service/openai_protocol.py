@@ -2,7 +2,7 @@
 translation into gateway queries (`tessera.gateway.v1.QueryRequest`).
 
 Field names and meanings are OpenAI's (https://platform.openai.com/docs/api-reference/chat). Tessera's
-extensions, under the names vLLM uses where it has one: `top_k`, `min_p`, `repetition_penalty`,
+extensions, under the names vLLM uses where it has one: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
 `chat_template_kwargs` (e.g. {"enable_thinking": false}), `thinking_budget` (most tokens of a reasoning
 model's <think> block) and `pan_and_scan` (Pan & Scan crops per request). Unknown fields are ignored, as
 OpenAI's own server ignores fields a client library adds.
@@ -138,6 +138,7 @@ class _Sampling(_Body):
     top_k: int | None = None
     min_p: float = 0.0
     repetition_penalty: float | None = None
+    ignore_eos: bool = False  # vLLM's: the model's end-of-turn / eos tokens do not end generation (benchmarks)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -237,6 +238,8 @@ def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_to
         message.seed = body.seed
     if logprobs is not None:
         message.logprobs = logprobs
+    if body.ignore_eos:
+        message.stop_token_ids.SetInParent()  # set and empty: only max_tokens and stop strings end it
     return message
 
 

@@ -516,3 +516,41 @@ def test_serve_openai_alone_in_front_of_a_gateway(stack, client):
             remote.chat.completions.create(model="tiny-qwen3", messages=HELLO, max_tokens=8, temperature=-3)
     finally:
         front.stop()
+
+
+def test_a_full_queue_is_429_and_metrics_count_the_statuses(checkpoint):
+    port = free_port()
+    server = start_server(model=str(checkpoint), http_port=port, max_batch=1, max_queue=1, max_seq_len=512)
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": str(checkpoint), "messages": HELLO, "max_tokens": 300, "ignore_eos": True, **NO_THINKING}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base, timeout=300) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(5)))
+
+    try:
+        replies = asyncio.run(main())
+        statuses = sorted(reply.status_code for reply in replies)
+        assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+        refused = next(reply for reply in replies if reply.status_code == 429).json()["error"]
+        assert refused["type"] == "rate_limit_error" and "waiting" in refused["message"]
+        for reply in replies:
+            if reply.status_code == 200:
+                assert reply.json()["usage"]["completion_tokens"] == 300  # ignore_eos: to max_tokens
+        counted = httpx.get(base + "/metrics").text
+        assert f'tessera_http_requests_total{{route="chat",status="429"}} {statuses.count(429)}.0' in counted
+    finally:
+        server.stop()
+
+
+def test_the_grpc_gateway_takes_chat_messages_with_images_in_order(gateway):
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Query(gateway_pb2.QueryRequest(messages=[lm_pb2.ChatMessage(role="user", content=[
+            lm_pb2.ContentPart(text="two images?"), lm_pb2.ContentPart(image=True)])], images=[]),
+            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 image part(s) for 0 image(s)" in \
+        caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway.Query(gateway_pb2.QueryRequest(prompt="hi", messages=[lm_pb2.ChatMessage(role="user", content=[
+            lm_pb2.ContentPart(text="x")])]), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
+    assert "either prompt or messages" in caught.value.details()

@@ -258,7 +258,8 @@ class Engine:
         if budget is not None and self.thinking is None:
             raise InvalidRequest(f"thinking_budget is set ({budget}), but this model does not think (its vocabulary "
                                  "has no <think> and </think> tokens); leave it unset")
-        if self.thinking is not None and request.params.greedy and budget != 0:
+        if self.thinking is not None and request.params.greedy and budget != 0 \
+                and not self.thinking.closed_block_last(request.prompt_ids):  # thinking not switched off
             log.warning("request %s decodes greedily on a thinking model: greedy thinking tends to repeat itself "
                         "without end; set a temperature (Qwen 3 recommends 0.6 with top_p 0.95, top_k 20) or a "
                         "thinking budget", request.request_id)

@@ -1,9 +1,11 @@
-"""`tessera bench serve`: requests through the gRPC gateway (`serve all` on loopback) against the same
-engine called in process, at 1, 4 and 16 concurrent clients, on the embedded 270M.
+"""`tessera bench serve`: requests through the gRPC gateway and through the OpenAI-compatible HTTP API
+(`serve all` on loopback; the official `openai` client, one per client thread) against the same engine
+called in process, at 1, 4 and 16 concurrent clients, on the embedded 270M.
 
-Each request is a chat turn generating exactly `--new-tokens` tokens (stop tokens off), so both paths
-do the same work. Figures: requests/s, generated tok/s, p50/p99 latency, the gRPC overhead at each
-concurrency (gateway latency / in-process latency - 1) and throughput at 16 clients / 1 client.
+Each request is a chat turn generating exactly `--new-tokens` tokens (stop tokens off: `ignore_eos` over
+HTTP), so every path does the same work. Figures: requests/s, generated tok/s, p50/p99 latency, the gRPC
+and HTTP overheads at each concurrency (latency / in-process latency - 1) and throughput at 16 clients /
+1 client.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
     config = ServeConfig(role="all", model=args.model, host="127.0.0.1", port=_free_port(), metrics_port=0,
-                         max_batch=max(levels), max_seq_len=512, kv_budget_mb=512, max_queue=256)
+                         http_port=_free_port(), max_batch=max(levels), max_seq_len=512, kv_budget_mb=512,
+                         max_queue=256, served_model_name="bench")
     server = ServerThread(TesseraServer(config)).start()
     lm = server.server.lm.loaded.lm
     engine = server.server.lm.loaded.engine
@@ -69,14 +72,28 @@ def run(args: argparse.Namespace) -> int:
             return stub.Query(request, timeout=600).completion_tokens
         return call
 
+    def make_http_call():
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="none",
+                               max_retries=0, timeout=600)
+
+        def call(index: int) -> int:
+            reply = client.chat.completions.create(
+                model="bench", messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+                max_tokens=args.new_tokens, extra_body={"ignore_eos": True})
+            return reply.usage.completion_tokens
+        return call
+
+    paths = (("in-process", lambda: in_process), ("gateway", make_gateway_call), ("http", make_http_call))
     print(f"tessera bench serve: {args.model}, {args.new_tokens} new tokens per request, "
           f"{args.requests_per_client} requests per client, torch threads {args.threads}")
-    in_process(0)  # warm-up
-    make_gateway_call()(0)
+    for _, factory in paths:  # warm-up
+        factory()(0)
     results = {}
     try:
         for clients in levels:
-            for path, factory in (("in-process", lambda: in_process), ("gateway", make_gateway_call)):
+            for path, factory in paths:
                 figures = _measure(factory, clients, args.requests_per_client)
                 results[(path, clients)] = figures
                 print(f"{path:>10} clients {clients:>2}: {figures['requests_per_s']:6.2f} req/s "
@@ -87,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
     summary = {}
     for clients in levels:
-        base, grpc_side = results[("in-process", clients)], results[("gateway", clients)]
-        overhead = grpc_side["p50_s"] / base["p50_s"] - 1
-        summary[f"overhead_p50_{clients}"] = overhead
-        print(f"gRPC overhead at {clients:>2} client(s): p50 {overhead * 100:+.1f}%, "
-              f"throughput {grpc_side['tokens_per_s'] / base['tokens_per_s']:.2f}x of in-process")
+        base = results[("in-process", clients)]
+        for path, name in (("gateway", "gRPC"), ("http", "HTTP")):
+            side = results[(path, clients)]
+            overhead = side["p50_s"] / base["p50_s"] - 1
+            summary[f"{name.lower()}_overhead_p50_{clients}"] = overhead
+            print(f"{name} overhead at {clients:>2} client(s): p50 {overhead * 100:+.1f}%, "
+                  f"throughput {side['tokens_per_s'] / base['tokens_per_s']:.2f}x of in-process")
     if 1 in levels and 16 in levels:
         scaling = results[("gateway", 16)]["tokens_per_s"] / results[("gateway", 1)]["tokens_per_s"]
         summary["gateway_scaling_16_over_1"] = scaling
