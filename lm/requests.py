@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lm.sampling import SamplingParams
+from lm.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,6 @@ def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
     tile, rest = divmod(first, soft_tokens.shape[1] * soft_tokens.shape[2])
     token, channel = divmod(rest, soft_tokens.shape[2])
     return f"a non-finite value ({value}) at tile {tile}, token {token}, channel {channel}"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A sampled token's log probability under the model (float32 log-softmax of its logits) and the
-    most likely tokens at that step: `top` is ((token_id, logprob), ...), best first."""
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,11 +155,18 @@ def _restrict(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tenso
     return logits.masked_fill(~allowed, float("-inf"))
 
 
-def token_logprobs(logprobs: torch.Tensor, token_id: int, top: int) -> "TokenLogprob":
-    """The TokenLogprob of `token_id` from one row of log-probabilities (vocab,), with the `top` most
-    likely tokens (best first; ties by the lower id)."""
-    from lm.requests import TokenLogprob
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log probability under the model (float32 log-softmax of its logits) and the
+    most likely tokens at that step: `top` is ((token_id, logprob), ...), best first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
+
+def token_logprobs(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
+    """The TokenLogprob of `token_id` from one row of log-probabilities (vocab,), with the `top` most
+    likely tokens (best first)."""
     best = torch.topk(logprobs, top) if top else None
     pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
     return TokenLogprob(token_id, float(logprobs[token_id]), pairs)

@@ -4,11 +4,13 @@ it equals the reference's temperature / top-k / top-p warpers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from lm.sampling import SamplingParams, next_token_probs, sample
+from lm.sampling import SamplingParams, next_token_probs, sample, token_logprobs
 
 TINY = [5e-324, 1e-320, 1e-45, 1e-40, 7e-38, 1.2e-38, 1e-30, 1e-12]
 HUGE = [1e30, 1e300, 1.7976931348623157e308]
@@ -121,3 +123,27 @@ def test_presence_and_frequency_penalties_follow_the_output_counts():
 def test_out_of_range_penalties_are_refused_naming_them(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_an_allowed_mask_restricts_greedy_and_sampled_choices():
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    allowed = torch.tensor([False, False, True, True, False])
+    assert sample(logits, SamplingParams(), None, allowed) == 2  # the best allowed, not the best
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=5.0), generator, allowed) for _ in range(200)}
+    assert draws == {2, 3}
+    probs = next_token_probs(logits, SamplingParams(temperature=1.0), allowed)
+    assert probs[[0, 1, 4]].sum() == 0 and torch.isclose(probs[2] / probs[3], torch.tensor(math.e))
+    with pytest.raises(ValueError, match="allows no token"):
+        sample(logits, SamplingParams(), None, torch.zeros(5, dtype=torch.bool))
+
+
+def test_token_logprobs_are_the_log_softmax_with_the_best_alternatives():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    logprobs = torch.log_softmax(logits, -1)
+    record = token_logprobs(logprobs, 2, 2)
+    assert record.token_id == 2 and record.logprob == pytest.approx(float(logprobs[2]))
+    assert [i for i, _ in record.top] == [1, 2] and record.top[0][1] == pytest.approx(float(logprobs[1]))
+    assert token_logprobs(logprobs, 0, 0).top == ()
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
