@@ -19,6 +19,7 @@ import torch
 # The smallest normal float32 (~1.18e-38): any temperature below it selects the argmax (see above).
 GREEDY_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class SamplingParams:
     # temperature and constraints, as vLLM reports them): None = none; N = the token's own plus the N most
     # likely (OpenAI's top_logprobs, at most MAX_LOGPROBS).
     logprobs: int | None = None
+    # OpenAI's logit_bias: ((token_id, bias), ...), each bias in [-100, 100] added to that token's logit
+    # before everything else (at most MAX_LOGIT_BIAS entries; ids are checked against the vocabulary by
+    # the engine).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +73,10 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             problems.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            problems.append(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        elif any(not isinstance(t, int) or not math.isfinite(b) or not -100 <= b <= 100 for t, b in self.logit_bias):
+            problems.append("logit_bias maps token ids to biases in [-100, 100]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append("stop strings must be non-empty strings")
         if problems:
@@ -75,8 +84,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether the logits are changed by a repetition penalty before sampling."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether the logits are changed (a repetition penalty, a logit bias) before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -120,8 +130,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: lis
     """`logits` (vocab,) with the repetition penalties of `params` applied, given the request's tokens
     (`token_ids`: prompt then output, `prompt_len` of them the prompt). repetition_penalty (Keskar et al.
     2019, CTRL; transformers' RepetitionPenaltyLogitsProcessor) covers prompt and output tokens;
-    presence_penalty and frequency_penalty (OpenAI's definitions, as vLLM applies them) the output only.
-    Returns a new float32 tensor; the input is unchanged."""
+    presence_penalty and frequency_penalty (OpenAI's definitions, as vLLM applies them) the output only;
+    then `logit_bias` is added. Returns a new float32 tensor; the input is unchanged."""
     logits = logits.detach().float().clone()
     if params.repetition_penalty != 1.0 and token_ids:
         seen = torch.tensor(sorted(set(token_ids)), device=logits.device)
@@ -131,6 +141,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: lis
     if (params.presence_penalty or params.frequency_penalty) and output:
         counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1]).float()
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    for token_id, bias in params.logit_bias:
+        logits[token_id] += bias
     return logits
 
 

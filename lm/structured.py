@@ -10,8 +10,15 @@ complete, so the answer always parses.
 
 JSON is generated in one fixed layout: no optional whitespace, ", " between items and ": " after keys
 (Python's `json.dumps` style, what models most often write); free whitespace would let a weak model pad
-forever. llguidance builds the token trie from the tokenizer.json once per model (about a second for a
-150k vocabulary), on first use.
+forever. llguidance builds the token trie from the tokenizer.json once per model (one to five seconds for
+a 150k-260k vocabulary), on first use.
+
+Control tokens never stand for text: llguidance gets a copy of the tokenizer in which every added token
+that is special (or not part of the model's own vocabulary, as Qwen's <think> and <tool_call>) is renamed
+to a string no text contains and marked special, so text a grammar forces ("<|im_end|>" in a JSON
+string) is spelled with ordinary tokens, and the stop tokens are allowed only where the grammar is
+complete. A grammar that allows no first token, or that the parser gives up on while generating (a
+schema that recurses without end), is a GrammarError (a ValueError: the request's own fault).
 """
 
 from __future__ import annotations
@@ -46,6 +53,46 @@ class StructuredOutput:
                              f"{MAX_GRAMMAR_BYTES:,}")
 
 
+class GrammarError(ValueError):
+    """The constraint cannot be followed: no output satisfies it, or the parser gave up on it."""
+
+
+_RENAMED = "\U000F0000"  # a private-use character: no text a grammar forces starts a control token with it
+
+
+def grammar_tokenizer_json(backend) -> str:
+    """`backend` (a tokenizers.Tokenizer) as JSON for llguidance, its control tokens renamed (see the
+    module docstring). Falls back to the tokenizer as it is if the renamed copy would not keep every id."""
+    from tokenizers import Tokenizer
+
+    original = backend.to_str()
+    data = json.loads(original)
+    vocab = (data.get("model") or {}).get("vocab")
+    renamed = []
+    for token in data.get("added_tokens", []):
+        content, token_id = token["content"], token["id"]
+        in_vocab = (isinstance(vocab, dict) and vocab.get(content) == token_id) or \
+            (isinstance(vocab, list) and token_id < len(vocab) and vocab[token_id][0] == content)
+        if in_vocab and not token.get("special"):
+            continue  # ordinary text the model's vocabulary holds (Gemma's whitespace runs): merges use it
+        new = _RENAMED + content
+        if in_vocab and isinstance(vocab, dict):
+            del vocab[content]
+            vocab[new] = token_id
+        elif in_vocab:
+            vocab[token_id][0] = new
+        token["content"], token["special"] = new, True
+        renamed.append((new, token_id))
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        check = Tokenizer.from_str(text)
+    except Exception:  # noqa: BLE001 - an unusual tokenizer: llguidance gets it unchanged
+        return original
+    if any(check.token_to_id(content) != token_id for content, token_id in renamed):
+        return original
+    return text
+
+
 class GrammarMatcher:
     """One request's grammar state (engine thread only): which tokens may come next, and the tokens taken."""
 
@@ -60,9 +107,10 @@ class GrammarMatcher:
         return torch.from_numpy(mask)
 
     def accept(self, token_id: int) -> None:
-        """Advance past a sampled token. RuntimeError if the grammar refuses it (it was masked: a bug)."""
+        """Advance past a sampled token (one `allowed` gave). GrammarError if the parser gives up (e.g. a
+        schema that recurses past its limits)."""
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"the grammar refused token {token_id}: {self._matcher.get_error()}")
+            raise GrammarError(f"the output constraint could not be followed: {_first_line(self._matcher.get_error())}")
 
     @property
     def finished(self) -> bool:
@@ -86,8 +134,8 @@ class GrammarCompiler:
 
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size,
-                                                         eos_token=list(self.stop_token_ids))
+                self._tokenizer = llguidance.LLTokenizer(grammar_tokenizer_json(self._backend),
+                                                         n_vocab=self.vocab_size, eos_token=list(self.stop_token_ids))
             return self._tokenizer
 
     def matcher(self, constraint: StructuredOutput) -> GrammarMatcher:
@@ -102,8 +150,14 @@ class GrammarCompiler:
             raise ValueError(f"the {constraint.kind} constraint cannot be used: {'; '.join(messages)}")
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"the {constraint.kind} constraint cannot be used: {matcher.get_error()}")
-        return GrammarMatcher(matcher, self.vocab_size)
+            raise ValueError(f"the {constraint.kind} constraint cannot be used: {_first_line(matcher.get_error())}")
+        result = GrammarMatcher(matcher, self.vocab_size)
+        first = result.allowed()
+        first[list(self.stop_token_ids)] = False
+        if matcher.is_stopped() or not bool(first.any()):  # nothing, or only an end, may come first
+            raise GrammarError(f"the {constraint.kind} constraint allows no output (e.g. a schema that only "
+                               "refers to itself)")
+        return result
 
 
 def _grammar(constraint: StructuredOutput) -> str:
@@ -120,6 +174,10 @@ def _grammar(constraint: StructuredOutput) -> str:
     if constraint.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(constraint.spec)
     return llguidance.LLMatcher.grammar_from_lark(constraint.spec)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
 def _json(text: str, what: str) -> Any:

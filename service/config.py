@@ -96,6 +96,9 @@ class ServeConfig:
         if self.backend_tls_cert and not self.backend_tls_ca:
             raise ValueError("--backend-tls-cert needs --backend-tls-ca (the CA bundle that signed the backends' "
                              "certificates), which turns TLS on for the gateway's calls to them")
+        if self.role == "openai" and not self.served_model_name:
+            raise ValueError("serve openai needs --served-model-name (TESSERA_SERVED_MODEL_NAME): the name of the "
+                             "model behind the gateway, which clients put in `model`")
         if not self.media_timeout_s > 0:
             raise ValueError(f"--media-timeout-s must be positive (seconds), got {self.media_timeout_s}")
         if not 0 <= self.http_port < 65536:

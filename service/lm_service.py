@@ -29,6 +29,7 @@ from lm.engine import Engine
 from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_size, check_text_bytes, layout_request,
                        template_kwargs_from_json, text_bytes, tools_from_json)
 from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
+from lm.structured import GrammarError
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
 from service.wire import (logprob_to_proto, messages_from_proto, sampling_from_proto, structured_output_from_proto,
@@ -146,6 +147,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                     if event is None:  # finished
                         completion = handle.result()
                         if completion.finish_reason == "error":
+                            if completion.error.startswith(f"{GrammarError.__name__}: "):  # the request's own
+                                raise ValueError(completion.error.split(": ", 1)[1])
                             raise RuntimeError(f"generation failed for request {completion.request_id}: "
                                                f"{completion.error}")
                         self._observe(completion, first_token_at, started)

@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 
@@ -45,7 +46,7 @@ from service.interceptors import BackendError, DeadlineExceeded, NotReady
 from service.media_fetch import fetch_image
 from service.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, messages_to_proto, pan_and_scan_to_proto, sampling_to_proto,
-    template_kwargs_to_proto, with_seed,
+    structured_output_to_proto, template_kwargs_to_proto, with_seed,
 )
 from service.tool_calls import ToolCall, ToolCallStream, call_from_json, new_call_id, parse_tool_calls
 from vision.image import ImageError
@@ -77,6 +78,9 @@ class LocalGateway:
         self.servicer = servicer
         self.ready = ready  # () -> bool: the models are loaded
 
+    def not_ready_reason(self) -> str:
+        return "the model is still loading; retry shortly"
+
     def stream(self, request: gateway_pb2.QueryRequest, timeout: float | None) -> AsyncIterator:
         return self.servicer.stream(request, timeout)
 
@@ -90,10 +94,15 @@ class GatewayCallError(Exception):
 class RemoteGateway:
     """A gateway reached over gRPC (`serve openai`); `metadata` carries the bearer token."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), ready=lambda: True):
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple = (), ready=lambda: True, name: str = "the gateway"):
         self.stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         self.metadata = metadata
         self.ready = ready
+        self.name = name  # in errors, e.g. "gateway at host:port"
+
+    def not_ready_reason(self) -> str:
+        return (f"{self.name} is not ready (unreachable, still loading, or refusing this server's token; the "
+                "server log says which); retry shortly")
 
     async def stream(self, request: gateway_pb2.QueryRequest, timeout: float | None) -> AsyncIterator:
         call = self.stub.QueryStream(request, timeout=timeout, metadata=self.metadata)
@@ -141,6 +150,7 @@ def api_error(error: BaseException) -> ApiError:
 class ToolMode:
     kind: str = "none"  # none | auto | required | named
     function: str = ""  # named: the function
+    single: bool = False  # parallel_tool_calls false: one call at most
 
 
 def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[gateway_pb2.QueryRequest, ToolMode]:
@@ -170,14 +180,10 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
         function = next(tool.function for tool in body.tools if tool.function.name == mode.function)
         sampling.structured_output.json_schema = json.dumps(function.parameters or {"type": "object"})
     elif mode.kind == "required":
-        sampling.structured_output.json_schema = json.dumps(_required_calls_schema(body.tools))
-    elif body.response_format is not None and body.response_format.type == "json_object":
-        sampling.structured_output.json_object = True
-    elif body.response_format is not None and body.response_format.type == "json_schema":
-        schema = body.response_format.json_schema
-        if schema is None or schema.schema_ is None:
-            raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
-        sampling.structured_output.json_schema = json.dumps(schema.schema_)
+        sampling.structured_output.json_schema = json.dumps(
+            _required_calls_schema(body.tools, single=body.parallel_tool_calls is False))
+    else:
+        structured_output_to_proto(body.response_format, sampling)
     query = gateway_pb2.QueryRequest(
         messages=messages, images=images, sampling=sampling, pan_and_scan=pan_and_scan_to_proto(body.pan_and_scan),
         chat_template_kwargs=template_kwargs_to_proto(body.chat_template_kwargs),
@@ -191,12 +197,13 @@ def _tool_mode(body: ChatCompletionRequest) -> ToolMode:
         if choice not in (None, "none"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return ToolMode()
+    single = body.parallel_tool_calls is False
     if choice is None or choice == "auto":
-        return ToolMode("auto")
+        return ToolMode("auto", single=single)
     if choice == "none":
         return ToolMode()
     if choice == "required":
-        return ToolMode("required")
+        return ToolMode("required", single=single)
     name = choice.function.get("name", "")
     if name not in {tool.function.name for tool in body.tools}:
         raise ApiError(400, f"tool_choice names the function {name!r}, which is not among the tools",
@@ -204,19 +211,20 @@ def _tool_mode(body: ChatCompletionRequest) -> ToolMode:
     return ToolMode("named", name)
 
 
-def _required_calls_schema(tools) -> dict:
-    """A JSON array of at least one call, each {"name": one of the tools, "arguments": its parameters}."""
+def _required_calls_schema(tools, *, single: bool) -> dict:
+    """A JSON array of at least one call (exactly one when `single`: parallel_tool_calls false), each
+    {"name": one of the tools, "arguments": its parameters}."""
     calls = [{"type": "object", "properties": {"name": {"const": tool.function.name},
                                                "arguments": tool.function.parameters or {"type": "object"}},
               "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls}}
 
 
 def _calls_and_content(text: str, mode: ToolMode) -> tuple[str | None, list[ToolCall]]:
     """The message's content and tool calls from the answer's text."""
     if mode.kind == "auto":
         content, calls = parse_tool_calls(text)
-        return (content or None) if calls else text, calls
+        return (content or None) if calls else text, calls[:1] if mode.single else calls
     if mode.kind == "named":
         call = call_from_json(json.dumps({"name": mode.function, "arguments": _json_or_none(text)}))
         return (None, [call]) if call is not None and _json_or_none(text) is not None else (text, [])
@@ -268,23 +276,42 @@ class OpenAIFront:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        app.add_exception_handler(StarletteHTTPException, self._http_exception)  # unknown routes, methods
         self.app = app
 
     # ----- routes ---------------------------------------------------------------------------------
+
+    def _model_card(self) -> dict:
+        return {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "tessera"}
 
     async def models(self, request: Request) -> Response:
         try:
             self._authorize(request)
         except ApiError as error:
             return self._error(error, "models")
-        return self._json({"object": "list", "data": [
-            {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "tessera"}]}, "models")
+        return self._json({"object": "list", "data": [self._model_card()]}, "models")
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        try:
+            self._authorize(request)
+            if model_id != self.settings.model_name:
+                raise ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+                                    f"{self.settings.model_name!r}", code="model_not_found")
+        except ApiError as error:
+            return self._error(error, "models")
+        return self._json(self._model_card(), "models")
 
     async def health(self) -> Response:
-        ready = self.gateway.ready()
-        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+        if self.gateway.ready():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": self.gateway.not_ready_reason()}, status_code=503)
+
+    async def _http_exception(self, request: Request, error: StarletteHTTPException) -> Response:
+        return self._error(ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}"),
+                           "other")
 
     async def metrics(self) -> Response:
         if self.registry is None:
@@ -310,7 +337,7 @@ class OpenAIFront:
             if not 1 <= body.n <= MAX_N:
                 raise ApiError(400, f"n must be in [1, {MAX_N}], got {body.n}", param="n")
             if not self.gateway.ready():
-                raise ApiError(503, "the model is still loading; retry shortly")
+                raise ApiError(503, self.gateway.not_ready_reason())
             if route == "chat":
                 # base64 decoding and image fetches: off the event loop
                 query, mode = await asyncio.to_thread(_chat_query, body, self.settings)
@@ -319,8 +346,8 @@ class OpenAIFront:
                 queries = self._completion_queries(body)
             runs = [_Run(index, self.gateway.stream(q, self.settings.request_timeout_s), mode)
                     for index, q, mode in queries]
-            try:
-                await asyncio.gather(*(run.prime() for run in runs))  # errors before the first token: a status
+            try:  # errors before the first token become the status; a client gone meanwhile frees its place
+                await _until_disconnected(request, asyncio.gather(*(run.prime() for run in runs)))
             except BaseException:
                 await asyncio.gather(*(run.close() for run in runs))
                 raise
@@ -332,7 +359,6 @@ class OpenAIFront:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = self._stream_chat(runs, response_id, created, include_usage, body) if route == "chat" else \
                 self._stream_text(runs, response_id, created, include_usage, body)
-            self._count(route, 200)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -357,6 +383,7 @@ class OpenAIFront:
             raise ApiError(400, f"give 1 to {MAX_N} prompts x n", param="prompt")
         sampling = sampling_to_proto(body, max_tokens=body.max_tokens, default_max_tokens=self.settings.default_max_tokens,
                                      logprobs=body.logprobs)
+        structured_output_to_proto(body.response_format, sampling)
         queries = []
         for p, prompt in enumerate(prompts):
             query = gateway_pb2.QueryRequest(prompt=prompt, raw=True, sampling=sampling)
@@ -426,6 +453,8 @@ class OpenAIFront:
                     if content or logprobs:
                         yield chunk(i, {"content": content}, logprobs=logprobs)
                     for call in calls:
+                        if run.mode.single and sent_calls[i]:
+                            break  # parallel_tool_calls false: the first call only
                         yield chunk(i, {"tool_calls": [call.to_openai(sent_calls[i])]})
                         sent_calls[i] += 1
                 elif run.mode.kind in ("named", "required"):
@@ -437,8 +466,11 @@ class OpenAIFront:
             if include_usage:
                 yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                             "model": self.settings.model_name, "choices": [], "usage": _usage(dones)})
+            self._count("chat", 200)
         except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            yield _sse(api_error(error).body())
+            failure = api_error(error)
+            self._count("chat", failure.status)
+            yield _sse(failure.body())
         finally:
             await asyncio.gather(*(run.close() for run in runs))
         yield "data: [DONE]\n\n"
@@ -465,8 +497,11 @@ class OpenAIFront:
             if include_usage:
                 yield _sse({"id": response_id, "object": "text_completion", "created": created,
                             "model": self.settings.model_name, "choices": [], "usage": _usage(dones)})
+            self._count("completions", 200)
         except Exception as error:  # noqa: BLE001
-            yield _sse(api_error(error).body())
+            failure = api_error(error)
+            self._count("completions", failure.status)
+            yield _sse(failure.body())
         finally:
             await asyncio.gather(*(run.close() for run in runs))
         yield "data: [DONE]\n\n"
@@ -512,7 +547,12 @@ class OpenAIFront:
 
     def _error(self, error: ApiError, route: str) -> Response:
         self._count(route, error.status)
-        return JSONResponse(error.body(), status_code=error.status)
+        headers = {}
+        if error.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        elif error.status in (429, 503):
+            headers["Retry-After"] = "1"
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 class _Run:
@@ -611,8 +651,10 @@ def _legacy_logprobs(records, start: int = 0) -> dict:
     for record in records:
         offsets.append(position)
         position += len(record.token)
+    # As OpenAI's: each step's top_logprobs holds the sampled token too (up to logprobs + 1 entries).
     return {"tokens": [r.token for r in records], "token_logprobs": [r.logprob for r in records],
-            "top_logprobs": [{top.token: top.logprob for top in r.top} for r in records], "text_offset": offsets}
+            "top_logprobs": [{**{top.token: top.logprob for top in r.top}, r.token: r.logprob} for r in records],
+            "text_offset": offsets}
 
 
 def _sse(data: dict) -> str:

@@ -20,7 +20,7 @@ import json
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proto.tessera.common.v1 import tensor_pb2
 from proto.tessera.gateway.v1 import gateway_pb2
@@ -48,6 +48,14 @@ class ApiError(Exception):
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """An explicit null means "not given", as OpenAI reads it (clients such as LiteLLM send them)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class ImageUrl(_Body):
@@ -139,6 +147,16 @@ class _Sampling(_Body):
     min_p: float = 0.0
     repetition_penalty: float | None = None
     ignore_eos: bool = False  # vLLM's: the model's end-of-turn / eos tokens do not end generation (benchmarks)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # Known OpenAI / vLLM fields Tessera does not implement: refused when set (never silently ignored).
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    functions: list | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -146,7 +164,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
@@ -166,7 +183,7 @@ class CompletionRequest(_Sampling):
 # ----- translation into gateway queries -----------------------------------------------------------
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<base64>;base64)?,",
-                       re.ASCII)
+                       re.ASCII | re.IGNORECASE)  # RFC 2397: scheme and parameter names are case-insensitive
 
 
 def image_from_url(url: str, *, max_bytes: int, where: str, fetch=None) -> tensor_pb2.Image:
@@ -240,7 +257,38 @@ def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_to
         message.logprobs = logprobs
     if body.ignore_eos:
         message.stop_token_ids.SetInParent()  # set and empty: only max_tokens and stop strings end it
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise ApiError(400, f"logit_bias keys are token ids, got {key[:20]!r}", param="logit_bias")
+        message.logit_bias[int(key)] = bias
+    _refuse_unsupported(body)
     return message
+
+
+_UNSUPPORTED = {"min_tokens": 0, "prompt_logprobs": None, "audio": None, "prediction": None, "functions": None,
+                "function_call": None}
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    for name, unset in _UNSUPPORTED.items():
+        if getattr(body, name) != unset:
+            hint = "; use tools and tool_choice" if name.startswith("function") else ""
+            raise ApiError(400, f"{name} is not supported by this server{hint}", param=name)
+    if body.modalities is not None and set(body.modalities) - {"text"}:
+        raise ApiError(400, "this server answers in text only (modalities: [\"text\"])", param="modalities")
+
+
+def structured_output_to_proto(response_format: ResponseFormat | None, sampling: lm_pb2.SamplingParams) -> None:
+    """`response_format` as the constraint of `sampling` (text: none)."""
+    if response_format is None or response_format.type == "text":
+        return
+    if response_format.type == "json_object":
+        sampling.structured_output.json_object = True
+        return
+    schema = response_format.json_schema
+    if schema is None or schema.schema_ is None:
+        raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    sampling.structured_output.json_schema = json.dumps(schema.schema_)
 
 
 def pan_and_scan_to_proto(options: PanAndScan | None) -> tensor_pb2.PanAndScanOptions:

@@ -207,7 +207,7 @@ class TesseraServer:
         self._backends = BackendReadiness([(backend, channel)], lambda ready: asyncio.sleep(0),
                                           refusal=token_refusal(metadata), metrics=self.metrics)
         self._backends_task = asyncio.create_task(self._backends.run())
-        await self._start_http(RemoteGateway(channel, metadata, ready=lambda: self._backends.ready),
+        await self._start_http(RemoteGateway(channel, metadata, ready=lambda: self._backends.ready, name=str(backend)),
                                config.port, token)
         self.port = self.http_port
         self.metrics_port = self.metrics.serve(config.metrics_port, config.host)

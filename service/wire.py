@@ -67,6 +67,7 @@ def sampling_from_proto(message: lm_pb2.SamplingParams, defaults: dict | None = 
         frequency_penalty=float(message.frequency_penalty),
         repetition_penalty=float(message.repetition_penalty) if message.HasField("repetition_penalty") else 1.0,
         logprobs=int(message.logprobs) if message.HasField("logprobs") else None,
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in message.logit_bias.items())),
     )
 
 
@@ -108,6 +109,7 @@ def sampling_to_proto(params: SamplingParams) -> lm_pb2.SamplingParams:
         message.thinking_budget = params.thinking_budget
     if params.logprobs is not None:
         message.logprobs = params.logprobs
+    message.logit_bias.update(dict(params.logit_bias))
     return message
 
 

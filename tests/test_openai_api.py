@@ -554,3 +554,62 @@ def test_the_grpc_gateway_takes_chat_messages_with_images_in_order(gateway):
         gateway.Query(gateway_pb2.QueryRequest(prompt="hi", messages=[lm_pb2.ChatMessage(role="user", content=[
             lm_pb2.ContentPart(text="x")])]), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
     assert "either prompt or messages" in caught.value.details()
+
+
+def test_a_schema_may_force_the_text_of_control_tokens(client):
+    for text in ("<|im_end|>", "a<think>b</tool_call>"):
+        reply = chat(client, HELLO, max_tokens=40, temperature=1.0, seed=1, response_format={
+            "type": "json_schema", "json_schema": {"name": "t", "schema": {"const": text}}})
+        assert json.loads(reply.choices[0].message.content) == text  # spelled with ordinary tokens
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"type": "object", "properties": {"a": {"$ref": "#"}},
+                                                    "required": ["a"]}])
+def test_a_schema_that_recurses_without_end_is_a_400(stack, schema):
+    reply = httpx.post(stack[1] + "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120,
+                       json={"model": "tiny-qwen3", "messages": HELLO, "max_tokens": 400, **NO_THINKING,
+                             "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}})
+    assert reply.status_code == 400 and "constraint" in reply.json()["error"]["message"], reply.text
+
+
+def test_nulls_are_unset_logit_bias_steers_and_unsupported_fields_are_refused(stack, client):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"model": "tiny-qwen3", "messages": HELLO, "max_tokens": 3, "temperature": 0, "n": None, "stream": None,
+            "logprobs": None, "presence_penalty": None, "frequency_penalty": None, "min_p": None, **NO_THINKING}
+    plain = httpx.post(stack[1] + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert plain.status_code == 200, plain.text
+    first = chat(client, HELLO, max_tokens=1, temperature=0, logprobs=True).choices[0].logprobs.content[0]
+    legacy = client.completions.create(model="tiny-qwen3", prompt="Hello", max_tokens=1, temperature=0, logprobs=0)
+    steered = chat(client, HELLO, max_tokens=1, temperature=0, logprobs=True, logit_bias={"15": 100})
+    assert steered.choices[0].logprobs.content[0].token == "0"  # id 15 is "0" in Qwen's vocabulary
+    assert first.token != "0"
+    assert set(legacy.choices[0].logprobs.top_logprobs[0]) == {legacy.choices[0].logprobs.tokens[0]}  # as OpenAI's
+    for extra, name in (({"min_tokens": 3}, "min_tokens"), ({"functions": [{"name": "f"}]}, "functions"),
+                        ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"15": 500}}, "logit_bias"),
+                        ({"modalities": ["text", "audio"]}, "modalities")):
+        reply = httpx.post(stack[1] + "/v1/chat/completions", json={**body, **extra}, headers=headers, timeout=60)
+        assert reply.status_code == 400 and name in reply.json()["error"]["message"], (extra, reply.text)
+
+
+def test_parallel_tool_calls_false_gives_one_call(client):
+    reply = chat(client, [{"role": "user", "content": "Weather in Paris and Oslo?"}], tools=TOOLS, max_tokens=120,
+                 temperature=1.0, seed=2, tool_choice="required", parallel_tool_calls=False)
+    assert len(reply.choices[0].message.tool_calls) == 1
+
+
+def test_completions_take_response_format(client):
+    reply = client.completions.create(model="tiny-qwen3", prompt="A person:", max_tokens=60, temperature=1.0, seed=2,
+                                      extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                          "name": "person", "schema": PERSON}}})
+    assert set(json.loads(reply.choices[0].text)) == {"name", "age", "member"}
+
+
+def test_model_lookup_unknown_routes_and_auth_headers(stack, client):
+    assert client.models.retrieve("tiny-qwen3").id == "tiny-qwen3"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        reply = httpx.request(method, stack[1] + path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert reply.status_code == status and reply.json()["error"]["message"]
+    refused = httpx.get(stack[1] + "/v1/models")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"

@@ -118,3 +118,11 @@ def test_an_allowed_public_host_is_fetched_within_the_limits(image_host, monkeyp
         with pytest.raises(ApiError) as caught:
             fetch(image_host + path)
         assert caught.value.status == status and words in caught.value.message
+
+
+def test_serve_openai_needs_the_models_name():
+    from service.config import ServeConfig
+
+    with pytest.raises(ValueError, match="served-model-name"):
+        ServeConfig(role="openai")
+    assert ServeConfig(role="openai", served_model_name="qwen3").port == 8000

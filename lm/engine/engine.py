@@ -44,7 +44,7 @@ from lm.requests import (
 )
 from lm.sampling import apply_penalties, make_generator, sample, token_logprobs
 from lm.sequence import Sequence
-from lm.structured import GrammarCompiler, GrammarMatcher, StructuredOutput
+from lm.structured import GrammarCompiler, GrammarError, GrammarMatcher, StructuredOutput
 from lm.thinking import ThinkingTokens
 
 log = logging.getLogger(__name__)
@@ -264,10 +264,11 @@ class Engine:
                         "without end; set a temperature (Qwen 3 recommends 0.6 with top_p 0.95, top_k 20) or a "
                         "thinking budget", request.request_id)
         stops = request.params.stop_token_ids
-        outside = [t for t in stops or () if not 0 <= t < self.config.vocab_size]
-        if outside:
-            raise InvalidRequest(f"stop_token_ids {outside[:4]} lie outside the vocabulary (ids 0 to "
-                                 f"{self.config.vocab_size - 1})")
+        for name, ids in (("stop_token_ids", stops or ()), ("logit_bias", [t for t, _ in request.params.logit_bias])):
+            outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if outside:
+                raise InvalidRequest(f"{name} {outside[:4]} lie outside the vocabulary (ids 0 to "
+                                     f"{self.config.vocab_size - 1})")
         sequence = Sequence(
             request, RequestHandle(request.request_id),
             stop_token_ids=self.engine_config.stop_token_ids if stops is None else stops,
@@ -395,6 +396,10 @@ class Engine:
                         reason = "length"
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
+            except GrammarError as exc:  # the request's constraint, not a fault of the server
+                log.warning("request %s: %s", sequence.request.request_id, exc)
+                self._finish(sequence, "error", _describe(exc))
+                continue
             except Exception as exc:
                 log.exception("decoding failed for request %s", sequence.request.request_id)
                 self._finish(sequence, "error", _describe(exc))
