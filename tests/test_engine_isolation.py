@@ -230,21 +230,21 @@ def test_a_failure_in_one_row_fails_that_request_only(model_and_config, solo_res
     if fault.startswith("sampling"):
         real_sample, calls = lm.engine.engine.sample, []
 
-        def sample(logits, params, generator):
+        def sample(logits, params, generator, *rest):
             if params.seed == FAULTY_SEED:
                 calls.append(1)
                 if fault == "sampling_first_token" or len(calls) > 3:
                     raise RuntimeError("injected sampling failure")
-            return real_sample(logits, params, generator)
+            return real_sample(logits, params, generator, *rest)
 
         monkeypatch.setattr(lm.engine.engine, "sample", sample)
     if fault == "stop_handling":
         real_append = Sequence.append
 
-        def append(self, token_id):
+        def append(self, token_id, *rest):
             if self.request.request_id == "faulty" and len(self.generated) >= 3:
                 raise RuntimeError("injected stop-handling failure")
-            return real_append(self, token_id)
+            return real_append(self, token_id, *rest)
 
         monkeypatch.setattr(Sequence, "append", append)
 
