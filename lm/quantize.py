@@ -1,19 +1,39 @@
-"""Weight-only int8 quantisation of a loaded decoder, applied from outside the model by swapping
-modules (the model code knows nothing of it).
+"""Quantisation of a loaded decoder, applied from outside the model by swapping modules (the model code
+knows nothing of it). Every projection and the LM head are swapped; MoE experts too (lm.layers.moe keeps
+them as linear layers).
 
-Every projection and the LM head keep int8 weights with one scale per output channel (symmetric,
-round-to-nearest); activations are not quantised. On the CPU the matmul runs in PyTorch's
-int8-weight kernel with bf16 activations and fp32 results; elsewhere the weights are dequantised on
-the fly. A tied embedding table is shared with the int8 head and dequantised row by row on lookup.
+Schemes (`quantize_model(model, scheme)`):
+- "int8": int8 weights, one scale per output channel (symmetric, round-to-nearest); activations are not
+  quantised. On the CPU the matmul runs in PyTorch's int8-weight kernel with bf16 activations and fp32
+  results; elsewhere the weights are dequantised on the fly.
+- "int8-dynamic": the same int8 weights, and each call's activations quantised to int8 (per token in the
+  projections, per tensor in the head: Int8DynamicLinear) so the matmul runs int8 x int8 -> int32 in
+  PyTorch's CPU kernels (oneDNN's _int_mm, fbgemm's dynamic linear: VNNI and AMX where the CPU has them).
+  CPU only; where PyTorch has no quantized engine, "int8" is used instead (with a warning).
+- "int4": 4-bit weights in groups of `INT4_GROUP_SIZE` along the input, each group with a bf16 scale and
+  zero (asymmetric: w = (q - 8) * scale + zero, q in 0..15), in PyTorch's int4 CPU kernel
+  (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
+  activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
+  llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token.
+A tied embedding table is shared with the quantised head and dequantised row by row on lookup.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCHEMES = ("int8",)
+from lm.commands import QUANTIZATION_SCHEMES
+
+log = logging.getLogger(__name__)
+
+SCHEMES = QUANTIZATION_SCHEMES
+INT4_GROUP_SIZE = 32  # input channels per int4 scale and zero (Q4_0 and Q4_K use 32 too)
 
 
 class Int8Linear(nn.Module):
@@ -45,6 +65,88 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
 
+class Int8DynamicLinear(Int8Linear):
+    """Int8Linear's weights, with activations quantised to int8 at each call so that the product runs
+    int8 x int8 -> int32 on the CPU (VNNI/AMX where present), fp32 out. Two kernels:
+    - per_token (the projections): each row of x gets its own symmetric scale (amax / 127), and the
+      product is torch._int_mm (oneDNN) against the stored int8 weights' transpose: no second copy.
+      Per-token scales keep the accuracy of models whose activations have outlier tokens (Gemma 3's);
+    - per tensor (the LM head, `per_token=False`): fbgemm's dynamic linear (torch.ops.quantized.
+      linear_dynamic: one asymmetric uint8 scale for the whole x), fastest for the 262,144-row head at
+      every batch size; it packs a second copy of the weights. 8-bit activations where the CPU has VNNI,
+      7-bit (reduce_range) elsewhere, whose AVX2 kernels would otherwise saturate.
+    Off the CPU it is Int8Linear."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, per_token: bool = True) -> None:
+        super().__init__(weight, bias)
+        self.per_token = per_token
+        self._packed = None
+        if not per_token:
+            scales = self.scales.double()
+            with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not yet removed
+                warnings.simplefilter("ignore", UserWarning)
+                qweight = torch.quantize_per_channel(self.weight.float() * scales.float()[:, None], scales,
+                                                     torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+            bias = None if self.bias is None else self.bias.float()
+            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)  # fbgemm's layout
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features).float()  # (N, in)
+        if self._packed is not None:
+            out = torch.ops.quantized.linear_dynamic(flat, self._packed, not _HAS_VNNI)
+        else:
+            scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (N, 1)
+            quantized = torch.round(flat / scale).to(torch.int8)
+            out = torch._int_mm(quantized, self.weight.t()).float() * scale * self.scales.float()
+            if self.bias is not None:
+                out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w^T (+ bias), w = (q - 8) * scale + zero per group of INT4_GROUP_SIZE inputs; q (out, in)
+    in 0..15 packed for PyTorch's int4 CPU kernel, scale and zero bf16 (in / group, out)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        if in_features % group_size:
+            raise ValueError(f"int4 needs the input size ({in_features}) to be a multiple of {group_size}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)  # (out, groups)
+        scales = ((high - low) / 15).clamp(min=1e-30).to(torch.bfloat16)
+        zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+        # Quantise against the bf16 scale and zero the kernel multiplies by (round to nearest, clamped).
+        quantized = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+        quantized = quantized.reshape(out_features, in_features).to(torch.int32)
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(quantized, 1))
+        self._device_weight: Tensor | None = None
+
+    def dequantized(self) -> Tensor:
+        """The weight the kernel multiplies by, (out, in) float32."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros).float().T
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if flat.device.type == "cpu":
+            out = torch._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group_size,
+                                                    self.scales_and_zeros)
+        else:
+            if self._device_weight is None or self._device_weight.device != flat.device:
+                self._device_weight = self.dequantized().to(flat.device)
+            out = F.linear(flat, self._device_weight.to(flat.dtype))
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+
+
 class Int8Embedding(nn.Module):
     """Row lookup in an Int8Linear's table, dequantised to `dtype`: a tied head and the embedding
     share one int8 table instead of keeping the float one for lookups."""
@@ -60,22 +162,45 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
-    """Quantise `model` (any family's network: lm.models) in place and return it."""
+    """Quantise `model` (any family's network: lm.models) in place with `scheme` (one of SCHEMES) and
+    return it. Raises ValueError for an unknown scheme or a shape the scheme cannot take."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation {scheme!r}; available: {', '.join(SCHEMES)}")
+    if scheme == "int8-dynamic" and not quantized_engine_available():
+        log.warning("PyTorch has no quantized engine here; int8-dynamic falls back to int8 (weight-only)")
+        scheme = "int8"
+    layer = {"int8": Int8Linear, "int8-dynamic": Int8DynamicLinear, "int4": Int4Linear}[scheme]
+    head = functools.partial(Int8DynamicLinear, per_token=False) if scheme == "int8-dynamic" else Int8Linear
     with torch.no_grad():
-        _swap_linears(model.layers)
+        _swap_linears(model.layers, layer)
         tied = model.lm_head is None
         source = model.embed_tokens.weight if tied else model.lm_head.weight
-        model.lm_head = Int8Linear(source)
+        model.lm_head = head(source)
         if tied:
             model.embed_tokens = Int8Embedding(model.lm_head, source.dtype)
     return model
 
 
-def _swap_linears(module: nn.Module) -> None:
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+_HAS_VNNI = _cpu_has_vnni()
+
+
+def quantized_engine_available() -> bool:
+    """Whether PyTorch has a quantized engine for int8 x int8 dynamic linear layers (fbgemm, x86, oneDNN)."""
+    return bool(set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "onednn"})
+
+
+def _swap_linears(module: nn.Module, kind) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child.weight, child.bias))
+            setattr(module, name, kind(child.weight, child.bias))
         else:
-            _swap_linears(child)
+            _swap_linears(child, kind)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
+from lm.commands import QUANTIZATION_SCHEMES
+
 ROLES = ("vision", "lm", "gateway", "all", "openai")
 DEFAULT_PORTS = {"vision": 50051, "lm": 50052, "gateway": 50050, "all": 50050, "openai": 8000}
 _SECRETS = ("auth_token",)
@@ -50,6 +52,7 @@ class ServeConfig:
     lm_target: str = "localhost:50052"  # gateway only
     device: str = "cpu"
     dtype: str = "float32"
+    quantize: str | None = None  # lm, all: weight quantisation (lm/quantize.py: int8, int8-dynamic, int4; CPU)
     max_batch: int = 8  # engine: requests running at once (max_num_seqs)
     max_seq_len: int = 4096  # engine context per request
     kv_budget_mb: int = 1024  # engine KV cache budget
@@ -107,6 +110,8 @@ class ServeConfig:
                      "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATION_SCHEMES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {self.quantize!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:

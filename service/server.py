@@ -49,7 +49,8 @@ def default_lm_loader(config: ServeConfig) -> Callable[[], lm_service.LoadedLang
         from lm.engine import EngineConfig
         from lm.runtime import DTYPES, load_language_model
 
-        lm = load_language_model(config.model, device=config.device, dtype=DTYPES[config.dtype], progress=False)
+        lm = load_language_model(config.model, device=config.device, dtype=DTYPES[config.dtype], progress=False,
+                                 quantize=config.quantize)
         engine = lm.engine(EngineConfig(
             max_seq_len=config.max_seq_len, kv_budget_bytes=config.kv_budget_mb << 20, max_batch=config.max_batch,
             prefill_chunk=config.prefill_chunk, block_size=config.block_size,

@@ -1,4 +1,5 @@
-"""Weight-only int8 on the real 270M: accuracy against fp32, and the int8 linear itself."""
+"""Quantisation on the real 270M (int8 weight-only, int8 x int8 dynamic, int4): accuracy against fp32,
+and each quantised linear against the float product of its own dequantised weights."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.attention import FullAttention
-from lm.quantize import Int8Linear, quantize_model
+from lm.quantize import Int4Linear, Int8DynamicLinear, Int8Linear, quantize_model
 from lm.requests import GenerationRequest
 from lm.sampling import SamplingParams
 from lm.engine import EngineConfig
@@ -35,9 +36,44 @@ def test_int8_linear_matches_its_dequantised_weights():
     assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+def test_int8_dynamic_linear_is_the_int8_product_of_quantised_activations():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(3, 5, 64)
+    outlier = x.clone()
+    outlier[0, 0, 7] = 40.0  # one token with an outlier channel, as Gemma 3's activations have
+    errors = {}
+    for per_token in (True, False):
+        layer = Int8DynamicLinear(weight, bias, per_token=per_token)
+        dequantised = layer.weight.float() * layer.scales.float()[:, None]
+        for name, inputs in (("plain", x), ("outlier", outlier)):
+            expected = F.linear(inputs, dequantised, bias)
+            out = layer(inputs)
+            assert out.shape == (3, 5, 96) and out.dtype == torch.float32
+            errors[per_token, name] = ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()  # per token
+    for per_token in (True, False):
+        assert errors[per_token, "plain"].max() < 0.03  # 8-bit activations (7-bit without VNNI)
+    # Per token, the outlier costs only its own row; one scale for the whole tensor spreads it to every row.
+    assert errors[True, "outlier"][1:].max() < 0.03 < errors[False, "outlier"][1:].max()
+
+
+def test_int4_linear_matches_its_dequantised_weights():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 128), torch.randn(96)
+    layer = Int4Linear(weight, bias, group_size=32)
+    dequantised = layer.dequantized()
+    scales = layer.scales_and_zeros[..., 0].float().T.repeat_interleave(32, dim=1)  # (96, 128)
+    assert ((dequantised - weight).abs() <= 0.51 * scales + 1e-2 * weight.abs()).all()  # nearest of 16 levels
+    x = torch.randn(4, 128)
+    expected = F.linear(x, dequantised, bias)
+    assert torch.allclose(layer(x), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())  # bf16 x
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Int4Linear(torch.randn(8, 48))
+
+
 def test_unknown_scheme_is_refused():
-    with pytest.raises(ValueError, match="int4"):
-        quantize_model(torch.nn.Module(), "int4")
+    with pytest.raises(ValueError, match="int3"):
+        quantize_model(torch.nn.Module(), "int3")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +81,16 @@ def int8_model(embedded_270m):
     return quantize_model(copy.deepcopy(embedded_270m.model), "int8")
 
 
-def test_int8_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_model):
-    """Along fp32's own 64 greedy tokens (teacher forcing), int8 picks the same token at >= 90% of
-    positions and its logits keep cosine >= 0.99 with fp32's."""
+# Measured on the 270M over 8 prompts x 64 tokens (`tessera bench lm`): int8 98.0% / 0.9994, int8-dynamic
+# 93.2% / 0.9953, int4 89.8% / 0.9791; the floors below leave room for these 3 prompts' spread.
+FLOORS = {"int8": (0.9, 0.99), "int8-dynamic": (0.88, 0.99), "int4": (0.8, 0.97)}
+
+
+@pytest.mark.parametrize("scheme", sorted(FLOORS))
+def test_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_model, scheme):
+    """Along fp32's own 64 greedy tokens (teacher forcing), the quantised model picks the same token at
+    most positions and its logits keep a high cosine with fp32's (FLOORS)."""
+    quantized = int8_model if scheme == "int8" else quantize_model(copy.deepcopy(embedded_270m.model), scheme)
     lm = embedded_270m
     engine = lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=1 << 28, max_batch=1, stop_token_ids=()))
     agree = total = 0
@@ -59,13 +102,14 @@ def test_int8_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_
         positions = torch.arange(sequence.shape[1])[None]
         with torch.inference_mode():
             logits = [m.logits(m(sequence, positions, FullAttention(lm.config, positions))[0, len(ids) - 1:])
-                      for m in (lm.model, int8_model)]
+                      for m in (lm.model, quantized)]
         assert logits[0].argmax(-1).tolist() == generated  # the fp32 recompute is the engine's output
         agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
         total += len(generated)
         cosines += F.cosine_similarity(logits[0], logits[1], dim=-1).tolist()
-    assert agree / total >= 0.9
-    assert sum(cosines) / len(cosines) >= 0.99
+    agreement, cosine = FLOORS[scheme]
+    assert agree / total >= agreement
+    assert sum(cosines) / len(cosines) >= cosine
 
 
 def test_int8_model_shares_one_int8_table_for_embedding_and_head(embedded_270m, int8_model):

@@ -613,3 +613,17 @@ def test_model_lookup_unknown_routes_and_auth_headers(stack, client):
         assert reply.status_code == status and reply.json()["error"]["message"]
     refused = httpx.get(stack[1] + "/v1/models")
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])
+def test_serve_quantized_weights(checkpoint, scheme):
+    port = free_port()
+    server = start_server(model=str(checkpoint), http_port=port, max_seq_len=256, quantize=scheme)
+    try:
+        reply = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0).chat.completions \
+            .create(model=str(checkpoint), messages=HELLO, max_tokens=5, extra_body={"ignore_eos": True, **NO_THINKING})
+        assert reply.usage.completion_tokens == 5
+        layer = server.server.lm.loaded.lm.model.layers[0].self_attn.q_proj
+        assert type(layer).__name__ == {"int8-dynamic": "Int8DynamicLinear", "int4": "Int4Linear"}[scheme]
+    finally:
+        server.stop()

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from lm.commands import QUANTIZATION_SCHEMES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma3-270m",
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", choices=["int8"], help="weight quantisation (CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, help="weight quantisation (CPU; lm/quantize.py)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     thinking = parser.add_argument_group("reasoning models (Qwen 3)")
     thinking.add_argument("--thinking-budget", type=int, metavar="N",

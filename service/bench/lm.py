@@ -1,9 +1,11 @@
-"""`tessera bench lm`: the engine (fp32 and int8) against transformers and llama.cpp on one model (the
-embedded Gemma 3 270M by default; `--model` any supported family), side by side in one process.
+"""`tessera bench lm`: the engine (fp32 and each quantisation scheme of lm/quantize.py: int8 weight-only,
+int8 x int8 dynamic, int4) against transformers and llama.cpp on one model (the embedded Gemma 3 270M by
+default; `--model` any supported family), side by side in one process.
 
 Figures: decode tok/s at batch 1, aggregate decode tok/s with 8 concurrent requests, prefill tok/s
-for a 2,048-token prompt, time to first token, resident-memory growth while each contender runs, and
-the ratios. int8 accuracy: greedy agreement with fp32 over 64 tokens and last-position logits cosine.
+for a 2,048-token prompt, time to first token, load time (quantisation included), resident-memory
+growth while each contender runs, and the ratios. Accuracy of each scheme against fp32: greedy
+agreement (teacher-forced along fp32's greedy continuations, 64 tokens x 8 prompts) and logits cosine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--skip-reference", action="store_true", help="skip transformers (slow)")
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--quantize", default="int8,int8-dynamic,int4",
+                        help="comma-separated schemes to run beside fp32 (lm/quantize.py; empty: none)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
 
 
@@ -105,9 +109,9 @@ def bench_engine(lm, args, label: str) -> dict:
             "kv_cache_mib": engine.storage.total_bytes / 2**20}
 
 
-def int8_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
-    """Teacher-forced agreement: along fp32's greedy continuation of each prompt, how often int8's
-    argmax equals fp32's, and the cosine of their logits at every generated position."""
+def quantized_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
+    """Teacher-forced agreement: along fp32's greedy continuation of each prompt, how often the
+    quantised model's argmax equals fp32's, and the cosine of their logits at every generated position."""
     import torch
 
     from lm.attention import FullAttention
@@ -221,10 +225,21 @@ def run(args: argparse.Namespace) -> int:
     from lm.runtime import load_language_model
 
     torch.set_num_threads(args.threads)
+    schemes = [name for name in args.quantize.split(",") if name]
+    started = time.perf_counter()
     fp32 = load_language_model(args.model)
-    int8 = load_language_model(args.model, quantize="int8")
-    rows = [bench_engine(fp32, args, "tessera fp32"), bench_engine(int8, args, "tessera int8")]
-    accuracy = int8_accuracy(fp32, int8, args.new_tokens)
+    loads = {"fp32": time.perf_counter() - started}
+    rows = [bench_engine(fp32, args, "tessera fp32")]
+    accuracy = {}
+    for scheme in schemes:
+        started = time.perf_counter()
+        quantized = load_language_model(args.model, quantize=scheme)
+        loads[scheme] = time.perf_counter() - started
+        rows.append(bench_engine(quantized, args, f"tessera {scheme}"))
+        accuracy[scheme] = quantized_accuracy(fp32, quantized, args.new_tokens)
+        del quantized
+    for row in rows:
+        row["load_s"] = loads[row["name"].removeprefix("tessera ")]
     reference = None if args.skip_reference else bench_transformers(fp32.path, fp32.tokenizer, args)
     if reference:
         rows.append(reference)
@@ -235,31 +250,36 @@ def run(args: argparse.Namespace) -> int:
         if llama:
             rows.append(llama)
 
-    print(f"{'':22}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}"
+    print(f"{'':24}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}{'load s':>8}"
           f"{'weights MiB':>13}{'KV MiB':>8}{'RSS +MiB':>10}")
     for row in rows:
         agg = "-" if row["aggregate_8_tok_s"] is None else f"{row['aggregate_8_tok_s']:.1f}"
         kv = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']:.0f}"
-        print(f"{row['name']:22}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
-              f"{row['ttft_s']:9.3f}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
-    print("weights: parameter and buffer bytes (llama.cpp: the GGUF file); KV: the engine's preallocated cache; "
-          "RSS +MiB: peak resident growth while the measurements ran (llama.cpp's includes loading its model)")
-    print(f"int8 vs fp32: greedy agreement {accuracy['greedy_agreement']:.1%} over {args.new_tokens} tokens x "
-          f"{len(PROMPTS)} prompts; logits cosine mean {accuracy['logits_cosine_mean']:.4f}, "
-          f"min {accuracy['logits_cosine_min']:.4f}")
+        load = "-" if row.get("load_s") is None else f"{row['load_s']:.1f}"
+        print(f"{row['name']:24}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
+              f"{row['ttft_s']:9.3f}{load:>8}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
+    print("weights: parameter and buffer bytes (llama.cpp: the GGUF file; int8-dynamic also holds fbgemm's packed "
+          "copy, not counted); KV: the engine's preallocated cache; RSS +MiB: peak resident growth while the "
+          "measurements ran (llama.cpp's includes loading its model); load s: checkpoint to ready model")
+    for scheme, figures in accuracy.items():
+        print(f"{scheme} vs fp32: greedy agreement {figures['greedy_agreement']:.1%} over {args.new_tokens} tokens x "
+              f"{len(PROMPTS)} prompts; logits cosine mean {figures['logits_cosine_mean']:.4f}, "
+              f"min {figures['logits_cosine_min']:.4f}")
     ratios = {}
     if reference:
         ratios["fp32 decode / transformers"] = rows[0]["decode_tok_s"] / reference["decode_tok_s"]
         ratios["fp32 8-req / transformers 8-req"] = rows[0]["aggregate_8_tok_s"] / reference["aggregate_8_tok_s"]
         ratios["fp32 prefill / transformers"] = rows[0]["prefill_tok_s"] / reference["prefill_tok_s"]
     if llama:
-        ratios["int8 decode / llama.cpp"] = rows[1]["decode_tok_s"] / llama["decode_tok_s"]
-        ratios["best 8-req / llama.cpp single"] = max(rows[0]["aggregate_8_tok_s"], rows[1]["aggregate_8_tok_s"]) / llama["decode_tok_s"]
-        ratios["best prefill / llama.cpp"] = max(rows[0]["prefill_tok_s"], rows[1]["prefill_tok_s"]) / llama["prefill_tok_s"]
+        ours = [row for row in rows if row["name"].startswith("tessera")]
+        for row in ours[1:]:
+            ratios[f"{row['name'].removeprefix('tessera ')} decode / llama.cpp"] = row["decode_tok_s"] / llama["decode_tok_s"]
+        ratios["best 8-req / llama.cpp single"] = max(r["aggregate_8_tok_s"] for r in ours) / llama["decode_tok_s"]
+        ratios["best prefill / llama.cpp"] = max(r["prefill_tok_s"] for r in ours) / llama["prefill_tok_s"]
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.2f}x")
     if args.json:
-        print(json.dumps({"rows": rows, "int8_accuracy": accuracy, "ratios": ratios}))
+        print(json.dumps({"rows": rows, "accuracy": accuracy, "ratios": ratios}))
     return 0
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from lm.commands import QUANTIZATION_SCHEMES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lm.commands.generate import add_sampling_arguments
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image failed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", choices=["int8"], help="LM weight quantisation (CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, help="LM weight quantisation (CPU; lm/quantize.py)")
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--auth-token", default=None,
                        help="--target only: bearer token; visible to every local user in `ps`, so prefer "
