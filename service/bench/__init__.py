@@ -19,6 +19,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "hostile": ("service.bench.hostile", "health and stream latency of `serve all` while hostile requests arrive"),
     "engine": ("service.bench.engine", "paged engine: concurrency at a fixed KV budget, prefix-cache TTFT, decode "
                                        "step per context length"),
+    "kernels": ("service.bench.kernels", "each quantised linear (int8, int8 x int8, int4) vs fp32 F.linear on a "
+                                         "model's shapes at 1/8/64 rows"),
     "moe": ("service.bench.moe", "one Qwen3-30B-A3B MoE layer tokens/s at 1/8/512 tokens vs Qwen3MoeSparseMoeBlock"),
 }
 
