@@ -81,6 +81,7 @@ class Int8DynamicLinear(Int8Linear):
         super().__init__(weight, bias)
         self.per_token = per_token
         self._packed = None
+        self.register_buffer("scales_f32", self.scales.float(), persistent=False)  # no cast per call
         if not per_token:
             scales = self.scales.double()
             with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not yet removed
@@ -97,9 +98,9 @@ class Int8DynamicLinear(Int8Linear):
         if self._packed is not None:
             out = torch.ops.quantized.linear_dynamic(flat, self._packed, not _HAS_VNNI)
         else:
-            scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (N, 1)
+            scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (N, 1)
             quantized = torch.round(flat / scale).to(torch.int8)
-            out = torch._int_mm(quantized, self.weight.t()).float() * scale * self.scales.float()
+            out = torch._int_mm(quantized, self.weight.t()).float().mul_(scale).mul_(self.scales_f32)
             if self.bias is not None:
                 out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
