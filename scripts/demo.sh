@@ -9,11 +9,15 @@ echo "== tessera preprocess --pan-and-scan $sample"
 tessera preprocess --pan-and-scan "$sample"
 
 server=""
-start_stack() {  # start_stack MODEL: `tessera serve all` on a free port, wait until SERVING
-    port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    echo "== tessera serve all --model $1 --port $port (background)"
-    tessera serve all --model "$1" --host 127.0.0.1 --port "$port" --metrics-port 0 --max-seq-len 2048 \
-        --kv-budget-mb 256 &
+free_port() {
+    python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+start_stack() {  # start_stack MODEL: `tessera serve all` on free ports (gRPC, HTTP), wait until SERVING
+    port=$(free_port)
+    http_port=$(free_port)
+    echo "== tessera serve all --model $1 --port $port --http-port $http_port (background)"
+    tessera serve all --model "$1" --host 127.0.0.1 --port "$port" --http-port "$http_port" --metrics-port 0 \
+        --max-seq-len 2048 --kv-budget-mb 256 &
     server=$!
     python - "$port" <<'PY'
 import sys, time, grpc
@@ -44,6 +48,15 @@ start_stack gemma3-270m
 prompt="The printing press was invented by"
 echo "== tessera query --raw --stream '$prompt'"
 tessera query --target "127.0.0.1:$port" --raw --stream --max-new-tokens 32 "$prompt"
+echo "== the same through the OpenAI-compatible HTTP API (openai client, POST /v1/completions)"
+python - "$http_port" "$prompt" <<'PY'
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="none")
+reply = client.completions.create(model="gemma3-270m", prompt=sys.argv[2], max_tokens=32, temperature=0)
+print(sys.argv[2] + reply.choices[0].text)
+print(f"[{reply.usage.prompt_tokens} prompt tokens, {reply.usage.completion_tokens} completion tokens]")
+PY
 stop_stack
 
 # Image + text through the same stack. No real SigLIP weights can be had here, so this runs a tiny
