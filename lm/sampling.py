@@ -31,7 +31,7 @@ class SamplingParams:
     seed: int | None = None  # per-request seed: the same seed gives the same tokens
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's defaults (end of turn, eos)
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, not included in the output
-    # Most tokens of thinking (a reasoning model's <think> block), counted from the last <think>; then
+    # Most tokens of thinking (a reasoning model's <think> block), counted from the <think> that opened the block; then
     # the engine ends the block (lm.thinking). None = unlimited; 0 = no thinking.
     thinking_budget: int | None = None
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature); 0 = off

@@ -195,8 +195,8 @@ class Sequence:
 
     def _track_thinking(self, token_id: int) -> None:
         if self.thinking is not None:
-            if token_id == self.thinking.start_id:
-                self.think_open = len(self.token_ids) - 1
+            if token_id == self.thinking.start_id and self.think_open is None:  # a <think> inside the block
+                self.think_open = len(self.token_ids) - 1                         # does not restart its count
             elif token_id == self.thinking.end_id:
                 self.think_open = None
 

@@ -99,6 +99,9 @@ class GrammarMatcher:
     def __init__(self, matcher, vocab_size: int):
         self._matcher = matcher  # llguidance.LLMatcher
         self.vocab_size = vocab_size
+        # A chat answer of a thinking model may open its <think> block first (the engine allows that
+        # token before the answer begins); a raw completion may not: its text is all answer.
+        self.allow_thinking = True
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens the grammar accepts next (stop tokens where it is complete)."""

@@ -3,7 +3,7 @@
 A model thinks inside `<think> … </think>` before it answers; its chat template may already open the
 block at the end of the prompt (thinking-only variants pre-fill `<think>\\n`) or pre-fill an empty one
 (`enable_thinking=False`). The thinking budget of the Qwen 3 technical report (§4.3): once the thinking
-reaches the budget, in tokens counted from the last `<think>`, the server ends it by appending a short
+reaches the budget, in tokens counted from the `<think>` that opened the block, the server ends it by appending a short
 end-of-thinking message, `</think>` and a blank line, and the model goes on to answer. Budget 0 means no
 thinking: the empty block (`<think>\\n\\n</think>\\n\\n`, what the template writes for
 `enable_thinking=False`) is placed before the model's first token, unless the prompt already closed a
@@ -65,10 +65,12 @@ class ThinkingTokens:
         return False
 
     def open_block_start(self, token_ids: Sequence[int]) -> int | None:
-        """Index of the `<think>` that is still open at the end of `token_ids`, or None."""
+        """Index of the `<think>` that opened the block still open at the end of `token_ids` (the first
+        one after the last `</think>`: another `<think>` inside the block does not restart it), or None."""
+        start = None
         for index in range(len(token_ids) - 1, -1, -1):
             if token_ids[index] == self.end_id:
-                return None
+                break
             if token_ids[index] == self.start_id:
-                return index
-        return None
+                start = index
+        return start

@@ -195,6 +195,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         constraint = structured_output_from_proto(request.sampling)
         grammar = loaded.engine.grammar(constraint) if constraint is not None else None
+        if grammar is not None:
+            grammar.allow_thinking = not request.raw  # a raw completion's text is all answer
         return GenerationRequest(prompt.token_ids, params, soft_tokens=stacked,
                                  image_mask=torch.tensor(prompt.image_mask, dtype=torch.bool), grammar=grammar,
                                  **kwargs)

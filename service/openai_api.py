@@ -173,7 +173,7 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
         sampling.thinking_budget = body.thinking_budget
     mode = _tool_mode(body)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
-    if mode.kind != "none" and body.response_format is not None and body.response_format.type != "text":
+    if mode.kind in ("required", "named") and body.response_format is not None and body.response_format.type != "text":
         raise ApiError(400, f"response_format {body.response_format.type} and tool_choice {mode.kind!r} cannot be "
                             "combined: a forced tool call is already constrained JSON", param="response_format")
     if mode.kind == "named":
@@ -194,9 +194,16 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
 def _tool_mode(body: ChatCompletionRequest) -> ToolMode:
     choice = body.tool_choice
     if not body.tools:
-        if choice not in (None, "none"):
+        if choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return ToolMode()
+    names = [tool.function.name for tool in body.tools]
+    if len(set(names)) < len(names):
+        raise ApiError(400, "tools have duplicate function names", param="tools")
+    for tool in body.tools:
+        if tool.function.parameters is not None and tool.function.parameters.get("type", "object") != "object":
+            raise ApiError(400, f"tool {tool.function.name!r}: parameters must be a JSON Schema of an object",
+                           param="tools")
     single = body.parallel_tool_calls is False
     if choice is None or choice == "auto":
         return ToolMode("auto", single=single)
@@ -263,6 +270,15 @@ def _usage(dones) -> dict:
             "completion_tokens_details": {"reasoning_tokens": sum(done.reasoning_tokens for done in dones)}}
 
 
+def _text_usage(dones: dict, n: int) -> dict:
+    """Usage of a completions request (choice index -> its final message): every prompt counted once
+    (choice p * n + i answers prompt p)."""
+    usage = _usage(list(dones.values()))
+    usage["prompt_tokens"] = sum(done.prompt_tokens for index, done in dones.items() if index % n == 0)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage
+
+
 class OpenAIFront:
     """The FastAPI app around one gateway (`app`)."""
 
@@ -310,8 +326,10 @@ class OpenAIFront:
         return JSONResponse({"status": "unavailable", "reason": self.gateway.not_ready_reason()}, status_code=503)
 
     async def _http_exception(self, request: Request, error: StarletteHTTPException) -> Response:
-        return self._error(ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}"),
-                           "other")
+        reply = self._error(ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}"),
+                            "other")
+        reply.headers.update(error.headers or {})  # a 405's Allow
+        return reply
 
     async def metrics(self) -> Response:
         if self.registry is None:
@@ -408,9 +426,7 @@ class OpenAIFront:
         choices = [{"index": run.index, "text": done.text, "finish_reason": _finish_reason(done, [], run.mode),
                     "logprobs": _legacy_logprobs(done.logprobs) if body.logprobs is not None else None}
                    for run, done in zip(runs, dones)]
-        usage = _usage(dones)
-        usage["prompt_tokens"] = sum(done.prompt_tokens for run, done in zip(runs, dones) if run.index % body.n == 0)
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = _text_usage({run.index: done for run, done in zip(runs, dones)}, body.n)
         return {"id": response_id, "object": "text_completion", "created": created, "model": self.settings.model_name,
                 "choices": choices, "usage": usage}
 
@@ -481,12 +497,12 @@ class OpenAIFront:
             return _sse({"id": response_id, "object": "text_completion", "created": created,
                          "model": self.settings.model_name, "choices": [choice]})
 
-        dones = []
+        dones = {}
         offsets = {run.index: 0 for run in runs}  # text_offset of each choice's next token
         try:
             async for run, message in _merge(runs):
                 if message.HasField("done"):
-                    dones.append(message.done)
+                    dones[run.index] = message.done
                     yield chunk(run.index, "", _finish_reason(message.done, [], run.mode))
                     continue
                 logprobs = None
@@ -496,7 +512,7 @@ class OpenAIFront:
                 yield chunk(run.index, message.text, logprobs=logprobs)
             if include_usage:
                 yield _sse({"id": response_id, "object": "text_completion", "created": created,
-                            "model": self.settings.model_name, "choices": [], "usage": _usage(dones)})
+                            "model": self.settings.model_name, "choices": [], "usage": _text_usage(dones, body.n)})
             self._count("completions", 200)
         except Exception as error:  # noqa: BLE001
             failure = api_error(error)

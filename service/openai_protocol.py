@@ -31,7 +31,7 @@ class ApiError(Exception):
     """An error answered as OpenAI's error JSON with `status` (HTTP)."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 499: "client_closed_request",
+             404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 499: "client_closed_request",
              503: "service_unavailable", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
@@ -229,6 +229,9 @@ def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=No
                     images.append(image_from_url(part.image_url.url, max_bytes=max_image_bytes, where=where,
                                                  fetch=fetch))
                     parts.append(lm_pb2.ContentPart(image=True))
+                elif part.type in ("text", "image_url"):
+                    field = "text" if part.type == "text" else "image_url.url"
+                    raise ApiError(400, f"{where}: a {part.type} part needs `{field}`", param=where)
                 else:
                     raise ApiError(400, f"{where}: content part of type {part.type!r} is not supported (text and "
                                         "image_url are)", param=where)
@@ -258,7 +261,7 @@ def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_to
     if body.ignore_eos:
         message.stop_token_ids.SetInParent()  # set and empty: only max_tokens and stop strings end it
     for key, bias in (body.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not (key.isascii() and key.lstrip("-").isdigit()):
             raise ApiError(400, f"logit_bias keys are token ids, got {key[:20]!r}", param="logit_bias")
         message.logit_bias[int(key)] = bias
     _refuse_unsupported(body)
@@ -271,7 +274,7 @@ _UNSUPPORTED = {"min_tokens": 0, "prompt_logprobs": None, "audio": None, "predic
 
 def _refuse_unsupported(body: _Sampling) -> None:
     for name, unset in _UNSUPPORTED.items():
-        if getattr(body, name) != unset:
+        if getattr(body, name) not in (unset, [], {}):  # empty lists, as some clients send, are unset too
             hint = "; use tools and tool_choice" if name.startswith("function") else ""
             raise ApiError(400, f"{name} is not supported by this server{hint}", param=name)
     if body.modalities is not None and set(body.modalities) - {"text"}:

@@ -597,11 +597,36 @@ def test_parallel_tool_calls_false_gives_one_call(client):
     assert len(reply.choices[0].message.tool_calls) == 1
 
 
-def test_completions_take_response_format(client):
+def test_completions_take_response_format_and_never_think_under_it(client):
+    # logit_bias pushes <think> (151667) to the top: a raw completion's constrained text may not open it
     reply = client.completions.create(model="tiny-qwen3", prompt="A person:", max_tokens=60, temperature=1.0, seed=2,
-                                      extra_body={"response_format": {"type": "json_schema", "json_schema": {
-                                          "name": "person", "schema": PERSON}}})
+                                      logit_bias={"151667": 100}, extra_body={"response_format": {
+                                          "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}})
     assert set(json.loads(reply.choices[0].text)) == {"name", "age", "member"}
+
+
+def test_streamed_completions_count_every_prompt_once(client):
+    prompts = ["a", "a much longer prompt than the first one, with many more tokens in it"]
+    whole = client.completions.create(model="tiny-qwen3", prompt=prompts, max_tokens=2, n=2)
+    chunks = list(client.completions.create(model="tiny-qwen3", prompt=prompts, max_tokens=2, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 14
+    assert sorted(c.index for c in whole.choices) == [0, 1, 2, 3]
+
+
+def test_tools_checks_and_auto_with_a_response_format(stack, client):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    auto = chat(client, HELLO, tools=TOOLS, max_tokens=30, temperature=1.0, seed=1,
+                response_format={"type": "json_object"})  # no call forced: the answer is JSON
+    assert auto.choices[0].message.content.startswith("{")
+    assert chat(client, HELLO, tools=[], tool_choice="auto", max_tokens=2).choices[0].message.tool_calls is None
+    weather = TOOLS[0]["function"]
+    for tools, words in (([TOOLS[0], TOOLS[0]], "duplicate"),
+                         ([{"type": "function", "function": {**weather, "parameters": {"type": "integer"}}}],
+                          "object")):
+        reply = httpx.post(stack[1] + "/v1/chat/completions", headers=headers, timeout=60,
+                           json={"model": "tiny-qwen3", "messages": HELLO, "tools": tools})
+        assert reply.status_code == 400 and words in reply.json()["error"]["message"]
 
 
 def test_model_lookup_unknown_routes_and_auth_headers(stack, client):
@@ -611,6 +636,7 @@ def test_model_lookup_unknown_routes_and_auth_headers(stack, client):
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
         reply = httpx.request(method, stack[1] + path, headers={"Authorization": f"Bearer {TOKEN}"})
         assert reply.status_code == status and reply.json()["error"]["message"]
+        assert status != 405 or reply.headers["allow"] == "POST"
     refused = httpx.get(stack[1] + "/v1/models")
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
 

@@ -117,6 +117,15 @@ def test_a_block_opened_by_the_prompt_counts_toward_the_budget():
     assert result.reasoning_tokens == 2 + 2 + 1
 
 
+def test_a_think_token_inside_the_block_does_not_restart_the_budget():
+    script = {**ENDLESS, THINK: THINK}  # <think> <think> <think> ... for ever
+    _, result = run(engine_for(script), ask(budget=3))
+    assert result.token_ids == [THINK, THINK, THINK, THINK, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
+    assert result.text == "The answer is 42."
+    _, result = run(engine_for(script), ask(budget=2, prompt=(BOS, USER, THINK, THINK)))  # the prompt's too
+    assert result.token_ids == [THINK, *MESSAGE, END_THINK, BLANK, *ANSWER, EOS]
+
+
 def test_no_budget_and_too_few_tokens_says_the_reasoning_was_truncated():
     _, result = run(engine_for(ENDLESS), ask(budget=None, max_new_tokens=12))
     assert result.finish_reason == "length" and result.reasoning_truncated

@@ -419,7 +419,7 @@ class Engine:
         """(vocab,) bool: what the grammar allows next; before the answer begins, a thinking model may
         also open its `<think>` block (unless the prompt closed one: thinking is off)."""
         allowed = sequence.grammar.allowed()
-        if (self.thinking is not None and not sequence.grammar_started
+        if (self.thinking is not None and sequence.grammar.allow_thinking and not sequence.grammar_started
                 and not self.thinking.closed_block_last(sequence.token_ids)):
             allowed[self.thinking.start_id] = True
         return allowed
