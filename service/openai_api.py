@@ -693,18 +693,31 @@ class HttpServer:
         config = uvicorn.Config(front.app, host=host, port=port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=int(grace_period) or None, access_log=False)
         self._server = _Server(config)
+        self._host, self._port = host, port
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        """Bind and serve; returns the port. Raises OSError when the port cannot be bound."""
-        self._task = asyncio.create_task(self._server.serve())
+        """Bind and serve; returns the port. Raises OSError when the port cannot be bound (bound here, so
+        that the error reaches the caller rather than uvicorn exiting the process)."""
+        import socket
+
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
-                with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
+                with contextlib.suppress(SystemExit):
                     self._task.result()
-                raise OSError("the HTTP server stopped while starting (is the port in use?)")
+                raise OSError("the HTTP server stopped while starting")
             await asyncio.sleep(0.02)
-        return self._server.servers[0].sockets[0].getsockname()[1]
+        return sock.getsockname()[1]
 
     async def stop(self) -> None:
         if self._task is None:

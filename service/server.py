@@ -168,14 +168,14 @@ class TesseraServer:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        if self.gateway is not None and config.role == "all" and config.http_port:  # before any loading starts
+            from service.openai_api import LocalGateway
+
+            await self._start_http(LocalGateway(self.gateway, ready=lambda: self._models_ready), config.http_port, token)
         self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
         self._load_task = asyncio.create_task(self._load())
         if self._backends is not None:
             self._backends_task = asyncio.create_task(self._backends.run())
-        if self.gateway is not None and config.role == "all" and config.http_port:
-            from service.openai_api import LocalGateway
-
-            await self._start_http(LocalGateway(self.gateway, ready=lambda: self._models_ready), config.http_port, token)
         return self.port
 
     async def _start_http(self, gateway, port: int, token: str | None) -> None:

@@ -653,3 +653,15 @@ def test_serve_quantized_weights(checkpoint, scheme):
         assert type(layer).__name__ == {"int8-dynamic": "Int8DynamicLinear", "int4": "Int4Linear"}[scheme]
     finally:
         server.stop()
+
+
+def test_a_busy_http_port_stops_serve_all_before_it_loads_anything(checkpoint):
+    import socket
+
+    loaded = []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError, match=f"HTTP port {busy.getsockname()[1]}"):
+            start_server(model=str(checkpoint), http_port=busy.getsockname()[1], load_lm=lambda: loaded.append(1))
+    assert not loaded
