@@ -67,6 +67,7 @@ class HttpSettings:
     request_timeout_s: float | None = None  # deadline of each gateway query (None: none)
     allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may be fetched from (service.media_fetch)
     media_timeout_s: float = 10.0  # seconds to fetch one image URL
+    max_images: int | None = None  # image parts per request, counted before any is decoded or fetched
 
 
 # ----- the gateway, in this process or over gRPC -------------------------------------------------
@@ -165,7 +166,8 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
         def fetch(url: str, where: str) -> bytes:
             return fetch_image(url, allowed_domains=settings.allowed_media_domains, max_bytes=settings.max_image_bytes,
                                timeout_s=settings.media_timeout_s, where=where)
-    messages, images = messages_to_proto(body.messages, max_image_bytes=settings.max_image_bytes, fetch=fetch)
+    messages, images = messages_to_proto(body.messages, max_image_bytes=settings.max_image_bytes, fetch=fetch,
+                                         max_images=settings.max_images)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_to_proto(body, max_tokens=max_tokens, default_max_tokens=settings.default_max_tokens,
                                  logprobs=(body.top_logprobs or 0) if body.logprobs else None)

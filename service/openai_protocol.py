@@ -209,10 +209,15 @@ def image_from_url(url: str, *, max_bytes: int, where: str, fetch=None) -> tenso
     return tensor_pb2.Image(data=data, mime_type=match["mime"] or "")
 
 
-def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=None
+def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=None, max_images: int | None = None
                       ) -> tuple[list[lm_pb2.ChatMessage], list[tensor_pb2.Image]]:
     """OpenAI chat messages as the gateway's (images in order; `fetch` as image_from_url's). "developer"
-    is a system message."""
+    is a system message. More than `max_images` image parts is a 413 before any image is decoded or
+    fetched."""
+    count = sum(1 for m in messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+    if max_images is not None and count > max_images:
+        raise ApiError(413, f"the messages have {count} images; at most {max_images} per request (--max-images)",
+                       param="messages")
     result, images = [], []
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role

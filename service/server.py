@@ -184,7 +184,8 @@ class TesseraServer:
         config = self.config
         settings = HttpSettings(model_name=config.served_model_name or config.model, auth_token=token,
                                 max_body_bytes=config.max_message_bytes, default_max_tokens=config.max_seq_len,
-                                allowed_media_domains=config.media_domains, media_timeout_s=config.media_timeout_s)
+                                allowed_media_domains=config.media_domains, media_timeout_s=config.media_timeout_s,
+                                max_images=config.max_images)
         self._http = HttpServer(OpenAIFront(gateway, settings, registry=self.metrics.registry), config.host, port,
                                 grace_period=config.grace_period)
         try:

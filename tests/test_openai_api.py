@@ -485,6 +485,10 @@ def test_pan_and_scan_per_request_and_image_errors_over_http(vlm):
         client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": wide}}] * 9}])
     assert caught.value.status_code == 413 and "images" in caught.value.message
+    with pytest.raises(openai.APIStatusError) as caught:  # counted before any is decoded or fetched
+        client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}] * 9}])
+    assert caught.value.status_code == 413 and "at most 8 per request" in caught.value.message
 
 
 def test_a_grammar_leaves_the_thinking_free_and_constrains_the_answer(thinker):
