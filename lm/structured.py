@@ -137,8 +137,13 @@ class GrammarCompiler:
 
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(grammar_tokenizer_json(self._backend),
-                                                         n_vocab=self.vocab_size, eos_token=list(self.stop_token_ids))
+                text = grammar_tokenizer_json(self._backend)
+                try:
+                    self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self.vocab_size,
+                                                             eos_token=list(self.stop_token_ids))
+                except TypeError:  # llguidance 1.0 takes one end token: the first stop token
+                    self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self.vocab_size,
+                                                             eos_token=self.stop_token_ids[0])
             return self._tokenizer
 
     def matcher(self, constraint: StructuredOutput) -> GrammarMatcher:
