@@ -20,14 +20,14 @@ from typing import AsyncIterator
 import grpc
 
 from lm.prompt import (PromptLimits, RequestTooLarge, check_content_parts, check_request_size, count_images,
-                       require_prompt, text_bytes)
+                       require_prompt)
 from lm.requests import check_request_id
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from proto.tessera.vision.v1 import vision_pb2, vision_pb2_grpc
 from service.interceptors import BackendError
 from service.vision_service import tiles_from_headers
-from service.wire import messages_from_proto, pan_and_scan_from_proto
+from service.wire import messages_from_proto, pan_and_scan_from_proto, request_text_bytes
 from vision.image import ImageLimits
 
 SERVICE_NAME = "tessera.gateway.v1.GatewayService"
@@ -251,20 +251,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                  "image part takes the next of the request's images")
         else:
             require_prompt(request.prompt, raw=request.raw, num_images=len(request.images))
-        check_request_size(text_bytes=self._text_bytes(request, messages), tiles_per_image=[1] * len(request.images),
+        check_request_size(text_bytes=request_text_bytes(request, messages), tiles_per_image=[1] * len(request.images),
                            limits=self.limits, stop=request.sampling.stop)
         return messages
-
-    @staticmethod
-    def _text_bytes(request: gateway_pb2.QueryRequest, messages: list | None) -> int:
-        calls = sum(len(message.tool_calls_json) for message in request.messages)
-        return text_bytes(request.prompt, messages or ()) + text_bytes(request.tools_json) + calls
 
     async def _check_prompt_fits(self, request: gateway_pb2.QueryRequest, messages: list | None, tiles: list[int],
                                  timeout) -> None:
         """RequestTooLarge unless the images' tiles are within the limits and the whole prompt, laid out
         by the language model with these tiles, fits its context."""
-        check_request_size(text_bytes=self._text_bytes(request, messages), tiles_per_image=tiles, limits=self.limits,
+        check_request_size(text_bytes=request_text_bytes(request, messages), tiles_per_image=tiles, limits=self.limits,
                            stop=request.sampling.stop)
         counted = await self.language_model.count_tokens(
             lm_pb2.TokenizeRequest(prompt=request.prompt, raw=request.raw, messages=request.messages,

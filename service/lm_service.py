@@ -27,13 +27,13 @@ import torch
 
 from lm.engine import Engine
 from lm.prompt import (Prompt, PromptLimits, check_content_parts, check_request_size, check_text_bytes, layout_request,
-                       template_kwargs_from_json, text_bytes, tools_from_json)
+                       template_kwargs_from_json, tools_from_json)
 from lm.requests import GenerationRequest, check_request_id, non_finite_soft_token
 from lm.structured import GrammarError
 from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 from service.interceptors import NotReady
-from service.wire import (logprob_to_proto, messages_from_proto, sampling_from_proto, structured_output_from_proto,
-                          tensor_from_proto)
+from service.wire import (logprob_to_proto, messages_from_proto, request_text_bytes, sampling_from_proto,
+                          structured_output_from_proto, tensor_from_proto)
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             raise ValueError(f"the model {self.model_name} is text-only (GetInfo: accepts_images=false); the "
                              f"request has {len(tiles):,} image(s): send text only, or serve a vision-language "
                              "checkpoint")
-        check_request_size(text_bytes=_request_text_bytes(request), tiles_per_image=tiles, limits=self.limits,
+        check_request_size(text_bytes=request_text_bytes(request), tiles_per_image=tiles, limits=self.limits,
                            max_prompt_tokens=_max_prompt_tokens(loaded),
                            tokens_per_tile=loaded.lm.config.mm_tokens_per_image, messages=len(request.messages),
                            stop=stop)
@@ -223,7 +223,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         if not request.messages:
             return None
         messages = messages_from_proto(request.messages)  # O(parts): bounded by the checks on the loop
-        check_text_bytes(_request_text_bytes(request, messages), self.limits, stop=stop)
+        check_text_bytes(request_text_bytes(request, messages), self.limits, stop=stop)
         return messages
 
     def _prompt(self, loaded: LoadedLanguageModel, request, tiles: list[int]) -> Prompt:
@@ -284,12 +284,6 @@ class _DeclaredTiles(Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         shape = self._images[index].shape
         return int(shape[0]) if len(shape) == 3 else 1
-
-
-def _request_text_bytes(request, messages=()) -> int:
-    """The text a request carries (lm.prompt.text_bytes), its tools and earlier tool calls included."""
-    calls = sum(len(message.tool_calls_json) for message in request.messages) if messages else 0
-    return text_bytes(request.prompt, messages) + text_bytes(request.tools_json) + calls
 
 
 def _token_texts(tokenizer):

@@ -379,7 +379,7 @@ class OpenAIFront:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = self._stream_chat(runs, response_id, created, include_usage, body) if route == "chat" else \
                 self._stream_text(runs, response_id, created, include_usage, body)
-            return StreamingResponse(events, media_type="text/event-stream",
+            return StreamingResponse(self._sse_stream(route, runs, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             dones = await _until_disconnected(request, asyncio.gather(*(run.finish() for run in runs)))
@@ -442,56 +442,47 @@ class OpenAIFront:
         sent_calls = {run.index: 0 for run in runs}
         held = {run.index: "" for run in runs}  # forced tool calls: the whole answer, parsed at the end
         dones = []
-        try:
-            for run in runs:
-                yield chunk(run.index, {"role": "assistant", "content": ""})
-            async for run, message in _merge(runs):
-                i = run.index
-                if message.HasField("done"):
-                    done = message.done
-                    dones.append(done)
-                    if run.mode.kind == "auto":
-                        tail = tool_streams[i].flush()
-                        if tail:
-                            yield chunk(i, {"content": tail})
-                        calls = [None] * sent_calls[i]
-                    else:
-                        content, calls = _calls_and_content(held[i], run.mode) if run.mode.kind != "none" else ("", [])
-                        if content:
-                            yield chunk(i, {"content": content})
-                        if calls:
-                            yield chunk(i, {"tool_calls": [c.to_openai(n) for n, c in enumerate(calls)]})
-                    yield chunk(i, {}, _finish_reason(done, calls, run.mode))
-                    continue
-                logprobs = {"content": [_logprob_entry(message.logprob)]} if message.HasField("logprob") else None
-                if message.reasoning:
-                    yield chunk(i, {"reasoning_content": message.text}, logprobs=logprobs)
-                elif run.mode.kind == "auto":
-                    content, calls = tool_streams[i].push(message.text)
-                    if content or logprobs:
-                        yield chunk(i, {"content": content}, logprobs=logprobs)
-                    for call in calls:
-                        if run.mode.single and sent_calls[i]:
-                            break  # parallel_tool_calls false: the first call only
-                        yield chunk(i, {"tool_calls": [call.to_openai(sent_calls[i])]})
-                        sent_calls[i] += 1
-                elif run.mode.kind in ("named", "required"):
-                    held[i] += message.text
-                    if logprobs:
-                        yield chunk(i, {}, logprobs=logprobs)
+        for run in runs:
+            yield chunk(run.index, {"role": "assistant", "content": ""})
+        async for run, message in _merge(runs):
+            i = run.index
+            if message.HasField("done"):
+                done = message.done
+                dones.append(done)
+                if run.mode.kind == "auto":
+                    tail = tool_streams[i].flush()
+                    if tail:
+                        yield chunk(i, {"content": tail})
+                    calls = [None] * sent_calls[i]
                 else:
-                    yield chunk(i, {"content": message.text}, logprobs=logprobs)
-            if include_usage:
-                yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                            "model": self.settings.model_name, "choices": [], "usage": _usage(dones)})
-            self._count("chat", 200)
-        except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            failure = api_error(error)
-            self._count("chat", failure.status)
-            yield _sse(failure.body())
-        finally:
-            await asyncio.gather(*(run.close() for run in runs))
-        yield "data: [DONE]\n\n"
+                    content, calls = _calls_and_content(held[i], run.mode) if run.mode.kind != "none" else ("", [])
+                    if content:
+                        yield chunk(i, {"content": content})
+                    if calls:
+                        yield chunk(i, {"tool_calls": [c.to_openai(n) for n, c in enumerate(calls)]})
+                yield chunk(i, {}, _finish_reason(done, calls, run.mode))
+                continue
+            logprobs = {"content": [_logprob_entry(message.logprob)]} if message.HasField("logprob") else None
+            if message.reasoning:
+                yield chunk(i, {"reasoning_content": message.text}, logprobs=logprobs)
+            elif run.mode.kind == "auto":
+                content, calls = tool_streams[i].push(message.text)
+                if content or logprobs:
+                    yield chunk(i, {"content": content}, logprobs=logprobs)
+                for call in calls:
+                    if run.mode.single and sent_calls[i]:
+                        break  # parallel_tool_calls false: the first call only
+                    yield chunk(i, {"tool_calls": [call.to_openai(sent_calls[i])]})
+                    sent_calls[i] += 1
+            elif run.mode.kind in ("named", "required"):
+                held[i] += message.text
+                if logprobs:
+                    yield chunk(i, {}, logprobs=logprobs)
+            else:
+                yield chunk(i, {"content": message.text}, logprobs=logprobs)
+        if include_usage:
+            yield _sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                        "model": self.settings.model_name, "choices": [], "usage": _usage(dones)})
 
     async def _stream_text(self, runs, response_id, created, include_usage, body):
         def chunk(index, text, finish_reason=None, logprobs=None) -> str:
@@ -501,26 +492,34 @@ class OpenAIFront:
 
         dones = {}
         offsets = {run.index: 0 for run in runs}  # text_offset of each choice's next token
+        async for run, message in _merge(runs):
+            if message.HasField("done"):
+                dones[run.index] = message.done
+                yield chunk(run.index, "", _finish_reason(message.done, [], run.mode))
+                continue
+            logprobs = None
+            if message.HasField("logprob"):
+                logprobs = _legacy_logprobs([message.logprob], offsets[run.index])
+                offsets[run.index] += len(message.logprob.token)
+            yield chunk(run.index, message.text, logprobs=logprobs)
+        if include_usage:
+            yield _sse({"id": response_id, "object": "text_completion", "created": created,
+                        "model": self.settings.model_name, "choices": [], "usage": _text_usage(dones, body.n)})
+
+    async def _sse_stream(self, route: str, runs, events):
+        """`events` (a route's SSE chunks) as sent: an error after the status line goes in the stream as
+        OpenAI's error JSON, the request is counted by how it ended, the queries are closed whatever
+        happens (a client gone included), and `[DONE]` ends a stream that was not cut."""
         try:
-            async for run, message in _merge(runs):
-                if message.HasField("done"):
-                    dones[run.index] = message.done
-                    yield chunk(run.index, "", _finish_reason(message.done, [], run.mode))
-                    continue
-                logprobs = None
-                if message.HasField("logprob"):
-                    logprobs = _legacy_logprobs([message.logprob], offsets[run.index])
-                    offsets[run.index] += len(message.logprob.token)
-                yield chunk(run.index, message.text, logprobs=logprobs)
-            if include_usage:
-                yield _sse({"id": response_id, "object": "text_completion", "created": created,
-                            "model": self.settings.model_name, "choices": [], "usage": _text_usage(dones, body.n)})
-            self._count("completions", 200)
-        except Exception as error:  # noqa: BLE001
+            async for event in events:
+                yield event
+            self._count(route, 200)
+        except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             failure = api_error(error)
-            self._count("completions", failure.status)
+            self._count(route, failure.status)
             yield _sse(failure.body())
         finally:
+            await events.aclose()
             await asyncio.gather(*(run.close() for run in runs))
         yield "data: [DONE]\n\n"
 

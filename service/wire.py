@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lm.prompt import text_bytes
 from lm.sampling import SamplingParams, sampling_choices
 from lm.structured import StructuredOutput
 from proto.tessera.common.v1 import tensor_pb2
@@ -154,6 +155,13 @@ def messages_from_proto(messages) -> list[dict[str, Any]]:
             entry["name"] = message.name
         result.append(entry)
     return result
+
+
+def request_text_bytes(request, messages=None) -> int:
+    """The text a gateway or LM request carries (lm.prompt.text_bytes): its prompt, its tools and, once
+    its chat `messages` are built (messages_from_proto), their texts and earlier tool calls."""
+    calls = sum(len(message.tool_calls_json) for message in request.messages) if messages else 0
+    return text_bytes(request.prompt, messages or ()) + text_bytes(request.tools_json) + calls
 
 
 def _tool_calls(text: str, index: int) -> list[dict[str, Any]]:
