@@ -99,6 +99,29 @@ def cancellation_code(context) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
+class _WriteAfterCloseFilter(logging.Filter):
+    """Demotes grpc.aio's "ExecuteBatchError raised in core by servicer method" to DEBUG.
+
+    A server-side batch (a response or the status) fails in core only once the call is over on the
+    transport: the client cancelled, its deadline passed or the connection dropped. grpc.aio skips the
+    ERROR when it has already seen the client's close, but that notice arrives on a separate operation
+    and can lose the race to the failed write (grpc/_cython/_cygrpc/aio/server.pyx.pxi,
+    `_handle_exceptions` vs `_handle_cancellation_from_core`). The call itself is counted by
+    ErrorsAndMetricsInterceptor as CANCELLED / DEADLINE_EXCEEDED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("ExecuteBatchError raised in core by servicer"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"the client went away while a response was being sent ({record.getMessage()})", None, None, None)
+            return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+_GRPC_CORE_LOG = logging.getLogger("grpc._cython.cygrpc")
+_WRITE_AFTER_CLOSE = _WriteAfterCloseFilter()
+
+
 class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: maps exceptions to status codes and records requests by method and code
     and their latency in `metrics` (a ServerMetrics, or None). A reply over `max_response_bytes` (the
@@ -111,6 +134,7 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.max_response_bytes = max_response_bytes
         self.max_request_fields = max_request_fields
         compile_walker()
+        _GRPC_CORE_LOG.addFilter(_WRITE_AFTER_CLOSE)  # a no-op when already added
 
     def _check_size(self, response, method: str) -> None:
         if self.max_response_bytes is None or not hasattr(response, "ByteSize"):

@@ -125,6 +125,24 @@ def test_deadline_while_writing_is_deadline_exceeded(endless_server, caplog):
     assert errors_logged(caplog) == []
 
 
+def test_a_failed_write_logged_by_grpc_core_is_not_an_error(caplog):
+    """grpc.aio logs ERROR for a response write that fails in core when it has not yet seen the client's
+    close (a race between two core operations): once a server interceptor exists, that line is DEBUG;
+    grpc's other errors keep their level."""
+    from service.interceptors import ErrorsAndMetricsInterceptor
+
+    ErrorsAndMetricsInterceptor()
+    caplog.set_level(logging.WARNING)
+    core = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise RuntimeError("Failed execute_batch")
+    except RuntimeError:
+        core.exception("ExecuteBatchError raised in core by servicer method [/test.Endless/Stream]")
+        core.exception("Unexpected [ValueError] raised by servicer method [/test.Endless/Stream]")
+    assert errors_logged(caplog) == [
+        "grpc._cython.cygrpc: Unexpected [ValueError] raised by servicer method [/test.Endless/Stream]"]
+
+
 def test_a_cancellation_at_the_deadline_counts_as_the_deadline():
     """A client whose deadline passes cancels before the server's copy of the deadline expires (it
     arrived a transit time later): a cancellation that close to the deadline is the deadline's."""
