@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lm.layers import fuse_projections
 from lm.models import family_of, read_config_json
 from lm.models.base import DecoderConfig, KeyLayout, ModelFamily
 
@@ -44,6 +45,7 @@ def load_text_model(
         model = family.network(config)
     state = load_text_state(path, family, config, model, dtype=dtype, device=device)
     model.load_state_dict(state, strict=True, assign=True)
+    fuse_projections(model)  # q/k/v and gate/up as one matmul each (after the checkpoint's names are checked)
     return config, model.to(device).eval()  # .to moves the RoPE buffers, built on the CPU
 
 

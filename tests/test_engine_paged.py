@@ -203,8 +203,9 @@ def test_cancel_and_finish_in_any_order_leave_every_block_free_or_cached(model_a
 
 
 def test_decode_cost_follows_each_requests_own_context(model_and_config):
-    """A decode step reads, per request, exactly its own positions (its window in sliding groups): the
-    keys gathered for a 5-token request beside a 90-token one are 5 long in full groups."""
+    """A decode step reads, per request, its own blocks (its window in sliding groups): the keys
+    gathered for a 5-token request beside a 90-token one are its 6 or 7 positions rounded up to whole
+    4-token blocks, never the 90-token request's length (the two are too far apart to share a batch)."""
     model, config = model_and_config
     engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
     lengths = []
@@ -223,8 +224,37 @@ def test_decode_cost_follows_each_requests_own_context(model_and_config):
     finally:
         model_runner.sdpa = original
     decode_keys = {k for q, k in lengths if q == 1}
-    assert {6, 7} <= decode_keys  # the short request's own context, not the batch's longest
-    assert max(decode_keys) <= 92
+    assert {8} <= decode_keys  # two blocks: the short request's own context, not the batch's longest
+    assert max(decode_keys) <= 92 + 4 - 92 % 4
+
+
+def test_decode_rows_of_similar_length_attend_in_one_batch(model_and_config):
+    """Decode rows whose block counts are within PagedAttention.BATCH_SPREAD of each other share one
+    gather and one SDPA call (padded, masked to each row's own keys), and each still equals its request
+    computed alone; a row with many more blocks gets a call of its own."""
+    from lm.engine import model_runner
+
+    model, config = model_and_config
+    engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
+    calls = []
+    original = model_runner.sdpa
+
+    def spy(q, k, v, mask, scale):
+        calls.append((q.shape[0], q.shape[2], k.shape[2], mask is not None))
+        return original(q, k, v, mask, scale)
+
+    requests = [GenerationRequest(prompt_of(length, 50 + length), SamplingParams(max_new_tokens=6))
+                for length in (9, 11, 14, 16, 80)]
+    model_runner.sdpa = spy
+    try:
+        handles = run(engine, requests)
+    finally:
+        model_runner.sdpa = original
+    decode = [(rows, keys, masked) for rows, queries, keys, masked in calls if queries == 1]
+    assert any(rows == 4 and masked for rows, keys, masked in decode)  # the four short requests together
+    assert max(keys for rows, keys, masked in decode if rows == 4) < 40  # never padded to the long one
+    for request, handle in zip(requests, handles):
+        assert handle.result().token_ids == greedy_alone(model, config, request)
 
 
 @pytest.mark.parametrize("block_size", [1, 4])

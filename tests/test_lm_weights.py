@@ -59,7 +59,12 @@ def test_three_key_layouts_load_identical_weights(tmp_path, tiny_vlm_dir, vlm):
         _state(_write(tmp_path / "newer", newer, config)),
         _state(_write(tmp_path / "causal", *_as_causal_lm(tensors, config))),
     ]
-    assert torch.equal(states[0]["layers.3.self_attn.k_proj.weight"], tensors[PUBLISHED_PREFIX + "layers.3.self_attn.k_proj.weight"])
+    # q, k and v are fused at load (lm.layers.fuse_projections), in that order; so are gate and up
+    attn, mlp = PUBLISHED_PREFIX + "layers.3.self_attn.", PUBLISHED_PREFIX + "layers.3.mlp."
+    assert torch.equal(states[0]["layers.3.self_attn.qkv_proj.weight"],
+                       torch.cat([tensors[attn + f"{name}_proj.weight"] for name in "qkv"]))
+    assert torch.equal(states[0]["layers.3.mlp.gate_up_proj.weight"],
+                       torch.cat([tensors[mlp + f"{name}_proj.weight"] for name in ("gate", "up")]))
     assert torch.equal(states[0]["norm.weight"], tensors[PUBLISHED_PREFIX + "norm.weight"])
     for state in states[1:]:
         assert state.keys() == states[0].keys()

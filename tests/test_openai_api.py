@@ -653,7 +653,7 @@ def test_serve_quantized_weights(checkpoint, scheme):
         reply = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0).chat.completions \
             .create(model=str(checkpoint), messages=HELLO, max_tokens=5, extra_body={"ignore_eos": True, **NO_THINKING})
         assert reply.usage.completion_tokens == 5
-        layer = server.server.lm.loaded.lm.model.layers[0].self_attn.q_proj
+        layer = server.server.lm.loaded.lm.model.layers[0].self_attn.qkv_proj  # q, k and v fused at load
         assert type(layer).__name__ == {"int8-dynamic": "Int8DynamicLinear", "int4": "Int4Linear"}[scheme]
     finally:
         server.stop()

@@ -358,7 +358,9 @@ class Engine:
         """Sample, stream and maybe finish each request whose chunk reached its last token; logits (R, vocab)."""
         if not chunks:
             return
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # (R,)
+        # A row's sum is finite exactly when all its logits are (one pass over the logits instead of
+        # isfinite's three), short of a sum that overflows fp32: |logits| averaging over 1e33.
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # (R,)
         plain = all(c.sequence.params.greedy and not c.sequence.params.penalized and c.sequence.grammar is None
                     for c in chunks)
         choices = torch.argmax(logits, dim=-1).tolist() if plain else None

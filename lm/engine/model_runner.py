@@ -45,38 +45,70 @@ class PagedAttention:
     per group and chunk: the block ids holding the keys the chunk reads and where in them its keys start.
     Keys a chunk reads: positions [lo, end), lo = 0 for full attention and start - window + 1 for a
     sliding window. Masks (causal, window, image tiles both ways) are built once per attention kind and
-    chunk; a one-token chunk reads exactly its allowed keys and needs none."""
+    chunk; a one-token chunk reads exactly its allowed keys and needs none.
+
+    One-token chunks (decode rows) of similar length attend together: their blocks are gathered into one
+    padded (R, blocks * block_size) batch per group with a mask of each row's [lo, end), so a step of R
+    decode rows makes one gather and one SDPA call per layer instead of R. A batch holds rows whose
+    block counts are within BATCH_SPREAD of its shortest, so padding at most doubles a row's work."""
+
+    BATCH_SPREAD = 2
 
     def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk], device: torch.device):
         self.storage, self.layout = storage, layout
         size = layout.block_size
+        self.num_tokens = sum(chunk.num_tokens for chunk in chunks)
         self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
         a = 0
         for chunk in chunks:
             self.offsets.append((a, a + chunk.num_tokens))
             a += chunk.num_tokens
+        multi = [i for i, chunk in enumerate(chunks) if chunk.num_tokens > 1]
+        singles = [i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1]
         self.slots: list[Tensor] = []
-        self.reads: list[list[tuple[Tensor, int, int]]] = []  # per group, per chunk: (blocks, skip, length)
-        masks: dict[int | None, list[Tensor | None]] = {}
+        self.reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []  # per group: (chunk, blocks, skip, length, mask)
+        self.batches: list[list[tuple[Tensor, Tensor, Tensor | None]]] = []  # per group: (rows, blocks (R, nb), mask)
+        masks: dict[int | None, dict[int, Tensor | None]] = {}
         for g, group in enumerate(layout.groups):
-            slots, reads = [], []
+            slots, spans = [], []
             for chunk in chunks:
                 lo = 0 if group.window is None else max(0, chunk.start - group.window + 1)
                 first, last = lo // size, (chunk.end - 1) // size
-                read = torch.tensor(chunk.sequence.block_tables[g][first:last + 1])  # blocks holding [lo, end)
+                blocks = chunk.sequence.block_tables[g][first:last + 1]  # blocks holding [lo, end)
+                spans.append((blocks, lo - first * size, chunk.end - lo))
+                read = torch.tensor(blocks)
                 positions = torch.arange(chunk.start, chunk.end)
                 slots.append(read[positions // size - first] * size + positions % size)
-                reads.append((read.to(device), lo - first * size, chunk.end - lo))
             self.slots.append(torch.cat(slots).to(device))
-            self.reads.append(reads)
             if group.window not in masks:
-                masks[group.window] = [self._mask(chunk, group.window, device) for chunk in chunks]
-        self.masks = [masks[group.window] for group in layout.groups]
+                masks[group.window] = {i: self._mask(chunks[i], group.window, device) for i in multi}
+            self.reads.append([(i, torch.tensor(spans[i][0], device=device), spans[i][1], spans[i][2],
+                                masks[group.window][i]) for i in multi])
+            self.batches.append(self._decode_batches([(i, *spans[i]) for i in singles], size, device))
+
+    def _decode_batches(self, rows: list[tuple[int, list[int], int, int]], size: int, device):
+        """(packed rows (R,), block ids (R, nb) padded with each row's last block, mask (R, 1, 1, nb * size)
+        of the keys each row reads, or None when every row reads all of them) per batch of decode rows."""
+        batches = []
+        rows = sorted(rows, key=lambda row: len(row[1]))
+        while rows:
+            shortest = len(rows[0][1])
+            batch = [row for row in rows if len(row[1]) <= self.BATCH_SPREAD * shortest]
+            rows = rows[len(batch):]
+            width = len(batch[-1][1])
+            batch.sort(key=lambda row: row[0])  # in packed order: a batch of every row needs no reordering
+            blocks = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in batch], device=device)
+            skip = torch.tensor([row[2] for row in batch], device=device)[:, None]  # (R, 1)
+            end = skip + torch.tensor([row[3] for row in batch], device=device)[:, None]
+            keys = torch.arange(width * size, device=device)[None]  # (1, nb * size)
+            mask = ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, nb * size)
+            full = all(row[2] == 0 and row[3] == width * size for row in batch)
+            rows_index = torch.tensor([self.offsets[row[0]][0] for row in batch], device=device)
+            batches.append((rows_index, blocks, None if full else mask))
+        return batches
 
     @staticmethod
     def _mask(chunk: ScheduledChunk, window: int | None, device) -> Tensor | None:
-        if chunk.num_tokens == 1:
-            return None  # one query reads [lo, end): all allowed (causal, inside the window)
         sequence = chunk.sequence
         lo = 0 if window is None else max(0, chunk.start - window + 1)
         q_pos = torch.arange(chunk.start, chunk.end, device=device)[None]  # (1, T)
@@ -94,12 +126,29 @@ class PagedAttention:
         slots = self.slots[g]
         keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, k[0].transpose(0, 1))
         values.view(-1, kv_heads, head_dim).index_copy_(0, slots, v[0].transpose(0, 1))
-        outs = []
-        for (a, b), (blocks, skip, length), mask in zip(self.offsets, self.reads[g], self.masks[g]):
+        batches, reads = self.batches[g], self.reads[g]
+        if len(batches) == 1 and not reads and len(batches[0][0]) == self.num_tokens:
+            rows, blocks, mask = batches[0]  # decode rows only, in one batch: no reassembly
+            return self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1)[None]
+        out = torch.empty_like(q)  # (1, H, N, D)
+        for rows, blocks, mask in batches:
+            out[0].index_copy_(1, rows, self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1))
+        for i, blocks, skip, length, mask in reads:
+            a, b = self.offsets[i]
             chunk_k = keys[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]  # (1, KV, S, D)
             chunk_v = values[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
-            outs.append(sdpa(q[:, :, a:b], chunk_k, chunk_v, mask, scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            out[:, :, a:b] = sdpa(q[:, :, a:b], chunk_k, chunk_v, mask, scale)
+        return out
+
+    @staticmethod
+    def _attend_rows(q: Tensor, keys: Tensor, values: Tensor, rows: Tensor, blocks: Tensor, mask: Tensor | None,
+                     scale: float) -> Tensor:
+        """Attention of the decode rows `rows` (R,) of q (1, H, N, D) over their blocks (R, nb):
+        (R, H, D)."""
+        rows_q = q[0].index_select(1, rows).transpose(0, 1)[:, :, None]  # (R, H, 1, D)
+        batch_k = keys[blocks].flatten(1, 2).transpose(1, 2)  # (R, KV, nb * size, D)
+        batch_v = values[blocks].flatten(1, 2).transpose(1, 2)
+        return sdpa(rows_q, batch_k, batch_v, mask, scale)[:, :, 0]
 
 
 def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:

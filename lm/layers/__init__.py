@@ -169,14 +169,32 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=norm_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj: nn.Module | None = None  # fuse_projections() replaces q/k/v_proj with it
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one `qkv_proj` (out = q_width + 2 * kv_width rows: q's,
+        then k's, then v's) holding the same weights: one matmul per step instead of three, as vLLM's
+        QKVParallelLinear. Called after the checkpoint is loaded (its names are the three); each output
+        is the same dot product as before, and quantisation per output channel or per input group
+        (lm.quantize) gives each row the scales it had alone."""
+        if self.qkv_proj is not None:
+            return
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = _fused_linear(parts)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
         """x (B, T, hidden), cos/sin (B, T, head_dim), attention: lm.attention.AttentionContext."""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -191,16 +209,51 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
-    """down_proj(act(gate_proj(x)) * up_proj(x)); `activation` is config.json's name (ACTIVATIONS)."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)); `activation` is config.json's name (ACTIVATIONS);
+    `linear` the projection class (Linear, or nn.Linear for MoE experts: lm.layers.moe.Expert)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, linear=Linear) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP activation {activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[activation]
-        self.gate_proj = Linear(hidden_size, intermediate_size)
-        self.up_proj = Linear(hidden_size, intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_proj = linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # fuse_projections() replaces gate/up_proj with it
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one `gate_up_proj` (gate's rows, then up's), as
+        Attention.fuse_projections does for q, k and v (vLLM's MergedColumnParallelLinear)."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _fused_linear((self.gate_proj, self.up_proj))
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _fused_linear(parts) -> nn.Module:
+    """One projection of the same class as `parts` (Linear or nn.Linear, same input size) whose output
+    is theirs concatenated in order; biases concatenated too (all or none have one)."""
+    weight = torch.cat([part.weight.detach() for part in parts])  # (sum of outs, in)
+    has_bias = parts[0].bias is not None
+    with torch.device("meta"):  # no initialisation: the weights are the parts'
+        fused = type(parts[0])(weight.shape[1], weight.shape[0], bias=has_bias)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([part.bias.detach() for part in parts]), requires_grad=False)
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse every block's projections that read the same input (Attention's q/k/v, the gated MLPs'
+    gate/up, MoE experts' gate/up) in place, after loading; returns `model`."""
+    for module in list(model.modules()):
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections()
+    return model

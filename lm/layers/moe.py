@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lm.layers import ACTIVATIONS
+from lm.layers import ACTIVATIONS, GatedMLP
 
 
-class Expert(nn.Module):
+class Expert(GatedMLP):
     """One SwiGLU expert, down_proj(act(gate_proj(x)) * up_proj(x)), with plain nn.Linear projections
     (F.linear) rather than GatedMLP's lm.layers.Linear, whose (weight @ x^T) layout turns one row into
     two: an expert mostly sees one or two rows. Measured on the 2-core dev machine (AMD EPYC, MKL), one
@@ -27,15 +27,8 @@ class Expert(nn.Module):
     waits for the second thread; the one-row matrix-vector product does not). Only on 2 threads in a
     quiet moment was Linear ahead, at 8 tokens (57 vs 85 ms)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act) -> None:
-        super().__init__()
-        self.act = act
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+        super().__init__(hidden_size, intermediate_size, activation, linear=nn.Linear)
 
 
 class TopKRouter(nn.Module):
@@ -83,7 +76,7 @@ class SparseMoeBlock(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.gate = TopKRouter(hidden_size, num_experts, num_experts_per_tok, norm_topk_prob)
         self.experts = nn.ModuleList(
-            Expert(hidden_size, moe_intermediate_size, self.act) for _ in range(num_experts))
+            Expert(hidden_size, moe_intermediate_size, activation) for _ in range(num_experts))
 
     def forward(self, x: Tensor, *, grouped: bool | None = None) -> Tensor:
         """x (..., hidden), e.g. (B, T, hidden) or (N, hidden) -> the same shape and dtype.
@@ -146,10 +139,14 @@ class SparseMoeBlock(nn.Module):
         def stacked(name: str) -> Tensor:  # (A, out, in)
             return torch.stack([getattr(self.experts[e], name).weight for e in ids])
 
-        hidden = self.act(padded @ stacked("gate_proj").mT) * (padded @ stacked("up_proj").mT)  # (A, C, inter)
-        out = hidden @ stacked("down_proj").mT  # (A, C, hidden)
+        if self.experts[ids[0]].gate_up_proj is not None:  # fused (lm.layers.fuse_projections)
+            gate, up = (padded @ stacked("gate_up_proj").mT).chunk(2, dim=-1)  # (A, C, inter) x2
+        else:
+            gate, up = padded @ stacked("gate_proj").mT, padded @ stacked("up_proj").mT
+        out = (self.act(gate) * up) @ stacked("down_proj").mT  # (A, C, hidden)
         return out[row_slot, row_pos]  # (S, hidden)
 
     def _dense_experts(self) -> bool:
+        names = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
         return all(isinstance(getattr(expert, name), nn.Linear) for expert in self.experts
-                   for name in ("gate_proj", "up_proj", "down_proj"))
+                   for name in names if getattr(expert, name, None) is not None)

@@ -42,6 +42,7 @@ def build_blocks(args: argparse.Namespace):
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from lm.layers import fuse_projections
     from lm.layers.moe import SparseMoeBlock
 
     config = Qwen3MoeConfig(hidden_size=args.hidden_size, moe_intermediate_size=args.moe_intermediate_size,
@@ -62,7 +63,7 @@ def build_blocks(args: argparse.Namespace):
                               activation="silu")
     ours = ours.to_empty(device="cpu").eval()
     ours.load_state_dict(checkpoint_state_dict(reference), strict=True)
-    return model, reference, ours
+    return model, reference, fuse_projections(ours)
 
 
 def int8_copy(ours):
