@@ -51,6 +51,10 @@ def test_int8_dynamic_linear_is_the_int8_product_of_quantised_activations():
             out = layer(inputs)
             assert out.shape == (3, 5, 96) and out.dtype == torch.float32
             errors[per_token, name] = ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()  # per token
+        if per_token:  # int8 x int8 -> int32 is exact: the weights' memory layout (int_mm_layout) changes nothing
+            other = copy.deepcopy(layer)
+            other.weight = layer.weight.t().contiguous().t() if layer.weight.is_contiguous() else layer.weight.contiguous()
+            assert other.weight.stride() != layer.weight.stride() and torch.equal(other(x), layer(x))
     for per_token in (True, False):
         assert errors[per_token, "plain"].max() < 0.03  # 8-bit activations (7-bit without VNNI)
     # Per token, the outlier costs only its own row; one scale for the whole tensor spreads it to every row.
@@ -86,27 +90,40 @@ def int8_model(embedded_270m):
 FLOORS = {"int8": (0.9, 0.99), "int8-dynamic": (0.88, 0.99), "int4": (0.8, 0.97)}
 
 
-@pytest.mark.parametrize("scheme", sorted(FLOORS))
-def test_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_model, scheme):
-    """Along fp32's own 64 greedy tokens (teacher forcing), the quantised model picks the same token at
-    most positions and its logits keep a high cosine with fp32's (FLOORS)."""
-    quantized = int8_model if scheme == "int8" else quantize_model(copy.deepcopy(embedded_270m.model), scheme)
+@pytest.fixture(scope="module")
+def fp32_reference(embedded_270m):
+    """Per prompt: (prompt ids, the engine's 64 greedy fp32 tokens, fp32 logits along them (64, vocab))."""
     lm = embedded_270m
     engine = lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=1 << 28, max_batch=1, stop_token_ids=()))
-    agree = total = 0
-    cosines = []
+    reference = []
     for prompt in PROMPTS:
         ids = lm.tokenizer.encode(prompt)
         generated = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=64))).token_ids
-        sequence = torch.tensor(ids + generated[:-1])[None]
-        positions = torch.arange(sequence.shape[1])[None]
-        with torch.inference_mode():
-            logits = [m.logits(m(sequence, positions, FullAttention(lm.config, positions))[0, len(ids) - 1:])
-                      for m in (lm.model, quantized)]
-        assert logits[0].argmax(-1).tolist() == generated  # the fp32 recompute is the engine's output
-        agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+        logits = _teacher_forced_logits(lm, lm.model, ids, generated)
+        assert logits.argmax(-1).tolist() == generated  # the fp32 recompute is the engine's output
+        reference.append((ids, generated, logits))
+    return reference
+
+
+def _teacher_forced_logits(lm, model, ids: list[int], generated: list[int]) -> torch.Tensor:
+    sequence = torch.tensor(ids + generated[:-1])[None]
+    positions = torch.arange(sequence.shape[1])[None]
+    with torch.inference_mode():
+        return model.logits(model(sequence, positions, FullAttention(lm.config, positions))[0, len(ids) - 1:])
+
+
+@pytest.mark.parametrize("scheme", sorted(FLOORS))
+def test_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_model, fp32_reference, scheme):
+    """Along fp32's own 64 greedy tokens (teacher forcing), the quantised model picks the same token at
+    most positions and its logits keep a high cosine with fp32's (FLOORS)."""
+    quantized = int8_model if scheme == "int8" else quantize_model(copy.deepcopy(embedded_270m.model), scheme)
+    agree = total = 0
+    cosines = []
+    for ids, generated, fp32_logits in fp32_reference:
+        logits = _teacher_forced_logits(embedded_270m, quantized, ids, generated)
+        agree += int((fp32_logits.argmax(-1) == logits.argmax(-1)).sum())
         total += len(generated)
-        cosines += F.cosine_similarity(logits[0], logits[1], dim=-1).tolist()
+        cosines += F.cosine_similarity(fp32_logits, logits, dim=-1).tolist()
     agreement, cosine = FLOORS[scheme]
     assert agree / total >= agreement
     assert sum(cosines) / len(cosines) >= cosine
