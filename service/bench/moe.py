@@ -7,9 +7,11 @@ over the experts that received tokens) and transformers' "grouped_mm" experts im
 `from_pretrained` picks by default, torch.nn.functional.grouped_mm). Tokens/s at each token count
 (`--tokens`, one forward over that many tokens) is the median of `--repeats` timed runs, the sides
 alternating so that load from elsewhere on the machine hits each; the best run is shown too, and the
-load average before and after, since the dev machine is shared. `--int8` adds Tessera with the experts
-quantised by lm.quantize (int8 weights, bf16 activations): a quarter of the weight bytes, which is
-what bounds the few-token cases.
+load average before and after, since the dev machine is shared. `--quantize` adds Tessera with the
+experts quantised by lm.quantize, one column per scheme: "int8" (int8 weights, bf16 activations: a
+quarter of the weight bytes, which is what bounds the few-token cases) and "int8-dynamic" (the same
+weights times int8 activations quantised per token, int8 x int8 GEMMs: what bounds the 512-token case
+is arithmetic). Each quantised side's output error relative to the reference is printed beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--int8", action="store_true", help="also time Tessera with int8 experts (lm.quantize)")
+    parser.add_argument("--quantize", default="",
+                        help="comma-separated lm.quantize schemes to time beside fp32 (int8, int8-dynamic, int4)")
 
 
 def build_blocks(args: argparse.Namespace):
@@ -66,9 +69,9 @@ def build_blocks(args: argparse.Namespace):
     return model, reference, fuse_projections(ours)
 
 
-def int8_copy(ours):
-    """A copy of `ours` with every expert projection int8 (lm.quantize.quantize_model, which takes a
-    whole network: this one has the block as its only layer and a throwaway head)."""
+def quantized_copy(ours, scheme: str):
+    """A copy of `ours` with every expert projection quantised with `scheme` (lm.quantize.quantize_model,
+    which takes a whole network: this one has the block as its only layer and a throwaway head)."""
     import copy
 
     from torch import nn
@@ -78,7 +81,7 @@ def int8_copy(ours):
     network = nn.Module()
     network.layers = nn.ModuleList([copy.deepcopy(ours)])
     network.lm_head = nn.Linear(1, 1, bias=False)
-    return quantize_model(network, "int8").layers[0]
+    return quantize_model(network, scheme).layers[0]
 
 
 def checkpoint_state_dict(reference) -> dict:
@@ -110,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
     sides = {"tessera": ours, "transformers eager": reference_with("eager"),
              "transformers grouped_mm": reference_with("grouped_mm")}
-    if args.int8:
-        sides["tessera int8"] = int8_copy(ours)
+    schemes = [scheme for scheme in args.quantize.split(",") if scheme]
+    for scheme in schemes:
+        sides[f"tessera {scheme}"] = quantized_copy(ours, scheme)
     print(f"MoE layer: hidden {args.hidden_size}, {args.num_experts} experts x {args.moe_intermediate_size}, "
           f"top-{args.top_k}, norm_topk_prob, silu; fp32; torch threads {torch.get_num_threads()}; "
           f"repeats {args.repeats}; load average before {_load(load_before)}")
@@ -140,11 +144,12 @@ def run(args: argparse.Namespace) -> int:
         goal = f" (goal >= {GOAL:g}x)" if n in (8, 512) else ""
         ratio_lines.append(f"ratio at {n} tokens: " + ", ".join(
             f"tessera / {name} {median[name] / median['tessera']:.2f}x" for name in references) + goal)
-        if args.int8:
-            error = float((outputs["tessera int8"] - expected).norm() / expected.norm())
-            ratio_lines.append(f"  int8 at {n} tokens: " + ", ".join(
-                f"tessera int8 / {name} {median[name] / median['tessera int8']:.2f}x" for name in references)
-                + f"; int8 output relative error {error:.1e}")
+        for scheme in schemes:
+            side = f"tessera {scheme}"
+            error = float((outputs[side] - expected).norm() / expected.norm())
+            ratio_lines.append(f"  {scheme} at {n} tokens: " + ", ".join(
+                f"{side} / {name} {median[name] / median[side]:.2f}x" for name in references)
+                + goal + f"; output relative error {error:.1e}")
     print(f"load average after {_load(os.getloadavg())}")
     print("\n".join(ratio_lines))
     return 0 if worst <= 1e-4 else 1
