@@ -64,48 +64,54 @@ class PagedAttention:
             self.offsets.append((a, a + chunk.num_tokens))
             a += chunk.num_tokens
         multi = [i for i, chunk in enumerate(chunks) if chunk.num_tokens > 1]
-        singles = [i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1]
         self.slots: list[Tensor] = []
         self.reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []  # per group: (chunk, blocks, skip, length, mask)
         self.batches: list[list[tuple[Tensor, Tensor, Tensor | None]]] = []  # per group: (rows, blocks (R, nb), mask)
         masks: dict[int | None, dict[int, Tensor | None]] = {}
+        plans: dict[int | None, list] = {}  # per window: the decode batches (the same for every group of it)
         for g, group in enumerate(layout.groups):
-            slots, spans = [], []
-            for chunk in chunks:
-                lo = 0 if group.window is None else max(0, chunk.start - group.window + 1)
-                first, last = lo // size, (chunk.end - 1) // size
-                blocks = chunk.sequence.block_tables[g][first:last + 1]  # blocks holding [lo, end)
-                spans.append((blocks, lo - first * size, chunk.end - lo))
-                read = torch.tensor(blocks)
-                positions = torch.arange(chunk.start, chunk.end)
-                slots.append(read[positions // size - first] * size + positions % size)
-            self.slots.append(torch.cat(slots).to(device))
+            tables = [chunk.sequence.block_tables[g] for chunk in chunks]
+            # plain ints: a tensor op per chunk and group would cost more than the arithmetic
+            self.slots.append(torch.tensor([table[p // size] * size + p % size for chunk, table in zip(chunks, tables)
+                                            for p in range(chunk.start, chunk.end)], device=device))
+            spans = [self._span(chunk, group.window, size) for chunk in chunks]  # (first block, count, skip, length)
             if group.window not in masks:
                 masks[group.window] = {i: self._mask(chunks[i], group.window, device) for i in multi}
-            self.reads.append([(i, torch.tensor(spans[i][0], device=device), spans[i][1], spans[i][2],
-                                masks[group.window][i]) for i in multi])
-            self.batches.append(self._decode_batches([(i, *spans[i]) for i in singles], size, device))
+                plans[group.window] = self._decode_plan(chunks, spans, size, device)
+            self.reads.append([(i, torch.tensor(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], device=device),
+                                spans[i][2], spans[i][3], masks[group.window][i]) for i in multi])
+            self.batches.append([
+                (rows_index, torch.tensor([_padded(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], width)
+                                           for i in members], device=device), mask)
+                for members, width, rows_index, mask in plans[group.window]])
 
-    def _decode_batches(self, rows: list[tuple[int, list[int], int, int]], size: int, device):
-        """(packed rows (R,), block ids (R, nb) padded with each row's last block, mask (R, 1, 1, nb * size)
-        of the keys each row reads, or None when every row reads all of them) per batch of decode rows."""
-        batches = []
-        rows = sorted(rows, key=lambda row: len(row[1]))
-        while rows:
-            shortest = len(rows[0][1])
-            batch = [row for row in rows if len(row[1]) <= self.BATCH_SPREAD * shortest]
-            rows = rows[len(batch):]
-            width = len(batch[-1][1])
-            batch.sort(key=lambda row: row[0])  # in packed order: a batch of every row needs no reordering
-            blocks = torch.tensor([row[1] + row[1][-1:] * (width - len(row[1])) for row in batch], device=device)
-            skip = torch.tensor([row[2] for row in batch], device=device)[:, None]  # (R, 1)
-            end = skip + torch.tensor([row[3] for row in batch], device=device)[:, None]
-            keys = torch.arange(width * size, device=device)[None]  # (1, nb * size)
-            mask = ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, nb * size)
-            full = all(row[2] == 0 and row[3] == width * size for row in batch)
-            rows_index = torch.tensor([self.offsets[row[0]][0] for row in batch], device=device)
-            batches.append((rows_index, blocks, None if full else mask))
-        return batches
+    @staticmethod
+    def _span(chunk: ScheduledChunk, window: int | None, size: int) -> tuple[int, int, int, int]:
+        """(first block index, block count, skip, length): the chunk reads keys [lo, end), held in block
+        table entries first .. first + count - 1, starting `skip` positions into the first."""
+        lo = 0 if window is None else max(0, chunk.start - window + 1)
+        first = lo // size
+        return first, (chunk.end - 1) // size - first + 1, lo - first * size, chunk.end - lo
+
+    def _decode_plan(self, chunks: list[ScheduledChunk], spans, size: int, device):
+        """Batches of the one-token chunks: (their chunk indices in packed order, width in blocks, packed
+        rows (R,), mask (R, 1, 1, width * size) of the keys each row reads, or None when every row reads
+        all of them). The block counts and masks depend on the window, not on the group's block ids."""
+        plan = []
+        singles = sorted((i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1), key=lambda i: spans[i][1])
+        while singles:
+            batch = [i for i in singles if spans[i][1] <= self.BATCH_SPREAD * spans[singles[0]][1]]
+            singles = singles[len(batch):]
+            width = spans[batch[-1]][1]
+            batch.sort()  # in packed order: a batch of every row needs no reordering
+            skip = torch.tensor([spans[i][2] for i in batch], device=device)[:, None]  # (R, 1)
+            end = skip + torch.tensor([spans[i][3] for i in batch], device=device)[:, None]
+            keys = torch.arange(width * size, device=device)[None]  # (1, width * size)
+            full = all(spans[i][2] == 0 and spans[i][3] == width * size for i in batch)
+            mask = None if full else ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, width * size)
+            rows_index = torch.tensor([self.offsets[i][0] for i in batch], device=device)
+            plan.append((batch, width, rows_index, mask))
+        return plan
 
     @staticmethod
     def _mask(chunk: ScheduledChunk, window: int | None, device) -> Tensor | None:
@@ -149,6 +155,11 @@ class PagedAttention:
         batch_k = keys[blocks].flatten(1, 2).transpose(1, 2)  # (R, KV, nb * size, D)
         batch_v = values[blocks].flatten(1, 2).transpose(1, 2)
         return sdpa(rows_q, batch_k, batch_v, mask, scale)[:, :, 0]
+
+
+def _padded(blocks: list[int], width: int) -> list[int]:
+    """`blocks` padded to `width` entries with its last block (masked out: any valid id would do)."""
+    return blocks + blocks[-1:] * (width - len(blocks))
 
 
 def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:
