@@ -47,11 +47,11 @@ def load_language_model(spec: str, *, device: str | torch.device = "cpu", dtype:
     started = time.perf_counter()
     path = resolve_model(spec, cache_dir, progress=progress)
     config, model = load_text_model(path, dtype=dtype, device=device)
-    if quantize is not None:
-        from lm.quantize import quantize_model
-
-        quantize_model(model, quantize)
     tokenizer = Tokenizer.from_dir(path)
+    if quantize is not None:
+        from lm.quantize import calibration_ids, quantize_model
+
+        quantize_model(model, quantize, calibration_ids=calibration_ids(tokenizer))
     generation = path / "generation_config.json"
     defaults = checkpoint_sampling_defaults(json.loads(generation.read_text(encoding="utf-8"))
                                             if generation.is_file() else {})
