@@ -4,8 +4,10 @@ requests that sample.
 All scheduled tokens (decode rows of one token, prompt chunks of many, from any number of requests) are
 packed into one (1, N) batch, so the projections and MLPs run once per step over N rows. Attention is
 per request (`PagedAttention`): each chunk's keys and values are written into its blocks, then its
-queries attend over exactly that request's positions, gathered from its block table, so attention costs
+queries attend over that request's positions only, gathered from its block table, so attention costs
 each request its own context length, never the batch's longest, and no request reads another's memory.
+Decode rows of similar length share one call, each masked to its own keys and padded to at most twice
+its own blocks.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class PagedAttention:
     per group and chunk: the block ids holding the keys the chunk reads and where in them its keys start.
     Keys a chunk reads: positions [lo, end), lo = 0 for full attention and start - window + 1 for a
     sliding window. Masks (causal, window, image tiles both ways) are built once per attention kind and
-    chunk; a one-token chunk reads exactly its allowed keys and needs none.
+    chunk of several tokens.
 
     One-token chunks (decode rows) of similar length attend together: their blocks are gathered into one
     padded (R, blocks * block_size) batch per group with a mask of each row's [lo, end), so a step of R
