@@ -209,6 +209,9 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
     for an unknown scheme or a shape the scheme cannot take."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation {scheme!r}; available: {', '.join(SCHEMES)}")
+    if calibration_ids is not None and len(calibration_ids) == 0:
+        raise ValueError("calibration_ids is empty: give the token ids of CALIBRATION_TEXT (calibration_ids(tokenizer)) "
+                         "or None for no calibration")
     if scheme == "int8-dynamic" and not quantized_engine_available():
         log.warning("PyTorch has no quantized engine here; int8-dynamic falls back to int8 (weight-only)")
         scheme = "int8"
@@ -252,7 +255,7 @@ def activation_ranges(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tenso
     hooks = [module.register_forward_hook(record) for module in model.layers.modules() if isinstance(module, nn.Linear)]
     try:
         device = next(model.parameters()).device
-        input_ids = torch.tensor(ids, device=device)[None]  # (1, T)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=device)[None]  # (1, T)
         positions = torch.arange(len(ids), device=device)[None]
         with torch.inference_mode():
             model(input_ids, positions, FullAttention(model.config, positions))
@@ -272,9 +275,12 @@ def awq_factors(activation_range: Tensor | None) -> Tensor | None:
 
 
 def _floored(activation_range: Tensor) -> Tensor:
-    # A channel calibration never drove (or barely) is floored at a tenth of the median range: dividing
-    # its activations by a tiny factor would blow up the tokens that do drive it later.
-    return activation_range.clamp(min=max(1e-5, 0.1 * float(activation_range.median())))
+    # A channel calibration never drove (or barely) is floored at a tenth of the median range of the
+    # channels it did drive: dividing its activations by a tiny factor would blow up the tokens that do
+    # drive it later (then by at most 10^alpha against a typical channel).
+    driven = activation_range[activation_range > 0]
+    typical = float(driven.median()) if driven.numel() else 0.0
+    return activation_range.clamp(min=max(1e-5, 0.1 * typical))
 
 
 def smoothing_factors(weight: Tensor, activation_range: Tensor | None) -> Tensor | None:

@@ -80,6 +80,29 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights():
     assert smoothing_factors(weight, None) is None
 
 
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])
+def test_channels_calibration_barely_drove_cannot_swamp_the_later_tokens(scheme):
+    """Most input channels read 0 during calibration and all carry input later: the floor (a tenth of
+    the driven channels' median range) keeps the smoothed layer near the plain one's error."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64) / 8
+    ranges = torch.rand(64) + 0.5
+    ranges[:40] = 0.0
+    x = torch.randn(6, 64)
+    expected = F.linear(x, weight)
+    if scheme == "int4":
+        layers = Int4Linear(weight), Int4Linear(weight, smoothing=awq_factors(ranges))
+    else:
+        layers = Int8DynamicLinear(weight), Int8DynamicLinear(weight, smoothing=smoothing_factors(weight, ranges))
+    plain, smoothed = [float((layer(x) - expected).norm() / expected.norm()) for layer in layers]
+    assert smoothed < 3 * plain, (plain, smoothed)
+
+
+def test_empty_calibration_ids_are_refused_by_name():
+    with pytest.raises(ValueError, match="calibration_ids is empty"):
+        quantize_model(torch.nn.Module(), "int8-dynamic", calibration_ids=[])
+
+
 def test_activation_aware_int4_scales_protect_the_channels_that_carry_large_activations():
     """int4 rounds every weight of a group alike; scaling the columns of channels with large activations
     up (and their inputs down: the same product) before quantising (AWQ) cuts the error those channels
