@@ -109,7 +109,8 @@ class Int8DynamicLinear(Int8Linear):
         self.register_buffer("inv_smoothing", None if smoothing is None else 1.0 / smoothing.float())
         self.per_token = per_token
         self._packed = None
-        self.register_buffer("scales_f32", self.scales.float(), persistent=False)  # no cast per call
+        # the per-token kernel's fp32 scales, kept to save a cast per call (fbgemm holds its own)
+        self.register_buffer("scales_f32", self.scales.float() if per_token else None, persistent=False)
         if per_token and self.weight.device.type == "cpu" and int_mm_layout(*self.weight.shape) == "columns":
             self.weight = self.weight.t().contiguous().t()  # still (out, in); weight.t() is now contiguous
         if not per_token:
@@ -215,17 +216,19 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
     if scheme == "int8-dynamic" and not quantized_engine_available():
         log.warning("PyTorch has no quantized engine here; int8-dynamic falls back to int8 (weight-only)")
         scheme = "int8"
-    with torch.no_grad():
+    calibrated = calibration_ids is not None and scheme != "int8"
+    ranges = activation_ranges(model, calibration_ids) if calibrated else {}
+
+    def quantized(linear: nn.Linear) -> nn.Module:
         if scheme == "int8-dynamic":
-            ranges = {} if calibration_ids is None else activation_ranges(model, calibration_ids)
-            _swap_linears(model.layers, lambda linear: Int8DynamicLinear(
-                linear.weight, linear.bias, smoothing=smoothing_factors(linear.weight, ranges.get(linear))))
-        elif scheme == "int4":
-            ranges = {} if calibration_ids is None else activation_ranges(model, calibration_ids)
-            _swap_linears(model.layers, lambda linear: Int4Linear(
-                linear.weight, linear.bias, smoothing=awq_factors(ranges.get(linear))))
-        else:
-            _swap_linears(model.layers, lambda linear: Int8Linear(linear.weight, linear.bias))
+            smoothing = smoothing_factors(linear.weight, ranges.get(linear))
+            return Int8DynamicLinear(linear.weight, linear.bias, smoothing=smoothing)
+        if scheme == "int4":
+            return Int4Linear(linear.weight, linear.bias, smoothing=awq_factors(ranges.get(linear)))
+        return Int8Linear(linear.weight, linear.bias)
+
+    with torch.no_grad():
+        _swap_linears(model.layers, quantized)
         head = functools.partial(Int8DynamicLinear, per_token=False) if scheme == "int8-dynamic" else Int8Linear
         tied = model.lm_head is None
         source = model.embed_tokens.weight if tied else model.lm_head.weight

@@ -109,7 +109,7 @@ def bench_engine(lm, args, label: str) -> dict:
             "kv_cache_mib": engine.storage.total_bytes / 2**20}
 
 
-def quantized_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
+def quantized_accuracy(fp32_lm, quantized_lm, new_tokens: int) -> dict:
     """Teacher-forced agreement: along fp32's greedy continuation of each prompt, how often the
     quantised model's argmax equals fp32's, and the cosine of their logits at every generated position."""
     import torch
@@ -128,7 +128,7 @@ def quantized_accuracy(fp32_lm, int8_lm, new_tokens: int) -> dict:
         positions = torch.arange(sequence.shape[1])[None]
         with torch.inference_mode():
             logits = [m.model.logits(m.model(sequence, positions, FullAttention(m.config, positions))[0, len(ids) - 1:])
-                      for m in (fp32_lm, int8_lm)]  # (new_tokens, vocab) each
+                      for m in (fp32_lm, quantized_lm)]  # (new_tokens, vocab) each
         agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
         total += logits[0].shape[0]
         cosines += torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1).tolist()
