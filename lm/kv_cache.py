@@ -132,15 +132,24 @@ def largest_chunk(config: DecoderConfig, prefill_chunk: int) -> int:
 class PagedKVStorage:
     """Key and value tensors of `num_blocks` blocks: keys[j], values[j] are
     (num_blocks, block_size, kv_heads, head_dim) in the engine's dtype, for the j-th layer of every group.
-    Blocks are not zeroed when freed: attention reads only positions its own request has written
-    (lm/engine/model_runner.py slices each request's keys to exactly its positions)."""
+    The tensors start uninitialised and blocks are not cleared when freed; the engine clears each block
+    when it is allocated (`clear`), because decode attention reads whole blocks: the positions of a
+    request's last block beyond its length are masked out, but a masked NaN or inf still turns the
+    attention output into NaN (0 x NaN), so whatever an earlier tenant left there must not stay."""
 
     def __init__(self, config: DecoderConfig, layout: KVLayout, num_blocks: int, *, dtype: torch.dtype,
                  device: torch.device | str):
         self.layout, self.num_blocks = layout, num_blocks
         shape = (num_blocks, layout.block_size, config.num_key_value_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zero `blocks` (ids) in every layer."""
+        if blocks:
+            index = torch.tensor(blocks, device=self.keys[0].device)
+            for tensor in self.keys + self.values:
+                tensor.index_fill_(0, index, 0)
 
     @property
     def total_bytes(self) -> int:

@@ -126,6 +126,22 @@ def test_nan_left_in_freed_blocks_never_reaches_the_requests_that_reuse_them(mod
     assert longer.result().token_ids == reference_greedy(model, config, longer_prompt, 10)
 
 
+def test_unwritten_cells_full_of_nan_are_never_read(model_and_config):
+    """Every cell of a fresh cache is NaN (as garbage left by any earlier tenant may be): requests of
+    different lengths decoding together, whose last blocks are partly unwritten (and padded to each
+    other's width in one attention call), answer exactly as recomputation does."""
+    model, config = model_and_config
+    engine = make_engine(model, config, max_batch=4, block_size=4)
+    for tensor in engine.storage.keys + engine.storage.values:
+        tensor.fill_(float("nan"))
+    prompts = [prompt_of(n, seed) for seed, n in enumerate((5, 9, 14, 30))]
+    handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=11))) for p in prompts]
+    while not all(h.done for h in handles):
+        engine.step()
+    for prompt, handle in zip(prompts, handles):
+        assert handle.result().token_ids == reference_greedy(model, config, prompt, 11)
+
+
 def engine_of(model, config):
     return make_engine(model, config)
 

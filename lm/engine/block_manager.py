@@ -48,6 +48,7 @@ class BlockPool:
         # Free blocks in the order allocation takes them: unregistered first, then registered least
         # recently freed first.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.allocated: list[int] = []  # handed out since the storage last cleared new blocks
 
     @property
     def num_free(self) -> int:
@@ -60,6 +61,7 @@ class BlockPool:
             del self.cached[key]
             self.key_of[block] = None
         self.ref_count[block] = 1
+        self.allocated.append(block)
         return block
 
     def take(self, block: int) -> None:
@@ -98,6 +100,12 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
+
+    def take_allocated(self) -> list[int]:
+        """Block ids allocated since the last call (each once), for the storage to clear before the
+        network writes into them (lm.kv_cache.PagedKVStorage.clear)."""
+        allocated, self.pool.allocated = self.pool.allocated, []
+        return allocated
 
     # ----- prefix keys ---------------------------------------------------------------------------
 

@@ -335,6 +335,7 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return
+        self.storage.clear(self.scheduler.block_manager.take_allocated())
         try:
             results = [(chunks, self.runner.run(chunks))]
         except Exception as exc:
