@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from numba import njit
 
 # The smallest normal float32 (~1.18e-38): any temperature below it selects the argmax (see above).
 GREEDY_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
@@ -92,6 +94,54 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when the next token is the argmax: temperature 0, or below GREEDY_TEMPERATURE."""
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def greedy_and_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row of logits (R, vocab): the argmax (the first on ties; meaningless for a row that is not
+    finite) and whether the row is finite.
+
+    On the CPU the head computes logits as (vocab, R) and hands out its transpose (lm.layers.linear), a
+    layout in which torch's argmax and sum read a row with a stride of R: for R = 64 at the Gemma 3
+    vocabulary they take ~70-90 ms together, the kernel below ~3 ms (2-core dev machine; ~2 vs ~5 ms at
+    16 rows, parity at 8). Above 8 such rows one pass of that kernel decides both (a value is finite
+    exactly when x - x == 0); otherwise torch's argmax, and a row is taken as finite when its sum is,
+    which also catches every NaN and inf but counts a row whose finite logits sum past float32's range
+    (|logits| averaging over 1e33) as non-finite."""
+    rows = logits.shape[0]
+    columns = logits.T
+    if rows > 8 and logits.device.type == "cpu" and logits.dtype == torch.float32 and columns.is_contiguous():
+        choices, finite = _argmax_columns(columns.numpy())
+        return choices.tolist(), finite.tolist()
+    return torch.argmax(logits, dim=-1).tolist(), torch.isfinite(logits.sum(dim=-1)).tolist()
+
+
+@njit(nogil=True, cache=True)
+def _argmax_columns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """columns (vocab, R) float32 -> (argmax of each column, first on ties: int64 (R,); all finite: bool (R,)).
+    Reads the values in memory order; scans a block of 64 again only when its maximum beats the best."""
+    vocab, rows = columns.shape
+    best = np.full(rows, -np.inf, np.float32)
+    index = np.zeros(rows, np.int64)
+    residue = np.zeros(rows, np.float32)  # sum of x - x: 0 unless some x is NaN or inf
+    block_max = np.empty(rows, np.float32)
+    for start in range(0, vocab, 64):
+        end = min(vocab, start + 64)
+        for r in range(rows):
+            block_max[r] = columns[start, r]
+        for v in range(start, end):
+            for r in range(rows):
+                x = columns[v, r]
+                residue[r] += x - x
+                if x > block_max[r]:
+                    block_max[r] = x
+        for r in range(rows):
+            if block_max[r] > best[r]:
+                best[r] = block_max[r]
+                for v in range(start, end):
+                    if columns[v, r] == block_max[r]:
+                        index[r] = v
+                        break
+    return index, residue == 0
 
 
 def next_token_probs(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None) -> torch.Tensor:

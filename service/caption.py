@@ -384,9 +384,10 @@ class CaptionOptions:
     vision_batch: int = 4  # most tiles per vision-tower forward pass
     limits: object = None  # vision.image.ImageLimits; None = defaults
     kv_budget_mb: int = 1024  # in-process engine's KV cache; fewer slots than `concurrency` if too small
+    prefill_chunk: int = 4096  # prompt tokens the engine computes per step (a job wants few, full steps)
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "workers", "vision_batch", "kv_budget_mb"):
+        for name in ("concurrency", "workers", "vision_batch", "kv_budget_mb", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
@@ -417,6 +418,7 @@ class LocalCaptioner:
         self.engine_config = EngineConfig(
             max_seq_len=self._max_seq_len(), max_batch=options.concurrency, max_queue=options.concurrency + 1,
             stop_token_ids=lm.tokenizer.special.stop_ids, kv_budget_bytes=options.kv_budget_mb << 20,
+            prefill_chunk=options.prefill_chunk,
         )
 
     def _max_seq_len(self) -> int:

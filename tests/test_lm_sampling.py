@@ -147,3 +147,44 @@ def test_token_logprobs_are_the_log_softmax_with_the_best_alternatives():
     assert token_logprobs(logprobs, 0, 0).top == ()
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 16, 64])
+def test_greedy_and_finite_equal_torch_on_the_heads_layout(rows):
+    """As the CPU head hands them out (the transpose of a (vocab, R) product), with ties, values in
+    the last partial block, and rows holding a NaN, +inf or -inf: the argmax of every finite row equals
+    torch's (first on ties) and exactly the rows with a non-finite value are flagged."""
+    from lm.layers import linear
+    from lm.sampling import greedy_and_finite
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1000, 16, generator=generator)  # 1000 = 15 blocks of 64 + a partial one
+    weight[700] = weight[300]  # every row ties between 300 and 700 ...
+    hidden = torch.randn(rows, 16, generator=generator)
+    logits = linear(hidden, weight * 1e-3)
+    assert logits.T.is_contiguous() == (rows > 1)  # above 8 rows: the kernel's layout
+    logits[:, 300] = logits[:, 700] = 10.0  # ... at its maximum: the first wins
+    if rows > 1:
+        logits[rows // 2, 999] = 20.0  # the maximum in the last, partial block
+    bad = {}
+    if rows >= 8:
+        bad = {1: float("nan"), 3: float("inf"), 5: float("-inf")}
+        for row, value in bad.items():
+            logits[row, 123] = value
+    choices, finite = greedy_and_finite(logits)
+    expected = torch.argmax(logits, dim=-1).tolist()
+    assert finite == [row not in bad for row in range(rows)]
+    assert [c for row, c in enumerate(choices) if row not in bad] == [c for row, c in enumerate(expected) if row not in bad]
+    assert choices[0] == 300
+    if rows > 1:
+        assert choices[rows // 2] == 999
+
+
+def test_greedy_and_finite_on_rows_that_are_contiguous():
+    from lm.sampling import greedy_and_finite
+
+    logits = torch.randn(12, 500, generator=torch.Generator().manual_seed(0))
+    logits[4, 7] = float("nan")
+    choices, finite = greedy_and_finite(logits)
+    assert finite == [row != 4 for row in range(12)]
+    assert [c for row, c in enumerate(choices) if row != 4] == [c for row, c in enumerate(torch.argmax(logits, -1).tolist()) if row != 4]

@@ -42,7 +42,7 @@ from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
     non_finite_soft_token,
 )
-from lm.sampling import apply_penalties, make_generator, sample, token_logprobs
+from lm.sampling import apply_penalties, greedy_and_finite, make_generator, sample, token_logprobs
 from lm.sequence import Sequence
 from lm.structured import GrammarCompiler, GrammarError, GrammarMatcher, StructuredOutput
 from lm.thinking import ThinkingTokens
@@ -359,12 +359,12 @@ class Engine:
         """Sample, stream and maybe finish each request whose chunk reached its last token; logits (R, vocab)."""
         if not chunks:
             return
-        # A row's sum is finite exactly when all its logits are (one pass over the logits instead of
-        # isfinite's three), short of a sum that overflows fp32: |logits| averaging over 1e33.
-        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # (R,)
         plain = all(c.sequence.params.greedy and not c.sequence.params.penalized and c.sequence.grammar is None
                     for c in chunks)
-        choices = torch.argmax(logits, dim=-1).tolist() if plain else None
+        if plain:
+            choices, finite = greedy_and_finite(logits)  # (R,) each
+        else:  # a row's sum is finite when its logits are (short of an overflow: lm.sampling.greedy_and_finite)
+            choices, finite = None, torch.isfinite(logits.sum(dim=-1)).tolist()
         logprobs = None
         if any(c.sequence.params.logprobs is not None for c in chunks):
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), of the raw logits

@@ -20,11 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.caption import CaptionOptions
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per caption")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=CaptionOptions.concurrency)
+    parser.add_argument("--workers", type=int, default=CaptionOptions.workers)
+    parser.add_argument("--vision-batch", type=int, default=CaptionOptions.vision_batch)
+    parser.add_argument("--prefill-chunk", type=int, default=CaptionOptions.prefill_chunk)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pan-and-scan", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
@@ -51,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         prompt = "Describe this image."
         params = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=())  # exactly new_tokens each
         options = CaptionOptions(prompt=prompt, pan_and_scan=args.pan_and_scan, params=params,
-                                 concurrency=args.concurrency, workers=2, vision_batch=4)
+                                 concurrency=args.concurrency, workers=args.workers, vision_batch=args.vision_batch,
+                                 prefill_chunk=args.prefill_chunk)
         captioner = load_local_captioner(str(checkpoint), options)
         run_job(captioner, items[:2], RecordWriter(work / "warmup.jsonl"), JobSummary())  # warm-up
         summary = JobSummary(inputs=len(items))

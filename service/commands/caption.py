@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="image decode/preprocess threads")
     parser.add_argument("--vision-batch", type=int, default=4, help="tiles per vision-tower forward pass")
     parser.add_argument("--kv-budget-mb", type=int, default=1024, help="in-process engine's KV cache budget")
+    parser.add_argument("--prefill-chunk", type=int, default=4096,
+                        help="in-process engine: prompt tokens computed per step (a job wants few, full steps)")
     parser.add_argument("--shard", metavar="INDEX/COUNT",
                         help="process only this shard (images are assigned by a hash of their id); default from "
                              "JOB_COMPLETION_INDEX and TESSERA_SHARD_COUNT when the latter is set")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         params = sampling_params(args)
         options = CaptionOptions(prompt=args.prompt or DEFAULT_PROMPT, pan_and_scan=args.pan_and_scan, params=params,
                                  concurrency=args.concurrency, workers=args.workers, vision_batch=args.vision_batch,
-                                 kv_budget_mb=args.kv_budget_mb)
+                                 kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk)
         shard = Shard.parse(args.shard) if args.shard else Shard.from_environment(os.environ)
         items, duplicates = collect_inputs(args.inputs)
         done = read_records(args.out)
