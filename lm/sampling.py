@@ -115,6 +115,12 @@ def greedy_and_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     return torch.argmax(logits, dim=-1).tolist(), torch.isfinite(logits.sum(dim=-1)).tolist()
 
 
+def compile_kernels() -> None:
+    """Compile (or load from numba's on-disk cache: ~0.25 s) the kernel of `greedy_and_finite` now, not
+    in the first step that batches more than 8 rows."""
+    _argmax_columns(np.zeros((64, 9), np.float32))
+
+
 @njit(nogil=True, cache=True)
 def _argmax_columns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """columns (vocab, R) float32 -> (argmax of each column, first on ties: int64 (R,); all finite: bool (R,)).

@@ -42,7 +42,7 @@ from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
     non_finite_soft_token,
 )
-from lm.sampling import apply_penalties, greedy_and_finite, make_generator, sample, token_logprobs
+from lm.sampling import apply_penalties, compile_kernels, greedy_and_finite, make_generator, sample, token_logprobs
 from lm.sequence import Sequence
 from lm.structured import GrammarCompiler, GrammarError, GrammarMatcher, StructuredOutput
 from lm.thinking import ThinkingTokens
@@ -173,7 +173,9 @@ class Engine:
         return handle.result(timeout)
 
     def start(self) -> None:
+        """Run steps on a background thread (after compiling the sampling kernels)."""
         if self._thread is None:
+            compile_kernels()
             self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
             self._thread.start()
 
