@@ -23,6 +23,7 @@ import uuid
 
 import grpc
 
+from lm.prompt import RequestTooLarge
 from lm.requests import EngineOverloaded, EngineStopped
 from service.decode import RequestDecoder, TooManyFields, Undecodable, compile_walker
 from vision.image import ImageError
@@ -68,6 +69,29 @@ _STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = 
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # PromptTooLong, InvalidRequest, bad params, images
 )
+
+
+# Trailing metadata naming the kind of a refusal where the status code alone does not, for an HTTP front
+# (service.openai_api) to answer as it would in process: a request over the size limits is
+# INVALID_ARGUMENT like any bad request, but HTTP 413; a full queue is RESOURCE_EXHAUSTED (HTTP 429), as
+# is a message over gRPC's own size limit, which gRPC refuses before any handler (HTTP 413).
+ERROR_REASON_KEY = "tessera-error-reason"
+REQUEST_TOO_LARGE = "request-too-large"
+OVERLOADED = "overloaded"
+
+
+def error_reason(error: BaseException) -> str | None:
+    """REQUEST_TOO_LARGE or OVERLOADED for those refusals, or for a downstream call that failed with
+    one; None otherwise."""
+    if isinstance(error, RequestTooLarge):
+        return REQUEST_TOO_LARGE
+    if isinstance(error, EngineOverloaded):
+        return OVERLOADED
+    if isinstance(error, grpc.aio.AioRpcError):
+        for key, value in error.trailing_metadata() or ():
+            if key == ERROR_REASON_KEY:
+                return value
+    return None
 
 
 def status_for(error: BaseException) -> grpc.StatusCode | None:
@@ -233,7 +257,8 @@ class ErrorsAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             log.error("internal error in %s (request id %s)", method, request_id, exc_info=error)
             code, details = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
         record(self.metrics, method, code, started)
-        await context.abort(code, details)
+        reason = error_reason(error)
+        await context.abort(code, details, trailing_metadata=((ERROR_REASON_KEY, reason),) if reason else ())
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

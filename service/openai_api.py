@@ -42,7 +42,9 @@ from lm.prompt import RequestTooLarge
 from lm.requests import EngineOverloaded, EngineStopped
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service.interceptors import BackendError, DeadlineExceeded, NotReady
+from service.interceptors import (
+    OVERLOADED, REQUEST_TOO_LARGE, BackendError, DeadlineExceeded, NotReady, error_reason,
+)
 from service.media_fetch import fetch_image
 from service.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, messages_to_proto, pan_and_scan_to_proto, sampling_to_proto,
@@ -111,7 +113,15 @@ class RemoteGateway:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as error:
-            raise GatewayCallError(error.code(), error.details() or error.code().name) from None
+            details, reason = error.details() or error.code().name, error_reason(error)
+            if reason == OVERLOADED:
+                raise EngineOverloaded(details) from None
+            if reason == REQUEST_TOO_LARGE:
+                raise RequestTooLarge(details) from None
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a message over gRPC's size limit
+                raise RequestTooLarge(f"{self.name} refused a message as too large: {details} (bytes; "
+                                      "its --max-message-mb sets the limit)") from None
+            raise GatewayCallError(error.code(), details) from None
         finally:
             call.cancel()
 

@@ -518,6 +518,13 @@ def test_serve_openai_alone_in_front_of_a_gateway(stack, client):
             chat(client, HELLO, max_tokens=8, temperature=0).choices[0].message.content
         with pytest.raises(openai.BadRequestError):  # the gateway's INVALID_ARGUMENT is a 400 here too
             remote.chat.completions.create(model="tiny-qwen3", messages=HELLO, max_tokens=8, temperature=-3)
+        with pytest.raises(openai.APIStatusError) as caught:  # over the gateway's limits: 413, as from `serve all`
+            remote.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "x" * 400_000}] * 3)
+        assert caught.value.status_code == 413 and "too large" in caught.value.message
+        many = [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(1101)]
+        with pytest.raises(openai.APIStatusError) as caught:  # refused by the gateway itself (RequestTooLarge)
+            remote.chat.completions.create(model="tiny-qwen3", messages=many, max_tokens=8)
+        assert caught.value.status_code == 413 and "1,101 chat messages" in caught.value.message
     finally:
         front.stop()
 

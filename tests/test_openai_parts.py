@@ -126,3 +126,45 @@ def test_serve_openai_needs_the_models_name():
     with pytest.raises(ValueError, match="served-model-name"):
         ServeConfig(role="openai")
     assert ServeConfig(role="openai", served_model_name="qwen3").port == 8000
+
+
+@pytest.mark.parametrize("code,reason,status", [
+    ("INVALID_ARGUMENT", "request-too-large", 413),  # a limit the gateway or a backend checks
+    ("RESOURCE_EXHAUSTED", None, 413),  # a message over gRPC's own size limit
+    ("RESOURCE_EXHAUSTED", "overloaded", 429),  # an engine's full queue
+    ("INVALID_ARGUMENT", None, 400),
+    ("UNAVAILABLE", None, 503),
+])
+def test_a_remote_gateways_refusal_gets_the_http_status_it_gets_in_process(code, reason, status):
+    """`serve openai` reads the gateway's status and its tessera-error-reason trailing metadata."""
+    import asyncio
+
+    import grpc
+
+    from service.interceptors import ERROR_REASON_KEY
+    from service.openai_api import RemoteGateway, api_error
+
+    trailing = grpc.aio.Metadata(*([(ERROR_REASON_KEY, reason)] if reason else []))
+    error = grpc.aio.AioRpcError(getattr(grpc.StatusCode, code), grpc.aio.Metadata(), trailing, details="what went wrong")
+
+    class Call:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise error
+
+        def cancel(self):
+            pass
+
+    gateway = RemoteGateway.__new__(RemoteGateway)
+    gateway.stub, gateway.metadata, gateway.name = type("Stub", (), {"QueryStream": lambda *a, **k: Call()})(), (), "gw"
+
+    async def consume():
+        async for _ in gateway.stream(None, timeout=None):
+            pass
+
+    with pytest.raises(Exception) as caught:
+        asyncio.run(consume())
+    mapped = api_error(caught.value)
+    assert mapped.status == status and "what went wrong" in str(mapped)
