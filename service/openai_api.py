@@ -50,7 +50,7 @@ from service.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, messages_to_proto, pan_and_scan_to_proto, sampling_to_proto,
     structured_output_to_proto, template_kwargs_to_proto, with_seed,
 )
-from service.tool_calls import ToolCall, ToolCallStream, call_from_json, new_call_id, parse_tool_calls
+from service.tool_calls import ToolCall, ToolCallStream, arguments_text, call_from_json, new_call_id, parse_tool_calls
 from vision.image import ImageError
 
 log = logging.getLogger(__name__)
@@ -244,9 +244,10 @@ def _calls_and_content(text: str, mode: ToolMode) -> tuple[str | None, list[Tool
     if mode.kind == "auto":
         content, calls = parse_tool_calls(text)
         return (content or None) if calls else text, calls[:1] if mode.single else calls
-    if mode.kind == "named":
-        call = call_from_json(json.dumps({"name": mode.function, "arguments": _json_or_none(text)}))
-        return (None, [call]) if call is not None and _json_or_none(text) is not None else (text, [])
+    if mode.kind == "named":  # the text is the arguments object itself
+        parsed = _json_or_none(text)
+        arguments = None if parsed is None else arguments_text(parsed)
+        return (None, [ToolCall(mode.function, arguments, new_call_id())]) if arguments is not None else (text, [])
     if mode.kind == "required":
         data = _json_or_none(text)
         calls = [call_from_json(json.dumps(item)) for item in data] if isinstance(data, list) else []

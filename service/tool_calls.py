@@ -44,15 +44,20 @@ def call_from_json(text: str) -> ToolCall | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
         return None
-    arguments = data.get("arguments", data.get("parameters", {}))
-    if isinstance(arguments, str):
-        try:
-            json.loads(arguments)
-        except (ValueError, RecursionError):
-            return None
-    else:
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(data["name"], arguments, new_call_id())
+    arguments = arguments_text(data.get("arguments", data.get("parameters", {})))
+    return None if arguments is None else ToolCall(data["name"], arguments, new_call_id())
+
+
+def arguments_text(arguments) -> str | None:
+    """A call's `arguments` as OpenAI sends them, JSON text: a parsed value dumped, text kept if it is
+    JSON; None for text that is not."""
+    if not isinstance(arguments, str):
+        return json.dumps(arguments, ensure_ascii=False)
+    try:
+        json.loads(arguments)
+    except (ValueError, RecursionError):
+        return None
+    return arguments
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
