@@ -287,11 +287,14 @@ class _DeclaredTiles(Sequence):
 
 
 def _token_texts(tokenizer):
-    """token id -> its text alone (special tokens written out), for log probabilities."""
-    @functools.lru_cache(maxsize=4096)
-    def text(token_id: int) -> str:
-        return tokenizer.decode([token_id])
-    return text
+    """token id -> its text alone (special tokens written out), for log probabilities (one cache shared
+    by every request on that tokenizer)."""
+    return functools.partial(_token_text, tokenizer)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
 
 
 def _accepts_images(loaded: LoadedLanguageModel) -> bool:
