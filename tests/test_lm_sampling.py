@@ -166,6 +166,8 @@ def test_greedy_and_finite_equal_torch_on_the_heads_layout(rows):
     logits[:, 300] = logits[:, 700] = 10.0  # ... at its maximum: the first wins
     if rows > 1:
         logits[rows // 2, 999] = 20.0  # the maximum in the last, partial block
+    logits[0, 500:600] = 3e38  # finite values whose sum overflows float32: still a finite row
+    logits[0, 300] = logits[0, 700] = 3.3e38
     bad = {}
     if rows >= 8:
         bad = {1: float("nan"), 3: float("inf"), 5: float("-inf")}
@@ -180,11 +182,13 @@ def test_greedy_and_finite_equal_torch_on_the_heads_layout(rows):
         assert choices[rows // 2] == 999
 
 
-def test_greedy_and_finite_on_rows_that_are_contiguous():
-    from lm.sampling import greedy_and_finite
+@pytest.mark.parametrize("rows", [3, 12])
+def test_greedy_and_finite_on_rows_that_are_contiguous(rows):
+    from lm.sampling import finite_rows, greedy_and_finite
 
-    logits = torch.randn(12, 500, generator=torch.Generator().manual_seed(0))
-    logits[4, 7] = float("nan")
+    logits = torch.randn(rows, 500, generator=torch.Generator().manual_seed(0))
+    logits[2, 7] = float("nan")
+    logits[0, :200] = -3e38  # sums to -inf, all finite
     choices, finite = greedy_and_finite(logits)
-    assert finite == [row != 4 for row in range(12)]
-    assert [c for row, c in enumerate(choices) if row != 4] == [c for row, c in enumerate(torch.argmax(logits, -1).tolist()) if row != 4]
+    assert finite == finite_rows(logits) == [row != 2 for row in range(rows)]
+    assert [c for row, c in enumerate(choices) if row != 2] == [c for row, c in enumerate(torch.argmax(logits, -1).tolist()) if row != 2]

@@ -42,7 +42,9 @@ from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
     non_finite_soft_token,
 )
-from lm.sampling import apply_penalties, compile_kernels, greedy_and_finite, make_generator, sample, token_logprobs
+from lm.sampling import (
+    apply_penalties, compile_kernels, finite_rows, greedy_and_finite, make_generator, sample, token_logprobs,
+)
 from lm.sequence import Sequence
 from lm.structured import GrammarCompiler, GrammarError, GrammarMatcher, StructuredOutput
 from lm.thinking import ThinkingTokens
@@ -365,8 +367,8 @@ class Engine:
                     for c in chunks)
         if plain:
             choices, finite = greedy_and_finite(logits)  # (R,) each
-        else:  # a row's sum is finite when its logits are (short of an overflow: lm.sampling.greedy_and_finite)
-            choices, finite = None, torch.isfinite(logits.sum(dim=-1)).tolist()
+        else:
+            choices, finite = None, finite_rows(logits)
         logprobs = None
         if any(c.sequence.params.logprobs is not None for c in chunks):
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), of the raw logits
