@@ -408,6 +408,7 @@ class LocalCaptioner:
 
     def __init__(self, lm, encoder, options: CaptionOptions):
         from lm.engine import EngineConfig
+        from lm.kv_cache import request_budget_bytes
         from lm.prompt import layout_chat
         from vision.pan_and_scan import PanAndScanConfig
 
@@ -420,6 +421,12 @@ class LocalCaptioner:
             stop_token_ids=lm.tokenizer.special.stop_ids, kv_budget_bytes=options.kv_budget_mb << 20,
             prefill_chunk=options.prefill_chunk,
         )
+        needed = request_budget_bytes(lm.config, self.engine_config.max_seq_len, lm.dtype,
+                                      block_size=self.engine_config.block_size, prefill_chunk=options.prefill_chunk)
+        if needed > self.engine_config.kv_budget_bytes:
+            raise ValueError(f"--kv-budget-mb {options.kv_budget_mb} is too small for one caption of up to "
+                             f"{self.engine_config.max_seq_len} tokens computed {options.prefill_chunk} at a time: "
+                             f"it needs {-(-needed // (1 << 20))} MiB; raise --kv-budget-mb or lower --prefill-chunk")
 
     def _max_seq_len(self) -> int:
         """Longest prompt this job can produce (all crops, every tile's wording) plus the new tokens."""

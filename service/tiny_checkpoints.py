@@ -34,7 +34,7 @@ def tiny_captioning_config(*, layers: int = 4, vision_width: int = 32):
                         eos_token_id=[1, 106])
 
 
-def write_tiny_captioning_checkpoint(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
+def write_tiny_captioning_checkpoint(path: str | Path, *, seed: int = 0, layers: int = 4) -> Path:
     """Save a random `Gemma3ForConditionalGeneration` with the embedded 270M's tokenizer files to `path`.
     Norm and projector weights are drawn at random (the reference initialises them to zeros, which would
     hide bugs in how they are applied), and the patch embedding large enough that different images give
@@ -54,6 +54,7 @@ def write_tiny_captioning_checkpoint(path: Path, *, seed: int = 0, layers: int =
                 param.normal_(0.0, 0.5)
             elif "patch_embedding.weight" in name:  # so that pixels, not position embeddings, dominate
                 param.normal_(0.0, 0.5)
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     source = resolve_model(DEFAULT_MODEL, progress=False)

@@ -206,6 +206,18 @@ def test_text_only_model_is_refused_with_an_explanation(images, tmp_path, capsys
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_a_kv_budget_too_small_for_the_prefill_chunk_is_refused_naming_both_flags(checkpoint, images, tmp_path, capsys):
+    """A step computes up to --prefill-chunk tokens of one caption, which its sliding-window layers hold
+    at once: a budget too small for that is refused before any image is read, naming what to change; the
+    same budget serves a smaller chunk."""
+    args = [images / "red.png", "--model", checkpoint, "--pan-and-scan", "--kv-budget-mb", 1, "--max-new-tokens", 2]
+    code, _, stderr = _caption(capsys, *args, "--out", tmp_path / "a.jsonl", "--prefill-chunk", 4096)
+    assert code == 2 and "--kv-budget-mb 1 is too small" in stderr and "lower --prefill-chunk" in stderr
+    assert not (tmp_path / "a.jsonl").exists()
+    code, _, _ = _caption(capsys, *args, "--out", tmp_path / "b.jsonl", "--prefill-chunk", 512)
+    assert code == 0 and "caption" in _records(tmp_path / "b.jsonl")[0]
+
+
 def test_manifest_ids_and_relative_paths(checkpoint, images, tmp_path, capsys):
     manifest = tmp_path / "list.jsonl"
     relative = os.path.relpath(images / "red.png", tmp_path)
