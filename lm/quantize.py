@@ -12,18 +12,20 @@ Schemes (`quantize_model(model, scheme)`):
   CPU only; where PyTorch has no quantized engine, "int8" is used instead (with a warning). Given
   calibration token ids (`calibration_ids`, what lm.runtime passes), the projections are smoothed first
   (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): one fp32 forward over CALIBRATION_TEXT records each
-  projection's largest |activation| per input channel, a_j; with w_j the largest |weight| of column j,
-  s_j = a_j^alpha / w_j^(1 - alpha) (alpha = SMOOTHING_ALPHA) moves outlier channels' range from the
+  projection's inputs, and with a_j their largest |activation| in input channel j and w_j the largest
+  |weight| of column j, s_j = a_j^alpha / w_j^(1 - alpha) moves outlier channels' range from the
   activations into the weights: the weights are quantised from W diag(s) and each call multiplies x
-  by 1 / s, the same product in exact arithmetic.
+  by 1 / s, the same product in exact arithmetic. alpha is chosen per projection from SMOOTHING_ALPHAS
+  (or no smoothing) by the smallest squared error of the quantised layer's output on those inputs.
 - "int4": 4-bit weights in groups of `INT4_GROUP_SIZE` along the input, each group with a bf16 scale and
   zero (asymmetric: w = (q - 8) * scale + zero, q in 0..15), in PyTorch's int4 CPU kernel
   (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
   activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
   llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token. Given calibration
-  ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023, arXiv:2306.00978,
-  with a fixed exponent instead of its search): s_j = a_j^INT4_AWQ_ALPHA, normalised by sqrt(max s *
-  min s), so that the input channels that carry large activations lose less to rounding.
+  ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023, arXiv:2306.00978):
+  s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that carry large
+  activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as AWQ does:
+  by the smallest squared error of the layer's output on its calibration inputs.
 A tied embedding table is shared with the quantised head and dequantised row by row on lookup.
 """
 
@@ -44,13 +46,13 @@ log = logging.getLogger(__name__)
 
 SCHEMES = QUANTIZATION_SCHEMES
 INT4_GROUP_SIZE = 32  # input channels per int4 scale and zero (Q4_0 and Q4_K use 32 too)
-# SmoothQuant's migration strength. Greedy agreement of the 270M's int8-dynamic with fp32 (`tessera bench
-# lm`, 8 prompts x 64 tokens) for alpha 0.5 / 0.6 / 0.7 / 0.8: 94.1 / 96.5 / 95.7 / 96.1% (without the
-# floor of smoothing_factors), unsmoothed 93.2%; at 0.6 with the floor, 95.7%.
-SMOOTHING_ALPHA = 0.6
-# AWQ's exponent for int4. The 270M's greedy agreement / logits cosine with fp32 (as above): 0.25: 90.6% /
-# 0.9785; 0.5: 90.2% / 0.9881; no scaling: 89.8% / 0.9791.
-INT4_AWQ_ALPHA = 0.5
+# Migration strengths tried per projection (None: not smoothed): SmoothQuant's alpha, chosen per layer as
+# AWQ chooses its exponent, by the smallest squared error of the layer's output on its calibration inputs.
+SMOOTHING_ALPHAS = (None, 0.4, 0.5, 0.6, 0.7, 0.8)
+# AWQ's exponents tried per projection for int4 (0: no scaling), chosen the same way (AWQ searches a grid
+# of 20 in [0, 1); 4 keep the load time down).
+INT4_AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+SEARCH_ROWS = 512  # output rows of a projection its candidates are compared on (best_on)
 # Calibration input for smoothing: prose, numbers, code and other scripts, so that the channels each kind
 # of text drives are seen. Not the benchmark's or the tests' prompts.
 CALIBRATION_TEXT = (
@@ -217,14 +219,20 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
         log.warning("PyTorch has no quantized engine here; int8-dynamic falls back to int8 (weight-only)")
         scheme = "int8"
     calibrated = calibration_ids is not None and scheme != "int8"
-    ranges = activation_ranges(model, calibration_ids) if calibrated else {}
+    inputs = calibration_inputs(model, calibration_ids) if calibrated else {}
 
     def quantized(linear: nn.Linear) -> nn.Module:
+        x = inputs.get(linear)
+        ranges = None if x is None else x.abs().amax(dim=0)
         if scheme == "int8-dynamic":
-            smoothing = smoothing_factors(linear.weight, ranges.get(linear))
-            return Int8DynamicLinear(linear.weight, linear.bias, smoothing=smoothing)
+            weight_range = None if x is None else linear.weight.abs().amax(dim=0)  # once for every alpha
+            factors = [None if alpha is None else smoothing_factors(linear.weight, ranges, alpha, weight_range=weight_range)
+                       for alpha in (SMOOTHING_ALPHAS if x is not None else (None,))]
+            return best_on(x, linear, factors, lambda w, b, s: Int8DynamicLinear(w, b, smoothing=s))
         if scheme == "int4":
-            return Int4Linear(linear.weight, linear.bias, smoothing=awq_factors(ranges.get(linear)))
+            factors = [None if alpha == 0 else awq_factors(ranges, alpha)
+                       for alpha in (INT4_AWQ_ALPHAS if x is not None else (0,))]
+            return best_on(x, linear, factors, lambda w, b, s: Int4Linear(w, b, smoothing=s))
         return Int8Linear(linear.weight, linear.bias)
 
     with torch.no_grad():
@@ -243,17 +251,16 @@ def calibration_ids(tokenizer) -> list[int]:
     return tokenizer.encode(CALIBRATION_TEXT)
 
 
-def activation_ranges(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tensor]:
-    """The largest |input| per input channel (in,) fp32 of every nn.Linear in model.layers over one
-    forward of `ids` (no cache; `model.config` gives the attention masks). An MoE expert no calibration
-    token reached is absent."""
+def calibration_inputs(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tensor]:
+    """The inputs (N, in) fp32 of every nn.Linear in model.layers over one forward of `ids` (N = len(ids),
+    or the tokens routed to an MoE expert; no cache; `model.config` gives the attention masks). An expert
+    no calibration token reached is absent."""
     from lm.attention import FullAttention
 
-    ranges: dict[nn.Module, Tensor] = {}
+    inputs: dict[nn.Module, list[Tensor]] = {}
 
-    def record(module, inputs, output):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
-        ranges[module] = x if module not in ranges else torch.maximum(ranges[module], x)
+    def record(module, args, output):
+        inputs.setdefault(module, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float().clone())
 
     hooks = [module.register_forward_hook(record) for module in model.layers.modules() if isinstance(module, nn.Linear)]
     try:
@@ -265,14 +272,41 @@ def activation_ranges(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tenso
     finally:
         for hook in hooks:
             hook.remove()
-    return {module: values.clone() for module, values in ranges.items()}  # out of inference mode
+    return {module: torch.cat(chunks).clone() for module, chunks in inputs.items()}  # out of inference mode
 
 
-def awq_factors(activation_range: Tensor | None) -> Tensor | None:
-    """int4's activation-aware factors s (in,) fp32 from an input range (in,), or None without one."""
+def activation_ranges(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tensor]:
+    """The largest |input| per input channel (in,) fp32 of every nn.Linear in model.layers over one
+    forward of `ids` (see calibration_inputs)."""
+    return {module: x.abs().amax(dim=0) for module, x in calibration_inputs(model, ids).items()}
+
+
+def best_on(x: Tensor | None, linear: nn.Linear, factors: list[Tensor | None], build) -> nn.Module:
+    """build(linear.weight, linear.bias, s) for the scaling factors s among `factors` whose layer's output
+    on `x` (N, in) is closest to `linear`'s (smallest sum of squared differences; the first without x).
+
+    Each output row is quantised on its own (per-row int8 scales, int4 groups along the input), so a
+    layer built from some rows gives exactly those rows of the whole layer's output: the candidates are
+    compared on a sample of SEARCH_ROWS rows spread over the layer (a few times less work for the 1.5B's
+    projections), and only the chosen one is built whole."""
+    if x is None or len(factors) == 1:
+        return build(linear.weight, linear.bias, factors[0])
+    weight, bias = linear.weight, linear.bias
+    if weight.shape[0] > SEARCH_ROWS:
+        rows = torch.linspace(0, weight.shape[0] - 1, SEARCH_ROWS, device=weight.device).round().long()
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    expected = F.linear(x, weight.float(), None if bias is None else bias.float())
+    errors = [float((build(weight, bias, s)(x).float() - expected).square().sum()) for s in factors]
+    finite = [error for error in errors if error == error]  # a NaN error never wins
+    return build(linear.weight, linear.bias, factors[errors.index(min(finite))] if finite else factors[0])
+
+
+def awq_factors(activation_range: Tensor | None, alpha: float = 0.5) -> Tensor | None:
+    """int4's activation-aware factors s (in,) fp32 from an input range (in,) and AWQ's exponent, or None
+    without a range."""
     if activation_range is None:
         return None
-    s = _floored(activation_range) ** INT4_AWQ_ALPHA
+    s = _floored(activation_range) ** alpha
     s = s / (s.max() * s.min()).sqrt()
     return s if bool(torch.isfinite(s).all()) else None
 
@@ -286,12 +320,16 @@ def _floored(activation_range: Tensor) -> Tensor:
     return activation_range.clamp(min=max(1e-5, 0.1 * typical))
 
 
-def smoothing_factors(weight: Tensor, activation_range: Tensor | None) -> Tensor | None:
-    """SmoothQuant's per-input-channel factors s (in,) fp32 for `weight` (out, in), or None without a range."""
+def smoothing_factors(weight: Tensor, activation_range: Tensor | None, alpha: float = 0.6, *,
+                      weight_range: Tensor | None = None) -> Tensor | None:
+    """SmoothQuant's per-input-channel factors s (in,) fp32 for `weight` (out, in) with migration strength
+    `alpha`, or None without a range. `weight_range`: weight.abs().amax(0), if already computed."""
     if activation_range is None:
         return None
-    weight_range = weight.detach().abs().amax(dim=0).float().clamp(min=1e-5)
-    s = _floored(activation_range) ** SMOOTHING_ALPHA / weight_range ** (1 - SMOOTHING_ALPHA)
+    if weight_range is None:
+        weight_range = weight.detach().abs().amax(dim=0)
+    weight_range = weight_range.float().clamp(min=1e-5)
+    s = _floored(activation_range) ** alpha / weight_range ** (1 - alpha)
     return s if bool(torch.isfinite(s).all()) else None
 
 
