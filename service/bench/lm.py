@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="int8,int8-dynamic,int4",
                         help="comma-separated schemes to run beside fp32 (lm/quantize.py; empty: none)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="only each scheme's load time and accuracy against fp32 (no speed, no reference)")
 
 
 class PeakRSS:
@@ -229,15 +231,21 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     fp32 = load_language_model(args.model)
     loads = {"fp32": time.perf_counter() - started}
-    rows = [bench_engine(fp32, args, "tessera fp32")]
+    rows = [] if args.accuracy_only else [bench_engine(fp32, args, "tessera fp32")]
     accuracy = {}
     for scheme in schemes:
         started = time.perf_counter()
         quantized = load_language_model(args.model, quantize=scheme)
         loads[scheme] = time.perf_counter() - started
-        rows.append(bench_engine(quantized, args, f"tessera {scheme}"))
+        if not args.accuracy_only:
+            rows.append(bench_engine(quantized, args, f"tessera {scheme}"))
         accuracy[scheme] = quantized_accuracy(fp32, quantized, args.new_tokens)
         del quantized
+    if args.accuracy_only:
+        for scheme, figures in accuracy.items():
+            print(f"{_accuracy_line(scheme, figures, args.new_tokens)}; load {loads[scheme]:.1f} s "
+                  f"(fp32 {loads['fp32']:.1f} s)")
+        return 0
     for row in rows:
         row["load_s"] = loads[row["name"].removeprefix("tessera ")]
     reference = None if args.skip_reference else bench_transformers(fp32.path, fp32.tokenizer, args)
@@ -262,9 +270,7 @@ def run(args: argparse.Namespace) -> int:
           "copy, not counted); KV: the engine's preallocated cache; RSS +MiB: peak resident growth while the "
           "measurements ran (llama.cpp's includes loading its model); load s: checkpoint to ready model")
     for scheme, figures in accuracy.items():
-        print(f"{scheme} vs fp32: greedy agreement {figures['greedy_agreement']:.1%} over {args.new_tokens} tokens x "
-              f"{len(PROMPTS)} prompts; logits cosine mean {figures['logits_cosine_mean']:.4f}, "
-              f"min {figures['logits_cosine_min']:.4f}")
+        print(_accuracy_line(scheme, figures, args.new_tokens))
     ratios = {}
     if reference:
         ratios["fp32 decode / transformers"] = rows[0]["decode_tok_s"] / reference["decode_tok_s"]
@@ -281,6 +287,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "accuracy": accuracy, "ratios": ratios}))
     return 0
+
+
+def _accuracy_line(scheme: str, figures: dict, new_tokens: int) -> str:
+    return (f"{scheme} vs fp32: greedy agreement {figures['greedy_agreement']:.1%} over {new_tokens} tokens x "
+            f"{len(PROMPTS)} prompts; logits cosine mean {figures['logits_cosine_mean']:.4f}, "
+            f"min {figures['logits_cosine_min']:.4f}")
 
 
 def _gguf_file(spec: str):
