@@ -156,6 +156,8 @@ class Int4Linear(nn.Module):
         out_features, in_features = weight.shape
         if in_features % group_size:
             raise ValueError(f"int4 needs the input size ({in_features}) to be a multiple of {group_size}")
+        if out_features % 16:  # the CPU kernel packs output rows by 16
+            raise ValueError(f"int4 needs the output size ({out_features}) to be a multiple of 16")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)  # (out, groups)

@@ -74,19 +74,23 @@ _STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = 
 # Trailing metadata naming the kind of a refusal where the status code alone does not, for an HTTP front
 # (service.openai_api) to answer as it would in process: a request over the size limits is
 # INVALID_ARGUMENT like any bad request, but HTTP 413; a full queue is RESOURCE_EXHAUSTED (HTTP 429), as
-# is a message over gRPC's own size limit, which gRPC refuses before any handler (HTTP 413).
+# are a reply over the server's max message size (HTTP 400: ask for less) and a message over gRPC's own
+# size limit, which gRPC refuses before any handler (HTTP 413).
 ERROR_REASON_KEY = "tessera-error-reason"
 REQUEST_TOO_LARGE = "request-too-large"
 OVERLOADED = "overloaded"
+REPLY_TOO_LARGE = "reply-too-large"
 
 
 def error_reason(error: BaseException) -> str | None:
-    """REQUEST_TOO_LARGE or OVERLOADED for those refusals, or for a downstream call that failed with
-    one; None otherwise."""
+    """REQUEST_TOO_LARGE, OVERLOADED or REPLY_TOO_LARGE for those refusals, or for a downstream call that
+    failed with one; None otherwise."""
     if isinstance(error, RequestTooLarge):
         return REQUEST_TOO_LARGE
     if isinstance(error, EngineOverloaded):
         return OVERLOADED
+    if isinstance(error, ReplyTooLarge):
+        return REPLY_TOO_LARGE
     if isinstance(error, grpc.aio.AioRpcError):
         for key, value in error.trailing_metadata() or ():
             if key == ERROR_REASON_KEY:

@@ -43,7 +43,7 @@ from lm.requests import EngineOverloaded, EngineStopped
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
 from service.interceptors import (
-    OVERLOADED, REQUEST_TOO_LARGE, BackendError, DeadlineExceeded, NotReady, error_reason,
+    OVERLOADED, REPLY_TOO_LARGE, REQUEST_TOO_LARGE, BackendError, DeadlineExceeded, NotReady, error_reason,
 )
 from service.media_fetch import fetch_image
 from service.openai_protocol import (
@@ -118,6 +118,8 @@ class RemoteGateway:
                 raise EngineOverloaded(details) from None
             if reason == REQUEST_TOO_LARGE:
                 raise RequestTooLarge(details) from None
+            if reason == REPLY_TOO_LARGE:
+                raise ApiError(400, details) from None  # the answer asked for is over the gateway's limit
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a message over gRPC's size limit
                 raise RequestTooLarge(f"{self.name} refused a message as too large: {details} (bytes; "
                                       "its --max-message-mb sets the limit)") from None

@@ -167,7 +167,9 @@ def test_int4_linear_matches_its_dequantised_weights():
     expected = F.linear(x, dequantised, bias)
     assert torch.allclose(layer(x), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())  # bf16 x
     with pytest.raises(ValueError, match="multiple of 32"):
-        Int4Linear(torch.randn(8, 48))
+        Int4Linear(torch.randn(16, 48))
+    with pytest.raises(ValueError, match=r"output size \(40\) to be a multiple of 16"):
+        Int4Linear(torch.randn(40, 64))
 
 
 def test_unknown_scheme_is_refused():

@@ -132,6 +132,7 @@ def test_serve_openai_needs_the_models_name():
     ("INVALID_ARGUMENT", "request-too-large", 413),  # a limit the gateway or a backend checks
     ("RESOURCE_EXHAUSTED", None, 413),  # a message over gRPC's own size limit
     ("RESOURCE_EXHAUSTED", "overloaded", 429),  # an engine's full queue
+    ("RESOURCE_EXHAUSTED", "reply-too-large", 400),  # the answer asked for is over the gateway's limit
     ("INVALID_ARGUMENT", None, 400),
     ("UNAVAILABLE", None, 503),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 
@@ -226,8 +227,15 @@ def run(args: argparse.Namespace) -> int:
 
     from lm.runtime import load_language_model
 
+    from lm.quantize import SCHEMES
+
     torch.set_num_threads(args.threads)
     schemes = [name for name in args.quantize.split(",") if name]
+    unknown = [name for name in schemes if name not in SCHEMES]
+    if unknown or (args.accuracy_only and not schemes):
+        print(f"tessera bench lm: {'unknown scheme ' + ', '.join(unknown) if unknown else '--accuracy-only needs --quantize'}"
+              f"; choose from {', '.join(SCHEMES)}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     fp32 = load_language_model(args.model)
     loads = {"fp32": time.perf_counter() - started}
@@ -245,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         for scheme, figures in accuracy.items():
             print(f"{_accuracy_line(scheme, figures, args.new_tokens)}; load {loads[scheme]:.1f} s "
                   f"(fp32 {loads['fp32']:.1f} s)")
+        if args.json:
+            print(json.dumps({"accuracy": accuracy, "load_s": loads}))
         return 0
     for row in rows:
         row["load_s"] = loads[row["name"].removeprefix("tessera ")]
