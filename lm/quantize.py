@@ -277,12 +277,6 @@ def calibration_inputs(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tens
     return {module: torch.cat(chunks).clone() for module, chunks in inputs.items()}  # out of inference mode
 
 
-def activation_ranges(model: nn.Module, ids: list[int]) -> dict[nn.Module, Tensor]:
-    """The largest |input| per input channel (in,) fp32 of every nn.Linear in model.layers over one
-    forward of `ids` (see calibration_inputs)."""
-    return {module: x.abs().amax(dim=0) for module, x in calibration_inputs(model, ids).items()}
-
-
 def best_on(x: Tensor | None, linear: nn.Linear, factors: list[Tensor | None], build) -> nn.Module:
     """build(linear.weight, linear.bias, s) for the scaling factors s among `factors` whose layer's output
     on `x` (N, in) is closest to `linear`'s (smallest sum of squared differences; the first without x).

@@ -145,10 +145,13 @@ def test_activation_aware_int4_scales_protect_the_channels_that_carry_large_acti
 
 
 def test_calibration_records_every_projection_input_range(embedded_270m):
-    from lm.quantize import activation_ranges
+    from lm.quantize import calibration_inputs
 
     model = embedded_270m.model
-    ranges = activation_ranges(model, calibration_ids(embedded_270m.tokenizer))
+    ids = calibration_ids(embedded_270m.tokenizer)
+    inputs = calibration_inputs(model, ids)
+    assert all(x.shape[0] == len(ids) for x in inputs.values())  # every token's input, dense layers
+    ranges = {module: x.abs().amax(dim=0) for module, x in inputs.items()}
     linears = [module for module in model.layers.modules() if isinstance(module, torch.nn.Linear)]
     assert len(ranges) == len(linears) == 4 * len(model.layers)  # qkv, o, gate_up, down per layer
     for module in linears:
