@@ -21,7 +21,8 @@ Schemes (`quantize_model(model, scheme)`):
   zero (asymmetric: w = (q - 8) * scale + zero, q in 0..15), in PyTorch's int4 CPU kernel
   (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
   activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
-  llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token. Given calibration
+  llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token; it runs as
+  int8-dynamic's head (fbgemm's int8 x int8) where PyTorch has a quantized engine. Given calibration
   ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023, arXiv:2306.00978):
   s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that carry large
   activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as AWQ does:
@@ -239,7 +240,10 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
 
     with torch.no_grad():
         _swap_linears(model.layers, quantized)
-        head = functools.partial(Int8DynamicLinear, per_token=False) if scheme == "int8-dynamic" else Int8Linear
+        # The head keeps 8-bit weights in every scheme; where fbgemm is available it runs int8 x int8
+        # (int4's too: PyTorch's int8-weight kernel with bf16 activations takes ~3x as long at 1 row).
+        dynamic_head = scheme != "int8" and quantized_engine_available()
+        head = functools.partial(Int8DynamicLinear, per_token=False) if dynamic_head else Int8Linear
         tied = model.lm_head is None
         source = model.embed_tokens.weight if tied else model.lm_head.weight
         model.lm_head = head(source)

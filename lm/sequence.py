@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 
 import torch
 
@@ -101,7 +102,7 @@ class Sequence:
         self.tile_ids = tile_ids  # (T,) tile id per prompt token, -1 for text
         self.tile_spans = tile_spans  # [start, end) of each tile's placeholders, in order
         self.tile_hashes = tile_hashes  # content hash of each tile's soft tokens (prefix-cache keys)
-        self._tile_at = tile_ids.tolist()
+        self._tile_ends = [end for _, end in tile_spans]  # ascending: the spans are in order, disjoint
         self.generator = generator
         self.text = TextStream(decoder, request.params.stop) if decoder is not None else None
         # Thinking (lm.thinking): the engine thread tracks the open block for the budget, the output
@@ -137,12 +138,16 @@ class Sequence:
     def next_position(self) -> int:
         return self.num_tokens - 1  # position of the last sampled token (the next one computed in decode)
 
-    def tile_key(self, position: int) -> tuple[bytes, int] | None:
-        """(content hash of the image tile at `position`, the tile's first position), None for text."""
-        tile = self._tile_at[position] if position < self.prompt_len else -1
-        if tile < 0:
-            return None
-        return self.tile_hashes[tile], self.tile_spans[tile][0]
+    def tiles_overlapping(self, start: int, end: int) -> list[tuple[int, bytes, int]]:
+        """The image tiles with placeholders in [start, end), in order: (first position of the tile in
+        the range, the tile's content hash, the tile's first position)."""
+        found = []
+        for tile in range(bisect_right(self._tile_ends, start), len(self.tile_spans)):
+            tile_start, _ = self.tile_spans[tile]
+            if tile_start >= end:
+                break
+            found.append((max(tile_start, start), self.tile_hashes[tile], tile_start))
+        return found
 
     def ends_inside_tile(self, position: int) -> bool:
         """Whether a chunk ending at `position` would split an image tile."""

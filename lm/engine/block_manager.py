@@ -88,8 +88,8 @@ class BlockManager:
     """Block tables of running requests over one BlockPool. A request is any object with the
     attributes this class reads and writes (lm.sequence.Sequence): `block_tables` (list per group of
     block ids or None), `block_keys` (chained keys of its full blocks, computed on demand), `token_ids`
-    (all its tokens), `tile_keys` (per position: (tile content hash, tile start) or None) and
-    `num_computed_tokens`."""
+    (all its tokens), `tiles_overlapping(start, end)` (the image tiles in a range of positions: first
+    position in the range, content hash, tile start) and `num_computed_tokens`."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, *, enable_prefix_caching: bool = True):
         self.layout = layout
@@ -118,10 +118,8 @@ class BlockManager:
             digest = hashlib.blake2b(keys[-1] if keys else b"tessera-kv", digest_size=16)
             tokens = sequence.token_ids[i * size:(i + 1) * size]
             digest.update(array("q", tokens).tobytes())
-            for offset in range(size):
-                tile = sequence.tile_key(i * size + offset)
-                if tile is not None and (offset == 0 or tile != sequence.tile_key(i * size + offset - 1)):
-                    digest.update(offset.to_bytes(4, "little") + tile[0] + tile[1].to_bytes(8, "little"))
+            for first, tile_hash, tile_start in sequence.tiles_overlapping(i * size, (i + 1) * size):
+                digest.update((first - i * size).to_bytes(4, "little") + tile_hash + tile_start.to_bytes(8, "little"))
             keys.append(digest.digest())
         return keys[index]
 
