@@ -276,3 +276,25 @@ def test_a_tile_longer_than_the_chunk_fits_the_smallest_budget(model_and_config,
     image_handle, text_handle = run(engine, [request, text])
     assert image_handle.result().token_ids == greedy_alone(model, config, request)
     assert text_handle.result().token_ids == greedy_alone(model, config, text)
+
+
+@pytest.mark.parametrize("layout", ["separated", "adjacent"])
+def test_tiles_in_a_range_are_those_of_its_positions(model_and_config, layout):
+    """Sequence.tiles_overlapping (what prefix keys hash) names, for any range of positions, each tile
+    present there once, at its first position in the range, as a scan of the per-position tile ids does."""
+    model, config = model_and_config
+    if layout == "separated":
+        ids, mask = image_prompt([2, 1])
+    else:  # two tiles back to back, then text
+        ids, mask = [2, 10] + [90] * (2 * TILE) + [14, 15], [False] * 2 + [True] * (2 * TILE) + [False] * 2
+    tiles = sum(mask) // TILE
+    soft = torch.randn(tiles, TILE, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    sequence = paged_engine(model, config)._make_sequence(image_request(ids, mask, soft, "s"))
+    tile_of = sequence.tile_ids.tolist()
+    assert len(set(sequence.tile_hashes)) == tiles
+    for start in range(len(ids)):
+        for end in range(start + 1, len(ids) + 3):
+            expected = [(p, sequence.tile_hashes[tile_of[p]], tile_of.index(tile_of[p]))
+                        for p in range(start, min(end, len(ids)))
+                        if tile_of[p] >= 0 and (p == start or tile_of[p - 1] != tile_of[p])]
+            assert sequence.tiles_overlapping(start, end) == expected

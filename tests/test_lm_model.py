@@ -281,3 +281,66 @@ def test_embedding_scale_is_rounded_to_the_model_dtype_like_the_reference(tmp_pa
     assert torch.equal(got, expected)
     unrounded = (model.embed_tokens.weight.float() * 72**0.5).to(torch.bfloat16)[None]
     assert not torch.equal(expected, unrounded)  # the rounding is visible at this width
+
+
+class _SumAttention:
+    """A stand-in attention context: every query head plus its key and value heads (any fixed function of
+    q, k and v shows a difference in them)."""
+
+    def attend(self, layer_idx, q, k, v, scale):
+        repeat = q.shape[1] // k.shape[1]
+        return q * scale + k.repeat_interleave(repeat, 1) + v.repeat_interleave(repeat, 1)
+
+
+@pytest.mark.parametrize("offset", [True, False], ids=["gemma-norm", "qwen-norm"])
+def test_cached_norm_multipliers_follow_every_weight_change(offset):
+    """The fused q/k/v path norms and rotates q and k in one call with multipliers cached per weight; after
+    an in-place update, a state-dict load or a dtype change it still equals the unfused path, and the
+    change shows."""
+    from lm.layers import Attention, RMSNorm
+
+    torch.manual_seed(0)
+    unfused = Attention(0, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25,
+                        qk_norm_eps=1e-6, norm_offset=offset)
+    with torch.no_grad():
+        for norm in (unfused.q_norm, unfused.k_norm):
+            norm.weight.normal_()
+    fused = Attention(0, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25,
+                      qk_norm_eps=1e-6, norm_offset=offset)
+    fused.load_state_dict(unfused.state_dict())
+    fused.fuse_projections()
+    x, angles = torch.randn(2, 5, 32), torch.randn(2, 5, 16)
+    cos, sin = angles.cos(), angles.sin()
+
+    def both():  # as the engine runs (no autograd: the cached multipliers are used)
+        with torch.inference_mode():
+            return [m(x.to(m.o_proj.weight.dtype), cos, sin, _SumAttention()) for m in (unfused, fused)]
+
+    first = both()
+    torch.testing.assert_close(first[1], first[0], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        for m in (unfused, fused):
+            m.k_norm.weight.add_(0.5)
+    second = both()
+    torch.testing.assert_close(second[1], second[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(second[1], first[1])
+    state = {name: value + 0.25 if "q_norm" in name else value for name, value in unfused.state_dict().items()}
+    unfused.load_state_dict(state)
+    fused.q_norm.load_state_dict({"weight": state["q_norm.weight"]})
+    third = both()
+    torch.testing.assert_close(third[1], third[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(third[1], second[1])
+    unfused.double(), fused.double()
+    cos, sin = cos.double(), sin.double()
+    fourth = both()
+    assert fourth[1].dtype == torch.float64
+    torch.testing.assert_close(fourth[1], fourth[0], rtol=1e-6, atol=1e-6)  # norms compute in fp32
+
+    norm = RMSNorm(16, 1e-6, offset=True)
+    y = torch.randn(3, 16)
+    with torch.no_grad():
+        before = norm(y)
+        norm.weight.fill_(1.0)  # 1 + w doubles every value
+        torch.testing.assert_close(norm(y), 2 * before)
+    norm(y).sum().backward()  # with autograd on, gradients reach the weight
+    assert norm.weight.grad is not None and bool(norm.weight.grad.abs().sum() > 0)

@@ -56,11 +56,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self._factor: tuple | None = None  # (weight key, fp32 1 + w): see factor()
+
+    def factor(self) -> Tensor:
+        """The fp32 multiplier (dim,) of an offset norm, 1 + w, kept until the weight changes (a load,
+        an in-place update or a move): one op less in each of a decode step's ~100 norms. With autograd
+        on it is computed afresh, so that gradients reach the weight."""
+        if torch.is_grad_enabled():
+            return 1.0 + self.weight.float()
+        key = _weight_key(self.weight)
+        if key is None or self._factor is None or self._factor[0] != key:
+            self._factor = (key, 1.0 + self.weight.detach().float())
+        return self._factor[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.offset:  # one fused kernel: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32
-            return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
+            if x.dtype == torch.float32:
+                return F.rms_norm(x, (x.shape[-1],), self.factor(), self.eps)
+            return F.rms_norm(x.float(), (x.shape[-1],), self.factor(), self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def _weight_key(weight: Tensor) -> tuple | None:
+    """What identifies a parameter's current values (storage, in-place version, dtype, device), or None
+    where the tensor keeps no version counter (one made under inference mode): then nothing is cached."""
+    try:
+        return weight.data_ptr(), weight._version, weight.dtype, weight.device
+    except RuntimeError:
+        return None
 
 
 # ----- rotary position embeddings -------------------------------------------------------------------
@@ -139,7 +162,11 @@ class RotaryFrequencies(nn.Module):
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, heads, T, head_dim) by tables (B, T, head_dim), rotate-half convention."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
+    return rotate(x, cos[:, None], sin[:, None])  # tables (B, 1, T, head_dim)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin over the last dimension (head_dim), tables broadcast to x."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -188,10 +215,16 @@ class Attention(nn.Module):
         """x (B, T, hidden), cos/sin (B, T, head_dim), attention: lm.attention.AttentionContext."""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_proj is not None:  # q and k normed and rotated together (the same ops, half the calls)
+            qkv = self.qkv_proj(x).reshape(batch, length, heads + 2 * kv_heads, head_dim)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
+            if self.q_norm is not None:
+                qk = self._qk_norm(qk)
+            qk = rotate(qk, cos[:, :, None], sin[:, :, None])
+            q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
+            out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -200,6 +233,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+    def _qk_norm(self, qk: Tensor) -> Tensor:
+        """q_norm over the first num_heads heads of qk (B, T, H + KV, D) and k_norm over the rest, in one
+        norm and one multiply by the two weights stacked per head (the same arithmetic as RMSNorm's)."""
+        eps, dim = self.q_norm.eps, self.head_dim
+        if self.q_norm.offset:
+            factors = self._stacked(lambda: (self.q_norm.factor(), self.k_norm.factor()))  # fp32
+            return (F.rms_norm(qk.float(), (dim,), None, eps) * factors).type_as(qk)
+        weights = self._stacked(lambda: (self.q_norm.weight, self.k_norm.weight))
+        return weights * F.rms_norm(qk.float(), (dim,), None, eps).to(qk.dtype)
+
+    def _stacked(self, parts) -> Tensor:
+        """(H + KV, D): q's multiplier repeated per query head, then k's per key head; kept until a weight
+        changes (computed afresh with autograd on)."""
+        if torch.is_grad_enabled():
+            q, k = parts()
+            return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
+        key = (_weight_key(self.q_norm.weight), _weight_key(self.k_norm.weight))
+        cached = getattr(self, "_stacked_norms", None)
+        if None in key or cached is None or cached[0] != key:
+            q, k = parts()
+            cached = self._stacked_norms = (key, torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)]))
+        return cached[1]
 
 
 ACTIVATIONS = {
