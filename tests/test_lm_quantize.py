@@ -153,10 +153,17 @@ def test_calibration_records_every_projection_input_range(embedded_270m):
     assert all(x.shape[0] == len(ids) for x in inputs.values())  # every token's input, dense layers
     ranges = {module: x.abs().amax(dim=0) for module, x in inputs.items()}
     linears = [module for module in model.layers.modules() if isinstance(module, torch.nn.Linear)]
-    assert len(ranges) == len(linears) == 4 * len(model.layers)  # qkv, o, gate_up, down per layer
+    assert len(ranges) - 1 == len(linears) == 4 * len(model.layers)  # qkv, o, gate_up, down per layer; the head
     for module in linears:
         values = ranges[module]
         assert values.shape == (module.in_features,) and bool(torch.isfinite(values).all()) and float(values.max()) > 0
+    # what the head reads: the final hidden states of the same forward
+    from lm.attention import FullAttention
+
+    positions = torch.arange(len(ids))[None]
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids)[None], positions, FullAttention(model.config, positions))[0]
+    torch.testing.assert_close(inputs[model], hidden.float(), rtol=0, atol=0)
 
 
 def test_int4_linear_matches_its_dequantised_weights():
@@ -186,8 +193,8 @@ def int8_model(embedded_270m):
 
 
 # Measured on the 270M over 8 prompts x 64 tokens (`tessera bench lm`'s accuracy): int8 98.0% / 0.9994,
-# int8-dynamic (smoothed per layer, as lm.runtime loads it) 96.5% / 0.9978, int4 (activation-aware, per layer)
-# 90.6% / 0.9879; the floors below leave room for these 3 prompts' spread.
+# int8-dynamic (smoothed per layer and head, as lm.runtime loads it) 97.3% / 0.9979, int4 (activation-aware,
+# per layer; smoothed int8 head) 91.8% / 0.9876; the floors below leave room for these 3 prompts' spread.
 FLOORS = {"int8": (0.9, 0.99), "int8-dynamic": (0.9, 0.995), "int4": (0.8, 0.98)}
 
 
@@ -245,6 +252,23 @@ def test_int8_model_shares_one_int8_table_for_embedding_and_head(embedded_270m, 
     rows = int8_model.embed_tokens(ids)
     assert rows.dtype == torch.float32
     assert (rows - expected).abs().max() <= int8_model.lm_head.scales.float().max()  # one quantisation step
+
+
+def test_a_smoothed_head_table_still_embeds_the_original_rows():
+    """A tied head smoothed like the projections stores W diag(s); the embedding lookup sharing that table
+    divides s back out, so each value stays within half a quantisation step (of its row, per channel)."""
+    from lm.quantize import Int8Embedding
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32) * 0.05
+    smoothing = torch.rand(32) * 4 + 0.25
+    head = Int8DynamicLinear(weight, per_token=False, smoothing=smoothing)
+    ids = torch.tensor([[0, 5, 63, 5]])
+    rows = Int8Embedding(head, torch.float32)(ids)  # (1, 4, 32)
+    half_step = head.scales.float()[ids][..., None] / smoothing / 2
+    assert bool(((rows - weight[ids]).abs() <= half_step * (1 + 1e-5) + 1e-7).all())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(head(x), x @ weight.T, rtol=0.05, atol=0.02)  # the head itself still computes x W^T
 
 
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])
