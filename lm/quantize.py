@@ -206,10 +206,9 @@ class Int8Embedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = self.table.weight[ids].to(self.dtype)  # (..., hidden)
-        rows = rows * self.table.scales[ids].to(self.dtype)[..., None]
+        rows = self.table.weight[ids].float() * self.table.scales[ids].float()[..., None]  # (..., hidden) fp32
         inverse = getattr(self.table, "inv_smoothing", None)  # a smoothed head holds W diag(s)
-        return rows if inverse is None else rows * inverse.to(self.dtype)
+        return (rows if inverse is None else rows * inverse).to(self.dtype)  # one rounding to dtype
 
 
 class _Weights:

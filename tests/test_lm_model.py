@@ -293,10 +293,10 @@ class _SumAttention:
 
 
 @pytest.mark.parametrize("offset", [True, False], ids=["gemma-norm", "qwen-norm"])
-def test_cached_norm_multipliers_follow_every_weight_change(offset):
-    """The fused q/k/v path norms and rotates q and k in one call with multipliers cached per weight; after
-    an in-place update, a state-dict load or a dtype change it still equals the unfused path, and the
-    change shows."""
+def test_the_fused_qk_path_equals_the_unfused_one_through_weight_changes(offset):
+    """The fused q/k/v path norms and rotates q and k in one call each, with the two norms' multipliers
+    stacked per head; after an in-place update, a write through .data, a state-dict load or a dtype change
+    it still equals the unfused path, and the change shows."""
     from lm.layers import Attention, RMSNorm
 
     torch.manual_seed(0)
@@ -312,7 +312,7 @@ def test_cached_norm_multipliers_follow_every_weight_change(offset):
     x, angles = torch.randn(2, 5, 32), torch.randn(2, 5, 16)
     cos, sin = angles.cos(), angles.sin()
 
-    def both():  # as the engine runs (no autograd: the cached multipliers are used)
+    def both():  # as the engine runs (no autograd)
         with torch.inference_mode():
             return [m(x.to(m.o_proj.weight.dtype), cos, sin, _SumAttention()) for m in (unfused, fused)]
 
@@ -324,6 +324,12 @@ def test_cached_norm_multipliers_follow_every_weight_change(offset):
     second = both()
     torch.testing.assert_close(second[1], second[0], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(second[1], first[1])
+    for m in (unfused, fused):
+        m.q_norm.weight.data.add_(0.5)  # no version bump: nothing may be kept from before
+    after_data = both()
+    torch.testing.assert_close(after_data[1], after_data[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(after_data[1], second[1])
+    second = after_data
     state = {name: value + 0.25 if "q_norm" in name else value for name, value in unfused.state_dict().items()}
     unfused.load_state_dict(state)
     fused.q_norm.load_state_dict({"weight": state["q_norm.weight"]})

@@ -283,3 +283,27 @@ def test_bad_arguments_are_refused_with_what_is_allowed():
         SparseMoeBlock(**{**arguments, "activation": "relu"})
     with pytest.raises(ValueError, match=r"num_experts_per_tok must be in \[1, num_experts=4\], got 5"):
         SparseMoeBlock(**{**arguments, "num_experts_per_tok": 5})
+
+
+def test_the_expert_count_is_read_under_either_name_transformers_writes():
+    """transformers 5 saves a Qwen3-MoE config's expert count as num_local_experts, published configs as
+    num_experts: both give the count; two that disagree are refused by name."""
+    import json
+    import tempfile
+
+    from transformers import Qwen3MoeConfig
+
+    from lm.models.qwen import QwenDecoderConfig
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=6, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16)
+    with tempfile.TemporaryDirectory() as directory:
+        config.save_pretrained(directory)
+        saved = json.load(open(f"{directory}/config.json"))
+    assert QwenDecoderConfig.from_dict(saved).num_experts == 6
+    for name in ("num_experts", "num_local_experts"):
+        only = {k: v for k, v in saved.items() if k not in ("num_experts", "num_local_experts")}
+        assert QwenDecoderConfig.from_dict({**only, name: 6}).num_experts == 6
+    with pytest.raises(ValueError, match="num_experts 6 and num_local_experts 8 disagree"):
+        QwenDecoderConfig.from_dict({**saved, "num_experts": 6, "num_local_experts": 8})

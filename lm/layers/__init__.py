@@ -56,34 +56,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-        self._factor: tuple | None = None  # (weight key, fp32 1 + w): see factor()
-
-    def factor(self) -> Tensor:
-        """The fp32 multiplier (dim,) of an offset norm, 1 + w, kept until the weight changes (a load,
-        an in-place update or a move): one op less in each of a decode step's ~100 norms. With autograd
-        on it is computed afresh, so that gradients reach the weight."""
-        if torch.is_grad_enabled():
-            return 1.0 + self.weight.float()
-        key = _weight_key(self.weight)
-        if key is None or self._factor is None or self._factor[0] != key:
-            self._factor = (key, 1.0 + self.weight.detach().float())
-        return self._factor[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.offset:  # one fused kernel: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32
-            if x.dtype == torch.float32:
-                return F.rms_norm(x, (x.shape[-1],), self.factor(), self.eps)
-            return F.rms_norm(x.float(), (x.shape[-1],), self.factor(), self.eps).type_as(x)
+            factor = 1.0 + self.weight.float()
+            if x.dtype == torch.float32:  # no casts
+                return F.rms_norm(x, (x.shape[-1],), factor, self.eps)
+            return F.rms_norm(x.float(), (x.shape[-1],), factor, self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-
-
-def _weight_key(weight: Tensor) -> tuple | None:
-    """What identifies a parameter's current values (storage, in-place version, dtype, device), or None
-    where the tensor keeps no version counter (one made under inference mode): then nothing is cached."""
-    try:
-        return weight.data_ptr(), weight._version, weight.dtype, weight.device
-    except RuntimeError:
-        return None
 
 
 # ----- rotary position embeddings -------------------------------------------------------------------
@@ -236,26 +216,18 @@ class Attention(nn.Module):
 
     def _qk_norm(self, qk: Tensor) -> Tensor:
         """q_norm over the first num_heads heads of qk (B, T, H + KV, D) and k_norm over the rest, in one
-        norm and one multiply by the two weights stacked per head (the same arithmetic as RMSNorm's)."""
+        norm and one multiply by the two weights stacked per head (the same arithmetic as RMSNorm's:
+        F.rms_norm with a weight is the norm times the weight, bit for bit)."""
         eps, dim = self.q_norm.eps, self.head_dim
         if self.q_norm.offset:
-            factors = self._stacked(lambda: (self.q_norm.factor(), self.k_norm.factor()))  # fp32
+            factors = self._stacked(1.0 + self.q_norm.weight.float(), 1.0 + self.k_norm.weight.float())  # fp32
             return (F.rms_norm(qk.float(), (dim,), None, eps) * factors).type_as(qk)
-        weights = self._stacked(lambda: (self.q_norm.weight, self.k_norm.weight))
+        weights = self._stacked(self.q_norm.weight, self.k_norm.weight)
         return weights * F.rms_norm(qk.float(), (dim,), None, eps).to(qk.dtype)
 
-    def _stacked(self, parts) -> Tensor:
-        """(H + KV, D): q's multiplier repeated per query head, then k's per key head; kept until a weight
-        changes (computed afresh with autograd on)."""
-        if torch.is_grad_enabled():
-            q, k = parts()
-            return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
-        key = (_weight_key(self.q_norm.weight), _weight_key(self.k_norm.weight))
-        cached = getattr(self, "_stacked_norms", None)
-        if None in key or cached is None or cached[0] != key:
-            q, k = parts()
-            cached = self._stacked_norms = (key, torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)]))
-        return cached[1]
+    def _stacked(self, q: Tensor, k: Tensor) -> Tensor:
+        """(H + KV, D): q's multiplier (D,) repeated per query head, then k's per key head."""
+        return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
 
 
 ACTIVATIONS = {

@@ -104,7 +104,13 @@ class QwenDecoderConfig(DecoderConfig):
         theta, scaling = _rope(config, defaults["rope_theta"])
         moe = {}
         if model_type == "qwen3_moe":
-            moe = dict(num_experts=get("num_experts"), num_experts_per_tok=get("num_experts_per_tok"),
+            # transformers 5 saves the expert count as num_local_experts; published configs say num_experts
+            counts = {name: config[name] for name in ("num_experts", "num_local_experts") if config.get(name) is not None}
+            if len(set(counts.values())) > 1:
+                raise ValueError(f"config.json: num_experts {counts['num_experts']} and num_local_experts "
+                                 f"{counts['num_local_experts']} disagree")
+            moe = dict(num_experts=next(iter(counts.values()), defaults["num_experts"]),
+                       num_experts_per_tok=get("num_experts_per_tok"),
                        moe_intermediate_size=get("moe_intermediate_size"),
                        norm_topk_prob=bool(get("norm_topk_prob")), decoder_sparse_step=get("decoder_sparse_step"),
                        mlp_only_layers=tuple(get("mlp_only_layers") or ()))
