@@ -269,3 +269,15 @@ def test_target_captions_through_a_running_gateway(checkpoint, images, reference
     for name in BAD:
         assert records[name]["error"]["code"] == "invalid_argument" and records[name]["error"]["message"]
     assert json.loads(stdout)["summary"]["failed"] == len(BAD)
+
+
+def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, capsys):
+    """--kv-budget-mb, --prefill-chunk and the other in-process engine flags would be ignored by a gateway:
+    with --target they are refused, named, before any connection or output."""
+    out = tmp_path / "r.jsonl"
+    code, _, stderr = _caption(capsys, images, "--target", "127.0.0.1:9", "--out", out, "--prefill-chunk", 512,
+                               "--kv-budget-mb", 64)
+    assert code == 2 and "--kv-budget-mb, --prefill-chunk set the in-process engine" in stderr
+    assert "127.0.0.1:9" in stderr and not out.exists()
+    code, _, stderr = _caption(capsys, images, "--target", "127.0.0.1:9", "--out", out, "--quantize", "int4")
+    assert code == 2 and "--quantize set the in-process engine" in stderr

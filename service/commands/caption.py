@@ -38,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=16,
                         help="captions in flight at once (engine batch, or parallel gateway calls)")
     parser.add_argument("--workers", type=int, default=2, help="image decode/preprocess threads")
-    parser.add_argument("--vision-batch", type=int, default=4, help="tiles per vision-tower forward pass")
-    parser.add_argument("--kv-budget-mb", type=int, default=1024, help="in-process engine's KV cache budget")
-    parser.add_argument("--prefill-chunk", type=int, default=4096,
-                        help="in-process engine: prompt tokens computed per step (a job wants few, full steps)")
+    parser.add_argument("--vision-batch", type=int, default=None,
+                        help="in-process only: tiles per vision-tower forward pass (default 4)")
+    parser.add_argument("--kv-budget-mb", type=int, default=None,
+                        help="in-process only: the engine's KV cache budget (default 1024)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="in-process only: prompt tokens computed per step (default 4096; a job wants few, full "
+                             "steps)")
     parser.add_argument("--shard", metavar="INDEX/COUNT",
                         help="process only this shard (images are assigned by a hash of their id); default from "
                              "JOB_COMPLETION_INDEX and TESSERA_SHARD_COUNT when the latter is set")
@@ -49,9 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-run ids whose recorded result is an error; their error records are removed from "
                              "--out first (the file is rewritten atomically), so each id keeps one record")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 if any image failed")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, help="LM weight quantisation (CPU; lm/quantize.py)")
+    parser.add_argument("--device", default=None, help="in-process only (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="in-process only (default float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES,
+                        help="in-process only: LM weight quantisation (CPU; lm/quantize.py)")
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--auth-token", default=None,
                        help="--target only: bearer token; visible to every local user in `ps`, so prefer "
@@ -60,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="--target only: read the bearer token from the first line of this file")
     parser.add_argument("--progress-interval", type=float, default=30.0,
                         help="seconds between progress lines when stderr is not a terminal")
+
+
+# flags that configure the in-process engine: refused with --target, which captions with the gateway's settings
+IN_PROCESS_FLAGS = ("--vision-batch", "--kv-budget-mb", "--prefill-chunk", "--device", "--dtype", "--quantize")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +82,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera caption: {message}", file=sys.stderr)
         return 2
 
+    local_only = [flag for flag in IN_PROCESS_FLAGS if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None]
+    if args.target and local_only:  # the gateway's servers run with their own settings
+        return fail(f"{', '.join(local_only)} set the in-process engine; with --target the gateway at {args.target} "
+                    "captions with its servers' own settings: drop them, or set them on `tessera serve`")
+    engine = {name: getattr(args, name) for name in ("vision_batch", "kv_budget_mb", "prefill_chunk")
+              if getattr(args, name) is not None}  # the rest: CaptionOptions' defaults
     try:
         params = sampling_params(args)
         options = CaptionOptions(prompt=args.prompt or DEFAULT_PROMPT, pan_and_scan=args.pan_and_scan, params=params,
-                                 concurrency=args.concurrency, workers=args.workers, vision_batch=args.vision_batch,
-                                 kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk)
+                                 concurrency=args.concurrency, workers=args.workers, **engine)
         shard = Shard.parse(args.shard) if args.shard else Shard.from_environment(os.environ)
         items, duplicates = collect_inputs(args.inputs)
         done = read_records(args.out)
@@ -126,7 +140,7 @@ def _captioner(args: argparse.Namespace, options):
     from lm.runtime import DTYPES
     from service.caption import load_local_captioner
 
-    return load_local_captioner(args.model, options, device=args.device, dtype=DTYPES[args.dtype],
+    return load_local_captioner(args.model, options, device=args.device or "cpu", dtype=DTYPES[args.dtype or "float32"],
                                 quantize=args.quantize)
 
 
