@@ -24,7 +24,7 @@ Schemes (`quantize_model(model, scheme)`):
   (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
   activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
   llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token; it runs as
-  int8-dynamic's head (fbgemm's int8 x int8, smoothed) where PyTorch has a quantized engine. Given calibration
+  int8-dynamic's head (fbgemm's int8 x int8, smoothed) on the CPU where PyTorch has a quantized engine. Given calibration
   ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023, arXiv:2306.00978):
   s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that carry large
   activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as AWQ does:
@@ -254,9 +254,9 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
         # (int4's too: PyTorch's int8-weight kernel with bf16 activations takes ~3x as long at 1 row).
         # Its input (the final hidden states) is smoothed as the projections' are, alpha searched the same
         # way (Qwen 2.5 1.5B: 94.1 -> 95.1% greedy agreement for int8-dynamic).
-        dynamic_head = scheme != "int8" and quantized_engine_available()
         tied = model.lm_head is None
         source = model.embed_tokens.weight if tied else model.lm_head.weight
+        dynamic_head = scheme != "int8" and quantized_engine_available() and source.device.type == "cpu"
         if dynamic_head:
             x = inputs.get(model)
             weight_range = None if x is None else source.abs().amax(dim=0)
