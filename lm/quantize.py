@@ -236,13 +236,11 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
 
     def quantized(linear: nn.Linear) -> nn.Module:
         x = inputs.get(linear)
-        ranges = None if x is None else x.abs().amax(dim=0)
         if scheme == "int8-dynamic":
-            weight_range = None if x is None else linear.weight.abs().amax(dim=0)  # once for every alpha
-            factors = [None if alpha is None else smoothing_factors(linear.weight, ranges, alpha, weight_range=weight_range)
-                       for alpha in (SMOOTHING_ALPHAS if x is not None else (None,))]
-            return best_on(x, linear, factors, lambda w, b, s: Int8DynamicLinear(w, b, smoothing=s))
+            return best_on(x, linear, _smoothing_candidates(linear.weight, x),
+                           lambda w, b, s: Int8DynamicLinear(w, b, smoothing=s))
         if scheme == "int4":
+            ranges = None if x is None else x.abs().amax(dim=0)
             factors = [None if alpha == 0 else awq_factors(ranges, alpha)
                        for alpha in (INT4_AWQ_ALPHAS if x is not None else (0,))]
             return best_on(x, linear, factors, lambda w, b, s: Int4Linear(w, b, smoothing=s))
@@ -259,17 +257,23 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
         dynamic_head = scheme != "int8" and quantized_engine_available() and source.device.type == "cpu"
         if dynamic_head:
             x = inputs.get(model)
-            weight_range = None if x is None else source.abs().amax(dim=0)
-            factors = [None if alpha is None else smoothing_factors(source, x.abs().amax(dim=0), alpha,
-                                                                    weight_range=weight_range)
-                       for alpha in (SMOOTHING_ALPHAS if x is not None else (None,))]
-            model.lm_head = best_on(x, _Weights(source, None), factors,
+            model.lm_head = best_on(x, _Weights(source, None), _smoothing_candidates(source, x),
                                     lambda w, b, s: Int8DynamicLinear(w, b, per_token=False, smoothing=s))
         else:
             model.lm_head = Int8Linear(source)
         if tied:
             model.embed_tokens = Int8Embedding(model.lm_head, source.dtype)
     return model
+
+
+def _smoothing_candidates(weight: Tensor, x: Tensor | None) -> list[Tensor | None]:
+    """SmoothQuant factors for each of SMOOTHING_ALPHAS (None: unsmoothed, or not finite) for `weight`
+    (out, in) given its calibration inputs x (N, in); [None] without inputs."""
+    if x is None:
+        return [None]
+    ranges, weight_range = x.abs().amax(dim=0), weight.abs().amax(dim=0)  # once for every alpha
+    return [None if alpha is None else smoothing_factors(weight, ranges, alpha, weight_range=weight_range)
+            for alpha in SMOOTHING_ALPHAS]
 
 
 def calibration_ids(tokenizer) -> list[int]:

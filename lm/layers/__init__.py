@@ -202,15 +202,13 @@ class Attention(nn.Module):
                 qk = self._qk_norm(qk)
             qk = rotate(qk, cos[:, :, None], sin[:, :, None])
             q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
-            out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
-            return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = v.reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q = self.q_proj(x).reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+            v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
