@@ -34,6 +34,7 @@ import torch
 from lm.attention import tile_ids_from_mask
 from lm.engine.block_manager import BlockManager
 from lm.engine.model_runner import ModelRunner, ScheduledChunk
+from lm.head_screen import GreedyHeadScreen, compile_screen_kernel
 from lm.engine.output import OutputProcessor
 from lm.engine.scheduler import Scheduler
 from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token, largest_chunk
@@ -63,6 +64,9 @@ class EngineConfig:
     seed: int = 0  # seeds requests that bring no seed of their own
     block_size: int = 16  # tokens per KV cache block
     enable_prefix_caching: bool = True  # reuse the blocks of an identical prefix (tokens and images)
+    # greedy tokens through an int8 screen of a float head, exactly (lm.head_screen; CPU): None = for
+    # heads of 8 MiB and more, True = wherever it applies, False = never
+    greedy_head_screen: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_seq_len", "kv_budget_bytes", "max_batch", "prefill_chunk", "max_queue", "block_size"):
@@ -115,7 +119,12 @@ class Engine:
                 f"({needed * block_bytes / 2**20:.1f} MiB): raise the budget or lower max_seq_len"
             )
         self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
-        self.runner = ModelRunner(model, self.storage, self.layout, device=self.device)
+        screen = None
+        if engine_config.greedy_head_screen is not False and self.device.type == "cpu":
+            screen = GreedyHeadScreen.for_model(model, force=bool(engine_config.greedy_head_screen))
+            if screen is not None:
+                compile_screen_kernel()
+        self.runner = ModelRunner(model, self.storage, self.layout, device=self.device, screen=screen)
         self.scheduler = self._new_scheduler()
         self.output = OutputProcessor()
         self._rng = torch.Generator().manual_seed(engine_config.seed)
@@ -355,22 +364,29 @@ class Engine:
                 except Exception as exc:  # one bad request must not take the others down
                     log.exception("forward failed for request %s", chunk.sequence.request.request_id)
                     self._finish(chunk.sequence, "error", _describe(exc))
-        for done, logits in results:
+        for done, hidden in results:
             self.scheduler.computed(done)
-            self._sample([c for c in done if c.samples], logits)
+            self._sample([c for c in done if c.samples], hidden)
 
-    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor | None) -> None:
-        """Sample, stream and maybe finish each request whose chunk reached its last token; logits (R, vocab)."""
+    def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor | None) -> None:
+        """Sample, stream and maybe finish each request whose chunk reached its last token; hidden (R, hidden)."""
         if not chunks:
             return
         plain = all(c.sequence.params.greedy and not c.sequence.params.penalized and c.sequence.grammar is None
                     for c in chunks)
-        if plain:
-            choices, finite = greedy_and_finite(logits)  # (R,) each
-        else:
-            choices, finite = None, finite_rows(logits)
+        wants_logprobs = any(c.sequence.params.logprobs is not None for c in chunks)
+        logits = choices = None
+        if plain and not wants_logprobs:
+            choices = self.runner.greedy(hidden)  # the head's int8 screen, where it decides
+            finite = [True] * len(chunks)  # the screen decides only for finite rows whose logits are
+        if choices is None:
+            logits = self.runner.logits(hidden)  # (R, vocab) fp32
+            if plain:
+                choices, finite = greedy_and_finite(logits)  # (R,) each
+            else:
+                finite = finite_rows(logits)
         logprobs = None
-        if any(c.sequence.params.logprobs is not None for c in chunks):
+        if wants_logprobs:
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, vocab), of the raw logits
         for row, chunk in enumerate(chunks):
             sequence = chunk.sequence

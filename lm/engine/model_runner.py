@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lm.attention import attention_mask, sdpa
+from lm.head_screen import GreedyHeadScreen
 from lm.kv_cache import KVLayout, PagedKVStorage
 from lm.sequence import Sequence
 
@@ -173,14 +174,27 @@ def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:
 
 
 class ModelRunner:
-    """Runs the network over a step's chunks on the paged cache."""
+    """Runs the network over a step's chunks on the paged cache, and its head over the rows that sample:
+    in full (`logits`) or, for greedy rows, through the head's int8 screen where there is one
+    (`greedy`, lm.head_screen)."""
 
-    def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, device: torch.device):
+    def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, device: torch.device,
+                 screen: GreedyHeadScreen | None = None):
         self.model, self.storage, self.layout, self.device = model, storage, layout, device
+        self.screen = screen
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits (R, vocab) of final hidden states (R, hidden)."""
+        return self.model.logits(hidden)
+
+    def greedy(self, hidden: Tensor) -> list[int] | None:
+        """The argmax token of each row of `hidden` (R, hidden) through the screen, exactly as torch.argmax
+        of `logits(hidden)` picks it; None without a screen or where it does not decide."""
+        return None if self.screen is None else self.screen.argmax(hidden)
 
     def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
-        """One forward over `chunks`; returns fp32 logits (R, vocab) for the chunks that sample, in
-        order, or None if none does. Raises whatever the network raises."""
+        """One forward over `chunks`; returns the final hidden states (R, hidden), model dtype, of the
+        chunks that sample, in order, or None if none does. Raises whatever the network raises."""
         ids, positions, image_rows, soft_tokens, last_rows = [], [], [], [], []
         row = 0
         for chunk in chunks:
@@ -206,4 +220,4 @@ class ModelRunner:
             hidden = self.model(input_ids, position_ids, attention)
         if not last_rows:
             return None
-        return self.model.logits(hidden[0, torch.tensor(last_rows, device=self.device)])  # (R, vocab)
+        return hidden[0, torch.tensor(last_rows, device=self.device)]  # (R, hidden)
