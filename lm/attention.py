@@ -32,18 +32,24 @@ class AttentionContext(Protocol):
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """Scaled dot-product attention with grouped-query heads: q (B, H, T, D), k/v (B, KV, S, D), mask
-    (B, 1, T, S) bool (True = attend) or None (every key). On CPU SDPA serves each KV head to H / KV
-    query heads without copying. On CUDA a boolean mask together with `enable_gqa` would fall back to
-    the math kernel, so there the KV heads are repeated and the mask made additive, which the
-    memory-efficient kernel takes."""
+    (B, 1, T, S) bool (True = attend), additive in q's dtype (`additive_mask`), or None (every key).
+    On CPU SDPA serves each KV head to H / KV query heads without copying. On CUDA a mask together with
+    `enable_gqa` would fall back to the math kernel, so there the KV heads are repeated and the mask
+    made additive, which the memory-efficient kernel takes."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if q.is_cuda and mask is not None:
         if heads != kv_heads:
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = additive_mask(mask, q.dtype) if mask.dtype == torch.bool else mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = attend) as SDPA's additive form: 0 where True, -inf where False, in `dtype`
+    (the values SDPA turns a boolean mask into on every call; built once, a mask serves every layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attention_mask(

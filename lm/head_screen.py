@@ -44,6 +44,7 @@ MIN_SCREEN_BYTES = 8 << 20  # heads smaller than this are read whole (the screen
 MAX_CANDIDATE_FRACTION = 8  # more than vocab / 8 candidates: the screen gains nothing, read the head
 _SAFETY = 1.0 + 2.0**-10  # on the quantisation bound: the screen's own fp32 roundings
 _F32_EPS = float(torch.finfo(torch.float32).eps)
+_SLICE = 1024  # head rows the kernel bounds at a time
 
 
 class GreedyHeadScreen:
@@ -73,7 +74,7 @@ class GreedyHeadScreen:
         self._l1 = torch.cat(l1).numpy()  # (vocab,) float32, |W_v|_1
         self._max_l1 = float(self._l1.max()) if vocab else 0.0
         self._range = float(torch.finfo(weight.dtype).max) / 4  # |logit| <= |W_v|_1 max|x| stays below it
-        self._found = np.empty(max(1, vocab // MAX_CANDIDATE_FRACTION), np.int64)  # the kernel's scratch
+        self._limit = max(1, vocab // MAX_CANDIDATE_FRACTION)  # candidates per row beyond which it gains nothing
         # rounding of the candidates' logits to the model dtype (twice its epsilon, relative), and of
         # the screen's own fp32 arithmetic on a_v (four fp32 epsilons)
         self._out_eps = 2.0 * float(torch.finfo(weight.dtype).eps) + 4.0 * _F32_EPS
@@ -118,17 +119,13 @@ class GreedyHeadScreen:
         quantized = _quantize_rows(x.numpy(), self._range / max(self._max_l1, 1e-30))
         if quantized is None:
             return None  # NaN or inf (the full head reports it), or logits that might overflow the dtype
-        q_x, bounds = quantized  # (R, hidden) int8; (R, 3): s_x, |x^|_1 bound, max|x|
+        q_x, bounds = quantized  # (R, hidden) int8; (R, 3) float64: s_x, |x^|_1 bound, max|x|
         accumulators = torch._int_mm(torch.from_numpy(q_x), self._q.t()).numpy()  # (R, vocab) int32, exact
-        found = []
-        for row in range(rows):
-            step, x_l1, x_max = bounds[row]
-            candidates = _candidates(accumulators[row], self._step, self._l1, step, x_l1,
-                                     x.shape[1] * _F32_EPS * x_max, self._out_eps, self._found)
-            if candidates is None:
-                return None
-            found.append(torch.from_numpy(candidates))
-        return found
+        bounds[:, 2] *= x.shape[1] * _F32_EPS  # per unit of |W_v|_1: the candidates' dot products' rounding
+        found, counts = _candidates(accumulators, self._step, self._l1, bounds, self._out_eps, self._limit)
+        if (counts < 0).any():
+            return None
+        return [torch.from_numpy(found[row, :counts[row]].copy()) for row in range(rows)]
 
     def argmax(self, hidden: Tensor) -> list[int] | None:
         """The greedy token of each row of `hidden` (R, hidden) (final-norm states, the model's dtype):
@@ -147,8 +144,7 @@ class GreedyHeadScreen:
 def compile_screen_kernel() -> None:
     """Compile (or load from numba's on-disk cache) the screen's kernels now, not in the first step."""
     _quantize_rows(np.ones((1, 4), np.float32), 1.0)
-    _candidates(np.zeros(4, np.int32), np.ones(4, np.float32), np.ones(4, np.float32), 1.0, 1.0, 0.0, 0.0,
-                np.empty(4, np.int64))
+    _candidates(np.zeros((1, 4), np.int32), np.ones(4, np.float32), np.ones(4, np.float32), np.ones((1, 3)), 0.0, 4)
 
 
 @njit(nogil=True, cache=True)
@@ -178,37 +174,58 @@ def _quantize_rows(x, max_abs):
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _candidates(accumulators, step, l1, x_step, x_l1, sum_error, out_eps, found):
-    """Indices (int64, ascending) of the rows whose logit may be the largest, or None for more than
-    len(found) (scratch). accumulators (vocab,) int32: q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1.
+def _candidates(accumulators, step, l1, bounds, out_eps, limit):
+    """Per row r: the indices (ascending) of the head rows whose logit may be r's largest. accumulators
+    (R, vocab) int32: q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1; bounds (R, 3) float64: s_x, a
+    bound on |x^|_1, the dot products' rounding per unit of |W_v|_1. Returns (found (R, limit) int64,
+    counts (R,) int64), a count of -1 for a row with more than `limit` candidates.
 
-    One pass in float32 (its roundings, a few eps of |a_v|, are inside out_eps): a row is kept while its
-    upper bound reaches the largest lower bound seen so far, and the kept rows are filtered by the final
-    one (the running floor only rises); when the scratch fills it is filtered early."""
-    limit = found.shape[0]
-    per_l1 = np.float32(_SAFETY * 0.5 * x_step + sum_error)  # e_v = per_l1 |W_v|_1 + per_step w_v
-    per_step = np.float32(_SAFETY * 0.5 * x_l1)
-    scale = np.float32(x_step)
+    One pass over the head's rows, in slices that serve all R rows from cache, in float32 (its
+    roundings, a few eps of |a_v|, are inside out_eps; fastmath only reorders arithmetic): a head row is
+    kept while its upper bound reaches the largest lower bound seen so far (to the end of its slice),
+    and the kept rows are filtered by the final one (it only rises); a full list is filtered early."""
+    rows, vocab = accumulators.shape
+    per_l1 = np.empty(rows, np.float32)  # e_v = per_l1 |W_v|_1 + per_step w_v, then + out_eps (|a_v| + e_v)
+    per_step = np.empty(rows, np.float32)
+    scale = np.empty(rows, np.float32)
+    floor = np.full(rows, -np.inf, np.float32)  # the largest lower bound a_v - e_v so far
+    for r in range(rows):
+        per_l1[r] = _SAFETY * 0.5 * bounds[r, 0] + bounds[r, 2]
+        per_step[r] = _SAFETY * 0.5 * bounds[r, 1]
+        scale[r] = bounds[r, 0]
     eps = np.float32(out_eps)
-    uppers = np.empty(limit, np.float32)
-    floor = np.float32(-np.inf)  # the largest lower bound a_v - e_v so far
-    count = 0
-    for v in range(accumulators.shape[0]):
-        approx = np.float32(accumulators[v]) * (scale * step[v])
-        error = per_l1 * l1[v] + per_step * step[v]
-        error += eps * (abs(approx) + error)
-        upper = approx + error
-        if upper >= floor:
-            floor = max(floor, approx - error)
-            if count == limit:
-                count = _keep_reaching(found, uppers, count, floor)
-                if count == limit:
-                    return None
-            found[count] = v
-            uppers[count] = upper
-            count += 1
-    count = _keep_reaching(found, uppers, count, floor)
-    return found[:count].copy()
+    found = np.empty((rows, limit), np.int64)
+    uppers = np.empty((rows, limit), np.float32)
+    counts = np.zeros(rows, np.int64)
+    block = np.empty(_SLICE, np.float32)  # upper bounds of one slice
+    for start in range(0, vocab, _SLICE):  # a slice of step and l1 stays in cache for all rows
+        end = min(vocab, start + _SLICE)
+        for r in range(rows):
+            if counts[r] < 0:
+                continue
+            row_scale, row_l1, row_step = scale[r], per_l1[r], per_step[r]
+            lowest = np.float32(-np.inf)
+            for v in range(start, end):  # vectorised: bounds and the slice's largest lower bound
+                approx = np.float32(accumulators[r, v]) * (row_scale * step[v])
+                error = row_l1 * l1[v] + row_step * step[v]
+                error += eps * (abs(approx) + error)
+                block[v - start] = approx + error
+                lowest = max(lowest, approx - error)
+            floor[r] = max(floor[r], lowest)
+            for v in range(start, end):
+                if block[v - start] >= floor[r]:
+                    if counts[r] == limit:
+                        counts[r] = _keep_reaching(found[r], uppers[r], counts[r], floor[r])
+                        if counts[r] == limit:
+                            counts[r] = -1  # too many: this row goes to the full head
+                            break
+                    found[r, counts[r]] = v
+                    uppers[r, counts[r]] = block[v - start]
+                    counts[r] += 1
+    for r in range(rows):
+        if counts[r] > 0:
+            counts[r] = _keep_reaching(found[r], uppers[r], counts[r], floor[r])
+    return found, counts
 
 
 @njit(nogil=True, cache=True)

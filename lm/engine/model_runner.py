@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lm.attention import attention_mask, sdpa
+from lm.attention import additive_mask, attention_mask, sdpa
 from lm.head_screen import GreedyHeadScreen
 from lm.kv_cache import KVLayout, PagedKVStorage
 from lm.sequence import Sequence
@@ -48,7 +48,7 @@ class PagedAttention:
     per group and chunk: the block ids holding the keys the chunk reads and where in them its keys start.
     Keys a chunk reads: positions [lo, end), lo = 0 for full attention and start - window + 1 for a
     sliding window. Masks (causal, window, image tiles both ways) are built once per attention kind and
-    chunk of several tokens.
+    chunk of several tokens, in SDPA's additive form (it would convert a boolean mask in every layer).
 
     One-token chunks (decode rows) of similar length attend together: their blocks are gathered into one
     padded (R, blocks * block_size) batch per group with a mask of each row's [lo, end), so a step of R
@@ -60,6 +60,7 @@ class PagedAttention:
     def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk], device: torch.device):
         self.storage, self.layout = storage, layout
         size = layout.block_size
+        dtype = storage.keys[0].dtype  # masks are additive in it, built once for every layer
         self.num_tokens = sum(chunk.num_tokens for chunk in chunks)
         self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
         a = 0
@@ -79,8 +80,8 @@ class PagedAttention:
                                             for p in range(chunk.start, chunk.end)], device=device))
             spans = [self._span(chunk, group.window, size) for chunk in chunks]  # (first block, count, skip, length)
             if group.window not in masks:
-                masks[group.window] = {i: self._mask(chunks[i], group.window, device) for i in multi}
-                plans[group.window] = self._decode_plan(chunks, spans, size, device)
+                masks[group.window] = {i: self._mask(chunks[i], group.window, device, dtype) for i in multi}
+                plans[group.window] = self._decode_plan(chunks, spans, size, device, dtype)
             self.reads.append([(i, torch.tensor(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], device=device),
                                 spans[i][2], spans[i][3], masks[group.window][i]) for i in multi])
             self.batches.append([
@@ -96,10 +97,10 @@ class PagedAttention:
         first = lo // size
         return first, (chunk.end - 1) // size - first + 1, lo - first * size, chunk.end - lo
 
-    def _decode_plan(self, chunks: list[ScheduledChunk], spans, size: int, device):
+    def _decode_plan(self, chunks: list[ScheduledChunk], spans, size: int, device, dtype: torch.dtype):
         """Batches of the one-token chunks: (their chunk indices in packed order, width in blocks, packed
-        rows (R,), mask (R, 1, 1, width * size) of the keys each row reads, or None when every row reads
-        all of them). The block counts and masks depend on the window, not on the group's block ids."""
+        rows (R,), additive mask (R, 1, 1, width * size) of the keys each row reads, or None when every
+        row reads all of them). The block counts and masks depend on the window, not on the group's block ids."""
         plan = []
         singles = sorted((i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1), key=lambda i: spans[i][1])
         while singles:
@@ -111,13 +112,14 @@ class PagedAttention:
             end = skip + torch.tensor([spans[i][3] for i in batch], device=device)[:, None]
             keys = torch.arange(width * size, device=device)[None]  # (1, width * size)
             full = all(spans[i][2] == 0 and spans[i][3] == width * size for i in batch)
-            mask = None if full else ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, width * size)
+            reads = ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, width * size)
+            mask = None if full else additive_mask(reads, dtype)
             rows_index = torch.tensor([self.offsets[i][0] for i in batch], device=device)
             plan.append((batch, width, rows_index, mask))
         return plan
 
     @staticmethod
-    def _mask(chunk: ScheduledChunk, window: int | None, device) -> Tensor | None:
+    def _mask(chunk: ScheduledChunk, window: int | None, device, dtype: torch.dtype) -> Tensor:
         sequence = chunk.sequence
         lo = 0 if window is None else max(0, chunk.start - window + 1)
         q_pos = torch.arange(chunk.start, chunk.end, device=device)[None]  # (1, T)
@@ -125,7 +127,8 @@ class PagedAttention:
         tiles = sequence.tile_ids.to(device)
         q_tile = _tiles_at(tiles, chunk.start, chunk.end)[None]
         k_tile = _tiles_at(tiles, lo, chunk.end)[None]
-        return attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
+        allowed = attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
+        return additive_mask(allowed, dtype)
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q (1, H, N, D); k, v (1, KV, N, D)
