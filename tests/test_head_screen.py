@@ -117,6 +117,17 @@ def test_what_the_screen_cannot_decide_goes_back_to_the_full_head():
         GreedyHeadScreen(torch.full((4, 8), float("inf")))
 
 
+
+def test_no_screen_where_the_int8_product_is_wrong(monkeypatch, model_and_config):
+    """torch._int_mm gives garbage at an inner size of 1 (PyTorch 2.13, CPU): the screen checks the
+    product at its own size before trusting it."""
+    exact = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: exact(a, b) + 1)  # off by one everywhere
+    with pytest.raises(ValueError, match="not exact"):
+        GreedyHeadScreen(hard_head(500, 64, 1))
+    assert GreedyHeadScreen.for_model(model_and_config[0], force=True) is None
+
+
 def test_only_float_cpu_heads_without_softcapping_get_a_screen(model_and_config):
     model, config = model_and_config
     assert GreedyHeadScreen.for_model(model) is None  # a tiny head: under MIN_SCREEN_BYTES
