@@ -11,8 +11,10 @@ final hidden states:
   (torch._int_mm, int32 accumulators, exact) gives a_v = (q_x . q_v) s_x w_v;
 - |x . W_v - a_v| <= s_x / 2 * |W_v|_1 + w_v / 2 * |x^|_1 = e_v (the two roundings' worst case);
 - a row can be the argmax only if a_v + e_v >= max_u (a_u - e_u): the candidates. Their logits are then
-  computed from the float head itself, in the model's dtype, exactly as the full head would compute them,
-  and the first of the largest wins, as torch.argmax picks.
+  computed from the float head itself, in the model's dtype, as a one-row head computes them, and the
+  first of the largest wins, as torch.argmax picks. (A head over R rows at once may round a logit
+  differently in its last bits, as any two matrix shapes may: a near tie within a few ulps can go
+  either way, as between batch sizes of the full head.)
 
 The margin also covers floating-point rounding: of the screen's own arithmetic (a factor 1 + 2^-10 on
 e_v), of the candidates' dot products (hidden * eps(fp32) * |W_v|_1 * max|x|, the worst case of a sum
@@ -20,9 +22,10 @@ of `hidden` products) and of the logits' rounding to the model dtype (2 eps(dtyp
 whose logit, however rounded, could equal the winner's is a candidate. On the 270M's real hidden states
 5 to ~9,000 of 262,144 rows remain (median a few hundred).
 
-The screen answers None, and the caller computes the full head, when x is not finite, when a row's
-bound could overflow, when too many rows remain (an all-zero x leaves every row), or for more rows than
-SCREEN_MAX_ROWS (there the float head's matrix-matrix product is as fast). Measured on the 2-core dev
+The screen answers None, and the caller computes the full head, when x is not finite, when a logit
+or a bound could overflow, when max|x| < 1e-30 (all zero: every row ties; or so small that the fp32
+scales lose precision), or for more rows than SCREEN_MAX_ROWS (there the float head's matrix-matrix
+product is as fast). A row that leaves more than vocab / 8 candidates is given the full head alone. Measured on the 2-core dev
 machine: the 270M's head 22-35 ms (fp32) -> ~12 ms at 1 row, the 64-wide test head ~4 -> ~0.6 ms.
 """
 
@@ -45,39 +48,48 @@ MAX_CANDIDATE_FRACTION = 8  # more than vocab / 8 candidates: the screen gains n
 _SAFETY = 1.0 + 2.0**-10  # on the quantisation bound: the screen's own fp32 roundings
 _F32_EPS = float(torch.finfo(torch.float32).eps)
 _SLICE = 1024  # head rows the kernel bounds at a time
+_LOWEST = float(np.finfo(np.float32).min)  # the kernel's start for a maximum (fastmath: no infinities)
 
 
 class GreedyHeadScreen:
     """The int8 screen of one float head weight (vocab, hidden), kept with the weight itself.
 
-    Built when an engine starts, from the weights at that moment (the screen is a copy: a head changed
-    afterwards needs a new engine). Raises ValueError for a weight that is not a finite 2-D float CPU
-    tensor, or where torch._int_mm is not exact at its hidden size (checked on 256 rows)."""
+    Built when an engine starts, from the weights at that moment: the int8 copy does not follow later
+    changes. A head changed in place is detected by its version counter (`stale`; writes through
+    `.data` are not), a replaced one by the engine (lm.engine.model_runner), and both are then read in
+    full. Raises ValueError for a weight that is not a finite 2-D float CPU tensor, or where
+    torch._int_mm is not exact at its hidden size (checked on 256 rows)."""
 
     def __init__(self, weight: Tensor) -> None:
         if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type != "cpu":
             raise ValueError(f"the screen takes a 2-D float CPU head weight, got {tuple(weight.shape)} "
                              f"{weight.dtype} on {weight.device}")
         self.weight = weight  # (vocab, hidden), the model's own tensor: the candidates' logits come from it
+        self._version = weight._version  # an in-place change of the head after this makes the screen stale
         vocab, hidden = weight.shape
-        q_rows, steps, l1 = [], [], []
+        if vocab == 0 or hidden == 0:
+            raise ValueError(f"the head weight is empty: {tuple(weight.shape)}")
+        self._q = torch.empty(vocab, hidden, dtype=torch.int8)  # row-major: _int_mm reads its transpose
+        step, l1 = torch.empty(vocab), torch.empty(vocab)  # w_v, |W_v|_1 (float32)
         for start in range(0, vocab, 16384):  # in slices: no fp32 copy of a whole bf16 head
             rows = weight[start:start + 16384].detach().float()
             if not bool(torch.isfinite(rows).all()):
                 raise ValueError("the head weight has values that are not finite")
-            step = (rows.abs().amax(dim=1) / 127.0).clamp_(min=1e-30)  # (rows,) w_v, a zero row's too
-            q_rows.append(torch.round(rows / step[:, None]).clamp_(-127, 127).to(torch.int8))
-            steps.append(step)
-            l1.append(rows.abs().sum(dim=1))
-        self._q = torch.cat(q_rows)  # (vocab, hidden) int8, row-major: _int_mm reads its transpose
+            part = step[start:start + 16384]
+            torch.div(rows.abs().amax(dim=1), 127.0, out=part).clamp_(min=1e-30)  # a zero row's too
+            self._q[start:start + 16384] = torch.round(rows / part[:, None]).clamp_(-127, 127)
+            torch.sum(rows.abs(), dim=1, out=l1[start:start + 16384])
+        if not bool(torch.isfinite(l1).all()):
+            raise ValueError("a head row's L1 norm overflows float32")
         probe = torch.randint(-127, 128, (SCREEN_MAX_ROWS, hidden), dtype=torch.int8,
                               generator=torch.Generator().manual_seed(0))
         if not torch.equal(torch._int_mm(probe, self._q[:256].t()).long(), probe.long() @ self._q[:256].long().t()):
             raise ValueError(f"torch._int_mm is not exact at hidden size {hidden} here")  # it is not at 1
-        self._step = torch.cat(steps).numpy()  # (vocab,) float32, w_v
-        self._l1 = torch.cat(l1).numpy()  # (vocab,) float32, |W_v|_1
-        self._max_l1 = float(self._l1.max()) if vocab else 0.0
-        self._range = float(torch.finfo(weight.dtype).max) / 4  # |logit| <= |W_v|_1 max|x| stays below it
+        self._step, self._l1 = step.numpy(), l1.numpy()
+        self._max_l1 = max(float(self._l1.max()), 1e-30)
+        # the largest max|x| taken: |logit| <= |W_v|_1 max|x| stays under a quarter of the dtype's range,
+        # and the kernel's float32 bounds (up to (2 + hidden / 127) |W_v|_1 max|x|) under 1e37
+        self._max_abs = min(float(torch.finfo(weight.dtype).max) / 4, 1e37 / (2 + hidden / 127)) / self._max_l1
         self._limit = max(1, vocab // MAX_CANDIDATE_FRACTION)  # candidates per row beyond which it gains nothing
         # rounding of the candidates' logits to the model dtype (twice its epsilon, relative), and of
         # the screen's own fp32 arithmetic on a_v (four fp32 epsilons)
@@ -89,14 +101,7 @@ class GreedyHeadScreen:
         where it does not apply: a quantised head (already int8), a head off the CPU, logit soft-capping
         (a tanh after the head can merge near logits into ties), no int8 matrix product in this PyTorch,
         or (unless `force`) a head under MIN_SCREEN_BYTES."""
-        if not hasattr(model, "lm_head"):  # not a family network (a test double with logits of its own)
-            return None
-        head = model.lm_head
-        if head is None:
-            embed = getattr(model, "embed_tokens", None)
-            weight = embed.weight if isinstance(embed, torch.nn.Embedding) else None
-        else:
-            weight = head.weight if type(head) is Linear and head.bias is None else None
+        weight = head_weight(model)
         if weight is None or not weight.is_floating_point() or weight.device.type != "cpu":
             return None
         if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
@@ -109,23 +114,28 @@ class GreedyHeadScreen:
             log.info("no greedy screen for this head: %s", exc)
             return None
 
-    def candidates(self, hidden: Tensor) -> list[Tensor] | None:
+    @property
+    def stale(self) -> bool:
+        """The head weight was changed in place since the screen was built (its version counter moved;
+        writes through `.data` do not move it)."""
+        return self.weight._version != self._version
+
+    def candidates(self, hidden: Tensor) -> list[Tensor | None] | None:
         """Per row of `hidden` (R, hidden): the rows of the head (int64, ascending) whose logit may be
-        that row's largest; None when the screen cannot decide cheaply (see the module docstring)."""
+        that row's largest, or None for a row with too many; None for all when the screen cannot decide
+        (see the module docstring)."""
         rows = hidden.shape[0]
-        if rows == 0 or rows > SCREEN_MAX_ROWS or hidden.device.type != "cpu":
+        if rows == 0 or rows > SCREEN_MAX_ROWS or hidden.device.type != "cpu" or self.stale:
             return None
         x = hidden.detach().float().contiguous()
-        quantized = _quantize_rows(x.numpy(), self._range / max(self._max_l1, 1e-30))
+        quantized = _quantize_rows(x.numpy(), self._max_abs)
         if quantized is None:
             return None  # NaN or inf (the full head reports it), or logits that might overflow the dtype
         q_x, bounds = quantized  # (R, hidden) int8; (R, 3) float64: s_x, |x^|_1 bound, max|x|
         accumulators = torch._int_mm(torch.from_numpy(q_x), self._q.t()).numpy()  # (R, vocab) int32, exact
         bounds[:, 2] *= x.shape[1] * _F32_EPS  # per unit of |W_v|_1: the candidates' dot products' rounding
         found, counts = _candidates(accumulators, self._step, self._l1, bounds, self._out_eps, self._limit)
-        if (counts < 0).any():
-            return None
-        return [torch.from_numpy(found[row, :counts[row]].copy()) for row in range(rows)]
+        return [None if counts[row] < 0 else torch.from_numpy(found[row, :counts[row]].copy()) for row in range(rows)]
 
     def argmax(self, hidden: Tensor) -> list[int] | None:
         """The greedy token of each row of `hidden` (R, hidden) (final-norm states, the model's dtype):
@@ -136,9 +146,28 @@ class GreedyHeadScreen:
             return None
         chosen = []
         for row, index in enumerate(found):
+            if index is None:  # too many candidates: this row's full head
+                logits = linear(hidden[row:row + 1], self.weight)  # (1, vocab)
+                if not bool(torch.isfinite(logits).all()):
+                    return None
+                chosen.append(int(torch.argmax(logits)))
+                continue
             logits = linear(hidden[row:row + 1], self.weight.index_select(0, index))  # (1, C), model dtype
             chosen.append(int(index[int(torch.argmax(logits))]))
         return chosen
+
+
+def head_weight(model) -> Tensor | None:
+    """The weight (vocab, hidden) `model.logits` multiplies by when its head is a plain linear map:
+    `lm_head`'s, or the tied `embed_tokens`' (lm.models.base); None for a quantised head or a network
+    without the family attributes (a test double with logits of its own)."""
+    if not hasattr(model, "lm_head"):
+        return None
+    head = model.lm_head
+    if head is None:
+        embed = getattr(model, "embed_tokens", None)
+        return embed.weight if isinstance(embed, torch.nn.Embedding) else None
+    return head.weight if type(head) is Linear and head.bias is None else None
 
 
 def compile_screen_kernel() -> None:
@@ -150,7 +179,8 @@ def compile_screen_kernel() -> None:
 @njit(nogil=True, cache=True)
 def _quantize_rows(x, max_abs):
     """x (R, hidden) float32 -> (q_x int8 (R, hidden), (R, 3) float64: s_x = max|x| / 127, a bound on
-    |x^|_1, max|x|), or None when some value is not finite or exceeds max_abs."""
+    |x^|_1, max|x|), or None when some value is not finite or exceeds max_abs, or a row's max|x| is
+    under 1e-30."""
     rows, hidden = x.shape
     q = np.empty((rows, hidden), np.int8)
     bounds = np.empty((rows, 3), np.float64)
@@ -163,8 +193,10 @@ def _quantize_rows(x, max_abs):
                 return None
             largest = max(largest, value)
             total += value
+        if largest < 1e-30:  # all zero (every row ties) or so small that fp32 scales lose precision
+            return None
         step = largest / 127.0
-        inverse = 1.0 / step if step > 0.0 else 0.0
+        inverse = 1.0 / step
         for j in range(hidden):
             q[r, j] = np.int8(min(127.0, max(-127.0, np.round(x[r, j] * inverse))))
         bounds[r, 0] = step
@@ -173,7 +205,7 @@ def _quantize_rows(x, max_abs):
     return q, bounds
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)  # every value finite: _quantize_rows and __init__ check
 def _candidates(accumulators, step, l1, bounds, out_eps, limit):
     """Per row r: the indices (ascending) of the head rows whose logit may be r's largest. accumulators
     (R, vocab) int32: q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1; bounds (R, 3) float64: s_x, a
@@ -188,7 +220,7 @@ def _candidates(accumulators, step, l1, bounds, out_eps, limit):
     per_l1 = np.empty(rows, np.float32)  # e_v = per_l1 |W_v|_1 + per_step w_v, then + out_eps (|a_v| + e_v)
     per_step = np.empty(rows, np.float32)
     scale = np.empty(rows, np.float32)
-    floor = np.full(rows, -np.inf, np.float32)  # the largest lower bound a_v - e_v so far
+    floor = np.full(rows, _LOWEST, np.float32)  # the largest lower bound a_v - e_v so far
     for r in range(rows):
         per_l1[r] = _SAFETY * 0.5 * bounds[r, 0] + bounds[r, 2]
         per_step[r] = _SAFETY * 0.5 * bounds[r, 1]
@@ -204,7 +236,7 @@ def _candidates(accumulators, step, l1, bounds, out_eps, limit):
             if counts[r] < 0:
                 continue
             row_scale, row_l1, row_step = scale[r], per_l1[r], per_step[r]
-            lowest = np.float32(-np.inf)
+            lowest = np.float32(_LOWEST)
             for v in range(start, end):  # vectorised: bounds and the slice's largest lower bound
                 approx = np.float32(accumulators[r, v]) * (row_scale * step[v])
                 error = row_l1 * l1[v] + row_step * step[v]

@@ -128,6 +128,50 @@ def test_no_screen_where_the_int8_product_is_wrong(monkeypatch, model_and_config
     assert GreedyHeadScreen.for_model(model_and_config[0], force=True) is None
 
 
+def test_a_row_with_too_many_candidates_gets_the_full_head_alone():
+    """Half the head is one repeated row: for a state that favours it, every copy ties for the largest
+    logit (far more candidates than the screen takes) and the first copy wins; another state in the
+    same batch is still screened."""
+    generator = torch.Generator().manual_seed(12)
+    weight = torch.randn(4000, 64, generator=generator) * 0.1
+    direction = torch.randn(64, generator=generator)
+    weight[2000:] = direction
+    x = torch.stack([direction * 3, -direction * 3]) + 0.1 * torch.randn(2, 64, generator=generator)
+    screen = GreedyHeadScreen(weight)
+    found = screen.candidates(x)
+    assert found[0] is None and found[1] is not None and len(found[1]) < 500
+    assert screen.argmax(x) == full_argmax(x, weight) and screen.argmax(x)[0] == 2000
+
+
+def test_tiny_states_go_to_the_full_head():
+    """Below 1e-30 the fp32 scales of the bound lose precision (subnormals): the full head decides."""
+    screen = GreedyHeadScreen(hard_head(3000, 64, 14))
+    assert screen.argmax(hidden_states(1, 64, 15) * 1e-32) is None
+    assert screen.argmax(hidden_states(1, 64, 15) * 1e-20) == full_argmax(hidden_states(1, 64, 15) * 1e-20,
+                                                                           screen.weight)
+
+
+def test_a_head_changed_after_the_engine_started_is_read_in_full(model_and_config):
+    """The screen's int8 copy does not follow the head: an in-place change or a replaced weight must
+    send greedy tokens to the full head (else they would come from neither head)."""
+    base_model, config = model_and_config
+    for change in ("in place", "replaced"):
+        model = Gemma3TextModel(config).eval()
+        model.load_state_dict(base_model.state_dict())
+        engine = paged_engine(model, config, greedy_head_screen=True)
+        requests = text_requests(3, new_tokens=12)
+        run(engine, requests[:1])
+        with torch.no_grad():
+            if change == "in place":
+                model.embed_tokens.weight[40:80] *= 3
+            else:
+                model.embed_tokens.weight = torch.nn.Parameter(model.embed_tokens.weight * -1)
+        assert engine.runner.greedy(torch.randn(1, config.hidden_size)) is None
+        handles = run(engine, requests[1:])
+        for request, handle in zip(requests[1:], handles):
+            assert handle.result().token_ids == greedy_alone(model, config, request), (change, request.request_id)
+
+
 def test_only_float_cpu_heads_without_softcapping_get_a_screen(model_and_config):
     model, config = model_and_config
     assert GreedyHeadScreen.for_model(model) is None  # a tiny head: under MIN_SCREEN_BYTES

@@ -12,15 +12,18 @@ its own blocks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lm.attention import additive_mask, attention_mask, sdpa
-from lm.head_screen import GreedyHeadScreen
+from lm.head_screen import GreedyHeadScreen, head_weight
 from lm.kv_cache import KVLayout, PagedKVStorage
 from lm.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,15 +188,24 @@ class ModelRunner:
                  screen: GreedyHeadScreen | None = None):
         self.model, self.storage, self.layout, self.device = model, storage, layout, device
         self.screen = screen
+        self._warned_stale = False
 
     def logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits (R, vocab) of final hidden states (R, hidden)."""
         return self.model.logits(hidden)
 
     def greedy(self, hidden: Tensor) -> list[int] | None:
-        """The argmax token of each row of `hidden` (R, hidden) through the screen, exactly as torch.argmax
-        of `logits(hidden)` picks it; None without a screen or where it does not decide."""
-        return None if self.screen is None else self.screen.argmax(hidden)
+        """The argmax token of each row of `hidden` (R, hidden) through the screen, as torch.argmax of
+        `logits(hidden)` picks it; None without a screen, where it does not decide, or when the model's
+        head is no longer the one it was built from (replaced, or changed in place)."""
+        if self.screen is None:
+            return None
+        if self.screen.weight is not head_weight(self.model) or self.screen.stale:
+            if not self._warned_stale:
+                log.warning("the LM head changed after the engine started: greedy tokens now read the full head")
+                self._warned_stale = True
+            return None
+        return self.screen.argmax(hidden)
 
     def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
         """One forward over `chunks`; returns the final hidden states (R, hidden), model dtype, of the
