@@ -25,13 +25,16 @@ whose logit, however rounded, could equal the winner's is a candidate. On the 27
 The screen answers None, and the caller computes the full head, when x is not finite, when a logit
 or a bound could overflow, when max|x| < 1e-30 (all zero: every row ties; or so small that the fp32
 scales lose precision), or for more rows than SCREEN_MAX_ROWS (there the float head's matrix-matrix
-product is as fast). A row that leaves more than vocab / 8 candidates is given the full head alone. Measured on the 2-core dev
-machine: the 270M's head 22-35 ms (fp32) -> ~12 ms at 1 row, the 64-wide test head ~4 -> ~0.6 ms.
+product is as fast). A row that leaves more than vocab / 8 candidates is given the full head alone.
+Measured on the 2-core dev machine at 1 row: the 270M's fp32 head 22-35 ms -> 12-17 ms, the 64-wide test
+head 3-5 ms -> 0.9-1.4 ms (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -41,6 +44,11 @@ from torch import Tensor
 from lm.layers import Linear, linear
 
 log = logging.getLogger(__name__)
+
+# id(head weight) -> its screen, while some engine holds it (the screen holds the weight, so the id
+# cannot be reused while the entry lives)
+_SCREENS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SCREENS_LOCK = threading.Lock()
 
 SCREEN_MAX_ROWS = 16  # rows (sampling requests of a step) the screen takes; more go to the full head
 MIN_SCREEN_BYTES = 8 << 20  # heads smaller than this are read whole (the screen's fixed cost is ~0.2 ms)
@@ -100,7 +108,8 @@ class GreedyHeadScreen:
         """The screen of `model`'s head (lm.models.base: `lm_head`, or the tied `embed_tokens`), or None
         where it does not apply: a quantised head (already int8), a head off the CPU, logit soft-capping
         (a tanh after the head can merge near logits into ties), no int8 matrix product in this PyTorch,
-        or (unless `force`) a head under MIN_SCREEN_BYTES."""
+        or (unless `force`) a head under MIN_SCREEN_BYTES. Engines of the same head share one screen while
+        the head is unchanged."""
         weight = head_weight(model)
         if weight is None or not weight.is_floating_point() or weight.device.type != "cpu":
             return None
@@ -108,11 +117,15 @@ class GreedyHeadScreen:
             return None
         if not force and weight.numel() * weight.element_size() < MIN_SCREEN_BYTES:
             return None
-        try:
-            return cls(weight)
-        except (ValueError, RuntimeError, NotImplementedError) as exc:  # or no int8 product in this PyTorch
-            log.info("no greedy screen for this head: %s", exc)
-            return None
+        with _SCREENS_LOCK:  # engines of one model share its screen (the 270M's takes ~1 s to build)
+            screen = _SCREENS.get(id(weight))
+            if screen is None or screen.weight is not weight or screen.stale:
+                try:
+                    screen = _SCREENS[id(weight)] = cls(weight)
+                except (ValueError, RuntimeError, NotImplementedError) as exc:  # or no int8 product here
+                    log.info("no greedy screen for this head: %s", exc)
+                    return None
+            return screen
 
     @property
     def stale(self) -> bool:
@@ -144,15 +157,16 @@ class GreedyHeadScreen:
         found = self.candidates(hidden)
         if found is None:
             return None
+        weight = self.weight
         chosen = []
         for row, index in enumerate(found):
             if index is None:  # too many candidates: this row's full head
-                logits = linear(hidden[row:row + 1], self.weight)  # (1, vocab)
+                logits = linear(hidden[row:row + 1], weight)  # (1, vocab)
                 if not bool(torch.isfinite(logits).all()):
                     return None
                 chosen.append(int(torch.argmax(logits)))
                 continue
-            logits = linear(hidden[row:row + 1], self.weight.index_select(0, index))  # (1, C), model dtype
+            logits = linear(hidden[row:row + 1], weight.index_select(0, index))  # (1, C), model dtype
             chosen.append(int(index[int(torch.argmax(logits))]))
         return chosen
 

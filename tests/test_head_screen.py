@@ -5,10 +5,13 @@ greedy answers with it equal recomputation from scratch."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from lm.engine import EngineConfig
+from lm import head_screen
 from lm.head_screen import SCREEN_MAX_ROWS, GreedyHeadScreen
 from lm.layers import linear
 from lm.models.gemma3 import Gemma3TextModel
@@ -170,6 +173,22 @@ def test_a_head_changed_after_the_engine_started_is_read_in_full(model_and_confi
         handles = run(engine, requests[1:])
         for request, handle in zip(requests[1:], handles):
             assert handle.result().token_ids == greedy_alone(model, config, request), (change, request.request_id)
+
+
+def test_engines_of_one_head_share_its_screen_until_it_changes(model_and_config):
+    base_model, config = model_and_config
+    model = Gemma3TextModel(config).eval()
+    model.load_state_dict(base_model.state_dict())
+    first = paged_engine(model, config, greedy_head_screen=True).runner.screen
+    assert paged_engine(model, config, greedy_head_screen=True).runner.screen is first  # built once
+    with torch.no_grad():
+        model.embed_tokens.weight[3] += 1
+    rebuilt = paged_engine(model, config, greedy_head_screen=True).runner.screen
+    assert rebuilt is not first and first.stale and not rebuilt.stale
+    entries = len(head_screen._SCREENS)
+    del first, rebuilt
+    gc.collect()
+    assert len(head_screen._SCREENS) < entries  # no engine holds them: the shared entries go
 
 
 def test_only_float_cpu_heads_without_softcapping_get_a_screen(model_and_config):

@@ -350,3 +350,43 @@ def test_the_fused_qk_path_equals_the_unfused_one_through_weight_changes(offset)
         torch.testing.assert_close(norm(y), 2 * before)
     norm(y).sum().backward()  # with autograd on, gradients reach the weight
     assert norm.weight.grad is not None and bool(norm.weight.grad.abs().sum() > 0)
+
+
+def test_norm_multipliers_computed_once_per_forward_equal_each_norms_own():
+    """Gemma3TextModel computes every offset norm's 1 + w (and the stacked q/k multipliers) in a few calls
+    per forward; the hidden states equal, bit for bit, those of each norm computing its own, also after
+    an in-place change and a write through .data (nothing is kept between forwards)."""
+    from lm.layers import fuse_projections
+    from lm.models.gemma3 import Gemma3DecoderConfig, Gemma3TextModel
+
+    fields = dict(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                  sliding_window_pattern=2, max_position_embeddings=64, final_logit_softcapping=None)
+    config = Gemma3DecoderConfig.from_dict({"model_type": "gemma3", "text_config": fields})
+    torch.manual_seed(0)
+    model = fuse_projections(Gemma3TextModel(config).eval())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if "norm" in name else 0.2)
+    ids = torch.randint(0, 64, (1, 11))
+    positions = torch.arange(11)[None]
+
+    def both():
+        with torch.inference_mode():
+            shared = model(ids, positions, FullAttention(config, positions))
+            model._norm_factors = lambda: (None, None)  # each norm its own 1 + w
+            try:
+                own = model(ids, positions, FullAttention(config, positions))
+            finally:
+                del model._norm_factors
+        return shared, own
+
+    assert model._norm_factors()[0] is not None and model._norm_factors()[0][0][4] is not None
+    shared, own = both()
+    assert torch.equal(shared, own)
+    with torch.no_grad():
+        model.layers[1].self_attn.k_norm.weight.add_(0.5)
+    model.layers[2].pre_feedforward_layernorm.weight.data.add_(0.5)
+    model.norm.weight.data.mul_(-1)
+    changed, own_changed = both()
+    assert torch.equal(changed, own_changed) and not torch.equal(changed, shared)

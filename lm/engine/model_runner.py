@@ -145,15 +145,23 @@ class PagedAttention:
         if len(batches) == 1 and not reads and len(batches[0][0]) == self.num_tokens:
             rows, blocks, mask = batches[0]  # decode rows only, in one batch: no reassembly
             return self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1)[None]
+        if not batches and len(reads) == 1:  # one prompt chunk is the whole step: no reassembly
+            _, blocks, skip, length, mask = reads[0]
+            return sdpa(q, *self._chunk_keys(keys, values, blocks, skip, length), mask, scale)
         out = torch.empty_like(q)  # (1, H, N, D)
         for rows, blocks, mask in batches:
             out[0].index_copy_(1, rows, self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1))
         for i, blocks, skip, length, mask in reads:
             a, b = self.offsets[i]
-            chunk_k = keys[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]  # (1, KV, S, D)
-            chunk_v = values[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
-            out[:, :, a:b] = sdpa(q[:, :, a:b], chunk_k, chunk_v, mask, scale)
+            out[:, :, a:b] = sdpa(q[:, :, a:b], *self._chunk_keys(keys, values, blocks, skip, length), mask, scale)
         return out
+
+    @staticmethod
+    def _chunk_keys(keys: Tensor, values: Tensor, blocks: Tensor, skip: int, length: int) -> tuple[Tensor, Tensor]:
+        """A chunk's keys and values (1, KV, length, D) from its blocks, starting `skip` into the first."""
+        chunk_k = keys[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
+        chunk_v = values[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
+        return chunk_k, chunk_v
 
     @staticmethod
     def _attend_rows(q: Tensor, keys: Tensor, values: Tensor, rows: Tensor, blocks: Tensor, mask: Tensor | None,
