@@ -57,25 +57,13 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
-    def forward(self, x: Tensor, factor: Tensor | None = None) -> Tensor:
-        """`factor`: 1 + w in fp32 when offset, if the caller computed it already (offset_factors)."""
+    def forward(self, x: Tensor) -> Tensor:
         if self.offset:  # one fused kernel: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32
-            if factor is None:
-                factor = 1.0 + self.weight.float()
+            factor = 1.0 + self.weight.float()
             if x.dtype == torch.float32:  # no casts
                 return F.rms_norm(x, (x.shape[-1],), factor, self.eps)
             return F.rms_norm(x.float(), (x.shape[-1],), factor, self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-
-
-def offset_factors(norms: list[RMSNorm]) -> list[Tensor] | None:
-    """1 + w of each offset norm (fp32), in one call for all of them instead of one small op per norm
-    and step; the same values as RMSNorm computes (addition commutes). None unless every weight is fp32
-    (other dtypes are cast first, per norm)."""
-    weights = [norm.weight for norm in norms]
-    if not weights or any(weight.dtype != torch.float32 for weight in weights):
-        return None
-    return torch._foreach_add(weights, 1.0)
 
 
 # ----- rotary position embeddings -------------------------------------------------------------------
@@ -203,17 +191,15 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention, qk_factors: Tensor | None = None) -> Tensor:
-        """x (B, T, hidden), cos/sin (B, T, head_dim), attention: lm.attention.AttentionContext;
-        qk_factors: the fused path's stacked q/k norm multipliers (H + KV, D) if the caller computed them
-        (`stacked_qk_factors`)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
+        """x (B, T, hidden), cos/sin (B, T, head_dim), attention: lm.attention.AttentionContext."""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:  # q and k normed and rotated together (the same ops, half the calls)
             qkv = self.qkv_proj(x).reshape(batch, length, heads + 2 * kv_heads, head_dim)
             qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
             if self.q_norm is not None:
-                qk = self._qk_norm(qk, qk_factors)
+                qk = self._qk_norm(qk)
             qk = rotate(qk, cos[:, :, None], sin[:, :, None])
             q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
         else:
@@ -226,14 +212,13 @@ class Attention(nn.Module):
         out = attention.attend(self.layer_idx, q, k, v, self.scale)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
-    def _qk_norm(self, qk: Tensor, factors: Tensor | None = None) -> Tensor:
+    def _qk_norm(self, qk: Tensor) -> Tensor:
         """q_norm over the first num_heads heads of qk (B, T, H + KV, D) and k_norm over the rest, in one
         norm and one multiply by the two weights stacked per head (the same arithmetic as RMSNorm's:
         F.rms_norm with a weight is the norm times the weight, bit for bit)."""
         eps, dim = self.q_norm.eps, self.head_dim
         if self.q_norm.offset:
-            if factors is None:
-                factors = self._stacked(1.0 + self.q_norm.weight.float(), 1.0 + self.k_norm.weight.float())  # fp32
+            factors = self._stacked(1.0 + self.q_norm.weight.float(), 1.0 + self.k_norm.weight.float())  # fp32
             return (F.rms_norm(qk.float(), (dim,), None, eps) * factors).type_as(qk)
         weights = self._stacked(self.q_norm.weight, self.k_norm.weight)
         return weights * F.rms_norm(qk.float(), (dim,), None, eps).to(qk.dtype)
@@ -241,24 +226,6 @@ class Attention(nn.Module):
     def _stacked(self, q: Tensor, k: Tensor) -> Tensor:
         """(H + KV, D): q's multiplier (D,) repeated per query head, then k's per key head."""
         return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
-
-
-def stacked_qk_factors(attentions: list[Attention]) -> Tensor | None:
-    """(L, H + KV, D) fp32: Attention._qk_norm's offset multipliers of every layer in one go (1 + q_norm's
-    weight per query head, then 1 + k_norm's per key head), the same values it computes per call; None
-    unless every layer is fused with fp32 offset q/k norms of one geometry."""
-    first = attentions[0] if attentions else None
-    if first is None or first.q_norm is None or not first.q_norm.offset or any(
-            a.qkv_proj is None or a.q_norm is None or a.q_norm.weight.dtype != torch.float32
-            or a.k_norm.weight.dtype != torch.float32
-            or (a.num_heads, a.num_kv_heads, a.head_dim) != (first.num_heads, first.num_kv_heads, first.head_dim)
-            for a in attentions):
-        return None
-    layers = len(attentions)
-    q = torch.stack([a.q_norm.weight for a in attentions]).add_(1.0)  # (L, D)
-    k = torch.stack([a.k_norm.weight for a in attentions]).add_(1.0)
-    return torch.cat([q[:, None].expand(layers, first.num_heads, -1),
-                      k[:, None].expand(layers, first.num_kv_heads, -1)], dim=1)
 
 
 ACTIVATIONS = {

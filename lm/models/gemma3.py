@@ -29,9 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lm.layers import (
-    Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, linear, offset_factors, stacked_qk_factors,
-)
+from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, linear
 from lm.models.base import FULL, SLIDING, LAYER_TYPES, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)  # GeGLU with the tanh approximation of gelu
@@ -211,14 +209,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_activation)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=True)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention, factors: tuple | None = None) -> Tensor:
-        """factors: the four norms' 1 + w and the stacked q/k multipliers, if the model computed them for
-        every layer at once (Gemma3TextModel._norm_factors); else each norm computes its own."""
-        inputs, post_attention, pre_feedforward, post_feedforward, qk = factors or (None,) * 5
-        attended = self.self_attn(self.input_layernorm(x, inputs), cos, sin, attention, qk)
-        x = x + self.post_attention_layernorm(attended, post_attention)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x, pre_feedforward)),
-                                                   post_feedforward)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attention))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Gemma3TextModel(nn.Module):
@@ -250,25 +243,10 @@ class Gemma3TextModel(nn.Module):
     ) -> Tensor:  # (B, T, hidden) after the final norm
         x = self.embed_inputs(input_ids, soft_tokens, image_mask)
         tables = {kind: self.rope[kind].tables(positions, x.dtype) for kind in set(self.config.layer_types)}
-        factors, final = self._norm_factors()
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             cos, sin = tables[FULL if layer.is_global else SLIDING]
-            x = layer(x, cos, sin, attention, None if factors is None else factors[i])
-        return self.norm(x, final)
-
-    def _norm_factors(self) -> tuple[list[tuple] | None, Tensor | None]:
-        """Every offset norm's 1 + w for this forward, in a few calls for all layers instead of ~9 small
-        ops per layer (lm.layers.offset_factors, stacked_qk_factors): per layer (input, post-attention,
-        pre-feedforward, post-feedforward, q/k stacked or None), and the final norm's; (None, None) for
-        weights that are not fp32. Computed from the weights as they are now, every forward."""
-        norms = [norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm,
-                                                           layer.pre_feedforward_layernorm,
-                                                           layer.post_feedforward_layernorm)]
-        flat = offset_factors(norms + [self.norm])
-        if flat is None:
-            return None, None
-        qk = stacked_qk_factors([layer.self_attn for layer in self.layers])
-        return [(*flat[4 * i:4 * i + 4], None if qk is None else qk[i]) for i in range(len(self.layers))], flat[-1]
+            x = layer(x, cos, sin, attention)
+        return self.norm(x)
 
     def embed_inputs(self, input_ids: Tensor, soft_tokens: Tensor | None, image_mask: Tensor | None) -> Tensor:
         """(B, T, hidden): scaled text embeddings with soft tokens written over the placeholder rows."""
