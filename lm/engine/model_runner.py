@@ -159,8 +159,8 @@ class PagedAttention:
     @staticmethod
     def _chunk_keys(keys: Tensor, values: Tensor, blocks: Tensor, skip: int, length: int) -> tuple[Tensor, Tensor]:
         """A chunk's keys and values (1, KV, length, D) from its blocks, starting `skip` into the first."""
-        chunk_k = keys[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
-        chunk_v = values[blocks].flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
+        chunk_k = keys.index_select(0, blocks).flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
+        chunk_v = values.index_select(0, blocks).flatten(0, 1)[skip:skip + length].transpose(0, 1)[None]
         return chunk_k, chunk_v
 
     @staticmethod
@@ -169,9 +169,16 @@ class PagedAttention:
         """Attention of the decode rows `rows` (R,) of q (1, H, N, D) over their blocks (R, nb):
         (R, H, D)."""
         rows_q = q[0].index_select(1, rows).transpose(0, 1)[:, :, None]  # (R, H, 1, D)
-        batch_k = keys[blocks].flatten(1, 2).transpose(1, 2)  # (R, KV, nb * size, D)
-        batch_v = values[blocks].flatten(1, 2).transpose(1, 2)
+        batch_k = _gather_blocks(keys, blocks).flatten(1, 2).transpose(1, 2)  # (R, KV, nb * size, D)
+        batch_v = _gather_blocks(values, blocks).flatten(1, 2).transpose(1, 2)
         return sdpa(rows_q, batch_k, batch_v, mask, scale)[:, :, 0]
+
+
+def _gather_blocks(storage: Tensor, blocks: Tensor) -> Tensor:
+    """storage[blocks] for blocks (R, nb): (R, nb, block_size, KV, D). index_select copies whole blocks;
+    advanced indexing computes an offset per element (on the 270M's decode rows at ~430 positions, 15
+    against 45 us per gather, measured on the 2-core dev machine)."""
+    return storage.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *storage.shape[1:])
 
 
 def _padded(blocks: list[int], width: int) -> list[int]:
