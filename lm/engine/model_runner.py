@@ -25,6 +25,11 @@ from lm.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# Most steps the head screen sits out after failing to decide, doubling from 1: on hidden states that
+# leave too many candidates (flat logits) a step pays the screen and then the full head, up to 2.3x a
+# plain step for the 270M at 8 rows; backing off bounds that to one step in 64.
+SCREEN_MAX_BACKOFF = 64
+
 
 @dataclass
 class ScheduledChunk:
@@ -204,6 +209,7 @@ class ModelRunner:
         self.model, self.storage, self.layout, self.device = model, storage, layout, device
         self.screen = screen
         self._warned_stale = False
+        self._screen_skips, self._screen_backoff = 0, 1  # greedy steps left without the screen; next back-off
 
     def logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits (R, vocab) of final hidden states (R, hidden)."""
@@ -211,8 +217,9 @@ class ModelRunner:
 
     def greedy(self, hidden: Tensor) -> list[int] | None:
         """The argmax token of each row of `hidden` (R, hidden) through the screen, as torch.argmax of
-        `logits(hidden)` picks it; None without a screen, where it does not decide, or when the model's
-        head is no longer the one it was built from (replaced, or changed in place)."""
+        `logits(hidden)` picks it; None without a screen, where it does not decide (and, backing off,
+        for the next 1, 2, 4 ... SCREEN_MAX_BACKOFF calls), or when the model's head is no longer the
+        one it was built from (replaced, or changed in place)."""
         if self.screen is None:
             return None
         if self.screen.weight is not head_weight(self.model) or self.screen.stale:
@@ -220,7 +227,16 @@ class ModelRunner:
                 log.warning("the LM head changed after the engine started: greedy tokens now read the full head")
                 self._warned_stale = True
             return None
-        return self.screen.argmax(hidden)
+        if self._screen_skips:  # backing off after the screen failed to decide
+            self._screen_skips -= 1
+            return None
+        chosen = self.screen.argmax(hidden)
+        if chosen is None:  # the step pays the screen and the full head: try again after 1, 2, 4 ... 64 steps
+            self._screen_skips, self._screen_backoff = self._screen_backoff, min(2 * self._screen_backoff,
+                                                                                  SCREEN_MAX_BACKOFF)
+        else:
+            self._screen_backoff = 1
+        return chosen
 
     def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
         """One forward over `chunks`; returns the final hidden states (R, hidden), model dtype, of the
