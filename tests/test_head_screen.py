@@ -210,6 +210,21 @@ def test_engines_of_one_head_share_its_screen_until_it_changes(model_and_config)
     assert len(head_screen._SCREENS) < entries  # no engine holds them: the shared entries go
 
 
+def test_a_screen_that_raises_is_dropped_and_the_step_still_samples(model_and_config):
+    base_model, config = model_and_config
+    model = Gemma3TextModel(config).eval()  # a head of its own: screens are shared per head
+    model.load_state_dict(base_model.state_dict())
+    engine = paged_engine(model, config, greedy_head_screen=True)
+
+    def broken(hidden):
+        raise RuntimeError("int8 product unavailable")
+
+    engine.runner.screen.argmax = broken
+    request = text_requests(1, new_tokens=6)[0]
+    (handle,) = run(engine, [request])
+    assert handle.result().token_ids == greedy_alone(model, config, request) and engine.runner.screen is None
+
+
 def test_only_float_cpu_heads_without_softcapping_get_a_screen(model_and_config):
     model, config = model_and_config
     assert GreedyHeadScreen.for_model(model) is None  # a tiny head: under MIN_SCREEN_BYTES

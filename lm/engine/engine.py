@@ -3,9 +3,9 @@
 Three parts, each in its own module: the scheduler (lm/engine/scheduler.py: admission, the token
 budget, preemption), the block manager (lm/engine/block_manager.py: blocks, reference counts, prefix
 hashes, eviction) and the model runner (lm/engine/model_runner.py: the packed batch, the network, the
-logits); detokenization, stop strings, streaming and completions run on the output thread
-(`output.py`), off the step's critical path. This module owns the thread that drives the steps, the
-requests' lifecycle and sampling.
+LM head, through its int8 screen for greedy steps on the CPU); detokenization, stop strings, streaming
+and completions run on the output thread (`output.py`), off the step's critical path. This module owns
+the thread that drives the steps, the requests' lifecycle and sampling.
 
 One step: cancelled requests (and those the output thread completed at a stop string) leave; the
 scheduler picks the chunks (every decoding request's token and at most `prefill_chunk` prompt tokens);
@@ -34,9 +34,9 @@ import torch
 from lm.attention import tile_ids_from_mask
 from lm.engine.block_manager import BlockManager
 from lm.engine.model_runner import ModelRunner, ScheduledChunk
-from lm.head_screen import GreedyHeadScreen, compile_screen_kernel
 from lm.engine.output import OutputProcessor
 from lm.engine.scheduler import Scheduler
+from lm.head_screen import GreedyHeadScreen, compile_screen_kernel
 from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token, largest_chunk
 from lm.models.base import DecoderConfig
 from lm.requests import (
@@ -378,7 +378,7 @@ class Engine:
         logits = choices = None
         if plain and not wants_logprobs:
             choices = self.runner.greedy(hidden)  # the head's int8 screen, where it decides
-            finite = [True] * len(chunks)  # the screen decides only for finite rows whose logits are
+            finite = [True] * len(chunks)  # the screen decides only rows whose logits are all finite
         if choices is None:
             logits = self.runner.logits(hidden)  # (R, vocab) fp32
             if plain:

@@ -108,7 +108,8 @@ class PagedAttention:
     def _decode_plan(self, chunks: list[ScheduledChunk], spans, size: int, device, dtype: torch.dtype):
         """Batches of the one-token chunks: (their chunk indices in packed order, width in blocks, packed
         rows (R,), additive mask (R, 1, 1, width * size) of the keys each row reads, or None when every
-        row reads all of them). The block counts and masks depend on the window, not on the group's block ids."""
+        row reads all of them). The block counts and masks depend on the window, not on the group's block
+        ids."""
         plan = []
         singles = sorted((i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1), key=lambda i: spans[i][1])
         while singles:
@@ -230,7 +231,12 @@ class ModelRunner:
         if self._screen_skips:  # backing off after the screen failed to decide
             self._screen_skips -= 1
             return None
-        chosen = self.screen.argmax(hidden)
+        try:
+            chosen = self.screen.argmax(hidden)
+        except Exception:  # noqa: BLE001 - an optimisation must never fail a step: the full head decides
+            log.exception("the LM head's screen failed; greedy tokens read the full head from now on")
+            self.screen = None
+            return None
         if chosen is None:  # the step pays the screen and the full head: try again after 1, 2, 4 ... 64 steps
             self._screen_skips, self._screen_backoff = self._screen_backoff, min(2 * self._screen_backoff,
                                                                                   SCREEN_MAX_BACKOFF)
