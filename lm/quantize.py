@@ -24,11 +24,11 @@ Schemes (`quantize_model(model, scheme)`):
   (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
   activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
   llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token; it runs as
-  int8-dynamic's head (fbgemm's int8 x int8, smoothed) on the CPU where PyTorch has a quantized engine. Given calibration
-  ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023, arXiv:2306.00978):
-  s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that carry large
-  activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as AWQ does:
-  by the smallest squared error of the layer's output on its calibration inputs.
+  int8-dynamic's head (fbgemm's int8 x int8, smoothed) on the CPU where PyTorch has a quantized engine.
+  Given calibration ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023,
+  arXiv:2306.00978): s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that
+  carry large activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as
+  AWQ does: by the smallest squared error of the layer's output on its calibration inputs.
 A tied embedding table is shared with the quantised head and dequantised row by row on lookup.
 """
 

@@ -121,8 +121,7 @@ class PagedAttention:
             end = skip + torch.tensor([spans[i][3] for i in batch], device=device)[:, None]
             keys = torch.arange(width * size, device=device)[None]  # (1, width * size)
             full = all(spans[i][2] == 0 and spans[i][3] == width * size for i in batch)
-            reads = ((keys >= skip) & (keys < end))[:, None, None]  # (R, 1, 1, width * size)
-            mask = None if full else additive_mask(reads, dtype)
+            mask = None if full else additive_mask(((keys >= skip) & (keys < end))[:, None, None], dtype)
             rows_index = torch.tensor([self.offsets[i][0] for i in batch], device=device)
             plan.append((batch, width, rows_index, mask))
         return plan

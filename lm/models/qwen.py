@@ -105,7 +105,8 @@ class QwenDecoderConfig(DecoderConfig):
         moe = {}
         if model_type == "qwen3_moe":
             # transformers 5 saves the expert count as num_local_experts; published configs say num_experts
-            counts = {name: config[name] for name in ("num_experts", "num_local_experts") if config.get(name) is not None}
+            counts = {name: config[name] for name in ("num_experts", "num_local_experts")
+                      if config.get(name) is not None}
             if len(set(counts.values())) > 1:
                 raise ValueError(f"config.json: num_experts {counts['num_experts']} and num_local_experts "
                                  f"{counts['num_local_experts']} disagree")

@@ -20,6 +20,7 @@ from lm.commands import QUANTIZATION_SCHEMES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lm.commands.generate import add_sampling_arguments
+    from service.caption import CaptionOptions  # its defaults apply to the in-process flags left unset
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, directories (searched recursively) or .jsonl manifests of "
@@ -39,12 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="captions in flight at once (engine batch, or parallel gateway calls)")
     parser.add_argument("--workers", type=int, default=2, help="image decode/preprocess threads")
     parser.add_argument("--vision-batch", type=int, default=None,
-                        help="in-process only: tiles per vision-tower forward pass (default 4)")
+                        help="in-process only: tiles per vision-tower forward pass "
+                             f"(default {CaptionOptions.vision_batch})")
     parser.add_argument("--kv-budget-mb", type=int, default=None,
-                        help="in-process only: the engine's KV cache budget (default 1024)")
+                        help=f"in-process only: the engine's KV cache budget (default {CaptionOptions.kv_budget_mb})")
     parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="in-process only: prompt tokens computed per step (default 4096; a job wants few, full "
-                             "steps)")
+                        help="in-process only: prompt tokens computed per step "
+                             f"(default {CaptionOptions.prefill_chunk}; a job wants few, full steps)")
     parser.add_argument("--shard", metavar="INDEX/COUNT",
                         help="process only this shard (images are assigned by a hash of their id); default from "
                              "JOB_COMPLETION_INDEX and TESSERA_SHARD_COUNT when the latter is set")
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera caption: {message}", file=sys.stderr)
         return 2
 
-    local_only = [flag for flag in IN_PROCESS_FLAGS if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None]
+    local_only = [flag for flag in IN_PROCESS_FLAGS
+                  if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None]
     if args.target and local_only:  # the gateway's servers run with their own settings
         return fail(f"{', '.join(local_only)} set the in-process engine; with --target the gateway at {args.target} "
                     "captions with its servers' own settings: drop them, or set them on `tessera serve`")
@@ -140,8 +143,8 @@ def _captioner(args: argparse.Namespace, options):
     from lm.runtime import DTYPES
     from service.caption import load_local_captioner
 
-    return load_local_captioner(args.model, options, device=args.device or "cpu", dtype=DTYPES[args.dtype or "float32"],
-                                quantize=args.quantize)
+    return load_local_captioner(args.model, options, device=args.device or "cpu", dtype=DTYPES.get(args.dtype),
+                                quantize=args.quantize)  # dtype None: its default (float32)
 
 
 def _auth_token(args: argparse.Namespace) -> str | None:
