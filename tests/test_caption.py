@@ -278,6 +278,7 @@ def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, caps
     code, _, stderr = _caption(capsys, images, "--target", "127.0.0.1:9", "--out", out, "--prefill-chunk", 512,
                                "--kv-budget-mb", 64)
     assert code == 2 and "--kv-budget-mb, --prefill-chunk set the in-process engine" in stderr
+    assert "drop them," in stderr
     assert "127.0.0.1:9" in stderr and not out.exists()
     code, _, stderr = _caption(capsys, images, "--target", "127.0.0.1:9", "--out", out, "--quantize", "int4")
-    assert code == 2 and "--quantize set the in-process engine" in stderr
+    assert code == 2 and "--quantize sets the in-process engine" in stderr and "drop it," in stderr

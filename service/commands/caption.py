@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     local_only = [flag for flag in IN_PROCESS_FLAGS
                   if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None]
     if args.target and local_only:  # the gateway's servers run with their own settings
-        return fail(f"{', '.join(local_only)} set the in-process engine; with --target the gateway at {args.target} "
-                    "captions with its servers' own settings: drop them, or set them on `tessera serve`")
+        verb, pronoun = ("set", "them") if len(local_only) > 1 else ("sets", "it")
+        return fail(f"{', '.join(local_only)} {verb} the in-process engine; with --target the gateway at {args.target} "
+                    f"captions with its servers' own settings: drop {pronoun}, or set {pronoun} on `tessera serve`")
     engine = {name: getattr(args, name) for name in ("vision_batch", "kv_budget_mb", "prefill_chunk")
               if getattr(args, name) is not None}  # the rest: CaptionOptions' defaults
     try:
