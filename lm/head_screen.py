@@ -27,8 +27,13 @@ or a bound could overflow, when max|x| < 1e-30 (all zero: every row ties; or so 
 scales lose precision), or for more rows than SCREEN_MAX_ROWS (there the float head's matrix-matrix
 product is as fast), or when a row leaves more than vocab / 8 candidates (flat logits: hidden states
 of random tokens leave most rows of the 270M's head).
-Measured on the 2-core dev machine at 1 row: the 270M's fp32 head 22-35 ms -> 12-17 ms, the 64-wide test
-head 3-5 ms -> 0.9-1.4 ms (BENCHMARKS.md).
+
+Per row of x, one vectorised pass writes every head row's upper and lower bound (float32, 8 bytes a
+head row), numpy takes the largest lower bound and the rows whose upper bound reaches it: memory-bound,
+~0.13 ms a row for 262,144 head rows. (A single pass that also kept the running maximum did not
+vectorise: 0.46 ms a row.) Measured on the 2-core dev machine, screen against full head: the 270M's fp32
+head 12.8 vs 24 ms at 1 row, 24 vs 58 ms at 8, 37 vs 113 ms at 16; the 64-wide test head 0.9-1.7 vs
+4.4 ms at 1 row, 7.5 vs 10.9 ms at 16 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from numba import njit
 from torch import Tensor
 
-from lm.layers import Linear, linear
+from lm.layers import SMALL_WEIGHT, Linear, linear, linear_transposed
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +62,6 @@ MIN_SCREEN_BYTES = 8 << 20  # heads smaller than this are read whole (the screen
 MAX_CANDIDATE_FRACTION = 8  # more than vocab / 8 candidates: the screen gains nothing, read the head
 _SAFETY = 1.0 + 2.0**-10  # on the quantisation bound: the screen's own fp32 roundings
 _F32_EPS = float(torch.finfo(torch.float32).eps)
-_SLICE = 1024  # head rows the kernel bounds at a time
-_LOWEST = float(np.finfo(np.float32).min)  # the kernel's start for a maximum (fastmath: no infinities)
 
 
 class GreedyHeadScreen:
@@ -138,6 +142,11 @@ class GreedyHeadScreen:
         """Per row of `hidden` (R, hidden): the rows of the head (int64, ascending) whose logit may be
         that row's largest, or None for a row with too many; None for all when the screen cannot decide
         (see the module docstring)."""
+        rows = self._rows(hidden)
+        return None if rows is None else list(rows)
+
+    def _rows(self, hidden: Tensor) -> Iterator[Tensor | None] | None:
+        """`candidates`, one row at a time (a caller can stop at the first row with too many)."""
         rows = hidden.shape[0]
         if rows == 0 or rows > SCREEN_MAX_ROWS or hidden.device.type != "cpu" or self.stale:
             return None
@@ -147,20 +156,35 @@ class GreedyHeadScreen:
             return None  # NaN or inf (the full head reports it), or logits that might overflow the dtype
         q_x, bounds = quantized  # (R, hidden) int8; (R, 3) float64: s_x, |x^|_1 bound, max|x|
         accumulators = torch._int_mm(torch.from_numpy(q_x), self._q.t()).numpy()  # (R, vocab) int32, exact
-        bounds[:, 2] *= x.shape[1] * _F32_EPS  # per unit of |W_v|_1: the candidates' dot products' rounding
-        found, counts = _candidates(accumulators, self._step, self._l1, bounds, self._out_eps, self._limit)
-        return [None if counts[row] < 0 else torch.from_numpy(found[row, :counts[row]].copy()) for row in range(rows)]
+        rounding = x.shape[1] * _F32_EPS  # the candidates' dot products' rounding, per unit of max|x| |W_v|_1
+        return self._each_row(accumulators, bounds, rounding)
+
+    def _each_row(self, accumulators: np.ndarray, bounds: np.ndarray, rounding: float) -> Iterator[Tensor | None]:
+        upper, lower = np.empty(accumulators.shape[1], np.float32), np.empty(accumulators.shape[1], np.float32)
+        out_eps = np.float32(self._out_eps)
+        for row in range(accumulators.shape[0]):
+            s_x, x_l1, largest = bounds[row]
+            # e_v = per_l1 |W_v|_1 + per_step w_v (float32: the roundings of these factors are in _SAFETY)
+            per_l1, per_step = _SAFETY * 0.5 * s_x + largest * rounding, _SAFETY * 0.5 * x_l1
+            _row_bounds(accumulators[row], self._step, self._l1, np.float32(s_x), np.float32(per_l1),
+                        np.float32(per_step), out_eps, upper, lower)
+            index = np.flatnonzero(upper >= lower.max())  # reaches the largest lower bound
+            yield torch.from_numpy(index) if index.shape[0] <= self._limit else None
 
     def argmax(self, hidden: Tensor) -> list[int] | None:
         """The greedy token of each row of `hidden` (R, hidden) (final-norm states, the model's dtype):
         the index of the largest logit of hidden @ weight^T as the float head computes it, the first on
         ties. None when the screen cannot decide cheaply (see the module docstring): compute the head."""
-        found = self.candidates(hidden)
-        if found is None or any(index is None for index in found):
-            return None  # a row with too many candidates: the full head for all (one call costs as much)
+        found = self._rows(hidden)
+        if found is None:
+            return None
+        # the candidates' logits as the full head's product computes them (lm.layers.linear chooses by size)
+        product = linear if self.weight.numel() <= SMALL_WEIGHT else linear_transposed
         chosen = []
         for row, index in enumerate(found):
-            logits = linear(hidden[row:row + 1], self.weight.index_select(0, index))  # (1, C), model dtype
+            if index is None:
+                return None  # a row with too many candidates: the full head for all (one call costs as much)
+            logits = product(hidden[row:row + 1], self.weight.index_select(0, index))  # (1, C), model dtype
             chosen.append(int(index[int(torch.argmax(logits))]))
         return chosen
 
@@ -181,7 +205,8 @@ def head_weight(model) -> Tensor | None:
 def compile_screen_kernel() -> None:
     """Compile (or load from numba's on-disk cache) the screen's kernels now, not in the first step."""
     _quantize_rows(np.ones((1, 4), np.float32), 1.0)
-    _candidates(np.zeros((1, 4), np.int32), np.ones(4, np.float32), np.ones(4, np.float32), np.ones((1, 3)), 0.0, 4)
+    one, out = np.ones(4, np.float32), np.empty(4, np.float32)
+    _row_bounds(np.zeros(4, np.int32), one, one, *np.ones(4, np.float32), out, np.empty_like(out))
 
 
 @njit(nogil=True, cache=True)
@@ -213,67 +238,15 @@ def _quantize_rows(x, max_abs):
     return q, bounds
 
 
-@njit(nogil=True, cache=True, fastmath=True)  # every value finite: _quantize_rows and __init__ check
-def _candidates(accumulators, step, l1, bounds, out_eps, limit):
-    """Per row r: the indices (ascending) of the head rows whose logit may be r's largest. accumulators
-    (R, vocab) int32: q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1; bounds (R, 3) float64: s_x, a
-    bound on |x^|_1, the dot products' rounding per unit of |W_v|_1. Returns (found (R, limit) int64,
-    counts (R,) int64), a count of -1 for a row with more than `limit` candidates.
-
-    One pass over the head's rows, in slices that serve all R rows from cache, in float32 (its
-    roundings, a few eps of |a_v|, are inside out_eps; fastmath only reorders arithmetic): a head row is
-    kept while its upper bound reaches the largest lower bound seen so far (to the end of its slice),
-    and the kept rows are filtered by the final one (it only rises); a full list is filtered early."""
-    rows, vocab = accumulators.shape
-    per_l1 = np.empty(rows, np.float32)  # e_v = per_l1 |W_v|_1 + per_step w_v, then + out_eps (|a_v| + e_v)
-    per_step = np.empty(rows, np.float32)
-    scale = np.empty(rows, np.float32)
-    floor = np.full(rows, _LOWEST, np.float32)  # the largest lower bound a_v - e_v so far
-    for r in range(rows):
-        per_l1[r] = _SAFETY * 0.5 * bounds[r, 0] + bounds[r, 2]
-        per_step[r] = _SAFETY * 0.5 * bounds[r, 1]
-        scale[r] = bounds[r, 0]
-    eps = np.float32(out_eps)
-    found = np.empty((rows, limit), np.int64)
-    uppers = np.empty((rows, limit), np.float32)
-    counts = np.zeros(rows, np.int64)
-    block = np.empty(_SLICE, np.float32)  # upper bounds of one slice
-    for start in range(0, vocab, _SLICE):  # a slice of step and l1 stays in cache for all rows
-        end = min(vocab, start + _SLICE)
-        for r in range(rows):
-            if counts[r] < 0:
-                continue
-            row_scale, row_l1, row_step = scale[r], per_l1[r], per_step[r]
-            lowest = np.float32(_LOWEST)
-            for v in range(start, end):  # vectorised: bounds and the slice's largest lower bound
-                approx = np.float32(accumulators[r, v]) * (row_scale * step[v])
-                error = row_l1 * l1[v] + row_step * step[v]
-                error += eps * (abs(approx) + error)
-                block[v - start] = approx + error
-                lowest = max(lowest, approx - error)
-            floor[r] = max(floor[r], lowest)
-            for v in range(start, end):
-                if block[v - start] >= floor[r]:
-                    if counts[r] == limit:
-                        counts[r] = _keep_reaching(found[r], uppers[r], counts[r], floor[r])
-                        if counts[r] == limit:
-                            counts[r] = -1  # too many: this row goes to the full head
-                            break
-                    found[r, counts[r]] = v
-                    uppers[r, counts[r]] = block[v - start]
-                    counts[r] += 1
-    for r in range(rows):
-        if counts[r] > 0:
-            counts[r] = _keep_reaching(found[r], uppers[r], counts[r], floor[r])
-    return found, counts
-
-
 @njit(nogil=True, cache=True)
-def _keep_reaching(found, uppers, count, floor):
-    kept = 0
-    for i in range(count):
-        if uppers[i] >= floor:
-            found[kept] = found[i]
-            uppers[kept] = uppers[i]
-            kept += 1
-    return kept
+def _row_bounds(accumulators, step, l1, scale, per_l1, per_step, out_eps, upper, lower):
+    """One row's bounds on every head row's logit, in float32 (vectorised; its roundings, a few eps of
+    |a_v|, are inside out_eps): a_v = accumulators[v] * (scale * step[v]), e_v = per_l1 * l1[v] + per_step *
+    step[v] + out_eps (|a_v| + e_v); upper = a_v + e_v, lower = a_v - e_v. accumulators (vocab,) int32:
+    q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1; upper, lower (vocab,) float32, written."""
+    for v in range(accumulators.shape[0]):
+        approx = np.float32(accumulators[v]) * (scale * step[v])
+        error = per_l1 * l1[v] + per_step * step[v]
+        error += out_eps * (abs(approx) + error)
+        upper[v] = approx + error
+        lower[v] = approx - error

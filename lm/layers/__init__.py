@@ -15,15 +15,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+SMALL_WEIGHT = 1 << 18  # elements (1 MiB in fp32): below this `linear` is F.linear itself
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., in) @ weight (out, in)^T (+ bias (out,)), as F.linear computes it.
 
-    On the CPU it is computed as (weight @ x^T)^T over at least two rows: for the few rows of
-    decoding, MKL runs that layout about twice as fast as F.linear's (measured on the 2-core dev
-    machine: the 270M's projections for one row 23.5 -> 11.9 ms, its 262,144-row tied head 43 -> 17.5 ms;
-    the same speed at 512 rows)."""
-    if x.device.type != "cpu":
+    On the CPU a weight of more than SMALL_WEIGHT elements is multiplied as (weight @ x^T)^T over at
+    least two rows: for the few rows of decoding, MKL runs that layout about twice as fast as
+    F.linear's (measured on the 2-core dev machine: the 270M's projections for one row 23.5 -> 11.9 ms,
+    its 262,144-row tied head 43 -> 17.5 ms; the same speed at 512 rows). A smaller weight goes to
+    F.linear, whose single call costs less than the reshapes (the 64-wide test models' projections
+    at 1 to 512 rows: 6-19 against 18-29 us a call)."""
+    if x.device.type != "cpu" or weight.numel() <= SMALL_WEIGHT:
         return F.linear(x, weight, bias)
+    return linear_transposed(x, weight, bias)
+
+
+def linear_transposed(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`linear`'s layout for a large weight on the CPU: (weight @ x^T)^T, over two rows when x has one."""
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     rows = flat.shape[0]
     if rows == 1:
