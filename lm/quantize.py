@@ -97,43 +97,82 @@ class Int8Linear(nn.Module):
 
 class Int8DynamicLinear(Int8Linear):
     """Int8Linear's weights, with activations quantised to int8 at each call so that the product runs
-    int8 x int8 -> int32 on the CPU (VNNI/AMX where present), fp32 out. Two kernels:
-    - per_token (the projections): each row of x gets its own symmetric scale (amax / 127), and the
-      product is torch._int_mm (oneDNN) against the stored int8 weights' transpose: no second copy.
-      Per-token scales keep the accuracy of models whose activations have outlier tokens (Gemma 3's);
-    - per tensor (the LM head, `per_token=False`): fbgemm's dynamic linear (torch.ops.quantized.
-      linear_dynamic: one asymmetric uint8 scale for the whole x), fastest for the 262,144-row head at
-      every batch size; it packs a second copy of the weights. 8-bit activations where the CPU has VNNI,
-      7-bit (reduce_range) elsewhere, whose AVX2 kernels would otherwise saturate.
-    Off the CPU it is Int8Linear."""
+    int8 x int8 -> int32 on the CPU (VNNI/AMX where present), fp32 out. Two quantisations of x:
+    - per_token (the projections): each row of x gets its own scale, so an outlier token (Gemma 3 has
+      them) costs only its own row. Kernel "fbgemm" (the default where the CPU has VNNI and PyTorch a
+      quantized engine): each row is divided by its max|x|, fbgemm's dynamic linear quantises the whole
+      tensor with one asymmetric uint8 scale (which now spans every row's range: a step of at most
+      2/255 of each row's max|x|, as fine as symmetric int8 per row), and each output row is multiplied
+      back. The weights are then kept only in fbgemm's packed layout (`int8_weight()` unpacks them).
+      Kernel "int_mm" (elsewhere): symmetric int8 rows (amax / 127) times the stored weights' transpose
+      in torch._int_mm (oneDNN), exact int32. fbgemm streams the weights faster: the 1.5B's 28 layers of
+      projections from memory took 58 vs 76 ms at 1 row and 75 vs 146 ms at 8 (2-core dev machine);
+    - per tensor (the LM head, `per_token=False`): fbgemm's dynamic linear on x as it is (one scale for
+      the whole x), fastest for the 262,144-row head at every batch size; it packs a second copy of the
+      weights (the tied embedding looks rows up in the first). 8-bit activations where the CPU has
+      VNNI, 7-bit (reduce_range) elsewhere, whose AVX2 kernels would otherwise saturate.
+    Off the CPU it is Int8Linear (a module moved off the CPU gets its int8 weights back first)."""
+
+    KERNELS = ("fbgemm", "int_mm")
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, per_token: bool = True,
-                 smoothing: Tensor | None = None) -> None:
+                 smoothing: Tensor | None = None, kernel: str | None = None) -> None:
         # smoothing (in,) > 0: the weights quantised are W diag(smoothing) and x is divided by it per call
         super().__init__(weight if smoothing is None else weight * smoothing.to(weight.dtype)[None, :], bias)
         self.register_buffer("inv_smoothing", None if smoothing is None else 1.0 / smoothing.float())
         self.per_token = per_token
+        if kernel is None:
+            fbgemm = not per_token or (_HAS_VNNI and quantized_engine_available())
+            kernel = "fbgemm" if fbgemm and self.weight.device.type == "cpu" else "int_mm"
+        if kernel not in self.KERNELS or (not per_token and kernel != "fbgemm"):
+            raise ValueError(f"kernel {kernel!r}: per-token layers take one of {self.KERNELS}, the per-tensor "
+                             "head fbgemm")
+        self.kernel = kernel
         self._packed = None
-        # the per-token kernel's fp32 scales, kept to save a cast per call (fbgemm holds its own)
-        self.register_buffer("scales_f32", self.scales.float() if per_token else None, persistent=False)
-        if per_token and self.weight.device.type == "cpu" and int_mm_layout(*self.weight.shape) == "columns":
+        # the int_mm kernel's fp32 scales, kept to save a cast per call (fbgemm holds its own)
+        self.register_buffer("scales_f32", self.scales.float() if kernel == "int_mm" else None, persistent=False)
+        if kernel == "int_mm" and self.weight.device.type == "cpu" \
+                and int_mm_layout(*self.weight.shape) == "columns":
             self.weight = self.weight.t().contiguous().t()  # still (out, in); weight.t() is now contiguous
-        if not per_token:
+        if kernel == "fbgemm" and self.weight.device.type == "cpu":
             scales = self.scales.double()
             with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not yet removed
-                warnings.simplefilter("ignore", UserWarning)
-                qweight = torch.quantize_per_channel(self.weight.float() * scales.float()[:, None], scales,
-                                                     torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            bias = None if self.bias is None else self.bias.float()
+                warnings.simplefilter("ignore", UserWarning)  # (the int8 values as they are: no float round trip)
+                qweight = torch._make_per_channel_quantized_tensor(self.weight, scales,
+                                                                   torch.zeros_like(scales, dtype=torch.long), 0)
+            # per token the bias is added after the rows are scaled back; the head's goes in fbgemm
+            bias = None if self.bias is None or per_token else self.bias.float()
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)  # fbgemm's layout
+            if per_token:
+                self.weight = None  # in the packed copy only
+
+    def int8_weight(self) -> Tensor:
+        """The int8 weights (out, in) the product multiplies by."""
+        if self.weight is not None:
+            return self.weight
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def packed_nbytes(self) -> int:
+        """Bytes of fbgemm's packed copy, counted as the int8 weights it holds (0 without one)."""
+        return 0 if self._packed is None else self.out_features * self.in_features
+
+    def _apply(self, fn, recurse=True):
+        if self.weight is None and fn(torch.empty(0)).device.type != "cpu":  # leaving the CPU and fbgemm
+            self.weight, self._packed = self.int8_weight(), None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.inv_smoothing is not None:
             x = x * self.inv_smoothing.to(x.dtype)
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or self._packed is None and self.kernel == "fbgemm":
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).float()  # (N, in)
-        if self._packed is not None:
+        if self._packed is not None and self.per_token:
+            peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (N, 1)
+            out = torch.ops.quantized.linear_dynamic(flat / peak, self._packed, not _HAS_VNNI).mul_(peak)
+            if self.bias is not None:
+                out = out + self.bias.float()
+        elif self._packed is not None:
             out = torch.ops.quantized.linear_dynamic(flat, self._packed, not _HAS_VNNI)
         else:
             scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (N, 1)

@@ -44,22 +44,37 @@ def test_int8_dynamic_linear_is_the_int8_product_of_quantised_activations():
     outlier = x.clone()
     outlier[0, 0, 7] = 40.0  # one token with an outlier channel, as Gemma 3's activations have
     errors = {}
-    for per_token in (True, False):
-        layer = Int8DynamicLinear(weight, bias, per_token=per_token)
-        dequantised = layer.weight.float() * layer.scales.float()[:, None]
+    kinds = {"per token, fbgemm": dict(kernel="fbgemm"), "per token, int_mm": dict(kernel="int_mm"),
+             "per tensor": dict(per_token=False)}
+    for kind, options in kinds.items():
+        layer = Int8DynamicLinear(weight, bias, **options)
+        dequantised = layer.int8_weight().float() * layer.scales.float()[:, None]
         for name, inputs in (("plain", x), ("outlier", outlier)):
             expected = F.linear(inputs, dequantised, bias)
             out = layer(inputs)
             assert out.shape == (3, 5, 96) and out.dtype == torch.float32
-            errors[per_token, name] = ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()  # per token
-        if per_token:  # int8 x int8 -> int32 is exact: the weights' memory layout (int_mm_layout) changes nothing
+            errors[kind, name] = ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()  # per token
+        if options.get("kernel") == "int_mm":  # int8 x int8 -> int32 is exact: the layout (int_mm_layout) changes nothing
             other = copy.deepcopy(layer)
             other.weight = layer.weight.t().contiguous().t() if layer.weight.is_contiguous() else layer.weight.contiguous()
             assert other.weight.stride() != layer.weight.stride() and torch.equal(other(x), layer(x))
-    for per_token in (True, False):
-        assert errors[per_token, "plain"].max() < 0.03  # 8-bit activations (7-bit without VNNI)
+        if options.get("kernel") == "fbgemm":  # the weights live in fbgemm's packed copy only
+            assert layer.weight is None and torch.equal(layer.int8_weight(), Int8DynamicLinear(weight, kernel="int_mm").weight.contiguous())
+    for kind in kinds:
+        assert errors[kind, "plain"].max() < 0.03  # 8-bit activations (7-bit without VNNI)
     # Per token, the outlier costs only its own row; one scale for the whole tensor spreads it to every row.
-    assert errors[True, "outlier"][1:].max() < 0.03 < errors[False, "outlier"][1:].max()
+    for kind in ("per token, fbgemm", "per token, int_mm"):
+        assert errors[kind, "outlier"][1:].max() < 0.03 < errors["per tensor", "outlier"][1:].max()
+    # The two per-token kernels quantise alike: within the rounding of one activation step of each other.
+    assert (errors["per token, fbgemm", "plain"] - errors["per token, int_mm", "plain"]).abs().max() < 0.01
+
+
+def test_an_fbgemm_layer_moved_off_the_cpu_gets_its_int8_weights_back():
+    layer = Int8DynamicLinear(torch.randn(32, 64), kernel="fbgemm")
+    expected = layer.int8_weight()
+    layer.to("meta")  # any device other than the CPU takes the dequantising path, which needs the weights
+    assert layer.weight is not None and layer.weight.device.type == "meta" and layer.weight.shape == expected.shape
+    assert layer._packed is None
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weights():

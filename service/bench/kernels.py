@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     shapes = {"q_proj": (q_out, hidden), "k/v_proj": (kv_out, hidden), "o_proj": (hidden, q_out),
               "gate/up_proj": (inner, hidden), "down_proj": (hidden, inner), "lm_head": (config.vocab_size, hidden)}
     kernels = {"int8 (weight-only, bf16 x)": Int8Linear,
-               "int8 x int8 per token (_int_mm)": Int8DynamicLinear,
+               "int8 x int8 per token (fbgemm)": functools.partial(Int8DynamicLinear, kernel="fbgemm"),
+               "int8 x int8 per token (_int_mm)": functools.partial(Int8DynamicLinear, kernel="int_mm"),
                "int8 x int8 per tensor (fbgemm)": functools.partial(Int8DynamicLinear, per_token=False),
                "int4 g32 (bf16 x)": Int4Linear}
     rows = [int(r) for r in args.rows.split(",")]

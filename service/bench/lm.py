@@ -210,13 +210,15 @@ def bench_llama_cpp(gguf_file, tokenizer, args) -> dict | None:
 
 
 def _tensor_mib(module) -> float:
-    """Bytes held by a module's parameters and buffers (shared storage counted once)."""
+    """Bytes held by a module's parameters and buffers (shared storage counted once) and by fbgemm's
+    packed weights (lm.quantize.Int8DynamicLinear.packed_nbytes)."""
     seen, total = set(), 0
     for tensor in list(module.parameters()) + list(module.buffers()):
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
+    total += sum(part.packed_nbytes() for part in module.modules() if hasattr(part, "packed_nbytes"))
     return total / 2**20
 
 
@@ -276,8 +278,8 @@ def run(args: argparse.Namespace) -> int:
         load = "-" if row.get("load_s") is None else f"{row['load_s']:.1f}"
         print(f"{row['name']:24}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
               f"{row['ttft_s']:9.3f}{load:>8}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
-    print("weights: parameter and buffer bytes (llama.cpp: the GGUF file; int8-dynamic also holds fbgemm's packed "
-          "copy, not counted); KV: the engine's preallocated cache; RSS +MiB: peak resident growth while the "
+    print("weights: parameter, buffer and fbgemm-packed bytes (llama.cpp: the GGUF file; int8-dynamic's "
+          "projections are held packed only, its head both packed and plain for the embedding's lookups); KV: the engine's preallocated cache; RSS +MiB: peak resident growth while the "
           "measurements ran (llama.cpp's includes loading its model); load s: checkpoint to ready model")
     for scheme, figures in accuracy.items():
         print(_accuracy_line(scheme, figures, args.new_tokens))
