@@ -8,7 +8,8 @@ Schemes (`quantize_model(model, scheme)`):
   results; elsewhere the weights are dequantised on the fly.
 - "int8-dynamic": the same int8 weights, and each call's activations quantised to int8 (per token in the
   projections, per tensor in the head: Int8DynamicLinear) so the matmul runs int8 x int8 -> int32 in
-  PyTorch's CPU kernels (oneDNN's _int_mm, fbgemm's dynamic linear: VNNI and AMX where the CPU has them).
+  PyTorch's CPU kernels (fbgemm's dynamic linear where the CPU has VNNI, each row of x scaled to its own
+  range first for per-token scales; oneDNN's _int_mm for the projections elsewhere).
   CPU only; where PyTorch has no quantized engine, "int8" is used instead (with a warning). Given
   calibration token ids (`calibration_ids`, what lm.runtime passes), the projections are smoothed first
   (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): one fp32 forward over CALIBRATION_TEXT records each
@@ -100,10 +101,15 @@ class Int8DynamicLinear(Int8Linear):
     int8 x int8 -> int32 on the CPU (VNNI/AMX where present), fp32 out. Two quantisations of x:
     - per_token (the projections): each row of x gets its own scale, so an outlier token (Gemma 3 has
       them) costs only its own row. Kernel "fbgemm" (the default where the CPU has VNNI and PyTorch a
-      quantized engine): each row is divided by its max|x|, fbgemm's dynamic linear quantises the whole
-      tensor with one asymmetric uint8 scale (which now spans every row's range: a step of at most
-      2/255 of each row's max|x|, as fine as symmetric int8 per row), and each output row is multiplied
-      back. The weights are then kept only in fbgemm's packed layout (`int8_weight()` unpacks them).
+      quantized engine): each row x_r is mapped onto [-1, 1] by its own range, u_r = (x_r - c_r) / h_r
+      with c_r, h_r the middle and half-width of [min x_r, max x_r]; fbgemm's dynamic linear quantises
+      u with one asymmetric uint8 scale, which spans every row's range (a step of 2/255 of each row's
+      own width: per-token asymmetric 8 bits), and y_r = h_r (u_r W^T) + c_r sum_j W_j, with the row
+      sums of the dequantised weights kept. Against symmetric rows (max|x_r| / 127) it is finer for
+      rows that lean to one side: logits cosine with fp32 0.99849 vs 0.99815 (270M) and 0.99905 vs
+      0.99873 (Qwen 2.5 1.5B), teacher-forced greedy agreement 96.9 vs 98.2% and 95.7 vs 94.9% (8 prompts x
+      64 tokens; one token is 0.2%). The weights are then kept only in fbgemm's packed layout
+      (`int8_weight()` unpacks them).
       Kernel "int_mm" (elsewhere): symmetric int8 rows (amax / 127) times the stored weights' transpose
       in torch._int_mm (oneDNN), exact int32. fbgemm streams the weights faster: the 1.5B's 28 layers of
       projections from memory took 58 vs 76 ms at 1 row and 75 vs 146 ms at 8 (2-core dev machine);
@@ -143,7 +149,9 @@ class Int8DynamicLinear(Int8Linear):
             # per token the bias is added after the rows are scaled back; the head's goes in fbgemm
             bias = None if self.bias is None or per_token else self.bias.float()
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)  # fbgemm's layout
-            if per_token:
+            if per_token:  # sum_j W_j of the dequantised weights (out,), for the rows' offsets c_r
+                self.register_buffer("row_sums", (self.weight.float().sum(dim=1) * self.scales.float())[None],
+                                     persistent=False)
                 self.weight = None  # in the packed copy only
 
     def int8_weight(self) -> Tensor:
@@ -168,8 +176,11 @@ class Int8DynamicLinear(Int8Linear):
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).float()  # (N, in)
         if self._packed is not None and self.per_token:
-            peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (N, 1)
-            out = torch.ops.quantized.linear_dynamic(flat / peak, self._packed, not _HAS_VNNI).mul_(peak)
+            low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (N, 1) each
+            half = (high - low).mul_(0.5).clamp_(min=1e-12)
+            middle = low + half
+            out = torch.ops.quantized.linear_dynamic((flat - middle).div_(half), self._packed, not _HAS_VNNI)
+            out = out.mul_(half).addmm_(middle, self.row_sums)  # (N, out)
             if self.bias is not None:
                 out = out + self.bias.float()
         elif self._packed is not None:

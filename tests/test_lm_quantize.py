@@ -69,6 +69,25 @@ def test_int8_dynamic_linear_is_the_int8_product_of_quantised_activations():
     assert (errors["per token, fbgemm", "plain"] - errors["per token, int_mm", "plain"]).abs().max() < 0.01
 
 
+def test_per_token_fbgemm_quantises_each_row_over_its_own_range():
+    """Rows that lean to one side (all positive, as after an activation) waste half of a symmetric
+    int8 range; the fbgemm kernel maps each row's [min, max] onto the whole uint8 range, which halves
+    the step here (the product's error falls with it), and the row offset comes back exactly."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(8, 64) + 3.0  # every row in roughly [0.5, 5.5]
+    errors = {}
+    for kernel in ("fbgemm", "int_mm"):
+        layer = Int8DynamicLinear(weight, bias, kernel=kernel)
+        expected = F.linear(x, layer.int8_weight().float() * layer.scales.float()[:, None], bias)
+        errors[kernel] = float((layer(x) - expected).norm() / expected.norm())
+    assert errors["fbgemm"] < 0.7 * errors["int_mm"]
+    constant = torch.full((2, 64), 2.5)  # zero width: the offset alone
+    layer = Int8DynamicLinear(weight, bias, kernel="fbgemm")
+    expected = F.linear(constant, layer.int8_weight().float() * layer.scales.float()[:, None], bias)
+    assert torch.allclose(layer(constant), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_an_fbgemm_layer_moved_off_the_cpu_gets_its_int8_weights_back():
     layer = Int8DynamicLinear(torch.randn(32, 64), kernel="fbgemm")
     expected = layer.int8_weight()
