@@ -177,8 +177,8 @@ class Int8DynamicLinear(Int8Linear):
         flat = x.reshape(-1, self.in_features).float()  # (N, in)
         if self._packed is not None and self.per_token:
             low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (N, 1) each
-            half = (high - low).mul_(0.5).clamp_(min=1e-12)
-            middle = low + half
+            middle = torch.lerp(low, high, 0.5)
+            half = (high - middle).clamp_(min=1e-12)
             out = torch.ops.quantized.linear_dynamic((flat - middle).div_(half), self._packed, not _HAS_VNNI)
             out = out.mul_(half).addmm_(middle, self.row_sums)  # (N, out)
             if self.bias is not None:
