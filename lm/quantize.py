@@ -179,12 +179,14 @@ class Int8DynamicLinear(Int8Linear):
             low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (N, 1) each
             middle = torch.lerp(low, high, 0.5)
             half = (high - middle).clamp_(min=1e-12)
-            out = torch.ops.quantized.linear_dynamic((flat - middle).div_(half), self._packed, not _HAS_VNNI)
+            # a row that is not finite gets NaN out (its half-width is NaN) and u = 0 in: fbgemm's one
+            # range over every row must not see it, or the other requests' rows would be spoiled
+            out = self._fbgemm((flat - middle).div_(half).nan_to_num_(0.0, 0.0, 0.0))
             out = out.mul_(half).addmm_(middle, self.row_sums)  # (N, out)
             if self.bias is not None:
                 out = out + self.bias.float()
         elif self._packed is not None:
-            out = torch.ops.quantized.linear_dynamic(flat, self._packed, not _HAS_VNNI)
+            out = self._fbgemm(flat)
         else:
             scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (N, 1)
             quantized = torch.round(flat / scale).to(torch.int8)
@@ -192,6 +194,17 @@ class Int8DynamicLinear(Int8Linear):
             if self.bias is not None:
                 out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def _fbgemm(self, flat: Tensor) -> Tensor:
+        """fbgemm's dynamic linear of flat (N, in) fp32; raises FloatingPointError, naming the cause, for
+        activations that are not finite (fbgemm cannot pick a range for them)."""
+        try:
+            return torch.ops.quantized.linear_dynamic(flat, self._packed, not _HAS_VNNI)
+        except RuntimeError as error:
+            if not bool(torch.isfinite(flat).all()):
+                raise FloatingPointError("the activations reaching an int8-dynamic layer are not finite (nan or "
+                                         "inf)") from error
+            raise
 
 
 class Int4Linear(nn.Module):

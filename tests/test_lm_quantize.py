@@ -88,6 +88,21 @@ def test_per_token_fbgemm_quantises_each_row_over_its_own_range():
     assert torch.allclose(layer(constant), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_a_row_that_is_not_finite_spoils_only_itself():
+    """Rows of one step come from different requests: fbgemm's single range over the tensor must not let
+    one request's NaN or inf change another's output."""
+    torch.manual_seed(0)
+    layer = Int8DynamicLinear(torch.randn(32, 64), torch.randn(32), kernel="fbgemm")
+    x = torch.randn(4, 64)
+    clean = layer(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = x.clone()
+        spoiled[2, 5] = bad
+        out = layer(spoiled)
+        assert not torch.isfinite(out[2]).any()
+        assert torch.equal(out[[0, 1, 3]], clean[[0, 1, 3]])
+
+
 def test_an_fbgemm_layer_moved_off_the_cpu_gets_its_int8_weights_back():
     layer = Int8DynamicLinear(torch.randn(32, 64), kernel="fbgemm")
     expected = layer.int8_weight()
