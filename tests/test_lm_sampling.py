@@ -154,14 +154,14 @@ def test_greedy_and_finite_equal_torch_on_the_heads_layout(rows):
     """As the CPU head hands them out (the transpose of a (vocab, R) product), with ties, values in
     the last partial block, and rows holding a NaN, +inf or -inf: the argmax of every finite row equals
     torch's (first on ties) and exactly the rows with a non-finite value are flagged."""
-    from lm.layers import linear
+    from lm.layers import linear_transposed
     from lm.sampling import greedy_and_finite
 
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(1000, 16, generator=generator)  # 1000 = 15 blocks of 64 + a partial one
     weight[700] = weight[300]  # every row ties between 300 and 700 ...
     hidden = torch.randn(rows, 16, generator=generator)
-    logits = linear(hidden, weight * 1e-3)
+    logits = linear_transposed(hidden, weight * 1e-3)  # the layout of a real head (over SMALL_WEIGHT)
     assert logits.T.is_contiguous() == (rows > 1)  # above 8 rows: the kernel's layout
     logits[:, 300] = logits[:, 700] = 10.0  # ... at its maximum: the first wins
     if rows > 1:
