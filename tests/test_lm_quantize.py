@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm import quantize
 from lm.attention import FullAttention
 from lm.quantize import (Int4Linear, Int8DynamicLinear, Int8Linear, awq_factors, calibration_ids, quantize_model,
                          smoothing_factors)
@@ -81,7 +82,8 @@ def test_per_token_fbgemm_quantises_each_row_over_its_own_range():
         layer = Int8DynamicLinear(weight, bias, kernel=kernel)
         expected = F.linear(x, layer.int8_weight().float() * layer.scales.float()[:, None], bias)
         errors[kernel] = float((layer(x) - expected).norm() / expected.norm())
-    assert errors["fbgemm"] < 0.7 * errors["int_mm"]
+    # without VNNI fbgemm takes 7-bit activations (reduce_range): a coarser grid, finer only than half the range
+    assert errors["fbgemm"] < (0.7 if quantize._HAS_VNNI else 1.0) * errors["int_mm"]
     constant = torch.full((2, 64), 2.5)  # zero width: the offset alone
     layer = Int8DynamicLinear(weight, bias, kernel="fbgemm")
     expected = F.linear(constant, layer.int8_weight().float() * layer.scales.float()[:, None], bias)
