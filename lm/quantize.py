@@ -175,22 +175,21 @@ class Int8DynamicLinear(Int8Linear):
         if x.device.type != "cpu" or self._packed is None and self.kernel == "fbgemm":
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).float()  # (N, in)
-        if self._packed is not None and self.per_token:
-            low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (N, 1) each
-            middle = torch.lerp(low, high, 0.5)
-            half = (high - middle).clamp_(min=1e-12)
-            # a row that is not finite gets NaN out (its half-width is NaN) and u = 0 in: fbgemm's one
-            # range over every row must not see it, or the other requests' rows would be spoiled
-            out = self._fbgemm((flat - middle).div_(half).nan_to_num_(0.0, 0.0, 0.0))
-            out = out.mul_(half).addmm_(middle, self.row_sums)  # (N, out)
-            if self.bias is not None:
-                out = out + self.bias.float()
-        elif self._packed is not None:
-            out = self._fbgemm(flat)
+        if not self.per_token:
+            out = self._fbgemm(flat)  # the bias is in fbgemm's packed copy
         else:
-            scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (N, 1)
-            quantized = torch.round(flat / scale).to(torch.int8)
-            out = torch._int_mm(quantized, self.weight.t()).float().mul_(scale).mul_(self.scales_f32)
+            if self._packed is not None:
+                low, high = torch.aminmax(flat, dim=1, keepdim=True)  # (N, 1) each
+                middle = torch.lerp(low, high, 0.5)
+                half = (high - middle).clamp_(min=1e-12)
+                # a row that is not finite gets NaN out (its half-width is NaN) and u = 0 in: fbgemm's one
+                # range over every row must not see it, or the other requests' rows would be spoiled
+                out = self._fbgemm((flat - middle).div_(half).nan_to_num_(0.0, 0.0, 0.0))
+                out = out.mul_(half).addmm_(middle, self.row_sums)  # (N, out)
+            else:
+                scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # (N, 1)
+                quantized = torch.round(flat / scale).to(torch.int8)
+                out = torch._int_mm(quantized, self.weight.t()).float().mul_(scale).mul_(self.scales_f32)
             if self.bias is not None:
                 out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
