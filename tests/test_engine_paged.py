@@ -202,57 +202,66 @@ def test_cancel_and_finish_in_any_order_leave_every_block_free_or_cached(model_a
             assert handle.result().token_ids == greedy_alone(model, config, request)
 
 
-def test_decode_cost_follows_each_requests_own_context(model_and_config):
-    """A decode step reads, per request, its own blocks (its window in sliding groups): the keys
-    gathered for a 5-token request beside a 90-token one are its 6 or 7 positions rounded up to whole
-    4-token blocks, never the 90-token request's length (the two are too far apart to share a batch)."""
+def _spy_decode(monkeypatch, path: str) -> list[tuple[int, list[int], bool]]:
+    """Record the decode-row attention calls of the given path: "in_place" (lm.layers.fused reads the
+    paged cache where it lies, float32 CPU) or "gathered" (blocks gathered, then SDPA; the path of other
+    devices and dtypes, forced here). Each call: (rows, keys each row attends to, masked)."""
+    from lm.engine import model_runner
+    from lm.layers import fused
+
+    calls = []
+    if path == "gathered":
+        monkeypatch.setattr(fused, "reads_in_place", lambda q, keys: False)
+        original = model_runner.sdpa
+
+        def spy(q, k, v, mask, scale):
+            if q.shape[2] == 1:  # decode rows: (R, H, 1, D) against their padded blocks
+                calls.append((q.shape[0], [k.shape[2]] * q.shape[0], mask is not None))
+            return original(q, k, v, mask, scale)
+
+        monkeypatch.setattr(model_runner, "sdpa", spy)
+    else:
+        original = fused.decode_attention
+
+        def spy(q, keys, values, blocks, start, length, scale):
+            calls.append((q.shape[0], length.tolist(), False))
+            return original(q, keys, values, blocks, start, length, scale)
+
+        monkeypatch.setattr(fused, "decode_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["in_place", "gathered"])
+def test_decode_cost_follows_each_requests_own_context(model_and_config, monkeypatch, path):
+    """A decode step reads, per request, its own blocks (its window in sliding groups): beside a 90-token
+    request, a 5-token one attends to its own 6 or 7 positions (read in place), or to them rounded up to
+    whole 4-token blocks (gathered), never to the 90-token request's length (the two are too far apart
+    to share a batch)."""
     model, config = model_and_config
     engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
-    lengths = []
-    from lm.engine import model_runner
-
-    original = model_runner.sdpa
-
-    def spy(q, k, v, mask, scale):
-        lengths.append((q.shape[2], k.shape[2]))
-        return original(q, k, v, mask, scale)
-
-    model_runner.sdpa = spy
-    try:
-        run(engine, [GenerationRequest(prompt_of(90, 1), SamplingParams(max_new_tokens=3)),
-                     GenerationRequest(prompt_of(5, 2), SamplingParams(max_new_tokens=3))])
-    finally:
-        model_runner.sdpa = original
-    decode_keys = {k for q, k in lengths if q == 1}
-    assert {8} <= decode_keys  # two blocks: the short request's own context, not the batch's longest
+    calls = _spy_decode(monkeypatch, path)
+    run(engine, [GenerationRequest(prompt_of(90, 1), SamplingParams(max_new_tokens=3)),
+                 GenerationRequest(prompt_of(5, 2), SamplingParams(max_new_tokens=3))])
+    decode_keys = {keys for _, lengths, _ in calls for keys in lengths}
+    assert ({6, 7} if path == "in_place" else {8}) <= decode_keys  # the short request's own context
     assert max(decode_keys) <= 92 + 4 - 92 % 4
 
 
-def test_decode_rows_of_similar_length_attend_in_one_batch(model_and_config):
+@pytest.mark.parametrize("path", ["in_place", "gathered"])
+def test_decode_rows_of_similar_length_attend_in_one_batch(model_and_config, monkeypatch, path):
     """Decode rows whose block counts are within PagedAttention.BATCH_SPREAD of each other share one
-    gather and one SDPA call (padded, masked to each row's own keys), and each still equals its request
-    computed alone; a row with many more blocks gets a call of its own."""
-    from lm.engine import model_runner
-
+    call (gathered: one gather and one SDPA, padded and masked to each row's own keys), and each still
+    equals its request computed alone; a row with many more blocks gets a call of its own."""
     model, config = model_and_config
     engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
-    calls = []
-    original = model_runner.sdpa
-
-    def spy(q, k, v, mask, scale):
-        calls.append((q.shape[0], q.shape[2], k.shape[2], mask is not None))
-        return original(q, k, v, mask, scale)
-
+    calls = _spy_decode(monkeypatch, path)
     requests = [GenerationRequest(prompt_of(length, 50 + length), SamplingParams(max_new_tokens=6))
                 for length in (9, 11, 14, 16, 80)]
-    model_runner.sdpa = spy
-    try:
-        handles = run(engine, requests)
-    finally:
-        model_runner.sdpa = original
-    decode = [(rows, keys, masked) for rows, queries, keys, masked in calls if queries == 1]
-    assert any(rows == 4 and masked for rows, keys, masked in decode)  # the four short requests together
-    assert max(keys for rows, keys, masked in decode if rows == 4) < 40  # never padded to the long one
+    handles = run(engine, requests)
+    together = [(lengths, masked) for rows, lengths, masked in calls if rows == 4]  # the four short requests
+    assert together and all(masked or path == "in_place" for _, masked in together)
+    assert max(keys for lengths, _ in together for keys in lengths) < 40  # never padded to the long one
+    assert any(rows == 1 and max(lengths) > 80 for rows, lengths, _ in calls)  # the long one alone
     for request, handle in zip(requests, handles):
         assert handle.result().token_ids == greedy_alone(model, config, request)
 

@@ -38,6 +38,7 @@ from lm.engine.output import OutputProcessor
 from lm.engine.scheduler import Scheduler
 from lm.head_screen import GreedyHeadScreen, compile_screen_kernel
 from lm.kv_cache import KVLayout, PagedKVStorage, kv_bytes_per_token, largest_chunk
+from lm.layers.fused import compile_fused_kernels
 from lm.models.base import DecoderConfig
 from lm.requests import (
     Completion, EngineOverloaded, EngineStopped, GenerationRequest, InvalidRequest, PromptTooLong, RequestHandle,
@@ -119,6 +120,8 @@ class Engine:
                 f"({needed * block_bytes / 2**20:.1f} MiB): raise the budget or lower max_seq_len"
             )
         self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
+        if self.device.type == "cpu":
+            compile_fused_kernels()  # the decoder's small-op kernels (lm.layers.fused), before the first step
         screen = None
         if engine_config.greedy_head_screen is not False and self.device.type == "cpu":
             screen = GreedyHeadScreen.for_model(model, force=bool(engine_config.greedy_head_screen))

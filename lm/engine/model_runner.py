@@ -21,6 +21,7 @@ from torch import Tensor
 from lm.attention import additive_mask, attention_mask, sdpa
 from lm.head_screen import GreedyHeadScreen, head_weight
 from lm.kv_cache import KVLayout, PagedKVStorage
+from lm.layers import fused
 from lm.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class PagedAttention:
         multi = [i for i, chunk in enumerate(chunks) if chunk.num_tokens > 1]
         self.slots: list[Tensor] = []
         self.reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []  # per group: (chunk, blocks, skip, length, mask)
-        self.batches: list[list[tuple[Tensor, Tensor, Tensor | None]]] = []  # per group: (rows, blocks (R, nb), mask)
+        self.batches: list[list[tuple]] = []  # per group: (rows, blocks (R, nb), mask, start (R,), length (R,))
         masks: dict[int | None, dict[int, Tensor | None]] = {}
         plans: dict[int | None, list] = {}  # per window: the decode batches (the same for every group of it)
         for g, group in enumerate(layout.groups):
@@ -94,8 +95,8 @@ class PagedAttention:
                                 spans[i][2], spans[i][3], masks[group.window][i]) for i in multi])
             self.batches.append([
                 (rows_index, torch.tensor([_padded(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], width)
-                                           for i in members], device=device), mask)
-                for members, width, rows_index, mask in plans[group.window]])
+                                           for i in members], device=device), mask, start, length)
+                for members, width, rows_index, mask, start, length in plans[group.window]])
 
     @staticmethod
     def _span(chunk: ScheduledChunk, window: int | None, size: int) -> tuple[int, int, int, int]:
@@ -108,8 +109,8 @@ class PagedAttention:
     def _decode_plan(self, chunks: list[ScheduledChunk], spans, size: int, device, dtype: torch.dtype):
         """Batches of the one-token chunks: (their chunk indices in packed order, width in blocks, packed
         rows (R,), additive mask (R, 1, 1, width * size) of the keys each row reads, or None when every
-        row reads all of them). The block counts and masks depend on the window, not on the group's block
-        ids."""
+        row reads all of them, and the same as (start, length) (R,) each: positions into the row's
+        blocks). The block counts and masks depend on the window, not on the group's block ids."""
         plan = []
         singles = sorted((i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1), key=lambda i: spans[i][1])
         while singles:
@@ -117,13 +118,14 @@ class PagedAttention:
             singles = singles[len(batch):]
             width = spans[batch[-1]][1]
             batch.sort()  # in packed order: a batch of every row needs no reordering
-            skip = torch.tensor([spans[i][2] for i in batch], device=device)[:, None]  # (R, 1)
-            end = skip + torch.tensor([spans[i][3] for i in batch], device=device)[:, None]
+            start = torch.tensor([spans[i][2] for i in batch], device=device)  # (R,)
+            length = torch.tensor([spans[i][3] for i in batch], device=device)
+            skip, end = start[:, None], (start + length)[:, None]  # (R, 1)
             keys = torch.arange(width * size, device=device)[None]  # (1, width * size)
             full = all(spans[i][2] == 0 and spans[i][3] == width * size for i in batch)
             mask = None if full else additive_mask(((keys >= skip) & (keys < end))[:, None, None], dtype)
             rows_index = torch.tensor([self.offsets[i][0] for i in batch], device=device)
-            plan.append((batch, width, rows_index, mask))
+            plan.append((batch, width, rows_index, mask, start, length))
         return plan
 
     @staticmethod
@@ -148,14 +150,14 @@ class PagedAttention:
         values.view(-1, kv_heads, head_dim).index_copy_(0, slots, v[0].transpose(0, 1))
         batches, reads = self.batches[g], self.reads[g]
         if len(batches) == 1 and not reads and len(batches[0][0]) == self.num_tokens:
-            rows, blocks, mask = batches[0]  # decode rows only, in one batch: no reassembly
-            return self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1)[None]
+            # decode rows only, in one batch: no reassembly
+            return self._attend_rows(q, keys, values, *batches[0], scale).transpose(0, 1)[None]
         if not batches and len(reads) == 1:  # one prompt chunk is the whole step: no reassembly
             _, blocks, skip, length, mask = reads[0]
             return sdpa(q, *self._chunk_keys(keys, values, blocks, skip, length), mask, scale)
         out = torch.empty_like(q)  # (1, H, N, D)
-        for rows, blocks, mask in batches:
-            out[0].index_copy_(1, rows, self._attend_rows(q, keys, values, rows, blocks, mask, scale).transpose(0, 1))
+        for batch in batches:
+            out[0].index_copy_(1, batch[0], self._attend_rows(q, keys, values, *batch, scale).transpose(0, 1))
         for i, blocks, skip, length, mask in reads:
             a, b = self.offsets[i]
             out[:, :, a:b] = sdpa(q[:, :, a:b], *self._chunk_keys(keys, values, blocks, skip, length), mask, scale)
@@ -170,9 +172,13 @@ class PagedAttention:
 
     @staticmethod
     def _attend_rows(q: Tensor, keys: Tensor, values: Tensor, rows: Tensor, blocks: Tensor, mask: Tensor | None,
-                     scale: float) -> Tensor:
-        """Attention of the decode rows `rows` (R,) of q (1, H, N, D) over their blocks (R, nb):
-        (R, H, D)."""
+                     start: Tensor, length: Tensor, scale: float) -> Tensor:
+        """Attention of the decode rows `rows` (R,) of q (1, H, N, D) over their blocks (R, nb), each
+        over positions [start, start + length) of its blocks (the keys `mask` leaves): (R, H, D).
+        Float32 CPU storage is read in place by lm.layers.fused; otherwise the blocks are gathered."""
+        if fused.reads_in_place(q, keys):
+            return fused.decode_attention(q[0].transpose(0, 1).index_select(0, rows), keys, values, blocks,
+                                          start, length, scale)
         rows_q = q[0].index_select(1, rows).transpose(0, 1)[:, :, None]  # (R, H, 1, D)
         batch_k = _gather_blocks(keys, blocks).flatten(1, 2).transpose(1, 2)  # (R, KV, nb * size, D)
         batch_v = _gather_blocks(values, blocks).flatten(1, 2).transpose(1, 2)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lm.layers import fused
+
 
 SMALL_WEIGHT = 1 << 18  # elements (1 MiB in fp32): below this `linear` is F.linear itself
 
@@ -68,12 +70,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused.usable(x, self.weight):  # few float32 rows on the CPU: one call (lm.layers.fused)
+            return fused.rms_norm(x, self.weight, self.eps, self.offset)
         if self.offset:  # one fused kernel: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32
             factor = 1.0 + self.weight.float()
             if x.dtype == torch.float32:  # no casts
                 return F.rms_norm(x, (x.shape[-1],), factor, self.eps)
             return F.rms_norm(x.float(), (x.shape[-1],), factor, self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def add_norm(residual: Tensor, branch: Tensor, branch_norm: RMSNorm | None,
+             norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+    """(s, norm(s)) with s = residual + branch_norm(branch) (the branch as it is when branch_norm is None;
+    norm(s) None when norm is None): a residual add between a block's norms (Gemma's post-norm of the
+    branch, then the next pre-norm; Qwen's add, then the next pre-norm), in one call where
+    lm.layers.fused takes the tensors. residual, branch (..., hidden), the model dtype."""
+    norms = [n for n in (branch_norm, norm) if n is not None]
+    if norms and fused.usable(residual, branch, *(n.weight for n in norms)) \
+            and len({(n.eps, n.offset) for n in norms}) == 1:
+        return fused.add_rms_norm(residual, branch, None if branch_norm is None else branch_norm.weight,
+                                  None if norm is None else norm.weight, norms[0].eps, norms[0].offset)
+    summed = residual + (branch if branch_norm is None else branch_norm(branch))
+    return summed, (None if norm is None else norm(summed))
 
 
 # ----- rotary position embeddings -------------------------------------------------------------------
@@ -208,9 +227,15 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:  # q and k normed and rotated together (the same ops, half the calls)
             qkv = self.qkv_proj(x).reshape(batch, length, heads + 2 * kv_heads, head_dim)
             qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
-            if self.q_norm is not None:
-                qk = self._qk_norm(qk)
-            qk = rotate(qk, cos[:, :, None], sin[:, :, None])
+            norms = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            if fused.usable(qkv, cos, sin, *norms):  # norm and rotation in one call (lm.layers.fused)
+                qk = fused.qk_norm_rope(qkv, heads, kv_heads, *(norms or (None, None)),
+                                        self.q_norm.eps if norms else 0.0, bool(norms) and self.q_norm.offset,
+                                        cos, sin)
+            else:
+                if self.q_norm is not None:
+                    qk = self._qk_norm(qk)
+                qk = rotate(qk, cos[:, :, None], sin[:, :, None])
             q, k, v = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
         else:
             q = self.q_proj(x).reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, D)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, linear
+from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear
 from lm.models.base import FULL, SLIDING, LAYER_TYPES, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)  # GeGLU with the tanh approximation of gelu
@@ -210,8 +210,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=True)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attention))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        branch = self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        x, normed = add_norm(x, branch, self.post_attention_layernorm, self.pre_feedforward_layernorm)
+        return add_norm(x, self.mlp(normed), self.post_feedforward_layernorm, None)[0]
 
 
 class Gemma3TextModel(nn.Module):

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, linear
+from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear
 from lm.models.base import FULL, SLIDING, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 # Defaults of the reference config classes (transformers Qwen2Config, Qwen3Config, Qwen3MoeConfig).
@@ -183,8 +183,9 @@ class QwenDecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = add_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, attention), None,
+                             self.post_attention_layernorm)
+        return x + self.mlp(normed)
 
 
 class QwenModel(nn.Module):

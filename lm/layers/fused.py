@@ -1,0 +1,207 @@
+"""Fused CPU kernels (numba) for the element-wise work between a decoder layer's matrix products.
+
+At the few rows of a decode step every RMSNorm, residual add, q/k norm and rotation is a handful of
+ATen calls on a few thousand numbers, each costing microseconds of dispatch: ~90 norms and ~36 adds a
+step on the 270M (18 layers), where the arithmetic itself takes well under a microsecond. Each kernel
+here does one such group of calls in one pass, on float32 CPU tensors of at most FUSED_MAX_ELEMENTS
+(above that ATen's multi-threaded kernels win, and they are used). The arithmetic is the reference's,
+operation by operation in float32 (transformers Gemma3RMSNorm / Qwen3RMSNorm, apply_rotary_pos_emb),
+except that the sum of squares of a norm is accumulated in float64 before its mean is rounded to float32
+(ATen sums in float32 lanes; both round the same exact mean, to within an ulp).
+
+`usable` decides per call; the callers (lm.layers) keep the ATen path for everything else: CUDA, other
+dtypes, large inputs, and autograd (the kernels are inference only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+FUSED_MAX_ELEMENTS = 1 << 16  # per input: beyond this ATen's 2-thread kernels are faster (2-core dev machine)
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the fused kernels may take these tensors: float32, on the CPU, at most FUSED_MAX_ELEMENTS
+    each, and no autograd graph to record."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() <= FUSED_MAX_ELEMENTS
+               for t in tensors)
+
+
+def reads_in_place(q: Tensor, keys: Tensor) -> bool:
+    """Whether `decode_attention` may take queries q and a paged cache of `keys`: both float32 on the
+    CPU, no autograd graph to record (the cache itself is of any size)."""
+    return usable(q) and keys.dtype == torch.float32 and keys.device.type == "cpu"
+
+
+def _rows(x: Tensor) -> np.ndarray:
+    """x (..., D) as a C-contiguous float32 (N, D) array sharing x's memory where x is contiguous."""
+    return x.detach().contiguous().view(-1, x.shape[-1]).numpy()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: bool) -> Tensor:
+    """x / rms(x) * (1 + weight) (offset) or * weight, over the last dimension; x (..., D), weight (D,),
+    float32 CPU (check with `usable`). Returns a new (..., D) tensor."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _rms_norm(_rows(x), weight.detach().numpy(), offset, np.float32(eps), _rows(out))
+    return out
+
+
+def add_rms_norm(residual: Tensor, branch: Tensor, branch_weight: Tensor | None, weight: Tensor | None, eps: float,
+                 offset: bool) -> tuple[Tensor, Tensor | None]:
+    """(s, norm(s)) with s = residual + norm_b(branch): norm_b the RMSNorm of `branch_weight` (None: the
+    branch as it is), norm that of `weight` (None: not computed, returned as None); both norms with `eps`
+    and `offset` (see rms_norm). residual, branch (..., D) float32 CPU (check with `usable`)."""
+    summed = torch.empty(residual.shape, dtype=torch.float32)
+    normed = torch.empty(residual.shape, dtype=torch.float32) if weight is not None else summed
+    empty = np.empty(0, np.float32)
+    _add_rms_norm(_rows(residual), _rows(branch), empty if branch_weight is None else branch_weight.detach().numpy(),
+                  branch_weight is not None, empty if weight is None else weight.detach().numpy(), weight is not None,
+                  offset, np.float32(eps), _rows(summed), _rows(normed))
+    return summed, (normed if weight is not None else None)
+
+
+def qk_norm_rope(qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
+                 eps: float, offset: bool, cos: Tensor, sin: Tensor) -> Tensor:
+    """Per-head RMSNorm of q (q_weight) and k (k_weight) when given, then RoPE (rotate-half convention),
+    of a fused projection's output. qkv (B, T, heads + 2 * kv_heads, D): q's heads, then k's, then v's;
+    cos, sin (B, T, D). Returns (B, T, heads + kv_heads, D): q's heads, then k's (v is left in qkv)."""
+    batch, length, width, dim = qkv.shape
+    out = torch.empty(batch, length, heads + kv_heads, dim, dtype=torch.float32)
+    empty = np.empty(0, np.float32)
+    norm = q_weight is not None
+    _qk_norm_rope(qkv.detach().contiguous().view(-1, width, dim).numpy(), heads + kv_heads, heads,
+                  q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty, norm,
+                  offset, np.float32(eps), _rows(cos), _rows(sin), out.view(-1, heads + kv_heads, dim).numpy())
+    return out
+
+
+def compile_fused_kernels() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel now rather than in a first step."""
+    x = torch.ones(1, 1, 2, 4)
+    w = torch.ones(4)
+    rms_norm(x, w, 1e-6, True)
+    add_rms_norm(x, x, w, w, 1e-6, True)
+    add_rms_norm(x, x, None, None, 1e-6, False)
+    qk_norm_rope(torch.ones(1, 1, 3, 4), 1, 1, w, w, 1e-6, True, torch.ones(1, 1, 4), torch.ones(1, 1, 4))
+    qk_norm_rope(torch.ones(1, 1, 3, 4), 1, 1, None, None, 1e-6, False, torch.ones(1, 1, 4), torch.ones(1, 1, 4))
+    one = torch.ones(1, dtype=torch.int64)
+    decode_attention(torch.ones(1, 2, 4), x, x, one[:, None] - 1, one - 1, one, 1.0)  # x: 1 block of 1 x 2 x 4
+
+
+@njit(nogil=True, cache=True)
+def _inverse_rms(x, eps):
+    """1 / sqrt(mean(x^2) + eps) of a float32 row, the mean rounded to float32 as the reference's is."""
+    total = 0.0
+    for j in range(x.shape[0]):
+        value = np.float64(x[j])
+        total += value * value
+    mean = np.float32(total / x.shape[0])
+    return np.float32(1.0) / np.sqrt(mean + eps)
+
+
+@njit(nogil=True, cache=True)
+def _normalize(x, weight, offset, eps, out):
+    """out = (x * rsqrt(mean(x^2) + eps)) * factor, factor = 1 + weight (offset) or weight."""
+    inverse = _inverse_rms(x, eps)
+    for j in range(x.shape[0]):
+        factor = np.float32(1.0) + weight[j] if offset else weight[j]
+        out[j] = (x[j] * inverse) * factor
+
+
+@njit(nogil=True, cache=True)
+def _rms_norm(x, weight, offset, eps, out):
+    for i in range(x.shape[0]):
+        _normalize(x[i], weight, offset, eps, out[i])
+
+
+@njit(nogil=True, cache=True)
+def _add_rms_norm(residual, branch, branch_weight, branch_norm, weight, norm, offset, eps, summed, normed):
+    for i in range(residual.shape[0]):
+        if branch_norm:
+            _normalize(branch[i], branch_weight, offset, eps, summed[i])
+            for j in range(residual.shape[1]):
+                summed[i, j] = residual[i, j] + summed[i, j]
+        else:
+            for j in range(residual.shape[1]):
+                summed[i, j] = residual[i, j] + branch[i, j]
+        if norm:
+            _normalize(summed[i], weight, offset, eps, normed[i])
+
+
+@njit(nogil=True, cache=True)
+def _qk_norm_rope(qkv, count, heads, q_weight, k_weight, norm, offset, eps, cos, sin, out):
+    """qkv (N, width, D); the first `count` heads (q's `heads`, then k's) normed and rotated into out
+    (N, count, D); cos, sin (N, D)."""
+    half = qkv.shape[2] // 2
+    for n in range(qkv.shape[0]):
+        for h in range(count):
+            row = out[n, h]
+            if norm:
+                _normalize(qkv[n, h], q_weight if h < heads else k_weight, offset, eps, row)
+            else:
+                row[:] = qkv[n, h]
+            low = row[:half].copy()  # rotate_half(x) = (-x[half:], x[:half])
+            for j in range(half):
+                row[j] = row[j] * cos[n, j] + (-row[j + half]) * sin[n, j]
+            for j in range(half, 2 * half):
+                row[j] = row[j] * cos[n, j] + low[j - half] * sin[n, j]
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, start: Tensor, length: Tensor,
+                     scale: float) -> Tensor:
+    """Attention of R one-token queries over their own keys in the paged cache, read in place (no gather).
+
+    q (R, H, D) float32; keys, values (num_blocks, block_size, KV, D) float32, H a multiple of KV (query
+    head h reads key head h // (H / KV)); blocks (R, nb) int64 block ids; start, length (R,) int64: row r
+    reads positions start[r] .. start[r] + length[r] - 1 of the concatenation of its blocks (length >= 1).
+    Returns (R, H, D) float32: softmax(scale * q k^T) v per row and head. The dot products and sums may
+    be reassociated (vectorised); the exponentials and the division are exact float32 operations."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _decode_attention(q.detach().contiguous().numpy(), keys.numpy(), values.numpy(), blocks.numpy(),
+                      start.numpy(), length.numpy(), np.float32(scale), out.numpy())
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _decode_attention(q, keys, values, blocks, start, length, scale, out):
+    rows, heads, dim = q.shape
+    size, kv_heads = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    for r in range(rows):
+        n = length[r]
+        scores = np.empty((heads, n), np.float32)
+        for p in range(n):
+            position = start[r] + p
+            block, offset = blocks[r, position // size], position % size
+            for h in range(heads):
+                key = keys[block, offset, h // group]
+                total = np.float32(0.0)
+                for d in range(dim):
+                    total += q[r, h, d] * key[d]
+                scores[h, p] = total * scale
+        for h in range(heads):
+            largest = scores[h, 0]
+            for p in range(1, n):
+                if scores[h, p] > largest:
+                    largest = scores[h, p]
+            total = np.float32(0.0)
+            for p in range(n):
+                weight = np.exp(scores[h, p] - largest)
+                scores[h, p] = weight
+                total += weight
+            accumulator = out[r, h]
+            accumulator[:] = 0.0
+            for p in range(n):
+                position = start[r] + p
+                value = values[blocks[r, position // size], position % size, h // group]
+                weight = scores[h, p]
+                for d in range(dim):
+                    accumulator[d] += weight * value[d]
+            inverse = np.float32(1.0) / total
+            for d in range(dim):
+                accumulator[d] *= inverse

@@ -1,0 +1,141 @@
+"""lm.layers.fused: the CPU kernels against the ATen arithmetic they replace (and a float64 reference),
+and the cases where the callers must keep ATen."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.attention import sdpa
+from lm.layers import Attention, RMSNorm, add_norm, fused, rotate
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape, scale=1.0):
+    return torch.randn(*shape, generator=GEN) * scale
+
+
+def aten_norm(norm: RMSNorm, x):
+    with torch.inference_mode():
+        original = fused.usable
+        fused.usable = lambda *tensors: False
+        try:
+            return norm(x)
+        finally:
+            fused.usable = original
+
+
+@pytest.mark.parametrize("offset", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 640), (2, 7, 64), (3, 5)])
+def test_rms_norm_matches_aten_and_float64(offset, shape):
+    norm = RMSNorm(shape[-1], 1e-6, offset=offset)
+    norm.weight.data = randn(shape[-1])
+    x = randn(*shape, scale=30.0)
+    with torch.inference_mode():
+        ours = norm(x)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    factor = (1 + norm.weight.double()) if offset else norm.weight.double()
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * factor
+    reference = aten_norm(norm, x)
+    # within a few float32 ulps of the exact result, as the ATen path is
+    bound = 4 * torch.finfo(torch.float32).eps * exact.abs().max()
+    assert (ours.double() - exact).abs().max() <= bound
+    assert (reference.double() - exact).abs().max() <= bound
+
+
+@pytest.mark.parametrize("offset", [True, False])
+@pytest.mark.parametrize("norms", ["both", "branch only", "next only"])
+def test_add_norm_matches_the_separate_calls(offset, norms):
+    branch_norm = RMSNorm(48, 1e-6, offset=offset) if norms != "next only" else None
+    next_norm = RMSNorm(48, 1e-6, offset=offset) if norms != "branch only" else None
+    for norm in (branch_norm, next_norm):
+        if norm is not None:
+            norm.weight.data = randn(48)
+    residual, branch = randn(2, 3, 48, scale=4.0), randn(2, 3, 48, scale=4.0)
+    with torch.inference_mode():
+        summed, normed = add_norm(residual, branch, branch_norm, next_norm)
+        expected = residual + (aten_norm(branch_norm, branch) if branch_norm is not None else branch)
+        torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-6)
+        if next_norm is None:
+            assert normed is None
+        else:
+            torch.testing.assert_close(normed, aten_norm(next_norm, expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [True, False, None])  # None: no q/k norm (Qwen 2), rotation only
+def test_qk_norm_rope_matches_the_separate_calls(offset):
+    heads, kv_heads, dim = 4, 2, 16
+    attention = Attention(0, hidden_size=32, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, scale=0.25,
+                          qk_norm_eps=None if offset is None else 1e-6, norm_offset=bool(offset))
+    if offset is not None:
+        attention.q_norm.weight.data, attention.k_norm.weight.data = randn(dim), randn(dim)
+    qkv, cos, sin = randn(2, 3, heads + 2 * kv_heads, dim, scale=5.0), randn(2, 3, dim), randn(2, 3, dim)
+    with torch.inference_mode():
+        qk = qkv[:, :, :heads + kv_heads]
+        if offset is not None:
+            qk = attention._qk_norm(qk)
+        expected = rotate(qk, cos[:, :, None], sin[:, :, None])
+        weights = (None, None) if offset is None else (attention.q_norm.weight, attention.k_norm.weight)
+        ours = fused.qk_norm_rope(qkv, heads, kv_heads, *weights, 1e-6, bool(offset), cos, sin)
+    if offset is None:
+        assert torch.equal(ours, expected)  # the same float32 operations in the same order
+    else:
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def paged(num_blocks=12, size=4, kv_heads=2, dim=8):
+    return randn(num_blocks, size, kv_heads, dim), randn(num_blocks, size, kv_heads, dim)
+
+
+def gathered_attention(q, keys, values, blocks, start, length, scale):
+    """Each row over its own positions, gathered and through SDPA (the path of other devices)."""
+    rows, heads, dim = q.shape
+    out = []
+    for r in range(rows):
+        k = keys[blocks[r]].flatten(0, 1)[start[r]:start[r] + length[r]]  # (L, KV, D)
+        v = values[blocks[r]].flatten(0, 1)[start[r]:start[r] + length[r]]
+        out.append(sdpa(q[r][None, :, None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, scale)[0, :, 0])
+    return torch.stack(out)
+
+
+def test_decode_attention_reads_each_rows_positions_in_place():
+    keys, values = paged()
+    q = randn(3, 4, 8, scale=2.0)  # 4 query heads over 2 key heads
+    blocks = torch.tensor([[3, 7, 9], [5, 6, 6], [0, 11, 2]])  # padded with a repeated block, as the runner does
+    start, length = torch.tensor([0, 1, 6]), torch.tensor([12, 5, 1])  # a window's start; a single key
+    ours = fused.decode_attention(q, keys, values, blocks, start, length, 0.35)
+    torch.testing.assert_close(ours, gathered_attention(q, keys, values, blocks, start, length, 0.35),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[2], values[11, 2].repeat_interleave(2, dim=0))  # one key: its value exactly
+
+
+def test_decode_attention_a_non_finite_row_spoils_only_itself():
+    keys, values = paged()
+    q = randn(2, 4, 8)
+    blocks, start, length = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 0]), torch.tensor([8, 7])
+    clean = fused.decode_attention(q, keys, values, blocks, start, length, 0.5)
+    q[0, 1, 3] = float("nan")
+    dirty = fused.decode_attention(q, keys, values, blocks, start, length, 0.5)
+    assert torch.isnan(dirty[0, 1]).all() and torch.equal(dirty[1], clean[1])
+
+
+def test_the_callers_keep_aten_where_the_kernels_do_not_apply():
+    small = torch.ones(2, 8)
+    assert fused.usable(small)
+    assert not fused.usable(small.to(torch.bfloat16))
+    assert not fused.usable(torch.ones(fused.FUSED_MAX_ELEMENTS + 1))
+    assert not fused.usable(torch.ones(4, requires_grad=True))  # autograd records through ATen
+    with torch.no_grad():
+        assert fused.usable(torch.ones(4, requires_grad=True))
+    norm = RMSNorm(8, 1e-6, offset=True)
+    x = torch.randn(2, 8, requires_grad=True)
+    norm(x).sum().backward()  # the ATen path, differentiable
+    assert x.grad is not None and norm.weight.grad is not None
+    bf16 = norm.to(torch.bfloat16)(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert bf16.dtype == torch.bfloat16
+    assert not fused.reads_in_place(torch.ones(1, 2, 1, 8), torch.ones(4, 2, 1, 8, dtype=torch.bfloat16))
+
+
+def test_kernels_compile_ahead():
+    fused.compile_fused_kernels()  # the engine's start calls it: no first-step compilation
+    torch.testing.assert_close(fused.rms_norm(torch.ones(1, 4), torch.zeros(4), 0.0, True), torch.ones(1, 4))
