@@ -7,7 +7,8 @@ per request (`PagedAttention`): each chunk's keys and values are written into it
 queries attend over that request's positions only, gathered from its block table, so attention costs
 each request its own context length, never the batch's longest, and no request reads another's memory.
 Decode rows of similar length share one call, each masked to its own keys and padded to at most twice
-its own blocks.
+its own blocks; on the CPU with a float32 cache the rows instead read their own positions where they lie
+(lm.layers.fused.decode_attention): no gather, no padding.
 """
 
 from __future__ import annotations
