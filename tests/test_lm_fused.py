@@ -139,3 +139,33 @@ def test_the_callers_keep_aten_where_the_kernels_do_not_apply():
 def test_kernels_compile_ahead():
     fused.compile_fused_kernels()  # the engine's start calls it: no first-step compilation
     torch.testing.assert_close(fused.rms_norm(torch.ones(1, 4), torch.zeros(4), 0.0, True), torch.ones(1, 4))
+
+
+def test_inputs_that_broadcast_or_are_empty_take_aten():
+    """The kernels take exact shapes (numba checks no bounds): RoPE tables of one batch row for a batch
+    of three, a branch broadcast over the residual, a norm of width 0 all go to ATen, and agree with it."""
+    heads, kv_heads, dim = 2, 1, 8
+    attention = Attention(0, hidden_size=16, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, scale=0.3,
+                          qk_norm_eps=1e-6, norm_offset=True)
+    attention.fuse_projections()
+    x, cos, sin = randn(3, 4, 16), randn(1, 4, dim), randn(1, 4, dim)  # tables broadcast over the batch
+
+    class Keep:  # an AttentionContext returning q: what reaches attention is what is compared
+        def attend(self, layer_idx, q, k, v, scale):
+            return q
+
+    with torch.inference_mode():
+        ours = attention(x, cos, sin, Keep())
+        original = fused.usable
+        fused.usable = lambda *tensors: False
+        try:
+            expected = attention(x, cos, sin, Keep())
+        finally:
+            fused.usable = original
+    torch.testing.assert_close(ours, expected)
+    norm = RMSNorm(16, 1e-6, offset=False)
+    with torch.inference_mode():
+        summed, normed = add_norm(randn(3, 4, 16), randn(1, 4, 16), None, norm)  # branch broadcast
+        assert summed.shape == (3, 4, 16)
+        torch.testing.assert_close(normed, aten_norm(norm, summed))
+        assert RMSNorm(0, 1e-6, offset=True)(torch.ones(2, 0)).shape == (2, 0)

@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if fused.usable(x, self.weight):  # few float32 rows on the CPU: one call (lm.layers.fused)
+        if fused.usable(x, self.weight) and self.weight.shape == x.shape[-1:]:  # few float32 rows on the CPU
             return fused.rms_norm(x, self.weight, self.eps, self.offset)
         if self.offset:  # one fused kernel: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32
             factor = 1.0 + self.weight.float()
@@ -89,8 +89,8 @@ def add_norm(residual: Tensor, branch: Tensor, branch_norm: RMSNorm | None,
     branch, then the next pre-norm; Qwen's add, then the next pre-norm), in one call where
     lm.layers.fused takes the tensors. residual, branch (..., hidden), the model dtype."""
     norms = [n for n in (branch_norm, norm) if n is not None]
-    if norms and fused.usable(residual, branch, *(n.weight for n in norms)) \
-            and len({(n.eps, n.offset) for n in norms}) == 1:
+    if norms and fused.usable(residual, branch, *(n.weight for n in norms)) and residual.shape == branch.shape \
+            and all(n.weight.shape == residual.shape[-1:] for n in norms) and len({(n.eps, n.offset) for n in norms}) == 1:
         return fused.add_rms_norm(residual, branch, None if branch_norm is None else branch_norm.weight,
                                   None if norm is None else norm.weight, norms[0].eps, norms[0].offset)
     summed = residual + (branch if branch_norm is None else branch_norm(branch))
@@ -230,7 +230,8 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x).reshape(batch, length, heads + 2 * kv_heads, head_dim)
             qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
             norms = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-            if fused.usable(qkv, cos, sin, *norms):  # norm and rotation in one call (lm.layers.fused)
+            if fused.usable(qkv, cos, sin, *norms) and cos.shape == sin.shape == (batch, length, head_dim) \
+                    and all(w.shape == (head_dim,) for w in norms):  # norm and rotation in one call (lm.layers.fused)
                 qk = fused.qk_norm_rope(qkv, heads, kv_heads, *(norms or (None, None)),
                                         self.q_norm.eps if norms else 0.0, bool(norms) and self.q_norm.offset,
                                         cos, sin)

@@ -7,10 +7,13 @@ here does one such group of calls in one pass, on float32 CPU tensors of at most
 (above that ATen's multi-threaded kernels win, and they are used). The arithmetic is the reference's,
 operation by operation in float32 (transformers Gemma3RMSNorm / Qwen3RMSNorm, apply_rotary_pos_emb),
 except that the sum of squares of a norm is accumulated in float64 before its mean is rounded to float32
-(ATen sums in float32 lanes; both round the same exact mean, to within an ulp).
+(ATen sums in float32 lanes; both round the same exact mean, to within an ulp). Where float32's sum of
+squares would overflow and its mean would not (|x| around 1e18 to 1e19 at 640 wide) the norm stays finite,
+where ATen's (and the reference's) rsqrt(inf) gives 0.
 
 `usable` decides per call; the callers (lm.layers) keep the ATen path for everything else: CUDA, other
-dtypes, large inputs, and autograd (the kernels are inference only).
+dtypes, large inputs, inputs that would broadcast (the kernels take exact shapes and check none: the
+callers do), and autograd (the kernels are inference only).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ FUSED_MAX_ELEMENTS = 1 << 16  # per input: beyond this ATen's 2-thread kernels a
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether the fused kernels may take these tensors: float32, on the CPU, at most FUSED_MAX_ELEMENTS
-    each, and no autograd graph to record."""
+    """Whether the fused kernels may take these tensors: float32, on the CPU, 1 to FUSED_MAX_ELEMENTS
+    elements each, and no autograd graph to record. (Shapes are the caller's to check.)"""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() <= FUSED_MAX_ELEMENTS
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and 0 < t.numel() <= FUSED_MAX_ELEMENTS
                for t in tensors)
 
 
@@ -69,7 +72,8 @@ def qk_norm_rope(qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None
                  eps: float, offset: bool, cos: Tensor, sin: Tensor) -> Tensor:
     """Per-head RMSNorm of q (q_weight) and k (k_weight) when given, then RoPE (rotate-half convention),
     of a fused projection's output. qkv (B, T, heads + 2 * kv_heads, D): q's heads, then k's, then v's;
-    cos, sin (B, T, D). Returns (B, T, heads + kv_heads, D): q's heads, then k's (v is left in qkv)."""
+    cos, sin exactly (B, T, D) (no broadcasting), weights (D,). Returns (B, T, heads + kv_heads, D): q's
+    heads, then k's (v is left in qkv)."""
     batch, length, width, dim = qkv.shape
     out = torch.empty(batch, length, heads + kv_heads, dim, dtype=torch.float32)
     empty = np.empty(0, np.float32)
@@ -159,8 +163,9 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, st
     q (R, H, D) float32; keys, values (num_blocks, block_size, KV, D) float32, H a multiple of KV (query
     head h reads key head h // (H / KV)); blocks (R, nb) int64 block ids; start, length (R,) int64: row r
     reads positions start[r] .. start[r] + length[r] - 1 of the concatenation of its blocks (length >= 1).
-    Returns (R, H, D) float32: softmax(scale * q k^T) v per row and head. The dot products and sums may
-    be reassociated (vectorised); the exponentials and the division are exact float32 operations."""
+    Returns (R, H, D) float32: softmax(scale * q k^T) v per row and head, the weighted sum of values
+    multiplied by 1 / (sum of weights). The dot products and sums may be reassociated (vectorised).
+    Shapes are not checked (numba does not bound-check): the caller passes consistent ones."""
     out = torch.empty(q.shape, dtype=torch.float32)
     _decode_attention(q.detach().contiguous().numpy(), keys.numpy(), values.numpy(), blocks.numpy(),
                       start.numpy(), length.numpy(), np.float32(scale), out.numpy())
