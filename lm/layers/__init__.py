@@ -89,8 +89,9 @@ def add_norm(residual: Tensor, branch: Tensor, branch_norm: RMSNorm | None,
     branch, then the next pre-norm; Qwen's add, then the next pre-norm), in one call where
     lm.layers.fused takes the tensors. residual, branch (..., hidden), the model dtype."""
     norms = [n for n in (branch_norm, norm) if n is not None]
-    if norms and fused.usable(residual, branch, *(n.weight for n in norms)) and residual.shape == branch.shape \
-            and all(n.weight.shape == residual.shape[-1:] for n in norms) and len({(n.eps, n.offset) for n in norms}) == 1:
+    same_shapes = residual.shape == branch.shape and all(n.weight.shape == residual.shape[-1:] for n in norms)
+    if norms and same_shapes and fused.usable(residual, branch, *(n.weight for n in norms)) \
+            and len({(n.eps, n.offset) for n in norms}) == 1:
         return fused.add_rms_norm(residual, branch, None if branch_norm is None else branch_norm.weight,
                                   None if norm is None else norm.weight, norms[0].eps, norms[0].offset)
     summed = residual + (branch if branch_norm is None else branch_norm(branch))
