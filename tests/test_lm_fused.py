@@ -169,3 +169,13 @@ def test_inputs_that_broadcast_or_are_empty_take_aten():
         assert summed.shape == (3, 4, 16)
         torch.testing.assert_close(normed, aten_norm(norm, summed))
         assert RMSNorm(0, 1e-6, offset=True)(torch.ones(2, 0)).shape == (2, 0)
+
+
+def test_decode_rows_read_in_place_whatever_the_step_holds():
+    """The decode rows take the in-place kernel however many prompt tokens share their step (q of any
+    size), so a row's attention does not depend on its batch; other dtypes, devices and autograd do not."""
+    keys = torch.ones(4, 2, 1, 8)
+    assert fused.reads_in_place(torch.ones(1, 4, 4096, 8), keys)  # 131,072 elements: beyond the others' cap
+    assert not fused.reads_in_place(torch.ones(1, 4, 1, 8, dtype=torch.bfloat16), keys)
+    assert not fused.reads_in_place(torch.ones(1, 4, 1, 8), keys.to(torch.bfloat16))
+    assert not fused.reads_in_place(torch.ones(1, 4, 1, 8, requires_grad=True), keys)

@@ -37,8 +37,10 @@ def usable(*tensors: Tensor) -> bool:
 
 def reads_in_place(q: Tensor, keys: Tensor) -> bool:
     """Whether `decode_attention` may take queries q and a paged cache of `keys`: both float32 on the
-    CPU, no autograd graph to record (the cache itself is of any size)."""
-    return usable(q) and keys.dtype == torch.float32 and keys.device.type == "cpu"
+    CPU, no autograd graph to record. Of any size: the decode rows are taken out of q, whatever else the
+    step holds, so a row's attention does not depend on what it is batched with."""
+    return not (torch.is_grad_enabled() and q.requires_grad) and q.dtype == keys.dtype == torch.float32 \
+        and q.device.type == keys.device.type == "cpu"
 
 
 def _rows(x: Tensor) -> np.ndarray:
