@@ -104,12 +104,21 @@ def greedy_and_finite(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     layout in which torch's argmax and sum read a row with a stride of R: for R = 64 at the Gemma 3
     vocabulary they take ~70-90 ms together, the kernel below ~3 ms (2-core dev machine; ~2 vs ~5 ms at
     16 rows, parity at 8). Above 8 such rows one pass of that kernel decides both (a value is finite
-    exactly when x - x == 0); otherwise torch's argmax and `finite_rows`."""
+    exactly when x - x == 0). Up to 8 rows numpy's argmax (the same first maximum; 18 against 220 us for
+    one row of the Gemma 3 vocabulary, 1.1 against 1.3 ms for 8) and `finite_rows`; torch's argmax
+    elsewhere (other devices and dtypes)."""
     rows = logits.shape[0]
     columns = logits.T
-    if rows > 8 and logits.device.type == "cpu" and logits.dtype == torch.float32 and columns.is_contiguous():
-        choices, finite = _argmax_columns(columns.numpy())
-        return choices.tolist(), finite.tolist()
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        if rows > 8 and columns.is_contiguous():
+            choices, finite = _argmax_columns(columns.detach().numpy())
+            return choices.tolist(), finite.tolist()
+        if rows <= 8 and (columns.is_contiguous() or logits.is_contiguous()):
+            if columns.is_contiguous():
+                choices = columns.detach().numpy().argmax(axis=0)
+            else:
+                choices = logits.detach().numpy().argmax(axis=1)
+            return choices.tolist(), finite_rows(logits)
     return torch.argmax(logits, dim=-1).tolist(), finite_rows(logits)
 
 

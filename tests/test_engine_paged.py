@@ -220,14 +220,19 @@ def _spy_decode(monkeypatch, path: str) -> list[tuple[int, list[int], bool]]:
             return original(q, k, v, mask, scale)
 
         monkeypatch.setattr(model_runner, "sdpa", spy)
-    else:
-        original = fused.decode_attention
+    else:  # decode rows with prompt chunks in their step: decode_attention; alone: decode_rows_attention
+        original, original_rows = fused.decode_attention, fused.decode_rows_attention
 
         def spy(q, keys, values, blocks, start, length, scale):
             calls.append((q.shape[0], length.tolist(), False))
             return original(q, keys, values, blocks, start, length, scale)
 
+        def spy_rows(qkv, *args):
+            calls.append((qkv.shape[0], args[-2].tolist(), False))  # args[-2]: length
+            return original_rows(qkv, *args)
+
         monkeypatch.setattr(fused, "decode_attention", spy)
+        monkeypatch.setattr(fused, "decode_rows_attention", spy_rows)
     return calls
 
 
@@ -248,20 +253,27 @@ def test_decode_cost_follows_each_requests_own_context(model_and_config, monkeyp
 
 
 @pytest.mark.parametrize("path", ["in_place", "gathered"])
-def test_decode_rows_of_similar_length_attend_in_one_batch(model_and_config, monkeypatch, path):
-    """Decode rows whose block counts are within PagedAttention.BATCH_SPREAD of each other share one
-    call (gathered: one gather and one SDPA, padded and masked to each row's own keys), and each still
-    equals its request computed alone; a row with many more blocks gets a call of its own."""
+def test_decode_rows_share_calls_without_reading_each_others_keys(model_and_config, monkeypatch, path):
+    """Gathered (one gather and one SDPA per call, padded and masked to each row's own keys): decode rows
+    whose block counts are within PagedAttention.BATCH_SPREAD of each other share a call, and a row with
+    many more blocks gets one of its own. Read in place (float32 CPU), where nothing is padded, every
+    decode row of a step is one call. Either way each row reads only its own keys and equals its request
+    computed alone."""
     model, config = model_and_config
     engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
     calls = _spy_decode(monkeypatch, path)
     requests = [GenerationRequest(prompt_of(length, 50 + length), SamplingParams(max_new_tokens=6))
                 for length in (9, 11, 14, 16, 80)]
     handles = run(engine, requests)
-    together = [(lengths, masked) for rows, lengths, masked in calls if rows == 4]  # the four short requests
-    assert together and all(masked or path == "in_place" for _, masked in together)
-    assert max(keys for lengths, _ in together for keys in lengths) < 40  # never padded to the long one
-    assert any(rows == 1 and max(lengths) > 80 for rows, lengths, _ in calls)  # the long one alone
+    if path == "gathered":
+        together = [(lengths, masked) for rows, lengths, masked in calls if rows == 4]  # the four short requests
+        assert together and all(masked for _, masked in together)
+        assert max(keys for lengths, _ in together for keys in lengths) < 40  # never padded to the long one
+        assert any(rows == 1 and max(lengths) > 80 for rows, lengths, _ in calls)  # the long one alone
+    else:
+        together = [sorted(lengths) for rows, lengths, _ in calls if rows == 5]  # all five in one call
+        assert together and all(lengths[3] < 40 for lengths in together)  # the short rows' own keys
+        assert any(lengths[4] > 80 for lengths in together)  # and the long one's, in the full layers
     for request, handle in zip(requests, handles):
         assert handle.result().token_ids == greedy_alone(model, config, request)
 

@@ -179,3 +179,69 @@ def test_decode_rows_read_in_place_whatever_the_step_holds():
     assert not fused.reads_in_place(torch.ones(1, 4, 1, 8, dtype=torch.bfloat16), keys)
     assert not fused.reads_in_place(torch.ones(1, 4, 1, 8), keys.to(torch.bfloat16))
     assert not fused.reads_in_place(torch.ones(1, 4, 1, 8, requires_grad=True), keys)
+
+
+@pytest.mark.parametrize("offset", [True, False, None])  # None: no q/k norm (Qwen 2)
+def test_decode_rows_attention_equals_the_three_calls_it_replaces(offset):
+    """Norm and rotation, the cache write, then attention over each row's own positions, in one call:
+    bit for bit what qk_norm_rope, index_copy_ into the cache and decode_attention give one after
+    another, the new keys included (GQA, a window's start, rows of different lengths)."""
+    heads, kv_heads, dim, size = 4, 2, 8, 4
+    weights = (None, None) if offset is None else (randn(dim), randn(dim))
+    qkv, cos, sin = randn(3, heads + 2 * kv_heads, dim, scale=3.0), randn(3, dim), randn(3, dim)
+    keys, values = paged(size=size, kv_heads=kv_heads, dim=dim)
+    blocks = torch.tensor([[3, 7, 9], [5, 6, 6], [0, 11, 2]])
+    start, length = torch.tensor([0, 1, 6]), torch.tensor([11, 5, 1])
+    slots = torch.stack([blocks[r, (start[r] + length[r] - 1) // size] * size + (start[r] + length[r] - 1) % size
+                         for r in range(3)])  # each row's new token: its last position
+    expected_keys, expected_values = keys.clone(), values.clone()
+    with torch.inference_mode():
+        qk = fused.qk_norm_rope(qkv[None], heads, kv_heads, *weights, 1e-6, bool(offset), cos[None], sin[None])[0]
+        expected_keys.view(-1, kv_heads, dim).index_copy_(0, slots, qk[:, heads:])
+        expected_values.view(-1, kv_heads, dim).index_copy_(0, slots, qkv[:, heads + kv_heads:])
+        expected = fused.decode_attention(qk[:, :heads], expected_keys, expected_values, blocks, start, length, 0.3)
+        ours = fused.decode_rows_attention(qkv, heads, kv_heads, *weights, 1e-6, bool(offset), cos, sin, keys,
+                                           values, slots, blocks, start, length, 0.3)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert torch.equal(ours, expected.reshape(3, heads * dim))
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
+def test_gated_activation_matches_aten_and_float64(activation):
+    """act(gate) * up from a fused gate/up output: as close to ATen's as ATen's own rounding of the
+    float32 formula (its tanh and exp are vectorised approximations, numba's libm's; both lose the same
+    bits in 1 + tanh for large negative inputs), and to the float64 formula; a NaN stays in its place."""
+    from lm.layers import ACTIVATIONS
+
+    gate_up = randn(3, 2, 2 * 96, scale=4.0)
+    gate_up[0, 0, :4] = torch.tensor([30.0, -30.0, 0.0, -0.0])
+    gate_up[2, 1, 5] = float("nan")
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.inference_mode():
+        ours = fused.gated_activation(gate_up, activation)
+        expected = ACTIVATIONS[activation](gate) * up
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-5, equal_nan=True)
+    g, u = gate.double(), up.double()
+    if activation == "silu":
+        exact = g * torch.sigmoid(g)
+    else:
+        exact = 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)))
+    torch.testing.assert_close(ours.double(), exact * u, rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert (ours - expected).abs().nan_to_num().max() <= (expected.double() - exact * u).abs().nan_to_num().max() * 2
+
+
+def test_the_gated_mlp_takes_the_kernel_and_agrees_with_aten():
+    from lm.layers import GatedMLP
+
+    mlp = GatedMLP(16, 24, "gelu_pytorch_tanh")
+    mlp.fuse_projections()
+    x = randn(2, 3, 16)
+    with torch.inference_mode():
+        ours = mlp(x)
+        original = fused.usable
+        fused.usable = lambda *tensors: False
+        try:
+            expected = mlp(x)
+        finally:
+            fused.usable = original
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)

@@ -178,6 +178,31 @@ def test_left_padding_does_not_change_real_tokens(ours):
     assert (with_padding[:, pad:] - alone).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("kernels", ["fused", "aten"])  # aten: the path of other devices and dtypes
+@pytest.mark.parametrize("length", [1, 40])
+def test_the_decoder_loop_equals_each_layer_then_the_final_norm(ours, length, kernels, monkeypatch):
+    """lm.layers.run_decoder computes each layer's closing add and the next layer's input norm (the
+    final norm after the last) in one call: bit for bit what each layer's forward, one after another,
+    then the final norm give."""
+    from lm.layers import fused
+    from lm.models.base import FULL, SLIDING
+
+    if kernels == "aten":
+        monkeypatch.setattr(fused, "usable", lambda *tensors: False)
+    config, model = ours
+    ids = torch.tensor([_prompt(6, [length])])[:, :length]
+    positions = torch.arange(ids.shape[1])[None]
+    attention = FullAttention(config, positions)
+    with torch.inference_mode():
+        got = model(ids, positions, attention)
+        x = model.embed_inputs(ids, None, None)
+        tables = {kind: model.rope[kind].tables(positions, x.dtype) for kind in model.rope}
+        for layer in model.layers:
+            x = layer(x, *tables[FULL if layer.is_global else SLIDING], attention)
+        expected = model.norm(x)
+    assert torch.equal(got, expected)
+
+
 def test_placeholder_count_mismatch_is_an_error(ours):
     config, model = ours
     ids = torch.tensor([_prompt(6, [5, ("image", 0), 5])])

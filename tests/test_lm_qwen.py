@@ -105,6 +105,27 @@ def test_logits_equal_the_reference_at_every_position(checkpoint, ours):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "aten"])  # aten: the path of other devices and dtypes
+@pytest.mark.parametrize("length", [1, 40])
+def test_the_decoder_loop_equals_each_layer_then_the_final_norm(ours, length, kernels, monkeypatch):
+    """lm.layers.run_decoder computes each layer's closing add and the next norm in one call: bit for bit
+    what each layer's forward, one after another, then the final norm give."""
+    from lm.layers import fused
+
+    if kernels == "aten":
+        monkeypatch.setattr(fused, "usable", lambda *tensors: False)
+    config, model = ours
+    ids, positions = torch.tensor([_prompt(5, length)]), torch.arange(length)[None]
+    with torch.inference_mode():
+        got = model(ids, positions, FullAttention(config, positions))
+        x = model.embed_tokens(ids)
+        cos, sin = model.rope.tables(positions, x.dtype)
+        for layer in model.layers:
+            x = layer(x, cos, sin, FullAttention(config, positions))
+        expected = model.norm(x)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("paging", ["default", "tight"])
 def test_engine_greedy_tokens_equal_the_reference_with_chunked_prefill_and_batching(checkpoint, ours, paging):
     """Three prompts (one longer than a prefill chunk) decoded together; the reference, given each prompt

@@ -63,7 +63,10 @@ class PagedAttention:
     One-token chunks (decode rows) of similar length attend together: their blocks are gathered into one
     padded (R, blocks * block_size) batch per group with a mask of each row's [lo, end), so a step of R
     decode rows makes one gather and one SDPA call per layer instead of R. A batch holds rows whose
-    block counts are within BATCH_SPREAD of its shortest, so padding at most doubles a row's work."""
+    block counts are within BATCH_SPREAD of its shortest, so padding at most doubles a row's work. A
+    float32 CPU cache is read in place, each row over its own positions (lm.layers.fused), so there
+    every decode row goes in one batch, and a step of decode rows alone can take the layer's attention
+    from its fused projection on (`attend_decode_rows`)."""
 
     BATCH_SPREAD = 2
 
@@ -71,6 +74,7 @@ class PagedAttention:
         self.storage, self.layout = storage, layout
         size = layout.block_size
         dtype = storage.keys[0].dtype  # masks are additive in it, built once for every layer
+        self.spread = None if dtype == torch.float32 and storage.keys[0].device.type == "cpu" else self.BATCH_SPREAD
         self.num_tokens = sum(chunk.num_tokens for chunk in chunks)
         self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
         a = 0
@@ -115,7 +119,7 @@ class PagedAttention:
         plan = []
         singles = sorted((i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1), key=lambda i: spans[i][1])
         while singles:
-            batch = [i for i in singles if spans[i][1] <= self.BATCH_SPREAD * spans[singles[0]][1]]
+            batch = [i for i in singles if self.spread is None or spans[i][1] <= self.spread * spans[singles[0]][1]]
             singles = singles[len(batch):]
             width = spans[batch[-1]][1]
             batch.sort()  # in packed order: a batch of every row needs no reordering
@@ -140,6 +144,25 @@ class PagedAttention:
         k_tile = _tiles_at(tiles, lo, chunk.end)[None]
         allowed = attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
         return additive_mask(allowed, dtype)
+
+    def attend_decode_rows(self, layer_idx: int, qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None,
+                           k_weight: Tensor | None, eps: float, offset: bool, cos: Tensor, sin: Tensor,
+                           scale: float) -> Tensor | None:
+        """`attend` for a step of decode rows only, from one step before it: qkv (1, N, H + 2 KV, D), the
+        fused projection's output, and the q/k norm (weights (D,) or None, eps, offset) and RoPE tables
+        cos, sin (1, N, D) to apply first. On a float32 CPU cache the norm, rotation, cache write and
+        attention are one call (lm.layers.fused.decode_rows_attention): returns (1, N, H * D). None for
+        any other step or storage: the caller norms, rotates and calls `attend`."""
+        g, j = self.layout.placement[layer_idx]
+        keys, values = self.storage.keys[j], self.storage.values[j]
+        batches = self.batches[g]
+        if self.reads[g] or len(batches) != 1 or len(batches[0][0]) != self.num_tokens \
+                or not fused.reads_in_place(qkv, keys):
+            return None
+        _, blocks, _, start, length = batches[0]  # one batch of every row, in packed order
+        out = fused.decode_rows_attention(qkv[0], heads, kv_heads, q_weight, k_weight, eps, offset, cos[0], sin[0],
+                                          keys, values, self.slots[g], blocks, start, length, scale)
+        return out[None]
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q (1, H, N, D); k, v (1, KV, N, D)

@@ -186,6 +186,21 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ----- attention and MLP ----------------------------------------------------------------------------
 
+def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, attention) -> Tensor:
+    """final_norm(x) after every layer of a pre-norm decoder, x (B, T, hidden). Each layer has an
+    `input_layernorm` and `step(x, normed, cos, sin, attention, next_norm) -> (x, next_norm(x))`, taking
+    its input already normed; `tables(layer)` gives its RoPE (cos, sin). A layer's closing residual add
+    and the norm after it (the next layer's input norm; the final norm after the last layer) are one
+    call (`add_norm`): the same values as the layers' `forward` followed by the final norm."""
+    if not len(layers):
+        return final_norm(x)
+    normed = layers[0].input_layernorm(x)
+    following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
+    for layer, next_norm in zip(layers, following):
+        x, normed = layer.step(x, normed, *tables(layer), attention, next_norm)
+    return normed
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: q/k/v projections (bias optional: Qwen 2), an optional per-head
     RMSNorm of q and k before RoPE (Gemma 3, Qwen 3), RoPE, then the AttentionContext's scaled dot-product
@@ -233,9 +248,16 @@ class Attention(nn.Module):
             norms = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             if fused.usable(qkv, cos, sin, *norms) and cos.shape == sin.shape == (batch, length, head_dim) \
                     and all(w.shape == (head_dim,) for w in norms):  # norm and rotation in one call (lm.layers.fused)
-                qk = fused.qk_norm_rope(qkv, heads, kv_heads, *(norms or (None, None)),
-                                        self.q_norm.eps if norms else 0.0, bool(norms) and self.q_norm.offset,
-                                        cos, sin)
+                norm_args = (*(norms or (None, None)), self.q_norm.eps if norms else 0.0,
+                             bool(norms) and self.q_norm.offset)
+                # A context may take the whole step from here (the paged cache's decode rows: norm, rotation,
+                # cache write and attention in one call); None where it does not.
+                decode_rows = getattr(attention, "attend_decode_rows", None)
+                out = None if decode_rows is None else decode_rows(self.layer_idx, qkv, heads, kv_heads, *norm_args,
+                                                                    cos, sin, self.scale)
+                if out is not None:  # (B, T, H * D)
+                    return self.o_proj(out)
+                qk = fused.qk_norm_rope(qkv, heads, kv_heads, *norm_args, cos, sin)
             else:
                 if self.q_norm is not None:
                     qk = self._qk_norm(qk)
@@ -282,6 +304,7 @@ class GatedMLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP activation {activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[activation]
+        self.activation = activation
         self.gate_proj = linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = linear(intermediate_size, hidden_size, bias=False)
@@ -296,7 +319,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)  # (..., 2 * intermediate): gate's, then up's
+            if fused.usable(gate_up):  # the activation and the product in one call (lm.layers.fused)
+                return self.down_proj(fused.gated_activation(gate_up, self.activation))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)

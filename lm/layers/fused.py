@@ -4,10 +4,14 @@ At the few rows of a decode step every RMSNorm, residual add, q/k norm and rotat
 ATen calls on a few thousand numbers, each costing microseconds of dispatch: ~90 norms and ~36 adds a
 step on the 270M (18 layers), where the arithmetic itself takes well under a microsecond. Each kernel
 here does one such group of calls in one pass, on float32 CPU tensors of at most FUSED_MAX_ELEMENTS
-(above that ATen's multi-threaded kernels win, and they are used). The arithmetic is the reference's,
-operation by operation in float32 (transformers Gemma3RMSNorm / Qwen3RMSNorm, apply_rotary_pos_emb),
-except that the sum of squares of a norm is accumulated in float64 before its mean is rounded to float32
-(ATen sums in float32 lanes; both round the same exact mean, to within an ulp). Where float32's sum of
+(above that ATen's multi-threaded kernels win, and they are used): a norm; a residual add with the norms
+around it; the q/k norm with RoPE; a gated MLP's activation and product; and for decode rows, attention
+over the paged cache read in place, alone or together with the q/k norm, RoPE and the cache write
+before it. The arithmetic is the reference's, operation by operation in float32 (transformers
+Gemma3RMSNorm / Qwen3RMSNorm, apply_rotary_pos_emb, ATen's gelu and silu formulas), except that the sum
+of squares of a norm is accumulated in float64 before its mean is rounded to float32 (ATen sums in
+float32 lanes; both round the same exact mean, to within an ulp), that tanh and exp are libm's (within an
+ulp of ATen's vectorised ones), and that attention's sums may be reassociated. Where float32's sum of
 squares would overflow and its mean would not (|x| around 1e18 to 1e19 at 640 wide) the norm stays finite,
 where ATen's (and the reference's) rsqrt(inf) gives 0.
 
@@ -26,13 +30,18 @@ from torch import Tensor
 FUSED_MAX_ELEMENTS = 1 << 16  # per input: beyond this ATen's 2-thread kernels are faster (2-core dev machine)
 
 
+_GATED = {"gelu_pytorch_tanh": 0, "silu": 1}  # gated_activation's kernel takes the activation as a number
+
+
 def usable(*tensors: Tensor) -> bool:
     """Whether the fused kernels may take these tensors: float32, on the CPU, 1 to FUSED_MAX_ELEMENTS
     elements each, and no autograd graph to record. (Shapes are the caller's to check.)"""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and 0 < t.numel() <= FUSED_MAX_ELEMENTS
-               for t in tensors)
+    for t in tensors:  # a plain loop: this check runs several times per layer and step
+        if t.dtype is not torch.float32 or not t.is_cpu or not 0 < t.numel() <= FUSED_MAX_ELEMENTS:
+            return False
+    return True
 
 
 def reads_in_place(q: Tensor, keys: Tensor) -> bool:
@@ -45,13 +54,18 @@ def reads_in_place(q: Tensor, keys: Tensor) -> bool:
 
 def _rows(x: Tensor) -> np.ndarray:
     """x (..., D) as a C-contiguous float32 (N, D) array sharing x's memory where x is contiguous."""
-    return x.detach().contiguous().view(-1, x.shape[-1]).numpy()
+    return (x if x.is_contiguous() else x.contiguous()).detach().numpy().reshape(-1, x.shape[-1])
+
+
+def _empty(x: Tensor) -> Tensor:
+    """A new contiguous float32 tensor of x's shape."""
+    return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: bool) -> Tensor:
     """x / rms(x) * (1 + weight) (offset) or * weight, over the last dimension; x (..., D), weight (D,),
     float32 CPU (check with `usable`). Returns a new (..., D) tensor."""
-    out = torch.empty(x.shape, dtype=torch.float32)
+    out = _empty(x)
     _rms_norm(_rows(x), weight.detach().numpy(), offset, np.float32(eps), _rows(out))
     return out
 
@@ -61,8 +75,8 @@ def add_rms_norm(residual: Tensor, branch: Tensor, branch_weight: Tensor | None,
     """(s, norm(s)) with s = residual + norm_b(branch): norm_b the RMSNorm of `branch_weight` (None: the
     branch as it is), norm that of `weight` (None: not computed, returned as None); both norms with `eps`
     and `offset` (see rms_norm). residual, branch (..., D) float32 CPU (check with `usable`)."""
-    summed = torch.empty(residual.shape, dtype=torch.float32)
-    normed = torch.empty(residual.shape, dtype=torch.float32) if weight is not None else summed
+    summed = _empty(residual)
+    normed = _empty(residual) if weight is not None else summed
     empty = np.empty(0, np.float32)
     _add_rms_norm(_rows(residual), _rows(branch), empty if branch_weight is None else branch_weight.detach().numpy(),
                   branch_weight is not None, empty if weight is None else weight.detach().numpy(), weight is not None,
@@ -86,6 +100,41 @@ def qk_norm_rope(qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None
     return out
 
 
+def decode_rows_attention(qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
+                          eps: float, offset: bool, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                          slots: Tensor, blocks: Tensor, start: Tensor, length: Tensor, scale: float) -> Tensor:
+    """A decode step's attention between its two projections, in one call: `qk_norm_rope`, the cache
+    write, then `decode_attention`, with the same arithmetic as those calls made one after another.
+
+    qkv (N, heads + 2 * kv_heads, D): a fused projection's output, one token per row; cos, sin (N, D);
+    weights (D,) or None (no q/k norm). Each row's k and v are written to the paged cache keys, values
+    (num_blocks, block_size, kv_heads, D) at its slot (slots (N,) int64, block * block_size + offset,
+    distinct), then its q attends over positions start[r] .. start[r] + length[r] - 1 of its blocks
+    (blocks (N, nb), start, length (N,) int64, as `decode_attention` reads them), its new key included.
+    Returns (N, heads * D). All float32 on the CPU; shapes are not checked (the caller's)."""
+    rows, width, dim = qkv.shape
+    out = torch.empty(rows, heads * dim, dtype=torch.float32)
+    empty = np.empty(0, np.float32)
+    norm = q_weight is not None
+    _decode_rows_attention(qkv.detach().contiguous().numpy(), heads, kv_heads,
+                           q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty,
+                           norm, offset, np.float32(eps), _rows(cos), _rows(sin), keys.numpy(), values.numpy(),
+                           slots.numpy(), blocks.numpy(), start.numpy(), length.numpy(), np.float32(scale),
+                           out.view(rows, heads, dim).numpy())
+    return out
+
+
+def gated_activation(gate_up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up of a fused gate/up projection's output gate_up (..., 2 * I) (gate's I columns, then
+    up's), float32 CPU: (..., I). `activation` is a lm.layers.ACTIVATIONS name: "gelu_pytorch_tanh"
+    (0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), ATen's order of operations) or "silu"
+    (x / (1 + exp(-x))). tanh and exp are libm's here, within an ulp of ATen's vectorised ones."""
+    shape = gate_up.shape
+    out = torch.empty(*shape[:-1], shape[-1] // 2, dtype=torch.float32)
+    _gated_activation(_rows(gate_up), _GATED[activation], _rows(out))
+    return out
+
+
 def compile_fused_kernels() -> None:
     """Compile (or load from numba's on-disk cache) every kernel now rather than in a first step."""
     x = torch.ones(1, 1, 2, 4)
@@ -97,6 +146,12 @@ def compile_fused_kernels() -> None:
     qk_norm_rope(torch.ones(1, 1, 3, 4), 1, 1, None, None, 1e-6, False, torch.ones(1, 1, 4), torch.ones(1, 1, 4))
     one = torch.ones(1, dtype=torch.int64)
     decode_attention(torch.ones(1, 2, 4), x, x, one[:, None] - 1, one - 1, one, 1.0)  # x: 1 block of 1 x 2 x 4
+    for activation in _GATED:
+        gated_activation(torch.ones(1, 4), activation)
+    cache = torch.zeros(1, 1, 1, 4)
+    for weights in ((w, w), (None, None)):
+        decode_rows_attention(torch.ones(1, 3, 4), 1, 1, *weights, 1e-6, True, torch.ones(1, 4), torch.ones(1, 4),
+                              cache, cache.clone(), one - 1, one[:, None] - 1, one - 1, one, 1.0)
 
 
 @njit(nogil=True, cache=True)
@@ -212,3 +267,37 @@ def _decode_attention(q, keys, values, blocks, start, length, scale, out):
             inverse = np.float32(1.0) / total
             for d in range(dim):
                 accumulator[d] *= inverse
+
+
+@njit(nogil=True, cache=True)
+def _decode_rows_attention(qkv, heads, kv_heads, q_weight, k_weight, norm, offset, eps, cos, sin, keys, values, slots,
+                           blocks, start, length, scale, out):
+    count = heads + kv_heads
+    rows, dim = qkv.shape[0], qkv.shape[2]
+    qk = np.empty((rows, count, dim), np.float32)
+    _qk_norm_rope(qkv, count, heads, q_weight, k_weight, norm, offset, eps, cos, sin, qk)
+    size = keys.shape[1]
+    for r in range(rows):  # every row's key and value first, as the separate calls do
+        block, position = slots[r] // size, slots[r] % size
+        for h in range(kv_heads):
+            keys[block, position, h] = qk[r, heads + h]
+            values[block, position, h] = qkv[r, count + h]
+    # q contiguous, as `decode_attention` passes it: the same compiled kernel, so the same roundings
+    _decode_attention(np.ascontiguousarray(qk[:, :heads]), keys, values, blocks, start, length, scale, out)
+
+
+@njit(nogil=True, cache=True)
+def _gated_activation(gate_up, kind, out):
+    width = out.shape[1]
+    beta = np.float32(np.sqrt(2.0) * (2.0 / np.sqrt(np.pi)) * 0.5)  # ATen's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5
+    kappa = np.float32(0.044715)
+    half, one = np.float32(0.5), np.float32(1.0)
+    for r in range(gate_up.shape[0]):
+        for j in range(width):
+            x = gate_up[r, j]
+            if kind == 0:
+                inner = beta * (x + kappa * (x * x * x))
+                activated = half * x * (one + np.tanh(inner))
+            else:
+                activated = x / (one + np.exp(-x))
+            out[r, j] = activated * gate_up[r, width + j]

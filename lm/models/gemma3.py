@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear
+from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear, run_decoder
 from lm.models.base import FULL, SLIDING, LAYER_TYPES, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)  # GeGLU with the tanh approximation of gelu
@@ -210,9 +210,15 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset=True)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
-        branch = self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return self.step(x, self.input_layernorm(x), cos, sin, attention, None)[0]
+
+    def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
+             next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+        """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
+        branch = self.self_attn(normed, cos, sin, attention)
         x, normed = add_norm(x, branch, self.post_attention_layernorm, self.pre_feedforward_layernorm)
-        return add_norm(x, self.mlp(normed), self.post_feedforward_layernorm, None)[0]
+        return add_norm(x, self.mlp(normed), self.post_feedforward_layernorm, next_norm)
 
 
 class Gemma3TextModel(nn.Module):
@@ -244,10 +250,8 @@ class Gemma3TextModel(nn.Module):
     ) -> Tensor:  # (B, T, hidden) after the final norm
         x = self.embed_inputs(input_ids, soft_tokens, image_mask)
         tables = {kind: self.rope[kind].tables(positions, x.dtype) for kind in set(self.config.layer_types)}
-        for layer in self.layers:
-            cos, sin = tables[FULL if layer.is_global else SLIDING]
-            x = layer(x, cos, sin, attention)
-        return self.norm(x)
+        return run_decoder(self.layers, x, self.norm, lambda layer: tables[FULL if layer.is_global else SLIDING],
+                           attention)
 
     def embed_inputs(self, input_ids: Tensor, soft_tokens: Tensor | None, image_mask: Tensor | None) -> Tensor:
         """(B, T, hidden): scaled text embeddings with soft tokens written over the placeholder rows."""

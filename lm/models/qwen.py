@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear
+from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear, run_decoder
 from lm.models.base import FULL, SLIDING, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 # Defaults of the reference config classes (transformers Qwen2Config, Qwen3Config, Qwen3MoeConfig).
@@ -183,9 +183,14 @@ class QwenDecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
-        x, normed = add_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, attention), None,
-                             self.post_attention_layernorm)
-        return x + self.mlp(normed)
+        return self.step(x, self.input_layernorm(x), cos, sin, attention, None)[0]
+
+    def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
+             next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+        """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
+        x, normed = add_norm(x, self.self_attn(normed, cos, sin, attention), None, self.post_attention_layernorm)
+        return add_norm(x, self.mlp(normed), None, next_norm)
 
 
 class QwenModel(nn.Module):
@@ -209,9 +214,7 @@ class QwenModel(nn.Module):
             raise ValueError(f"{self.config.model_type} is a text-only model: it takes no image soft tokens")
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope.tables(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention)
-        return self.norm(x)
+        return run_decoder(self.layers, x, self.norm, lambda layer: (cos, sin), attention)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., vocab_size) fp32 logits from final-norm hidden states (..., hidden)."""
