@@ -304,7 +304,6 @@ class GatedMLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP activation {activation!r} is not supported; allowed: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[activation]
-        self.activation = activation
         self.gate_proj = linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = linear(intermediate_size, hidden_size, bias=False)
@@ -319,10 +318,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)  # (..., 2 * intermediate): gate's, then up's
-            if fused.usable(gate_up):  # the activation and the product in one call (lm.layers.fused)
-                return self.down_proj(fused.gated_activation(gate_up, self.activation))
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)
