@@ -143,6 +143,14 @@ class PagedKVStorage:
         shape = (num_blocks, layout.block_size, config.num_key_value_heads, config.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
+        self._arrays: list[tuple] | None = None
+
+    def arrays(self, j: int) -> tuple:
+        """(keys[j], values[j]) as numpy arrays sharing their memory (CPU storage only), made once: for
+        kernels that take arrays (lm.layers.fused), without a conversion per layer and step."""
+        if self._arrays is None:
+            self._arrays = [(k.numpy(), v.numpy()) for k, v in zip(self.keys, self.values)]
+        return self._arrays[j]
 
     def clear(self, blocks: list[int]) -> None:
         """Zero `blocks` (ids) in every layer."""

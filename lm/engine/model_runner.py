@@ -75,6 +75,8 @@ class PagedAttention:
         size = layout.block_size
         dtype = storage.keys[0].dtype  # masks are additive in it, built once for every layer
         self.spread = None if dtype == torch.float32 and storage.keys[0].device.type == "cpu" else self.BATCH_SPREAD
+        self._decode_arrays: dict[int, tuple] = {}  # attend_decode_rows' arrays, per group
+        self._table_arrays: dict[tuple[int, int], tuple] = {}  # and per pair of RoPE tables
         self.num_tokens = sum(chunk.num_tokens for chunk in chunks)
         self.offsets: list[tuple[int, int]] = []  # packed [a, b) of each chunk
         a = 0
@@ -159,9 +161,18 @@ class PagedAttention:
         if self.reads[g] or len(batches) != 1 or len(batches[0][0]) != self.num_tokens \
                 or not fused.reads_in_place(qkv, keys):
             return None
-        _, blocks, _, start, length = batches[0]  # one batch of every row, in packed order
-        out = fused.decode_rows_attention(qkv[0], heads, kv_heads, q_weight, k_weight, eps, offset, cos[0], sin[0],
-                                          keys, values, self.slots[g], blocks, start, length, scale)
+        # Arrays made once per step and shared by the layers: the group's indices, the RoPE tables of a
+        # layer kind (the same tensors for all its layers), the cache (once per engine).
+        indices = self._decode_arrays.get(g)
+        if indices is None:
+            _, blocks, _, start, length = batches[0]  # one batch of every row, in packed order
+            indices = self._decode_arrays[g] = tuple(t.numpy() for t in (self.slots[g], blocks, start, length))
+        tables = self._table_arrays.get((id(cos), id(sin)))
+        if tables is None:  # the tensors are kept with their arrays, so the ids stay theirs for the step
+            tables = self._table_arrays[id(cos), id(sin)] = (cos, sin, cos[0].contiguous().numpy(),
+                                                             sin[0].contiguous().numpy())
+        out = fused.decode_rows_attention(qkv[0], heads, kv_heads, q_weight, k_weight, eps, offset, *tables[2:],
+                                          *self.storage.arrays(j), *indices, scale)
         return out[None]
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

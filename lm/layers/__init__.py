@@ -88,12 +88,14 @@ def add_norm(residual: Tensor, branch: Tensor, branch_norm: RMSNorm | None,
     norm(s) None when norm is None): a residual add between a block's norms (Gemma's post-norm of the
     branch, then the next pre-norm; Qwen's add, then the next pre-norm), in one call where
     lm.layers.fused takes the tensors. residual, branch (..., hidden), the model dtype."""
-    norms = [n for n in (branch_norm, norm) if n is not None]
-    same_shapes = residual.shape == branch.shape and all(n.weight.shape == residual.shape[-1:] for n in norms)
-    if norms and same_shapes and fused.usable(residual, branch, *(n.weight for n in norms)) \
-            and len({(n.eps, n.offset) for n in norms}) == 1:
-        return fused.add_rms_norm(residual, branch, None if branch_norm is None else branch_norm.weight,
-                                  None if norm is None else norm.weight, norms[0].eps, norms[0].offset)
+    branch_weight = None if branch_norm is None else branch_norm.weight  # each module lookup costs ~0.5 us
+    weight = None if norm is None else norm.weight
+    weights = [w for w in (branch_weight, weight) if w is not None]
+    first = norm if branch_norm is None else branch_norm
+    if weights and residual.shape == branch.shape and all(w.shape == residual.shape[-1:] for w in weights) \
+            and fused.usable(residual, branch, *weights) \
+            and (norm is None or (norm.eps, norm.offset) == (first.eps, first.offset)):
+        return fused.add_rms_norm(residual, branch, branch_weight, weight, first.eps, first.offset)
     summed = residual + (branch if branch_norm is None else branch_norm(branch))
     return summed, (None if norm is None else norm(summed))
 

@@ -108,17 +108,24 @@ def decode_rows_attention(qkv: Tensor, heads: int, kv_heads: int, q_weight: Tens
     (num_blocks, block_size, kv_heads, D) at its slot (slots (N,) int64, block * block_size + offset,
     distinct), then its q attends over positions start[r] .. start[r] + length[r] - 1 of its blocks
     (blocks (N, nb), start, length (N,) int64, as `decode_attention` reads them), its new key included.
-    Returns (N, heads * D). All float32 on the CPU; shapes are not checked (the caller's)."""
+    Returns (N, heads * D). All float32 on the CPU; cos, sin, the cache and the indices contiguous, as
+    tensors or as numpy arrays of their memory. Shapes are not checked (the caller's)."""
     rows, width, dim = qkv.shape
     out = torch.empty(rows, heads * dim, dtype=torch.float32)
     empty = np.empty(0, np.float32)
     norm = q_weight is not None
-    _decode_rows_attention(qkv.detach().contiguous().numpy(), heads, kv_heads,
+    _decode_rows_attention(_rows(qkv).reshape(rows, width, dim), heads, kv_heads,
                            q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty,
-                           norm, offset, np.float32(eps), _rows(cos), _rows(sin), keys.numpy(), values.numpy(),
-                           slots.numpy(), blocks.numpy(), start.numpy(), length.numpy(), np.float32(scale),
-                           out.view(rows, heads, dim).numpy())
+                           norm, offset, np.float32(eps), *(_array(t) for t in (cos, sin, keys, values, slots, blocks,
+                                                                                start, length)),
+                           np.float32(scale), out.view(rows, heads, dim).numpy())
     return out
+
+
+def _array(x: Tensor | np.ndarray) -> np.ndarray:
+    """A contiguous tensor's memory as a numpy array; an array as it is (a caller converting once per
+    step passes arrays: lm.engine.model_runner)."""
+    return x if isinstance(x, np.ndarray) else x.detach().numpy()
 
 
 def compile_fused_kernels() -> None:
