@@ -319,3 +319,22 @@ def test_tiles_in_a_range_are_those_of_its_positions(model_and_config, layout):
                         for p in range(start, min(end, len(ids)))
                         if tile_of[p] >= 0 and (p == start or tile_of[p - 1] != tile_of[p])]
             assert sequence.tiles_overlapping(start, end) == expected
+
+
+def test_tile_spans_are_each_tiles_run_of_placeholders():
+    """The engine's [start, end) per tile equals, for every layout of text and adjacent or separated
+    tiles, the first and one past the last position holding that tile's id."""
+    import random
+
+    from lm.attention import tile_ids_from_mask
+    from lm.engine.engine import _tile_spans
+
+    generator = random.Random(0)
+    for _ in range(300):
+        mask = []
+        for _ in range(generator.randrange(0, 5)):
+            mask += [False] * generator.randrange(0, 3) + [True] * (4 * generator.randrange(1, 3))
+        mask += [False] * generator.randrange(1, 3)
+        ids = tile_ids_from_mask(torch.tensor([mask]), 4)[0].tolist()
+        expected = [(ids.index(tile), len(ids) - ids[::-1].index(tile)) for tile in sorted(set(ids) - {-1})]
+        assert _tile_spans(torch.tensor(ids)) == expected

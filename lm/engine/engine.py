@@ -29,6 +29,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lm.attention import tile_ids_from_mask
@@ -498,14 +499,10 @@ def _describe(exc: Exception) -> str:
 
 
 def _tile_spans(tile_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each tile's placeholder run, in prompt order."""
-    spans: list[tuple[int, int]] = []
-    ids = tile_ids.tolist()
-    for pos, tile in enumerate(ids):
-        if tile < 0:
-            continue
-        if spans and ids[spans[-1][0]] == tile:
-            spans[-1] = (spans[-1][0], pos + 1)
-        else:
-            spans.append((pos, pos + 1))
-    return spans
+    """[start, end) of each tile's placeholder run, in prompt order; tile_ids (T,) int64, -1 for text
+    (lm.attention.tile_ids_from_mask: each tile's id on one contiguous run, ids distinct)."""
+    ids = tile_ids.cpu().numpy()
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(ids)) + 1))  # where each run of one id begins
+    ends = np.append(starts[1:], len(ids))
+    tiles = ids[starts] >= 0
+    return list(zip(starts[tiles].tolist(), ends[tiles].tolist()))
