@@ -23,6 +23,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lm.models.base import FULL, SLIDING, DecoderConfig
@@ -143,14 +144,16 @@ class PagedKVStorage:
         shape = (num_blocks, layout.block_size, config.num_key_value_heads, config.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
-        self._arrays: list[tuple] | None = None
+        self._arrays: dict[int, tuple] = {}
 
-    def arrays(self, j: int) -> tuple:
-        """(keys[j], values[j]) as numpy arrays sharing their memory (CPU storage only), made once: for
-        kernels that take arrays (lm.layers.fused), without a conversion per layer and step."""
-        if self._arrays is None:
-            self._arrays = [(k.numpy(), v.numpy()) for k, v in zip(self.keys, self.values)]
-        return self._arrays[j]
+    def arrays(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys[j], values[j]) as numpy arrays sharing their memory (CPU storage only), made once per
+        tensor: for kernels that take arrays (lm.layers.fused), without a conversion per layer and step."""
+        keys, values = self.keys[j], self.values[j]
+        cached = self._arrays.get(j)
+        if cached is None or cached[0] is not keys or cached[1] is not values:  # made again if replaced
+            cached = self._arrays[j] = (keys, values, keys.numpy(), values.numpy())
+        return cached[2], cached[3]
 
     def clear(self, blocks: list[int]) -> None:
         """Zero `blocks` (ids) in every layer."""

@@ -252,14 +252,26 @@ def test_decode_cost_follows_each_requests_own_context(model_and_config, monkeyp
     assert max(decode_keys) <= 92 + 4 - 92 % 4
 
 
+@pytest.fixture(scope="module")
+def fused_model_and_config(model_and_config):
+    """The same weights with q/k/v and gate/up fused, as every loaded checkpoint is: the path on which a
+    step of decode rows takes lm.layers.fused.decode_rows_attention."""
+    import copy
+
+    from lm.layers import fuse_projections
+
+    model, config = model_and_config
+    return fuse_projections(copy.deepcopy(model)), config
+
+
 @pytest.mark.parametrize("path", ["in_place", "gathered"])
-def test_decode_rows_share_calls_without_reading_each_others_keys(model_and_config, monkeypatch, path):
+def test_decode_rows_share_calls_without_reading_each_others_keys(fused_model_and_config, monkeypatch, path):
     """Gathered (one gather and one SDPA per call, padded and masked to each row's own keys): decode rows
     whose block counts are within PagedAttention.BATCH_SPREAD of each other share a call, and a row with
     many more blocks gets one of its own. Read in place (float32 CPU), where nothing is padded, every
     decode row of a step is one call. Either way each row reads only its own keys and equals its request
     computed alone."""
-    model, config = model_and_config
+    model, config = fused_model_and_config
     engine = paged_engine(model, config, max_seq_len=128, prefill_chunk=128)
     calls = _spy_decode(monkeypatch, path)
     requests = [GenerationRequest(prompt_of(length, 50 + length), SamplingParams(max_new_tokens=6))
@@ -338,3 +350,45 @@ def test_tile_spans_are_each_tiles_run_of_placeholders():
         ids = tile_ids_from_mask(torch.tensor([mask]), 4)[0].tolist()
         expected = [(ids.index(tile), len(ids) - ids[::-1].index(tile)) for tile in sorted(set(ids) - {-1})]
         assert _tile_spans(torch.tensor(ids)) == expected
+
+
+def test_the_one_call_decode_path_equals_recompute(fused_model_and_config, monkeypatch):
+    """With fused projections a step of decode rows goes from the qkv projection to the o projection in
+    one call (norm, rotation, cache write, attention): across block and window boundaries, with prefix
+    hits, image tiles spanning blocks and preemption, every answer equals its request recomputed alone."""
+    from lm.layers import fused
+
+    model, config = fused_model_and_config
+    calls = []
+    original = fused.decode_rows_attention
+
+    def spy(qkv, *args):
+        calls.append(qkv.shape[0])
+        return original(qkv, *args)
+
+    monkeypatch.setattr(fused, "decode_rows_attention", spy)
+    ids, mask = image_prompt([1, 2])
+    soft = torch.randn(3, TILE, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=16), soft_tokens=soft,
+                                  image_mask=torch.tensor(mask), request_id=name) for name in ("a", "a-again")]
+    requests += text_requests(5, new_tokens=24, shared=prompt_of(10, 99))
+    engine = paged_engine(model, config, block_size=3, blocks=70, max_batch=6, prefill_chunk=9)
+    handles = run(engine, requests)
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0, "the test must preempt and hit the cache"
+    assert max(calls) > 1, "no step of several decode rows took the one-call path"
+    for request, handle in zip(requests, handles):
+        assert handle.result().token_ids == greedy_alone(model, config, request), request.request_id
+
+
+def test_the_caches_arrays_follow_its_tensors(model_and_config):
+    """PagedKVStorage.arrays: numpy views of the cache made once, and made again for a tensor replaced."""
+    import numpy as np
+
+    model, config = model_and_config
+    storage = paged_engine(model, config).storage
+    keys, values = storage.arrays(0)
+    assert np.shares_memory(keys, storage.keys[0].numpy()) and storage.arrays(0)[0] is keys
+    storage.keys[0] = torch.zeros_like(storage.keys[0])
+    assert np.shares_memory(storage.arrays(0)[0], storage.keys[0].numpy())
+    assert np.shares_memory(storage.arrays(0)[1], values)  # the values tensor is still the same one

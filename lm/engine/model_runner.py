@@ -74,7 +74,8 @@ class PagedAttention:
         self.storage, self.layout = storage, layout
         size = layout.block_size
         dtype = storage.keys[0].dtype  # masks are additive in it, built once for every layer
-        self.spread = None if dtype == torch.float32 and storage.keys[0].device.type == "cpu" else self.BATCH_SPREAD
+        # a cache the in-place kernel reads (float32, CPU) pads nothing: every decode row in one batch there
+        self.spread = None if fused.reads_in_place(storage.keys[0], storage.keys[0]) else self.BATCH_SPREAD
         self._decode_arrays: dict[int, tuple] = {}  # attend_decode_rows' arrays, per group
         self._table_arrays: dict[tuple[int, int], tuple] = {}  # and per pair of RoPE tables
         self.num_tokens = sum(chunk.num_tokens for chunk in chunks)

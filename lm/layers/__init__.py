@@ -193,7 +193,9 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
     `input_layernorm` and `step(x, normed, cos, sin, attention, next_norm) -> (x, next_norm(x))`, taking
     its input already normed; `tables(layer)` gives its RoPE (cos, sin). A layer's closing residual add
     and the norm after it (the next layer's input norm; the final norm after the last layer) are one
-    call (`add_norm`): the same values as the layers' `forward` followed by the final norm."""
+    call (`add_norm`): the same values as the layers' `forward` followed by the final norm. The layers
+    are not called as modules, so forward hooks registered on a decoder layer or on its input norm do
+    not run (hooks on the projections inside do)."""
     if not len(layers):
         return final_norm(x)
     normed = layers[0].input_layernorm(x)
