@@ -148,6 +148,14 @@ class PagedAttention:
         allowed = attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
         return additive_mask(allowed, dtype)
 
+    def _decode_rows_only(self, g: int) -> tuple | None:
+        """Group g's one decode batch when the step is decode rows only, all in that batch (in packed
+        order); None otherwise."""
+        batches = self.batches[g]
+        if self.reads[g] or len(batches) != 1 or len(batches[0][0]) != self.num_tokens:
+            return None
+        return batches[0]
+
     def attend_decode_rows(self, layer_idx: int, qkv: Tensor, heads: int, kv_heads: int, q_weight: Tensor | None,
                            k_weight: Tensor | None, eps: float, offset: bool, cos: Tensor, sin: Tensor,
                            scale: float) -> Tensor | None:
@@ -157,16 +165,14 @@ class PagedAttention:
         attention are one call (lm.layers.fused.decode_rows_attention): returns (1, N, H * D). None for
         any other step or storage: the caller norms, rotates and calls `attend`."""
         g, j = self.layout.placement[layer_idx]
-        keys, values = self.storage.keys[j], self.storage.values[j]
-        batches = self.batches[g]
-        if self.reads[g] or len(batches) != 1 or len(batches[0][0]) != self.num_tokens \
-                or not fused.reads_in_place(qkv, keys):
+        rows_only = self._decode_rows_only(g)
+        if rows_only is None or not fused.reads_in_place(qkv, self.storage.keys[j]):
             return None
         # Arrays made once per step and shared by the layers: the group's indices, the RoPE tables of a
         # layer kind (the same tensors for all its layers), the cache (once per engine).
         indices = self._decode_arrays.get(g)
         if indices is None:
-            _, blocks, _, start, length = batches[0]  # one batch of every row, in packed order
+            _, blocks, _, start, length = rows_only
             indices = self._decode_arrays[g] = tuple(t.numpy() for t in (self.slots[g], blocks, start, length))
         tables = self._table_arrays.get((id(cos), id(sin)))
         if tables is None:  # the tensors are kept with their arrays, so the ids stay theirs for the step
@@ -185,9 +191,9 @@ class PagedAttention:
         keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, k[0].transpose(0, 1))
         values.view(-1, kv_heads, head_dim).index_copy_(0, slots, v[0].transpose(0, 1))
         batches, reads = self.batches[g], self.reads[g]
-        if len(batches) == 1 and not reads and len(batches[0][0]) == self.num_tokens:
-            # decode rows only, in one batch: no reassembly
-            return self._attend_rows(q, keys, values, *batches[0], scale).transpose(0, 1)[None]
+        rows_only = self._decode_rows_only(g)
+        if rows_only is not None:  # no reassembly
+            return self._attend_rows(q, keys, values, *rows_only, scale).transpose(0, 1)[None]
         if not batches and len(reads) == 1:  # one prompt chunk is the whole step: no reassembly
             _, blocks, skip, length, mask = reads[0]
             return sdpa(q, *self._chunk_keys(keys, values, blocks, skip, length), mask, scale)

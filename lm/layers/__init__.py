@@ -248,10 +248,10 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:  # q and k normed and rotated together (the same ops, half the calls)
             qkv = self.qkv_proj(x).reshape(batch, length, heads + 2 * kv_heads, head_dim)
-            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
             norms = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-            if fused.usable(qkv, cos, sin, *norms) and cos.shape == sin.shape == (batch, length, head_dim) \
-                    and all(w.shape == (head_dim,) for w in norms):  # norm and rotation in one call (lm.layers.fused)
+            fusable = fused.usable(qkv, cos, sin, *norms) and cos.shape == sin.shape == (batch, length, head_dim) \
+                and all(w.shape == (head_dim,) for w in norms)  # norm and rotation in one call (lm.layers.fused)
+            if fusable:
                 norm_args = (*(norms or (None, None)), self.q_norm.eps if norms else 0.0,
                              bool(norms) and self.q_norm.offset)
                 # A context may take the whole step from here (the paged cache's decode rows: norm, rotation,
@@ -261,6 +261,8 @@ class Attention(nn.Module):
                                                                     cos, sin, self.scale)
                 if out is not None:  # (B, T, H * D)
                     return self.o_proj(out)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]  # (B, T, H + KV, D), (B, T, KV, D)
+            if fusable:
                 qk = fused.qk_norm_rope(qkv, heads, kv_heads, *norm_args, cos, sin)
             else:
                 if self.q_norm is not None:
