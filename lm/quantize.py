@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.commands import QUANTIZATION_SCHEMES
+from lm.matvec import Int8Rows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ SMOOTHING_ALPHAS = (None, 0.4, 0.5, 0.6, 0.7, 0.8)
 # AWQ's exponents tried per projection for int4 (0: no scaling), chosen the same way (AWQ searches a grid
 # of 20 in [0, 1); 4 keep the load time down).
 INT4_AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+MATVEC_MAX_ROWS = 8  # rows at which int8_matvec is measured against fbgemm (choose_matvec_rows)
+MATVEC_MARGIN = 0.9  # int8_matvec is taken where it needs at most this share of the other kernel's time
 SEARCH_ROWS = 512  # output rows of a projection its candidates are compared on (best_on)
 # Calibration input for smoothing: prose, numbers, code and other scripts, so that the channels each kind
 # of text drives are seen. Not the benchmark's or the tests' prompts.
@@ -117,6 +120,11 @@ class Int8DynamicLinear(Int8Linear):
       the whole x), fastest for the 262,144-row head at every batch size; it packs a second copy of the
       weights (the tied embedding looks rows up in the first). 8-bit activations where the CPU has
       VNNI, 7-bit (reduce_range) elsewhere, whose AVX2 kernels would otherwise saturate.
+    Up to `matvec_rows` rows (0 until `choose_matvec_rows()` measures it on this machine; quantize_model
+    does), either kind runs lm.matvec.int8_matvec instead: each row of x over its own range at up to
+    16 bits, the same int8 weights read once, a few times faster than fbgemm's kernel and its row
+    scaling at decode's few rows. A per-token layer that takes it keeps its row-major int8 weights
+    beside fbgemm's packed copy.
     Off the CPU it is Int8Linear (a module moved off the CPU gets its int8 weights back first)."""
 
     KERNELS = ("fbgemm", "int_mm")
@@ -134,9 +142,11 @@ class Int8DynamicLinear(Int8Linear):
             raise ValueError(f"kernel {kernel!r}: per-token layers take one of {self.KERNELS}, the per-tensor "
                              "head fbgemm")
         self.kernel = kernel
+        self.matvec_rows = 0  # rows up to which the CPU forward runs int8_matvec (choose_matvec_rows)
+        self._rows: Int8Rows | None = None  # int8_matvec's operands
         self._packed = None
         # the int_mm kernel's fp32 scales, kept to save a cast per call (fbgemm holds its own)
-        self.register_buffer("scales_f32", self.scales.float() if kernel == "int_mm" else None, persistent=False)
+        self.register_buffer("scales_f32", self.scales.float(), persistent=False)  # the kernels' scales
         if kernel == "int_mm" and self.weight.device.type == "cpu" \
                 and int_mm_layout(*self.weight.shape) == "columns":
             self.weight = self.weight.t().contiguous().t()  # still (out, in); weight.t() is now contiguous
@@ -161,20 +171,82 @@ class Int8DynamicLinear(Int8Linear):
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def packed_nbytes(self) -> int:
-        """Bytes of fbgemm's packed copy, counted as the int8 weights it holds (0 without one)."""
-        return 0 if self._packed is None else self.out_features * self.in_features
+        """Bytes held outside the module's buffers: fbgemm's packed copy, counted as the int8 weights it
+        holds, and int8_matvec's row-major copy where it is not the `weight` buffer (0 without them)."""
+        packed = 0 if self._packed is None else self.out_features * self.in_features
+        rows = None if self._rows is None else self._rows.weight
+        return packed + (0 if rows is None or rows is self.weight else rows.numel())
 
     def _apply(self, fn, recurse=True):
-        if self.weight is None and fn(torch.empty(0)).device.type != "cpu":  # leaving the CPU and fbgemm
-            self.weight, self._packed = self.int8_weight(), None
+        if fn(torch.empty(0)).device.type != "cpu":  # leaving the CPU: fbgemm and int8_matvec stay behind
+            if self.weight is None:
+                self.weight, self._packed = self.int8_weight(), None
+            self.matvec_rows, self._rows = 0, None
         return super()._apply(fn, recurse)
 
+    def choose_matvec_rows(self, preceded_by=None) -> int:
+        """Measure this layer on this machine, int8_matvec against its other CPU path, at 1, 2, ...
+        MATVEC_MAX_ROWS rows, and set `matvec_rows` to the rows up to which int8_matvec took at most
+        MATVEC_MARGIN of the other's time (best of 3 pairs each; 0: never, or off the CPU); returns it.
+        A per-token layer keeps its row-major int8 weights only if it takes int8_matvec.
+
+        `preceded_by`: a callable run before each int8_matvec timing, standing for what precedes this
+        layer in a decode step. The int4 scheme's head follows ATen's int4 kernels: PyTorch's OpenMP
+        threads spin for a while after each parallel region (libgomp's GOMP_SPINCOUNT) and then share
+        the cores with numba's threads, which the measurement must see."""
+        if not self.set_matvec_rows(MATVEC_MAX_ROWS):  # off the CPU
+            return 0
+        rows_chosen = 0
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for rows in range(1, MATVEC_MAX_ROWS + 1):
+                x = torch.randn(rows, self.in_features, generator=generator)
+                self._matvec(x)  # warm-up (the first call may load its compiled kernel)
+                best = {"matvec": float("inf"), "other": float("inf")}
+                for _ in range(3):
+                    best["other"] = min(best["other"], _seconds(self._cpu_forward, x, False))
+                    if preceded_by is not None:
+                        preceded_by()
+                    best["matvec"] = min(best["matvec"], _seconds(self._matvec, x))
+                if best["matvec"] > MATVEC_MARGIN * best["other"]:
+                    break
+                rows_chosen = rows
+        self.set_matvec_rows(rows_chosen)
+        log.debug("int8 %s (%d, %d): int8_matvec up to %d rows", "per token" if self.per_token else "head",
+                  self.out_features, self.in_features, self.matvec_rows)
+        return self.matvec_rows
+
+    def set_matvec_rows(self, rows: int) -> int:
+        """Run int8_matvec up to `rows` rows (0: never), as choose_matvec_rows measured for a layer of
+        the same shape; keeps or drops the row-major weights it reads. Returns the rows set (0 off
+        the CPU)."""
+        self.matvec_rows, self._rows = 0, None
+        if rows <= 0 or self.scales.device.type != "cpu":
+            return 0
+        self._rows = Int8Rows(self.int8_weight(), self.scales_f32, inv_smoothing=self.inv_smoothing, bias=self.bias)
+        self.matvec_rows = rows
+        return rows
+
+    def _matvec(self, flat: Tensor) -> Tensor:
+        return self._rows(flat)
+
     def forward(self, x: Tensor) -> Tensor:
+        if 0 < x.numel() <= self.matvec_rows * self.in_features and x.shape[-1] == self.in_features \
+                and x.dtype == torch.float32 and x.is_cpu:
+            # decode's few rows: smoothing, quantisation and product in one call (lm.matvec)
+            return self._rows(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.inv_smoothing is not None:
             x = x * self.inv_smoothing.to(x.dtype)
         if x.device.type != "cpu" or self._packed is None and self.kernel == "fbgemm":
             return super().forward(x)
-        flat = x.reshape(-1, self.in_features).float()  # (N, in)
+        return self._cpu_forward(x.reshape(-1, self.in_features).float()).to(x.dtype).reshape(
+            *x.shape[:-1], self.out_features)  # (..., out)
+
+    def _cpu_forward(self, flat: Tensor, smoothed: bool = True) -> Tensor:
+        """fbgemm's or _int_mm's product of flat (N, in) fp32, already divided by the smoothing unless
+        `smoothed` is False: (N, out) fp32 (the path int8_matvec is measured against)."""
+        if not smoothed and self.inv_smoothing is not None:
+            flat = flat * self.inv_smoothing
         if not self.per_token:
             out = self._fbgemm(flat)  # the bias is in fbgemm's packed copy
         else:
@@ -192,7 +264,7 @@ class Int8DynamicLinear(Int8Linear):
                 out = torch._int_mm(quantized, self.weight.t()).float().mul_(scale).mul_(self.scales_f32)
             if self.bias is not None:
                 out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        return out
 
     def _fbgemm(self, flat: Tensor) -> Tensor:
         """fbgemm's dynamic linear of flat (N, in) fp32; raises FloatingPointError, naming the cause, for
@@ -204,6 +276,12 @@ class Int8DynamicLinear(Int8Linear):
                 raise FloatingPointError("the activations reaching an int8-dynamic layer are not finite (nan or "
                                          "inf)") from error
             raise
+
+
+def _seconds(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
 
 
 class Int4Linear(nn.Module):
@@ -328,7 +406,29 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
             model.lm_head = Int8Linear(source)
         if tied:
             model.embed_tokens = Int8Embedding(model.lm_head, source.dtype)
+        _choose_matvec_rows(model, source.dtype)
     return model
+
+
+def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
+    """Int8DynamicLinear.choose_matvec_rows for the projections and the head. The head is measured
+    after a call of the last projection before it, where that is another kernel's (int4's ATen kernel)."""
+    chosen: dict[tuple, int] = {}  # measured once per shape and kind (an MoE model has thousands of experts)
+    for layer in model.layers.modules():
+        if isinstance(layer, Int8DynamicLinear):
+            key = (layer.out_features, layer.in_features, layer.per_token, layer.kernel)
+            if key in chosen:
+                layer.set_matvec_rows(chosen[key])
+            else:
+                chosen[key] = layer.choose_matvec_rows()
+    if isinstance(model.lm_head, Int8DynamicLinear):
+        projections = [module for module in model.layers.modules() if isinstance(module, (Int4Linear, Int8Linear))]
+        last = projections[-1] if projections else None
+        before = None
+        if last is not None and not (isinstance(last, Int8DynamicLinear) and last.matvec_rows):
+            x = torch.randn(1, last.in_features, dtype=dtype)  # the model's activations
+            before = functools.partial(last, x)
+        model.lm_head.choose_matvec_rows(before)
 
 
 def _smoothing_candidates(weight: Tensor, x: Tensor | None) -> list[Tensor | None]:

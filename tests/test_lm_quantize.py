@@ -289,6 +289,29 @@ def test_greedy_agrees_with_fp32_and_logits_stay_close(embedded_270m, int8_model
     assert sum(cosines) / len(cosines) >= cosine
 
 
+def test_the_decode_kernel_agrees_with_fp32_at_least_as_well(embedded_270m, fp32_reference):
+    """int8-dynamic's layers and head at decode's few rows run lm.matvec (16-bit activations, each row its
+    own range): forced onto every row of the teacher-forced pass, it keeps the floors, and its logits are
+    no further from fp32's than those of fbgemm's 8-bit activations (the path the test above measures)."""
+    quantized = quantize_model(copy.deepcopy(embedded_270m.model), "int8-dynamic",
+                               calibration_ids=calibration_ids(embedded_270m.tokenizer))
+    layers = [module for module in quantized.modules() if isinstance(module, Int8DynamicLinear)]
+    results = {}
+    for kernel, rows in (("fbgemm", 0), ("matvec", 1 << 20)):
+        for layer in layers:
+            layer.set_matvec_rows(rows)
+        agree = total = 0
+        cosines = []
+        for ids, generated, fp32_logits in fp32_reference:
+            logits = _teacher_forced_logits(embedded_270m, quantized, ids, generated)
+            agree += int((fp32_logits.argmax(-1) == logits.argmax(-1)).sum())
+            total += len(generated)
+            cosines += F.cosine_similarity(fp32_logits, logits, dim=-1).tolist()
+        results[kernel] = agree / total, sum(cosines) / len(cosines)
+    agreement, cosine = FLOORS["int8-dynamic"]
+    assert results["matvec"][0] >= agreement and results["matvec"][1] >= max(cosine, results["fbgemm"][1])
+
+
 def test_int8_model_shares_one_int8_table_for_embedding_and_head(embedded_270m, int8_model):
     def stored_bytes(module):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()

@@ -1,0 +1,162 @@
+"""lm.matvec: int8 weights times a few fp32 rows, each row quantised on its own, against exact float64
+products and the bounds its quantisation promises; and Int8DynamicLinear's use of it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.matvec import Int8Rows, int8_matvec
+from lm.quantize import MATVEC_MAX_ROWS, Int8DynamicLinear
+
+
+def _operands(out_features=300, in_features=96, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, generator=generator) * 0.01 + 1e-3
+    return weight, scales, generator
+
+
+def _levels(in_features: int) -> int:
+    return min(32767, (2**31 - 1) // (127 * in_features))
+
+
+@pytest.mark.parametrize("in_features", [96, 640, 8960])
+def test_each_row_is_within_half_a_step_of_its_own_grid(in_features):
+    """|y - x W^T| <= s_r / 2 * |W_o|_1 (plus float32 rounding), s_r = max|x_r| / L: the bound of rounding
+    each activation to its row's grid of L levels, against the exact float64 product."""
+    weight, scales, generator = _operands(200, in_features)
+    x = torch.randn(5, in_features, generator=generator) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 0.5])[:, None]
+    x[4, 3] = 200.0  # one outlier widens only its own row's step
+    out = int8_matvec(x, weight, scales)
+    dequantised = weight.double() * scales.double()[:, None]  # (out, in)
+    exact = x.double() @ dequantised.T
+    step = x.abs().amax(dim=1).double() / _levels(in_features)  # (rows,)
+    bound = step[:, None] / 2 * dequantised.abs().sum(dim=1)[None, :] * (1 + 1e-4) + exact.abs() * 2**-21
+    assert out.dtype == torch.float32 and out.shape == (5, 200)
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
+def test_the_integer_sums_cannot_overflow_at_the_largest_inputs():
+    """Every weight at +127 and every activation at its row's maximum: the int32 sum is in * 127 * L,
+    the largest the grid allows, and comes out exact."""
+    for in_features in (64, 1536, 8960):
+        weight = torch.full((64, in_features), 127, dtype=torch.int8)
+        scales = torch.ones(64)
+        x = torch.ones(2, in_features)
+        x[1] *= -1
+        out = int8_matvec(x, weight, scales)
+        levels = _levels(in_features)
+        assert in_features * 127 * levels <= 2**31 - 1
+        expected = in_features * 127.0  # (q . x^) * s_r = in * 127 * L * (1 / L)
+        torch.testing.assert_close(out, torch.tensor([[expected], [-expected]]).expand(2, 64), rtol=1e-6, atol=0)
+
+
+def test_rows_are_independent_and_a_bad_row_spoils_only_itself():
+    weight, scales, generator = _operands()
+    x = torch.randn(4, 96, generator=generator)
+    together = int8_matvec(x, weight, scales)
+    for row in range(4):
+        assert torch.equal(int8_matvec(x[row:row + 1], weight, scales)[0], together[row])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = x.clone()
+        spoiled[1, 7] = bad
+        out = int8_matvec(spoiled, weight, scales)
+        assert not torch.isfinite(out[1]).any()
+        assert torch.equal(out[[0, 2, 3]], together[[0, 2, 3]])
+    zero = int8_matvec(torch.zeros(1, 96), weight, scales, bias=torch.arange(300.0))
+    assert torch.equal(zero[0], torch.arange(300.0))
+
+
+def test_smoothing_and_bias_are_the_same_float32_operations_done_outside():
+    weight, scales, generator = _operands()
+    x = torch.randn(3, 96, generator=generator)
+    inverse = torch.rand(96, generator=generator) + 0.5
+    bias = torch.randn(300, generator=generator)
+    inside = int8_matvec(x, weight, scales, inv_smoothing=inverse, bias=bias)
+    outside = int8_matvec(x * inverse, weight, scales) + bias
+    assert torch.equal(inside, outside)
+
+
+def test_the_split_over_threads_changes_nothing():
+    weight, scales, generator = _operands(4096 + 17, 64)
+    x = torch.randn(2, 64, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = int8_matvec(x, weight, scales)
+        torch.set_num_threads(2)
+        split = int8_matvec(x, weight, scales)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, split)
+
+
+def test_operands_of_the_wrong_kind_are_refused_by_name():
+    weight, scales, _ = _operands()
+    with pytest.raises(ValueError, match="int8 weight"):
+        Int8Rows(weight.float(), scales)
+    with pytest.raises(ValueError, match="scales"):
+        Int8Rows(weight, scales[:-1])
+    rows = Int8Rows(weight, scales)
+    for x in (torch.randn(2, 95), torch.randn(2, 96, dtype=torch.float64), torch.randn(96)):
+        with pytest.raises(ValueError, match=r"x \(N, 96\) float32"):
+            rows(x)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_layer_takes_int8_matvec_up_to_its_rows_and_errs_less_there(per_token):
+    """Up to matvec_rows rows the layer's output is int8_matvec's (smoothing and bias inside); above, its
+    fbgemm path's. Both multiply the same int8 weights; 16-bit activations err far less than 8-bit."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(256, 128), torch.randn(256)
+    smoothing = torch.rand(128) + 0.5
+    layer = Int8DynamicLinear(weight, bias if per_token else None, per_token=per_token, smoothing=smoothing)
+    assert layer.set_matvec_rows(3) == 3
+    dequantised = layer.int8_weight().float() * layer.scales.float()[:, None] / smoothing  # W diag(s) / s
+    x = torch.randn(2, 4, 128)
+    few, many = x[:1, :3], x  # 3 rows, 8 rows
+    expected_bias = bias if per_token else None
+    direct = int8_matvec(few.reshape(3, 128), layer.int8_weight().contiguous(), layer.scales.float(),
+                         inv_smoothing=layer.inv_smoothing, bias=expected_bias)
+    assert torch.equal(layer(few), direct.reshape(1, 3, 256))
+    errors = {}
+    for name, inputs in (("matvec", few), ("fbgemm", many)):
+        exact = F.linear(inputs.double(), dequantised.double(), None if expected_bias is None else expected_bias.double())
+        errors[name] = float((layer(inputs).double() - exact).norm() / exact.norm())
+    assert errors["matvec"] < 0.01 * errors["fbgemm"]
+
+
+def test_choosing_keeps_row_major_weights_only_where_int8_matvec_is_taken():
+    torch.manual_seed(0)
+    layer = Int8DynamicLinear(torch.randn(512, 256), kernel="fbgemm")
+    assert layer.weight is None and layer.packed_nbytes() == 512 * 256  # fbgemm's packed copy only
+    rows = layer.choose_matvec_rows()
+    assert 0 <= rows <= MATVEC_MAX_ROWS and layer.matvec_rows == rows
+    assert layer.packed_nbytes() == 512 * 256 * (2 if rows else 1)  # a row-major copy beside it, if taken
+    assert layer.set_matvec_rows(0) == 0 and layer.packed_nbytes() == 512 * 256
+    moved = copy.deepcopy(layer)
+    moved.set_matvec_rows(2)
+    moved.to("meta")  # off the CPU: neither fbgemm nor int8_matvec
+    assert moved.matvec_rows == 0 and moved.packed_nbytes() == 0
+
+
+def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
+    from lm.layers import fuse_projections
+    from lm.models.gemma3 import Gemma3TextModel
+    from lm.quantize import quantize_model
+    from test_lm_engine import tiny_config
+
+    torch.manual_seed(0)
+    model = fuse_projections(Gemma3TextModel(tiny_config(hidden_size=128, intermediate_size=256)).eval())
+    quantize_model(model, "int8-dynamic")
+    by_shape: dict[tuple, set[int]] = {}
+    for module in model.layers.modules():
+        if isinstance(module, Int8DynamicLinear):
+            by_shape.setdefault((module.out_features, module.in_features), set()).add(module.matvec_rows)
+            assert (module._rows is not None) == bool(module.matvec_rows)
+    assert len(by_shape) == 4 and all(len(rows) == 1 for rows in by_shape.values())  # qkv, o, gate/up, down
+    assert isinstance(model.lm_head, Int8DynamicLinear) and 0 <= model.lm_head.matvec_rows <= MATVEC_MAX_ROWS
