@@ -10,6 +10,9 @@ Schemes (`quantize_model(model, scheme)`):
   projections, per tensor in the head: Int8DynamicLinear) so the matmul runs int8 x int8 -> int32 in
   PyTorch's CPU kernels (fbgemm's dynamic linear where the CPU has VNNI, each row of x scaled to its own
   range first for per-token scales; oneDNN's _int_mm for the projections elsewhere).
+  At decode's few rows (up to what `choose_matvec_rows` measured faster on this machine, at load)
+  the projections and the head run lm.matvec.int8_matvec instead: the same int8 weights, each row of
+  x quantised over its own range at up to 16 bits, in one numba call.
   CPU only; where PyTorch has no quantized engine, "int8" is used instead (with a warning). Given
   calibration token ids (`calibration_ids`, what lm.runtime passes), the projections are smoothed first
   (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): one fp32 forward over CALIBRATION_TEXT records each
@@ -25,7 +28,8 @@ Schemes (`quantize_model(model, scheme)`):
   (_weight_int4pack_mm_for_cpu, the layout torchao's int4 weight-only CPU path uses) with bf16
   activations; elsewhere dequantised on the fly. The LM head (and a tied embedding) stays int8, as
   llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the head decides every token; it runs as
-  int8-dynamic's head (fbgemm's int8 x int8, smoothed) on the CPU where PyTorch has a quantized engine.
+  int8-dynamic's head (fbgemm's int8 x int8, or int8_matvec where measured faster right after an int4
+  projection; smoothed) on the CPU where PyTorch has a quantized engine.
   Given calibration ids, the weights are scaled first by activation-aware factors (AWQ, Lin et al. 2023,
   arXiv:2306.00978): s_j = a_j^alpha, normalised by sqrt(max s * min s), so that the input channels that
   carry large activations lose less to rounding, with alpha chosen per projection from INT4_AWQ_ALPHAS as
@@ -175,7 +179,8 @@ class Int8DynamicLinear(Int8Linear):
         holds, and int8_matvec's row-major copy where it is not the `weight` buffer (0 without them)."""
         packed = 0 if self._packed is None else self.out_features * self.in_features
         rows = None if self._rows is None else self._rows.weight
-        return packed + (0 if rows is None or rows is self.weight else rows.numel())
+        shared = rows is not None and self.weight is not None and rows.data_ptr() == self.weight.data_ptr()
+        return packed + (0 if rows is None or shared else rows.numel())
 
     def _apply(self, fn, recurse=True):
         if fn(torch.empty(0)).device.type != "cpu":  # leaving the CPU: fbgemm and int8_matvec stay behind

@@ -160,3 +160,11 @@ def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
             assert (module._rows is not None) == bool(module.matvec_rows)
     assert len(by_shape) == 4 and all(len(rows) == 1 for rows in by_shape.values())  # qkv, o, gate/up, down
     assert isinstance(model.lm_head, Int8DynamicLinear) and 0 <= model.lm_head.matvec_rows <= MATVEC_MAX_ROWS
+    from service.bench.lm import _kernel_choices  # what `tessera bench lm` reports
+
+    report = _kernel_choices(model)
+    for module in model.layers.modules():
+        if isinstance(module, Int8DynamicLinear):
+            other = {"fbgemm": "fbgemm", "int_mm": "_int_mm"}[module.kernel]
+            expected = f"int8_matvec at <= {module.matvec_rows} rows, {other} above" if module.matvec_rows else other
+            assert f"projection {module.out_features}x{module.in_features}: {expected}" in report

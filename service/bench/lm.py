@@ -222,6 +222,24 @@ def _tensor_mib(module) -> float:
     return total / 2**20
 
 
+def _kernel_choices(model) -> str:
+    """Which kernel each kind of quantised layer of `model` runs, by shape: int8_matvec up to its
+    measured rows (lm.quantize.Int8DynamicLinear.choose_matvec_rows), its other kernel above."""
+    from lm.quantize import Int4Linear, Int8DynamicLinear
+
+    choices: dict[str, str] = {}
+    for name, module in model.named_modules():
+        shape = f"{getattr(module, 'out_features', 0)}x{getattr(module, 'in_features', 0)}"
+        if isinstance(module, Int8DynamicLinear):
+            kind = "head" if not module.per_token else "projection"
+            other = "fbgemm" if module.kernel == "fbgemm" else "_int_mm"
+            choices.setdefault(f"{kind} {shape}", f"int8_matvec at <= {module.matvec_rows} rows, {other} above"
+                               if module.matvec_rows else other)
+        elif isinstance(module, Int4Linear):
+            choices.setdefault(f"projection {shape}", "ATen int4 (_weight_int4pack_mm_for_cpu)")
+    return "; ".join(f"{key}: {value}" for key, value in choices.items()) or "none quantised"
+
+
 # ----- driver ----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -242,11 +260,12 @@ def run(args: argparse.Namespace) -> int:
     fp32 = load_language_model(args.model)
     loads = {"fp32": time.perf_counter() - started}
     rows = [] if args.accuracy_only else [bench_engine(fp32, args, "tessera fp32")]
-    accuracy = {}
+    accuracy, kernels = {}, {}
     for scheme in schemes:
         started = time.perf_counter()
         quantized = load_language_model(args.model, quantize=scheme)
         loads[scheme] = time.perf_counter() - started
+        kernels[scheme] = _kernel_choices(quantized.model)
         if not args.accuracy_only:
             rows.append(bench_engine(quantized, args, f"tessera {scheme}"))
         accuracy[scheme] = quantized_accuracy(fp32, quantized, args.new_tokens)
@@ -279,8 +298,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['name']:24}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
               f"{row['ttft_s']:9.3f}{load:>8}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
     print("weights: parameter, buffer and fbgemm-packed bytes (llama.cpp: the GGUF file; int8-dynamic's "
-          "projections are held packed only, its head both packed and plain for the embedding's lookups); KV: the engine's preallocated cache; RSS +MiB: peak resident growth while the "
-          "measurements ran (llama.cpp's includes loading its model); load s: checkpoint to ready model")
+          "projections are held packed for fbgemm, and row-major too where lm.matvec takes decode's few rows; "
+          "the int8 head both packed and plain for the embedding's lookups); KV: the engine's preallocated cache; "
+          "RSS +MiB: peak resident growth while the measurements ran (llama.cpp's includes loading its model); "
+          "load s: checkpoint to ready model")
+    for scheme, choice in kernels.items():
+        print(f"{scheme} kernels (measured at load): {choice}")
     for scheme, figures in accuracy.items():
         print(_accuracy_line(scheme, figures, args.new_tokens))
     ratios = {}
