@@ -8,7 +8,8 @@ final hidden states:
 
 - x is quantised per row, x^ = q_x * s_x with s_x = max|x| / 127, so |x_j - x^_j| <= s_x / 2; each head
   row v holds W^_v = q_v * w_v (w_v = max|W_v| / 127), |W_vj - W^_vj| <= w_v / 2; the int8 product
-  (torch._int_mm, int32 accumulators, exact) gives a_v = (q_x . q_v) s_x w_v;
+  (int32 accumulators, exact: lm.matvec.int8_products or torch._int_mm, whichever was faster
+  here at that row count) gives a_v = (q_x . q_v) s_x w_v;
 - |x . W_v - a_v| <= s_x / 2 * |W_v|_1 + w_v / 2 * |x^|_1 = e_v (the two roundings' worst case);
 - a row can be the argmax only if a_v + e_v >= max_u (a_u - e_u): the candidates. Their logits are then
   computed from the float head itself, in the model's dtype, as a one-row head computes them, and the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -49,6 +51,7 @@ from numba import njit
 from torch import Tensor
 
 from lm.layers import SMALL_WEIGHT, Linear, linear, linear_transposed
+from lm.matvec import int8_products
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,10 @@ class GreedyHeadScreen:
                               generator=torch.Generator().manual_seed(0))
         if not torch.equal(torch._int_mm(probe, self._q[:256].t()).long(), probe.long() @ self._q[:256].long().t()):
             raise ValueError(f"torch._int_mm is not exact at hidden size {hidden} here")  # it is not at 1
+        self._q_rows = self._q.numpy()
+        # rows of hidden up to which lm.matvec.int8_products computes the screen's products (the same exact
+        # int32 sums as _int_mm, so the choice changes no result, only the time)
+        self.products_rows = self._fastest_rows(hidden)
         self._step, self._l1 = step.numpy(), l1.numpy()
         self._max_l1 = max(float(self._l1.max()), 1e-30)
         # the largest max|x| taken: |logit| <= |W_v|_1 max|x| stays under a quarter of the dtype's range,
@@ -107,6 +114,27 @@ class GreedyHeadScreen:
         # rounding of the candidates' logits to the model dtype (twice its epsilon, relative), and of
         # the screen's own fp32 arithmetic on a_v (four fp32 epsilons)
         self._out_eps = 2.0 * float(torch.finfo(weight.dtype).eps) + 4.0 * _F32_EPS
+
+    def _fastest_rows(self, hidden: int) -> int:
+        """The rows (1 to SCREEN_MAX_ROWS) up to which int8_products took less time than _int_mm here,
+        each timed right after the other (best of 3): the screen follows the layers' ATen kernels, whose
+        OpenMP threads spin for a while after each call and share the cores with numba's."""
+        generator = torch.Generator().manual_seed(0)
+        fastest = 0
+        for rows in range(1, SCREEN_MAX_ROWS + 1):
+            q = torch.randint(-127, 128, (rows, hidden), dtype=torch.int8, generator=generator)
+            int8_products(q.numpy(), self._q_rows)  # warm-up (the first call may load the compiled kernel)
+            times = [float("inf"), float("inf")]
+            for _ in range(3):
+                started = time.perf_counter()
+                torch._int_mm(q, self._q.t())
+                middle = time.perf_counter()
+                int8_products(q.numpy(), self._q_rows)
+                times = [min(times[0], middle - started), min(times[1], time.perf_counter() - middle)]
+            if times[1] >= times[0]:
+                break
+            fastest = rows
+        return fastest
 
     @classmethod
     def for_model(cls, model, *, force: bool = False) -> GreedyHeadScreen | None:
@@ -155,7 +183,10 @@ class GreedyHeadScreen:
         if quantized is None:
             return None  # NaN or inf (the full head reports it), or logits that might overflow the dtype
         q_x, bounds = quantized  # (R, hidden) int8; (R, 3) float64: s_x, |x^|_1 bound, max|x|
-        accumulators = torch._int_mm(torch.from_numpy(q_x), self._q.t()).numpy()  # (R, vocab) int32, exact
+        if rows <= self.products_rows:
+            accumulators = int8_products(q_x, self._q_rows)  # (R, vocab) int32, exact
+        else:
+            accumulators = torch._int_mm(torch.from_numpy(q_x), self._q.t()).numpy()  # the same sums
         rounding = x.shape[1] * _F32_EPS  # the candidates' dot products' rounding, per unit of max|x| |W_v|_1
         return self._each_row(accumulators, bounds, rounding)
 

@@ -65,6 +65,21 @@ def test_the_screen_picks_the_full_heads_argmax(seed):
         assert screen.argmax(x) == full_argmax(x, weight)
 
 
+def test_both_product_kernels_give_the_screen_the_same_candidates():
+    """The screen's int32 sums come from lm.matvec.int8_products up to `products_rows` rows (measured at
+    build: which is faster here) and from torch._int_mm above; both are exact, so every row count
+    gives the same candidates whichever kernel the measurement chose."""
+    weight = hard_head(5000, 64, 11)
+    screen = GreedyHeadScreen(weight)
+    assert 0 <= screen.products_rows <= SCREEN_MAX_ROWS
+    x = hidden_states(5, 64, 12)
+    found = {}
+    for rows in (0, SCREEN_MAX_ROWS):
+        screen.products_rows = rows
+        found[rows] = [candidates.tolist() for candidates in screen.candidates(x)]
+    assert found[0] == found[SCREEN_MAX_ROWS] and screen.argmax(x) == full_argmax(x, weight)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_screen_finds_the_winner_among_rows_its_estimates_cannot_order(seed):
     x = hidden_states(1, 64, seed)

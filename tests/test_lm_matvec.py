@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.matvec import Int8Rows, int8_matvec
+from lm.matvec import Int8Rows, int8_matvec, int8_products
 from lm.quantize import MATVEC_MAX_ROWS, Int8DynamicLinear
 
 
@@ -93,6 +94,21 @@ def test_the_split_over_threads_changes_nothing():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone, split)
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 64), (3, 1000, 640), (2, 129, 8960)])
+def test_int8_products_are_the_exact_integer_sums(shape):
+    rows, out_features, in_features = shape
+    generator = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=generator)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    weight[0] = 127
+    q[0] = 127  # the largest sum there is, in * 127 * 127
+    products = int8_products(q.numpy(), weight.numpy())
+    assert products.dtype == np.int32
+    assert torch.equal(torch.from_numpy(products).long(), q.long() @ weight.long().T)
+    with pytest.raises(ValueError, match="int8_products takes int8"):
+        int8_products(q.numpy().astype(np.int16), weight.numpy())
 
 
 def test_operands_of_the_wrong_kind_are_refused_by_name():
