@@ -51,7 +51,7 @@ from numba import njit
 from torch import Tensor
 
 from lm.layers import SMALL_WEIGHT, Linear, linear, linear_transposed
-from lm.matvec import int8_products
+from lm.matvec import huge_page_copies, int8_products
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class GreedyHeadScreen:
                               generator=torch.Generator().manual_seed(0))
         if not torch.equal(torch._int_mm(probe, self._q[:256].t()).long(), probe.long() @ self._q[:256].long().t()):
             raise ValueError(f"torch._int_mm is not exact at hidden size {hidden} here")  # it is not at 1
+        self._q = huge_page_copies([self._q])[0]  # streamed whole at every screened step
         self._q_rows = self._q.numpy()
         # rows of hidden up to which lm.matvec.int8_products computes the screen's products (the same exact
         # int32 sums as _int_mm, so the choice changes no result, only the time)

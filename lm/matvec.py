@@ -19,10 +19,15 @@ Numerics, for x (N, in) fp32 and an int8 weight q (out, in) with fp32 scales w (
 
 from __future__ import annotations
 
+import logging
+import mmap
+
 import numpy as np
 import torch
 from numba import config, njit, prange
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 BLOCK = 64  # output rows per block of int32 sums (a float store inside the sums' loop stops pmaddwd)
 
@@ -60,6 +65,14 @@ class Int8Rows:
         self._smoothing, self._bias = (_NO_ARRAY if tensor is None else tensor.detach().float().contiguous().numpy()
                                        for tensor in (inv_smoothing, bias))
 
+    def rebind(self, weight: Tensor) -> None:
+        """Read `weight` from now on: the same values (out, in) int8, row-major, held elsewhere (in
+        huge pages: `huge_page_copies`)."""
+        if weight.shape != self.weight.shape or weight.dtype != torch.int8 or not weight.is_contiguous():
+            raise ValueError(f"rebind takes a row-major int8 weight {tuple(self.weight.shape)}; got "
+                             f"{tuple(weight.shape)} {weight.dtype}")
+        self.weight, self._weight = weight, weight.numpy()
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_cpu:
             raise ValueError(f"int8_matvec takes x (N, {self.in_features}) float32 on the CPU; got {tuple(x.shape)} "
@@ -72,6 +85,33 @@ class Int8Rows:
 
 
 _NO_ARRAY = np.empty(0, np.float32)  # inv_smoothing or bias not given
+_ALIGNMENT = 64  # bytes: each copy in huge_page_copies starts on a cache line
+
+
+def huge_page_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of CPU `tensors` (contiguous, any dtype) in one private anonymous mapping advised for
+    transparent huge pages (madvise(MADV_HUGEPAGE); Linux's THP mode "madvise" or "always"), in order:
+    the weights a decode step streams, read through 2 MiB pages instead of 4 KiB ones (fewer TLB misses,
+    and hardware prefetch that does not stop at every 4 KiB boundary). On the 2-core dev machine the
+    270M's 262,144 x 640 int8 head went 5.3-6.0 -> 3.8-4.3 ms a call through int8_matvec, its 72 int8
+    projections 4.1 -> 3.6 ms (ATen's int4 kernel, compute-bound, did not change). Each copy keeps the
+    mapping alive. Where huge pages cannot be asked for (no MADV_HUGEPAGE, or madvise refused) the
+    tensors are returned as they are."""
+    if not tensors:
+        return []
+    sizes = [-(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT for tensor in tensors]
+    try:
+        mapping = mmap.mmap(-1, max(sum(sizes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(mmap.MADV_HUGEPAGE)  # before the pages are touched: they are faulted in huge
+    except (AttributeError, OSError, ValueError) as error:  # not Linux, or THP unavailable
+        log.debug("no huge pages for the decode weights: %s", error)
+        return list(tensors)
+    copies, offset = [], 0
+    for tensor, size in zip(tensors, sizes):
+        copy = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=offset)  # keeps mapping
+        copies.append(copy.view(tensor.shape).copy_(tensor))
+        offset += size
+    return copies
 
 
 @njit(nogil=True, parallel=True, cache=True)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.commands import QUANTIZATION_SCHEMES
-from lm.matvec import Int8Rows
+from lm.matvec import Int8Rows, huge_page_copies
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,17 @@ def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
             x = torch.randn(1, last.in_features, dtype=dtype)  # the model's activations
             before = functools.partial(last, x)
         model.lm_head.choose_matvec_rows(before)
+    _to_huge_pages(model)
+
+
+def _to_huge_pages(model: nn.Module) -> None:
+    """Move the int8 weights that int8_matvec streams at every decode step (lm.matvec.huge_page_copies):
+    a head's (shared with a tied embedding's lookups) and the row-major copies of the projections."""
+    layers = [module for module in model.modules() if isinstance(module, Int8DynamicLinear) and module._rows is not None]
+    for layer, copy in zip(layers, huge_page_copies([layer._rows.weight for layer in layers])):
+        if layer.weight is not None and layer.weight.data_ptr() == layer._rows.weight.data_ptr():
+            layer.weight = copy  # the buffer itself (the embedding's lookups read it too)
+        layer._rows.rebind(copy)
 
 
 def _smoothing_candidates(weight: Tensor, x: Tensor | None) -> list[Tensor | None]:

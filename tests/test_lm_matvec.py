@@ -184,3 +184,25 @@ def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
             other = {"fbgemm": "fbgemm", "int_mm": "_int_mm"}[module.kernel]
             expected = f"int8_matvec at <= {module.matvec_rows} rows, {other} above" if module.matvec_rows else other
             assert f"projection {module.out_features}x{module.in_features}: {expected}" in report
+
+
+def test_huge_page_copies_hold_the_same_values_and_outlive_their_mapping_name():
+    import gc
+
+    from lm.matvec import huge_page_copies
+
+    tensors = [torch.randint(-127, 128, (300, 64), dtype=torch.int8), torch.randn(7, 3), torch.arange(5)]
+    copies = huge_page_copies(tensors)
+    gc.collect()
+    for tensor, copy in zip(tensors, copies):
+        assert copy.dtype == tensor.dtype and torch.equal(copy, tensor) and copy.is_contiguous()
+        assert copy.data_ptr() % 64 == 0 and copy.data_ptr() != tensor.data_ptr()
+    weight, scales, generator = _operands()
+    rows = Int8Rows(weight, scales)
+    x = torch.randn(2, 96, generator=generator)
+    before = rows(x)
+    rows.rebind(huge_page_copies([weight])[0])
+    assert torch.equal(rows(x), before)
+    with pytest.raises(ValueError, match="rebind"):
+        rows.rebind(weight[:10].contiguous())
+    assert huge_page_copies([]) == []
