@@ -65,6 +65,11 @@ class Int8Rows:
         self._smoothing, self._bias = (_NO_ARRAY if tensor is None else tensor.detach().float().contiguous().numpy()
                                        for tensor in (inv_smoothing, bias))
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(inv_smoothing, weight, scales, bias) as `_int8_matvec` takes them (empty arrays for none)."""
+        return self._smoothing, self._weight, self._scales, self._bias
+
     def rebind(self, weight: Tensor) -> None:
         """Read `weight` from now on: the same values (out, in) int8, row-major, held elsewhere (in
         huge pages: `huge_page_copies`)."""
@@ -116,6 +121,17 @@ def huge_page_copies(tensors: list[Tensor]) -> list[Tensor]:
 
 @njit(nogil=True, parallel=True, cache=True)
 def _int8_matvec(x, inv_smoothing, weight, scales, bias, out, parts):
+    quantized, x_scales = _quantize_rows(x, inv_smoothing)
+    outputs = weight.shape[0]
+    for part in prange(parts):
+        start, stop = _part_bounds(outputs, part, parts)
+        _rows(quantized, x_scales, weight, scales, bias, out, start, stop)
+
+
+@njit(nogil=True, cache=True)
+def _quantize_rows(x, inv_smoothing):
+    """x (R, in) float32, times inv_smoothing (in,) unless empty -> (int16 (R, in), scales (R,) float32):
+    each row over its own range (module docstring); a row that is not finite gets zeros and scale NaN."""
     rows, inputs = x.shape
     levels = np.float32(min(32767, (2**31 - 1) // (127 * inputs)))
     quantized = np.empty((rows, inputs), np.int16)
@@ -134,11 +150,15 @@ def _int8_matvec(x, inv_smoothing, weight, scales, bias, out, parts):
         inverse = np.float32(1) / scale if finite and largest > 0 else np.float32(0)
         for j in range(inputs):
             quantized[r, j] = np.int16(np.rint(smoothed[j] * inverse)) if finite else np.int16(0)
-    outputs = weight.shape[0]
-    for part in prange(parts):
-        start = outputs * part // parts // BLOCK * BLOCK
-        stop = outputs if part == parts - 1 else outputs * (part + 1) // parts // BLOCK * BLOCK
-        _rows(quantized, x_scales, weight, scales, bias, out, start, stop)
+    return quantized, x_scales
+
+
+@njit(nogil=True, cache=True)
+def _part_bounds(outputs, part, parts):
+    """Output rows [start, stop) of part `part` of `parts`, on BLOCK boundaries."""
+    start = outputs * part // parts // BLOCK * BLOCK
+    stop = outputs if part == parts - 1 else outputs * (part + 1) // parts // BLOCK * BLOCK
+    return start, stop
 
 
 @njit(nogil=True, cache=True)

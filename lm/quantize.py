@@ -62,6 +62,7 @@ SMOOTHING_ALPHAS = (None, 0.4, 0.5, 0.6, 0.7, 0.8)
 # of 20 in [0, 1); 4 keep the load time down).
 INT4_AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75)
 MATVEC_MAX_ROWS = 8  # rows at which int8_matvec is measured against fbgemm (choose_matvec_rows)
+MATVEC_PAIRS = 5  # timed pairs per row count (best of each kernel)
 MATVEC_MARGIN = 0.9  # int8_matvec is taken where it needs at most this share of the other kernel's time
 SEARCH_ROWS = 512  # output rows of a projection its candidates are compared on (best_on)
 # Calibration input for smoothing: prose, numbers, code and other scripts, so that the channels each kind
@@ -192,7 +193,7 @@ class Int8DynamicLinear(Int8Linear):
     def choose_matvec_rows(self, preceded_by=None) -> int:
         """Measure this layer on this machine, int8_matvec against its other CPU path, at 1, 2, ...
         MATVEC_MAX_ROWS rows, and set `matvec_rows` to the rows up to which int8_matvec took at most
-        MATVEC_MARGIN of the other's time (best of 3 pairs each; 0: never, or off the CPU); returns it.
+        MATVEC_MARGIN of the other's time (best of MATVEC_PAIRS pairs; 0: never, or off the CPU); returns it.
         A per-token layer keeps its row-major int8 weights only if it takes int8_matvec.
 
         `preceded_by`: a callable run before each int8_matvec timing, standing for what precedes this
@@ -208,7 +209,7 @@ class Int8DynamicLinear(Int8Linear):
                 x = torch.randn(rows, self.in_features, generator=generator)
                 self._matvec(x)  # warm-up (the first call may load its compiled kernel)
                 best = {"matvec": float("inf"), "other": float("inf")}
-                for _ in range(3):
+                for _ in range(MATVEC_PAIRS):
                     best["other"] = min(best["other"], _seconds(self._cpu_forward, x, False))
                     if preceded_by is not None:
                         preceded_by()
@@ -427,6 +428,9 @@ def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
             else:
                 chosen[key] = layer.choose_matvec_rows()
     if isinstance(model.lm_head, Int8DynamicLinear):
+        head = model.lm_head
+        if head.weight is not None and head.weight.is_contiguous():  # measured where it will be read from
+            head.weight = huge_page_copies([head.weight])[0]
         projections = [module for module in model.layers.modules() if isinstance(module, (Int4Linear, Int8Linear))]
         last = projections[-1] if projections else None
         before = None

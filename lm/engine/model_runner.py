@@ -164,9 +164,21 @@ class PagedAttention:
         cos, sin (1, N, D) to apply first. On a float32 CPU cache the norm, rotation, cache write and
         attention are one call (lm.layers.fused.decode_rows_attention): returns (1, N, H * D). None for
         any other step or storage: the caller norms, rotates and calls `attend`."""
+        if not fused.reads_in_place(qkv, self.storage.keys[0]):
+            return None
+        arrays = self.decode_rows_arrays(layer_idx, cos, sin)
+        if arrays is None:
+            return None
+        return fused.decode_rows_attention(qkv[0], heads, kv_heads, q_weight, k_weight, eps, offset, *arrays,
+                                           scale)[None]
+
+    def decode_rows_arrays(self, layer_idx: int, cos: Tensor, sin: Tensor) -> tuple | None:
+        """For a step of decode rows only on a float32 CPU cache: (cos, sin, keys, values, slots, blocks,
+        start, length) as numpy arrays, what lm.layers.fused.decode_rows_attention reads for layer
+        `layer_idx` (cos, sin (1, N, D) its RoPE tables); None for any other step or storage."""
         g, j = self.layout.placement[layer_idx]
         rows_only = self._decode_rows_only(g)
-        if rows_only is None or not fused.reads_in_place(qkv, self.storage.keys[j]):
+        if rows_only is None or not fused.reads_in_place(self.storage.keys[j], self.storage.keys[j]):
             return None
         # Arrays made once per step and shared by the layers: the group's indices, the RoPE tables of a
         # layer kind (the same tensors for all its layers), the cache (once per engine).
@@ -178,9 +190,7 @@ class PagedAttention:
         if tables is None:  # the tensors are kept with their arrays, so the ids stay theirs for the step
             tables = self._table_arrays[id(cos), id(sin)] = (cos, sin, cos[0].contiguous().numpy(),
                                                              sin[0].contiguous().numpy())
-        out = fused.decode_rows_attention(qkv[0], heads, kv_heads, q_weight, k_weight, eps, offset, *tables[2:],
-                                          *self.storage.arrays(j), *indices, scale)
-        return out[None]
+        return (*tables[2:], *self.storage.arrays(j), *indices)
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q (1, H, N, D); k, v (1, KV, N, D)

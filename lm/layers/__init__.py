@@ -205,6 +205,56 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
     return normed
 
 
+def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
+                 attention, attention_norm: RMSNorm | None, mlp_norm: RMSNorm, mlp_branch_norm: RMSNorm | None,
+                 next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None] | None:
+    """A pre-norm layer's `step` for a step of decode rows in two numba calls and one activation
+    (lm.layers.fused.decode_layer_attention and decode_layer_mlp), or None where it does not apply:
+    then the layer runs module by module, with the same values.
+
+    The layer: s = x + n_a(attention(normed)), t = s + n_m(mlp(mlp_norm(s))), returned with
+    next_norm(t); n_a = attention_norm and n_m = mlp_branch_norm (Gemma 3's post-norms) or nothing
+    (Qwen). It applies where all four projections (fused q/k/v, o, fused gate/up, down) take
+    lm.matvec.int8_matvec at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the
+    context reads a float32 CPU cache in place for a step of decode rows only
+    (PagedAttention.decode_rows_arrays), x is float32 on the CPU and the norms share eps and offset.
+    Forward hooks on the projections and norms do not run on this path."""
+    context_arrays = getattr(attention, "decode_rows_arrays", None)
+    gate_up_proj = mlp.gate_up_proj
+    if context_arrays is None or gate_up_proj is None or attention_module.qkv_proj is None \
+            or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 or normed.shape != x.shape \
+            or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    rows = x.shape[1]
+    projections = (attention_module.qkv_proj, attention_module.o_proj, gate_up_proj, mlp.down_proj)
+    kernels = [getattr(projection, "_rows", None) for projection in projections]
+    if any(kernel is None or projection.matvec_rows < rows for kernel, projection in zip(kernels, projections)):
+        return None
+    norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
+    if any((norm.eps, norm.offset) != (mlp_norm.eps, mlp_norm.offset) for norm in norms):
+        return None
+    head_dim = attention_module.head_dim
+    if cos.shape != (1, rows, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32:
+        return None
+    arrays = context_arrays(attention_module.layer_idx, cos, sin)
+    if arrays is None:
+        return None
+    q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
+    qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
+    summed, gate_up = fused.decode_layer_attention(
+        x.reshape(rows, -1).contiguous(), normed.reshape(rows, -1).contiguous(), kernels[0], attention_module.num_heads,
+        attention_module.num_kv_heads, *qk, arrays, attention_module.scale, kernels[1],
+        None if attention_norm is None else attention_norm.weight, mlp_norm.weight, mlp_norm.eps, mlp_norm.offset,
+        kernels[2])
+    gate, up = gate_up.chunk(2, dim=-1)
+    activated = (mlp.act(gate) * up).contiguous()
+    out, out_normed = fused.decode_layer_mlp(activated, kernels[3], summed,
+                                             None if mlp_branch_norm is None else mlp_branch_norm.weight,
+                                             None if next_norm is None else next_norm.weight, mlp_norm.eps,
+                                             mlp_norm.offset)
+    return out.view(x.shape), (None if out_normed is None else out_normed.view(x.shape))
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: q/k/v projections (bias optional: Qwen 2), an optional per-head
     RMSNorm of q and k before RoPE (Gemma 3, Qwen 3), RoPE, then the AttentionContext's scaled dot-product

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 from torch import Tensor
+
+from lm.matvec import _part_bounds, _quantize_rows, _rows as _matvec_rows
 
 FUSED_MAX_ELEMENTS = 1 << 16  # per input: beyond this ATen's 2-thread kernels are faster (2-core dev machine)
 
@@ -143,6 +145,19 @@ def compile_fused_kernels() -> None:
     for weights in ((w, w), (None, None)):
         decode_rows_attention(torch.ones(1, 3, 4), 1, 1, *weights, 1e-6, True, torch.ones(1, 4), torch.ones(1, 4),
                               cache, cache.clone(), one - 1, one[:, None] - 1, one - 1, one, 1.0)
+    from lm.matvec import Int8Rows  # the int8-dynamic decode layer's two calls (lm.layers.decode_layer)
+
+    def rows(out_features, in_features, smoothed):
+        return Int8Rows(torch.ones(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
+                        inv_smoothing=torch.ones(in_features) if smoothed else None)
+    arrays = tuple(t.numpy() for t in (torch.ones(1, 4), torch.ones(1, 4), cache, cache.clone(), one - 1,
+                                       one[:, None] - 1, one - 1, one))
+    for smoothed, weights in ((True, (w, w)), (False, (None, None))):
+        summed, _ = decode_layer_attention(torch.ones(1, 4), torch.ones(1, 4), rows(12, 4, smoothed), 1, 1, *weights,
+                                           1e-6, True, arrays, 1.0, rows(4, 4, smoothed), w if smoothed else None, w,
+                                           1e-6, True, rows(8, 4, smoothed))
+        for weight in (w, None):
+            decode_layer_mlp(torch.ones(1, 4), rows(4, 4, smoothed), summed, weight, weight, 1e-6, True)
 
 
 @njit(nogil=True, cache=True)
@@ -275,3 +290,100 @@ def _decode_rows_attention(qkv, heads, kv_heads, q_weight, k_weight, norm, offse
             values[block, position, h] = qkv[r, count + h]
     # q contiguous, as `decode_attention` passes it: the same compiled kernel, so the same roundings
     _decode_attention(np.ascontiguousarray(qk[:, :heads]), keys, values, blocks, start, length, scale, out)
+
+
+def decode_layer_attention(x: Tensor, normed: Tensor, qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None,
+                           k_weight: Tensor | None, qk_eps: float, qk_offset: bool, attention_arrays: tuple,
+                           scale: float, o_proj, branch_weight: Tensor | None, mlp_weight: Tensor, eps: float,
+                           offset: bool, gate_up_proj) -> tuple[Tensor, Tensor]:
+    """A decode step's layer from its normed input to the gated MLP's gate/up product, in one call:
+    `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm` (the attention branch's norm
+    `branch_weight`, or None, and the MLP's input norm `mlp_weight`) and `gate_up_proj`, with the
+    same kernels and so the same values as those calls made one after another. The projections are
+    lm.matvec.Int8Rows; attention_arrays: (cos, sin, keys, values, slots, blocks, start, length) as
+    `decode_rows_attention` takes them, numpy. x, normed (N, hidden) float32 CPU, contiguous. Returns
+    (the residual sum (N, hidden), gate/up (N, 2 * intermediate))."""
+    rows = x.shape[0]
+    summed = torch.empty_like(x)
+    gate_up = torch.empty(rows, gate_up_proj.out_features)
+    empty = np.empty(0, np.float32)
+    norm = q_weight is not None
+    _decode_layer_attention(x.numpy(), normed.numpy(), *qkv_proj.arrays, heads, kv_heads,
+                            q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty,
+                            norm, qk_offset, np.float32(qk_eps), *attention_arrays, np.float32(scale), *o_proj.arrays,
+                            empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
+                            mlp_weight.detach().numpy(), offset, np.float32(eps), *gate_up_proj.arrays, _parts(),
+                            summed.numpy(), gate_up.numpy())
+    return summed, gate_up
+
+
+def decode_layer_mlp(activated: Tensor, down_proj, residual: Tensor, branch_weight: Tensor | None,
+                     weight: Tensor | None, eps: float, offset: bool) -> tuple[Tensor, Tensor | None]:
+    """The rest of that layer: `down_proj` (lm.matvec.Int8Rows) of the activated product (N, intermediate),
+    then `add_rms_norm` onto residual (N, hidden) with the branch's norm and the next norm (either None).
+    Returns (the layer's output, its next norm or None)."""
+    summed = torch.empty_like(residual)
+    normed = torch.empty_like(residual) if weight is not None else summed
+    empty = np.empty(0, np.float32)
+    _decode_layer_mlp(activated.numpy(), *down_proj.arrays, residual.numpy(),
+                      empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
+                      empty if weight is None else weight.detach().numpy(), weight is not None, offset, np.float32(eps),
+                      _parts(), summed.numpy(), normed.numpy())
+    return summed, (normed if weight is not None else None)
+
+
+def _parts() -> int:
+    from numba import config
+
+    return max(1, min(torch.get_num_threads(), config.NUMBA_NUM_THREADS))
+
+
+@njit(nogil=True, cache=True)
+def _split(parts, outputs):
+    return max(1, min(parts, outputs // 64))  # lm.matvec.BLOCK rows at least per part
+
+
+# The two layer kernels run lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than
+# calling its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
+@njit(nogil=True, cache=True, parallel=True)
+def _decode_layer_attention(x, normed, qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight,
+                            k_weight, norm, qk_offset, qk_eps, cos, sin, keys, values, slots, blocks, start, length,
+                            scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight, branch_norm, mlp_weight,
+                            offset, eps, gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, parts,
+                            summed, gate_up):
+    rows, dim = x.shape[0], keys.shape[3]
+    qkv = np.empty((rows, qkv_weight.shape[0]), np.float32)
+    quantized, x_scales = _quantize_rows(normed, qkv_smoothing)
+    count = _split(parts, qkv_weight.shape[0])
+    for part in prange(count):
+        first, stop = _part_bounds(qkv_weight.shape[0], part, count)
+        _matvec_rows(quantized, x_scales, qkv_weight, qkv_scales, qkv_bias, qkv, first, stop)
+    attended = np.empty((rows, heads * dim), np.float32)
+    _decode_rows_attention(qkv.reshape(rows, qkv_weight.shape[0] // dim, dim), heads, kv_heads, q_weight, k_weight,
+                           norm, qk_offset, qk_eps, cos, sin, keys, values, slots, blocks, start, length, scale,
+                           attended.reshape(rows, heads, dim))
+    branch = np.empty((rows, o_weight.shape[0]), np.float32)
+    quantized, x_scales = _quantize_rows(attended, o_smoothing)
+    count = _split(parts, o_weight.shape[0])
+    for part in prange(count):
+        first, stop = _part_bounds(o_weight.shape[0], part, count)
+        _matvec_rows(quantized, x_scales, o_weight, o_scales, o_bias, branch, first, stop)
+    mlp_normed = np.empty_like(summed)
+    _add_rms_norm(x, branch, branch_weight, branch_norm, mlp_weight, True, offset, eps, summed, mlp_normed)
+    quantized, x_scales = _quantize_rows(mlp_normed, gate_up_smoothing)
+    count = _split(parts, gate_up_weight.shape[0])
+    for part in prange(count):
+        first, stop = _part_bounds(gate_up_weight.shape[0], part, count)
+        _matvec_rows(quantized, x_scales, gate_up_weight, gate_up_scales, gate_up_bias, gate_up, first, stop)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _decode_layer_mlp(activated, down_smoothing, down_weight, down_scales, down_bias, residual, branch_weight,
+                      branch_norm, weight, norm, offset, eps, parts, summed, normed):
+    branch = np.empty((activated.shape[0], down_weight.shape[0]), np.float32)
+    quantized, x_scales = _quantize_rows(activated, down_smoothing)
+    count = _split(parts, down_weight.shape[0])
+    for part in prange(count):
+        first, stop = _part_bounds(down_weight.shape[0], part, count)
+        _matvec_rows(quantized, x_scales, down_weight, down_scales, down_bias, branch, first, stop)
+    _add_rms_norm(residual, branch, branch_weight, branch_norm, weight, norm, offset, eps, summed, normed)

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear, run_decoder
+from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, decode_layer, linear,
+                       run_decoder)
 from lm.models.base import FULL, SLIDING, LAYER_TYPES, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)  # GeGLU with the tanh approximation of gelu
@@ -215,7 +216,12 @@ class Gemma3DecoderLayer(nn.Module):
     def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
-        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
+        of decode rows in two numba calls where lm.layers.decode_layer applies."""
+        fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, self.post_attention_layernorm,
+                            self.pre_feedforward_layernorm, self.post_feedforward_layernorm, next_norm)
+        if fast is not None:
+            return fast
         branch = self.self_attn(normed, cos, sin, attention)
         x, normed = add_norm(x, branch, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         return add_norm(x, self.mlp(normed), self.post_feedforward_layernorm, next_norm)

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lm.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear, run_decoder
+from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, decode_layer, linear,
+                       run_decoder)
 from lm.models.base import FULL, SLIDING, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
 # Defaults of the reference config classes (transformers Qwen2Config, Qwen3Config, Qwen3MoeConfig).
@@ -188,7 +189,13 @@ class QwenDecoderLayer(nn.Module):
     def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
-        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
+        of decode rows in two numba calls where lm.layers.decode_layer applies (a dense MLP)."""
+        if isinstance(self.mlp, GatedMLP):
+            fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, None,
+                                self.post_attention_layernorm, None, next_norm)
+            if fast is not None:
+                return fast
         x, normed = add_norm(x, self.self_attn(normed, cos, sin, attention), None, self.post_attention_layernorm)
         return add_norm(x, self.mlp(normed), None, next_norm)
 

@@ -1,0 +1,75 @@
+"""lm.layers.decode_layer: a decode step's layer in two numba calls (int8-dynamic projections through
+lm.matvec, attention on the paged cache read in place) gives the values of the same layer run module by
+module: the same tokens and bit-identical log-probabilities, across batches of 1 to 6 decode rows, for
+Gemma 3 and the dense Qwen shapes (q/k norm, q/k/v biases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lm.models.gemma3 as gemma3
+import lm.models.qwen as qwen
+from lm import layers
+from lm.engine import Engine, EngineConfig
+from lm.layers import fuse_projections
+from lm.quantize import Int8DynamicLinear, quantize_model
+from lm.requests import GenerationRequest
+from lm.sampling import SamplingParams
+from test_lm_engine import tiny_config
+
+QWEN = {"vocab_size": 300, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10_000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu", "eos_token_id": 1}
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    if family == "gemma3":
+        config = tiny_config(hidden_size=128, intermediate_size=256, vocab_size=300)
+        model, module = gemma3.Gemma3TextModel(config), gemma3
+    else:
+        fields = {**QWEN, "model_type": family, **({"head_dim": 32} if family == "qwen3" else {})}
+        config = qwen.QwenDecoderConfig.from_dict(fields)
+        model, module = qwen.QwenModel(config), qwen
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 0.3 if "norm" in name or "bias" in name else 0.05 if "proj" in name else 1.0)
+    model = quantize_model(fuse_projections(model.eval()), "int8-dynamic")
+    for layer in model.modules():
+        if isinstance(layer, Int8DynamicLinear):
+            layer.set_matvec_rows(8)  # every decode batch through lm.matvec, whatever this machine measured
+    return model, config, module
+
+
+def _generate(model, config) -> list:
+    engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, max_batch=6,
+                                                prefill_chunk=16, stop_token_ids=(), block_size=4))
+    generator = torch.Generator().manual_seed(1)
+    requests = [GenerationRequest(torch.randint(2, 290, (5 + 7 * i,), generator=generator).tolist(),
+                                  SamplingParams(max_new_tokens=6 + 3 * i, logprobs=3), request_id=f"r{i}")
+                for i in range(6)]  # finishing one by one: decode batches of 6 down to 1 rows
+    handles = [engine.submit(request) for request in requests]
+    while not all(handle.done for handle in handles):
+        if engine.stats().running or engine.stats().waiting:
+            engine.step()
+        else:
+            engine.output.drain()
+    return [(handle.result().token_ids, handle.result().logprobs) for handle in handles]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "qwen2"])
+def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
+    model, config, module = _model(family)
+    taken = []
+
+    def spy(*args, **kwargs):
+        out = layers.decode_layer(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, "decode_layer", spy)
+    fused = _generate(model, config)
+    assert taken and all(taken[-len(model.layers):]), "the fused layer was not taken"
+    monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
+    assert _generate(model, config) == fused
