@@ -44,6 +44,7 @@ import logging
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,6 +64,8 @@ SMOOTHING_ALPHAS = (None, 0.4, 0.5, 0.6, 0.7, 0.8)
 INT4_AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75)
 MATVEC_MAX_ROWS = 8  # rows at which int8_matvec is measured against fbgemm (choose_matvec_rows)
 MATVEC_PAIRS = 5  # timed pairs per row count (best of each kernel)
+MATVEC_STREAMED_BYTES = 8 << 20  # int8 weights this large are timed from memory (choose_matvec_rows)
+MATVEC_EVICT_BYTES = 64 << 20  # read between those timings: twice the dev machine's 32 MB last-level cache
 MATVEC_MARGIN = 0.9  # int8_matvec is taken where it needs at most this share of the other kernel's time
 SEARCH_ROWS = 512  # output rows of a projection its candidates are compared on (best_on)
 # Calibration input for smoothing: prose, numbers, code and other scripts, so that the channels each kind
@@ -199,9 +202,26 @@ class Int8DynamicLinear(Int8Linear):
         `preceded_by`: a callable run before each int8_matvec timing, standing for what precedes this
         layer in a decode step. The int4 scheme's head follows ATen's int4 kernels: PyTorch's OpenMP
         threads spin for a while after each parallel region (libgomp's GOMP_SPINCOUNT) and then share
-        the cores with numba's threads, which the measurement must see."""
+        the cores with numba's threads, which the measurement must see.
+
+        A weight of MATVEC_STREAMED_BYTES or more is measured as a step reads it: from memory (each call
+        after a read of MATVEC_EVICT_BYTES elsewhere, so the last-level cache no longer holds it) and,
+        for int8_matvec, from huge pages; called back to back, a 27 MB projection of the 1.5B stays
+        in a 32 MB cache, where fbgemm's kernel looks faster than it is in a step."""
         if not self.set_matvec_rows(MATVEC_MAX_ROWS):  # off the CPU
             return 0
+        streamed = self.out_features * self.in_features >= MATVEC_STREAMED_BYTES
+        evict = np.ones(MATVEC_EVICT_BYTES // 8, np.int64) if streamed else None
+        if streamed:
+            self._rows.rebind(huge_page_copies([self._rows.weight])[0])
+
+        def timed(function, x, before=None) -> float:
+            if evict is not None:
+                evict.max()  # numpy, one thread: PyTorch's OpenMP threads stay idle
+            if before is not None:
+                before()
+            return _seconds(function, x)
+
         rows_chosen = 0
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode():
@@ -210,10 +230,8 @@ class Int8DynamicLinear(Int8Linear):
                 self._matvec(x)  # warm-up (the first call may load its compiled kernel)
                 best = {"matvec": float("inf"), "other": float("inf")}
                 for _ in range(MATVEC_PAIRS):
-                    best["other"] = min(best["other"], _seconds(self._cpu_forward, x, False))
-                    if preceded_by is not None:
-                        preceded_by()
-                    best["matvec"] = min(best["matvec"], _seconds(self._matvec, x))
+                    best["other"] = min(best["other"], timed(functools.partial(self._cpu_forward, smoothed=False), x))
+                    best["matvec"] = min(best["matvec"], timed(self._matvec, x, preceded_by))
                 if best["matvec"] > MATVEC_MARGIN * best["other"]:
                     break
                 rows_chosen = rows
