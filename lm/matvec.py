@@ -35,7 +35,7 @@ BLOCK = 64  # output rows per block of int32 sums (a float store inside the sums
 def int8_matvec(x: Tensor, weight: Tensor, scales: Tensor, *, inv_smoothing: Tensor | None = None,
                 bias: Tensor | None = None) -> Tensor:
     """(x * inv_smoothing) @ (weight * scales[:, None])^T + bias with x quantised per row as the module
-    docstring says: x (N, in) float32, weight (out, in) int8, scales (out,) float32, inv_smoothing
+    docstring says: x (N, in) float32, weight (out, in) int8 in [-127, 127], scales (out,) float32, inv_smoothing
     (in,) float32 or None (ones), bias (out,) float32 or None. Returns (N, out) float32. Split over
     torch.get_num_threads() parts. CPU only; raises ValueError for other dtypes or shapes. A layer
     that calls it at every step holds an Int8Rows instead (the checks and conversions made once)."""
@@ -58,12 +58,25 @@ class Int8Rows:
                              f"{weight.device}, scales {tuple(scales.shape)}, inv_smoothing "
                              f"{None if inv_smoothing is None else tuple(inv_smoothing.shape)}, bias "
                              f"{None if bias is None else tuple(bias.shape)}")
+        if weight.numel() and int(weight.min()) < -127:
+            raise ValueError("int8_matvec takes int8 weights in [-127, 127] (its int32 sums are bounded with |w| <= 127); "
+                             "got -128")
         self.in_features, self.out_features = inputs, outputs
-        self.weight = weight.detach().contiguous()  # (out, in) int8, row-major
+        # (out, in) int8, row-major: the tensor itself where it is one (a deepcopy then shares it with a buffer)
+        self.weight = weight if weight.is_contiguous() and not weight.requires_grad else weight.detach().contiguous()
         self._weight = self.weight.numpy()  # numpy views keep their tensors alive
         self._scales = scales.detach().float().contiguous().numpy()
         self._smoothing, self._bias = (_NO_ARRAY if tensor is None else tensor.detach().float().contiguous().numpy()
                                        for tensor in (inv_smoothing, bias))
+
+    def __deepcopy__(self, memo):
+        """A copy reading a copy of the weight (shared with a module buffer copied in the same deepcopy)."""
+        import copy
+
+        clone = Int8Rows.__new__(Int8Rows)
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        clone._weight = clone.weight.numpy()
+        return clone
 
     @property
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -84,6 +97,7 @@ class Int8Rows:
                              f"{x.dtype} on {x.device}")
         out = torch.empty(x.shape[0], self.out_features)
         parts = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS, self.out_features // BLOCK)
+        x = x.detach()  # inference only: no autograd graph is recorded
         _int8_matvec(x.numpy() if x.is_contiguous() else x.contiguous().numpy(), self._smoothing, self._weight,
                      self._scales, self._bias, out.numpy(), max(1, parts))
         return out
@@ -113,6 +127,9 @@ def huge_page_copies(tensors: list[Tensor]) -> list[Tensor]:
         return list(tensors)
     copies, offset = [], 0
     for tensor, size in zip(tensors, sizes):
+        if not tensor.numel():
+            copies.append(tensor.clone())
+            continue
         copy = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=offset)  # keeps mapping
         copies.append(copy.view(tensor.shape).copy_(tensor))
         offset += size

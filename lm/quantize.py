@@ -256,7 +256,7 @@ class Int8DynamicLinear(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if 0 < x.numel() <= self.matvec_rows * self.in_features and x.shape[-1] == self.in_features \
-                and x.dtype == torch.float32 and x.is_cpu:
+                and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad):
             # decode's few rows: smoothing, quantisation and product in one call (lm.matvec)
             return self._rows(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.inv_smoothing is not None:
@@ -435,11 +435,15 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
 
 
 def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
-    """Int8DynamicLinear.choose_matvec_rows for the projections and the head. The head is measured
-    after a call of the last projection before it, where that is another kernel's (int4's ATen kernel)."""
-    chosen: dict[tuple, int] = {}  # measured once per shape and kind (an MoE model has thousands of experts)
-    for layer in model.layers.modules():
-        if isinstance(layer, Int8DynamicLinear):
+    """Int8DynamicLinear.choose_matvec_rows for the projections (not MoE experts) and the head of a
+    float32 model. The head is measured after a call of the last projection before it, where that is
+    another kernel's (int4's ATen kernel)."""
+    if dtype != torch.float32:  # int8_matvec takes float32 activations only: no copies for it
+        return
+    chosen: dict[tuple, int] = {}  # measured once per shape and kind
+    for name, layer in model.layers.named_modules():
+        # MoE experts stay in fbgemm alone: a row-major copy of every expert would double their memory
+        if isinstance(layer, Int8DynamicLinear) and ".experts." not in f".{name}.":
             key = (layer.out_features, layer.in_features, layer.per_token, layer.kernel)
             if key in chosen:
                 layer.set_matvec_rows(chosen[key])

@@ -206,3 +206,42 @@ def test_huge_page_copies_hold_the_same_values_and_outlive_their_mapping_name():
     with pytest.raises(ValueError, match="rebind"):
         rows.rebind(weight[:10].contiguous())
     assert huge_page_copies([]) == []
+
+
+def test_edge_cases_found_in_review():
+    """Autograd inputs take the other path; -128 weights (outside the overflow bound) are refused;
+    a deepcopy reads its own copy of a weight it shares with its buffer; empty tensors copy."""
+    import gc
+
+    from lm.matvec import huge_page_copies
+
+    torch.manual_seed(0)
+    layer = Int8DynamicLinear(torch.randn(200, 96), torch.randn(200))
+    layer.set_matvec_rows(4)
+    x = torch.randn(2, 96, requires_grad=True)
+    with_grad, without = layer(x), layer(x.detach())  # the first through fbgemm (no numpy() of a grad tensor)
+    assert float((with_grad.detach() - without).norm() / without.norm()) < 0.03  # 8-bit against 16-bit activations
+    with pytest.raises(ValueError, match="-127, 127"):
+        Int8Rows(torch.full((64, 8), -128, dtype=torch.int8), torch.ones(64))
+    head = Int8DynamicLinear(torch.randn(300, 64), per_token=False)
+    head.weight = huge_page_copies([head.weight])[0]
+    head.set_matvec_rows(2)
+    assert head._rows.weight.data_ptr() == head.weight.data_ptr()
+    clone = copy.deepcopy(head)
+    gc.collect()
+    assert clone._rows.weight is clone.weight and clone._rows.arrays[1].ctypes.data == clone.weight.data_ptr()
+    assert torch.equal(clone(torch.ones(1, 64)), head(torch.ones(1, 64)))
+    (empty,) = huge_page_copies([torch.empty(0, 4)])
+    assert empty.shape == (0, 4)
+
+
+def test_a_bf16_model_keeps_no_copies_for_int8_matvec():
+    from lm.layers import fuse_projections
+    from lm.models.gemma3 import Gemma3TextModel
+    from lm.quantize import quantize_model
+    from test_lm_engine import tiny_config
+
+    torch.manual_seed(0)
+    model = fuse_projections(Gemma3TextModel(tiny_config(hidden_size=128, intermediate_size=256)).eval())
+    quantize_model(model.to(torch.bfloat16), "int8-dynamic")
+    assert not any(getattr(module, "_rows", None) is not None for module in model.modules())

@@ -226,6 +226,9 @@ def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, norm
             or (torch.is_grad_enabled() and x.requires_grad):
         return None
     rows = x.shape[1]
+    qkv_width = (attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim
+    if not fused.usable(x, normed) or rows * qkv_width > fused.FUSED_MAX_ELEMENTS:
+        return None  # the module path would take ATen's kernels there: keep its values
     projections = (attention_module.qkv_proj, attention_module.o_proj, gate_up_proj, mlp.down_proj)
     kernels = [getattr(projection, "_rows", None) for projection in projections]
     if any(kernel is None or projection.matvec_rows < rows for kernel, projection in zip(kernels, projections)):
