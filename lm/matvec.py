@@ -180,20 +180,25 @@ def _part_bounds(outputs, part, parts):
 
 @njit(nogil=True, cache=True)
 def _rows(quantized, x_scales, weight, scales, bias, out, start, stop):
-    inputs = weight.shape[1]
     sums = np.empty(BLOCK, np.int32)
     for base in range(start, stop, BLOCK):
         end = min(stop, base + BLOCK)
         for r in range(quantized.shape[0]):
-            row = quantized[r]
-            for o in range(base, end):
-                total = np.int32(0)
-                for j in range(inputs):
-                    total += np.int32(weight[o, j]) * np.int32(row[j])
-                sums[o - base] = total
+            _block_sums(quantized[r], weight, base, end, sums)
             for o in range(base, end):
                 value = np.float32(sums[o - base]) * (x_scales[r] * scales[o])
                 out[r, o] = value + bias[o] if bias.size else value
+
+
+@njit(nogil=True, cache=True)
+def _block_sums(row, weight, base, end, sums):
+    """sums[o - base] = weight[o] . row (int32, exact) for the weight rows o in [base, end); row int16.
+    Only int32 stores in this loop: a float store in it stops LLVM from vectorising it as pmaddwd."""
+    for o in range(base, end):
+        total = np.int32(0)
+        for j in range(weight.shape[1]):
+            total += np.int32(weight[o, j]) * np.int32(row[j])
+        sums[o - base] = total
 
 
 def int8_products(q: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -214,17 +219,12 @@ def int8_products(q: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 @njit(nogil=True, parallel=True, cache=True)
 def _int8_products(q, weight, out, parts):
-    outputs, inputs = weight.shape
     wide = q.astype(np.int16)  # int8 x int16 is what LLVM vectorises as pmaddwd
     for part in prange(parts):
-        start = outputs * part // parts // BLOCK * BLOCK
-        stop = outputs if part == parts - 1 else outputs * (part + 1) // parts // BLOCK * BLOCK
+        start, stop = _part_bounds(weight.shape[0], part, parts)
+        sums = np.empty(BLOCK, np.int32)
         for base in range(start, stop, BLOCK):  # a block of weight rows stays in cache for every row of q
             end = min(stop, base + BLOCK)
             for r in range(wide.shape[0]):
-                row = wide[r]
-                for o in range(base, end):
-                    total = np.int32(0)
-                    for j in range(inputs):
-                        total += np.int32(weight[o, j]) * np.int32(row[j])
-                    out[r, o] = total
+                _block_sums(wide[r], weight, base, end, sums)
+                out[r, base:end] = sums[:end - base]
