@@ -96,11 +96,16 @@ class Int8Rows:
             raise ValueError(f"int8_matvec takes x (N, {self.in_features}) float32 on the CPU; got {tuple(x.shape)} "
                              f"{x.dtype} on {x.device}")
         out = torch.empty(x.shape[0], self.out_features)
-        parts = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS, self.out_features // BLOCK)
         x = x.detach()  # inference only: no autograd graph is recorded
         _int8_matvec(x.numpy() if x.is_contiguous() else x.contiguous().numpy(), self._smoothing, self._weight,
-                     self._scales, self._bias, out.numpy(), max(1, parts))
+                     self._scales, self._bias, out.numpy(), thread_parts())
         return out
+
+
+def thread_parts() -> int:
+    """How many parts the kernels split their output rows into (at most; `_split` caps it by size):
+    torch.get_num_threads(), within numba's thread pool."""
+    return max(1, min(torch.get_num_threads(), config.NUMBA_NUM_THREADS))
 
 
 _NO_ARRAY = np.empty(0, np.float32)  # inv_smoothing or bias not given
@@ -140,8 +145,9 @@ def huge_page_copies(tensors: list[Tensor]) -> list[Tensor]:
 def _int8_matvec(x, inv_smoothing, weight, scales, bias, out, parts):
     quantized, x_scales = _quantize_rows(x, inv_smoothing)
     outputs = weight.shape[0]
-    for part in prange(parts):
-        start, stop = _part_bounds(outputs, part, parts)
+    count = _split(parts, outputs)
+    for part in prange(count):
+        start, stop = _part_bounds(outputs, part, count)
         _rows(quantized, x_scales, weight, scales, bias, out, start, stop)
 
 
@@ -168,6 +174,12 @@ def _quantize_rows(x, inv_smoothing):
         for j in range(inputs):
             quantized[r, j] = np.int16(np.rint(smoothed[j] * inverse)) if finite else np.int16(0)
     return quantized, x_scales
+
+
+@njit(nogil=True, cache=True)
+def _split(parts, outputs):
+    """Parts for `outputs` rows: at most `parts` (thread_parts()), each of BLOCK rows or more."""
+    return max(1, min(parts, outputs // BLOCK))
 
 
 @njit(nogil=True, cache=True)
@@ -212,16 +224,16 @@ def int8_products(q: np.ndarray, weight: np.ndarray) -> np.ndarray:
         raise ValueError(f"int8_products takes int8 q (N, in) and a row-major int8 weight (out, in); got q "
                          f"{q.shape} {q.dtype}, weight {weight.shape} {weight.dtype}")
     out = np.empty((q.shape[0], weight.shape[0]), np.int32)
-    parts = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS, weight.shape[0] // BLOCK)
-    _int8_products(np.ascontiguousarray(q), weight, out, max(1, parts))
+    _int8_products(np.ascontiguousarray(q), weight, out, thread_parts())
     return out
 
 
 @njit(nogil=True, parallel=True, cache=True)
 def _int8_products(q, weight, out, parts):
     wide = q.astype(np.int16)  # int8 x int16 is what LLVM vectorises as pmaddwd
-    for part in prange(parts):
-        start, stop = _part_bounds(weight.shape[0], part, parts)
+    count = _split(parts, weight.shape[0])
+    for part in prange(count):
+        start, stop = _part_bounds(weight.shape[0], part, count)
         sums = np.empty(BLOCK, np.int32)
         for base in range(start, stop, BLOCK):  # a block of weight rows stays in cache for every row of q
             end = min(stop, base + BLOCK)

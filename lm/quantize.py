@@ -212,7 +212,7 @@ class Int8DynamicLinear(Int8Linear):
             return 0
         streamed = self.out_features * self.in_features >= MATVEC_STREAMED_BYTES
         evict = np.ones(MATVEC_EVICT_BYTES // 8, np.int64) if streamed else None
-        if streamed:
+        if streamed and self._rows.weight is not self.weight:  # an unpacked copy (the buffer is the caller's to move)
             self._rows.rebind(huge_page_copies([self._rows.weight])[0])
 
         def timed(function, x, before=None) -> float:
@@ -227,15 +227,18 @@ class Int8DynamicLinear(Int8Linear):
         with torch.inference_mode():
             for rows in range(1, MATVEC_MAX_ROWS + 1):
                 x = torch.randn(rows, self.in_features, generator=generator)
-                self._matvec(x)  # warm-up (the first call may load its compiled kernel)
+                self._rows(x)  # warm-up (the first call may load its compiled kernel)
                 best = {"matvec": float("inf"), "other": float("inf")}
                 for _ in range(MATVEC_PAIRS):
                     best["other"] = min(best["other"], timed(functools.partial(self._cpu_forward, smoothed=False), x))
-                    best["matvec"] = min(best["matvec"], timed(self._matvec, x, preceded_by))
+                    best["matvec"] = min(best["matvec"], timed(self._rows, x, preceded_by))
                 if best["matvec"] > MATVEC_MARGIN * best["other"]:
                     break
                 rows_chosen = rows
-        self.set_matvec_rows(rows_chosen)
+        if rows_chosen:
+            self.matvec_rows = rows_chosen  # the operands just measured
+        else:
+            self.set_matvec_rows(0)  # drops them
         log.debug("int8 %s (%d, %d): int8_matvec up to %d rows", "per token" if self.per_token else "head",
                   self.out_features, self.in_features, self.matvec_rows)
         return self.matvec_rows
@@ -250,9 +253,6 @@ class Int8DynamicLinear(Int8Linear):
         self._rows = Int8Rows(self.int8_weight(), self.scales_f32, inv_smoothing=self.inv_smoothing, bias=self.bias)
         self.matvec_rows = rows
         return rows
-
-    def _matvec(self, flat: Tensor) -> Tensor:
-        return self._rows(flat)
 
     def forward(self, x: Tensor) -> Tensor:
         if 0 < x.numel() <= self.matvec_rows * self.in_features and x.shape[-1] == self.in_features \

@@ -27,7 +27,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from lm.matvec import _part_bounds, _quantize_rows, _rows as _matvec_rows
+from lm.matvec import _part_bounds, _quantize_rows, _rows as _matvec_rows, _split, thread_parts
 
 FUSED_MAX_ELEMENTS = 1 << 16  # per input: beyond this ATen's 2-thread kernels are faster (2-core dev machine)
 
@@ -312,7 +312,7 @@ def decode_layer_attention(x: Tensor, normed: Tensor, qkv_proj, heads: int, kv_h
                             q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty,
                             norm, qk_offset, np.float32(qk_eps), *attention_arrays, np.float32(scale), *o_proj.arrays,
                             empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
-                            mlp_weight.detach().numpy(), offset, np.float32(eps), *gate_up_proj.arrays, _parts(),
+                            mlp_weight.detach().numpy(), offset, np.float32(eps), *gate_up_proj.arrays, thread_parts(),
                             summed.numpy(), gate_up.numpy())
     return summed, gate_up
 
@@ -328,19 +328,8 @@ def decode_layer_mlp(activated: Tensor, down_proj, residual: Tensor, branch_weig
     _decode_layer_mlp(activated.numpy(), *down_proj.arrays, residual.numpy(),
                       empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
                       empty if weight is None else weight.detach().numpy(), weight is not None, offset, np.float32(eps),
-                      _parts(), summed.numpy(), normed.numpy())
+                      thread_parts(), summed.numpy(), normed.numpy())
     return summed, (normed if weight is not None else None)
-
-
-def _parts() -> int:
-    from numba import config
-
-    return max(1, min(torch.get_num_threads(), config.NUMBA_NUM_THREADS))
-
-
-@njit(nogil=True, cache=True)
-def _split(parts, outputs):
-    return max(1, min(parts, outputs // 64))  # lm.matvec.BLOCK rows at least per part
 
 
 # The two layer kernels run lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than
