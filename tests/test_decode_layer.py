@@ -73,3 +73,36 @@ def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
     assert taken and all(taken[-len(model.layers):]), "the fused layer was not taken"
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
     assert _generate(model, config) == fused
+
+
+def test_the_layer_operands_follow_the_modules(monkeypatch):
+    """decode_layer keeps each layer's operands between steps: a norm weight replaced (another tensor) is
+    read from then on, and a projection that no longer takes int8_matvec at a step's rows sends the layer
+    back to the module path."""
+    model, config, module = _model("gemma3")
+    taken = []
+
+    def spy(*args, **kwargs):
+        out = layers.decode_layer(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, "decode_layer", spy)
+    before = _generate(model, config)
+    with torch.no_grad():
+        for layer in model.layers:  # new tensors: the kept operands would still read the old ones
+            for norm in (layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.self_attn.q_norm):
+                norm.weight = torch.nn.Parameter(norm.weight * 1.1 + 0.05, requires_grad=False)
+    taken.clear()
+    fused = _generate(model, config)
+    assert all(taken[-len(model.layers):]) and fused != before
+    monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
+    assert _generate(model, config) == fused
+
+    monkeypatch.setattr(module, "decode_layer", spy)
+    model.layers[0].mlp.down_proj.set_matvec_rows(0)  # its other kernel (fbgemm) from now on
+    taken.clear()
+    mixed = _generate(model, config)
+    assert not any(taken[0::len(model.layers)]) and taken[-len(model.layers):] == [False] + [True] * (len(model.layers) - 1)
+    monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
+    assert _generate(model, config) == mixed

@@ -11,6 +11,7 @@ the q/k norm with RoPE: the same arithmetic in one call instead of a dozen ATen 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +210,8 @@ def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, norm
                  attention, attention_norm: RMSNorm | None, mlp_norm: RMSNorm, mlp_branch_norm: RMSNorm | None,
                  next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None] | None:
     """A pre-norm layer's `step` for a step of decode rows in two numba calls and one activation
-    (lm.layers.fused.decode_layer_attention and decode_layer_mlp), or None where it does not apply:
-    then the layer runs module by module, with the same values.
+    (lm.layers.fused.LayerKernels), or None where it does not apply: then the layer runs module by
+    module, with the same values.
 
     The layer: s = x + n_a(attention(normed)), t = s + n_m(mlp(mlp_norm(s))), returned with
     next_norm(t); n_a = attention_norm and n_m = mlp_branch_norm (Gemma 3's post-norms) or nothing
@@ -218,23 +219,19 @@ def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, norm
     lm.matvec.int8_matvec at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the
     context reads a float32 CPU cache in place for a step of decode rows only
     (PagedAttention.decode_rows_arrays), x is float32 on the CPU and the norms share eps and offset.
-    Forward hooks on the projections and norms do not run on this path."""
+    Forward hooks on the projections and norms do not run on this path. The operands are prepared on
+    the layer's first step and kept (`_layer_kernels`) while the modules, kernels and weights they were
+    made from stay the same objects."""
     context_arrays = getattr(attention, "decode_rows_arrays", None)
-    gate_up_proj = mlp.gate_up_proj
-    if context_arrays is None or gate_up_proj is None or attention_module.qkv_proj is None \
-            or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 or normed.shape != x.shape \
-            or (torch.is_grad_enabled() and x.requires_grad):
+    if context_arrays is None or x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 \
+            or normed.shape != x.shape or normed.dtype is not torch.float32 or not normed.is_cpu \
+            or (torch.is_grad_enabled() and (x.requires_grad or normed.requires_grad)):
         return None
-    rows = x.shape[1]
-    qkv_width = (attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim
-    if not fused.usable(x, normed) or rows * qkv_width > fused.FUSED_MAX_ELEMENTS:
-        return None  # the module path would take ATen's kernels there: keep its values
-    projections = (attention_module.qkv_proj, attention_module.o_proj, gate_up_proj, mlp.down_proj)
-    kernels = [getattr(projection, "_rows", None) for projection in projections]
-    if any(kernel is None or projection.matvec_rows < rows for kernel, projection in zip(kernels, projections)):
-        return None
-    norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
-    if any((norm.eps, norm.offset) != (mlp_norm.eps, mlp_norm.offset) for norm in norms):
+    rows, hidden = x.shape[1], x.shape[2]
+    kernels, matvec_rows, qkv_width = _layer_kernels(attention_module, mlp, attention_norm, mlp_norm, mlp_branch_norm,
+                                                     next_norm)
+    # the module path would take ATen's kernels above FUSED_MAX_ELEMENTS (fused.usable): keep its values
+    if kernels is None or not 0 < rows <= matvec_rows or rows * max(hidden, qkv_width) > fused.FUSED_MAX_ELEMENTS:
         return None
     head_dim = attention_module.head_dim
     if cos.shape != (1, rows, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32:
@@ -242,20 +239,58 @@ def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, norm
     arrays = context_arrays(attention_module.layer_idx, cos, sin)
     if arrays is None:
         return None
-    q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
-    qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
-    summed, gate_up = fused.decode_layer_attention(
-        x.reshape(rows, -1).contiguous(), normed.reshape(rows, -1).contiguous(), kernels[0], attention_module.num_heads,
-        attention_module.num_kv_heads, *qk, arrays, attention_module.scale, kernels[1],
-        None if attention_norm is None else attention_norm.weight, mlp_norm.weight, mlp_norm.eps, mlp_norm.offset,
-        kernels[2])
+    summed, gate_up = kernels.attention(x.reshape(rows, hidden).contiguous(), normed.reshape(rows, hidden).contiguous(),
+                                        arrays)
     gate, up = gate_up.chunk(2, dim=-1)
-    activated = (mlp.act(gate) * up).contiguous()
-    out, out_normed = fused.decode_layer_mlp(activated, kernels[3], summed,
-                                             None if mlp_branch_norm is None else mlp_branch_norm.weight,
-                                             None if next_norm is None else next_norm.weight, mlp_norm.eps,
-                                             mlp_norm.offset)
+    out, out_normed = kernels.mlp((mlp.act(gate) * up).contiguous(), summed)
     return out.view(x.shape), (None if out_normed is None else out_normed.view(x.shape))
+
+
+# decode_layer's operands per attention module: (the identities they were made from, LayerKernels or None,
+# matvec rows, q/k/v width). Weak keys: a layer that is dropped drops its entry; a deepcopy makes its own.
+_LAYER_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _layer_kernels(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNorm | None) -> tuple:
+    """decode_layer's (LayerKernels or None where the layer cannot take them, the most rows all four
+    projections take int8_matvec at, q/k/v width), made again when any projection, int8_matvec operand,
+    norm or norm weight is another object (or at another address) than when they were made."""
+    modules = attention_module._modules  # read from the dicts: nn.Module's attribute lookup costs ~0.5 us
+    projections = (modules.get("qkv_proj"), modules.get("o_proj"), mlp._modules.get("gate_up_proj"),
+                   mlp._modules.get("down_proj"))
+    identity = [id(mlp), *map(id, norms)]
+    for projection in projections:
+        rows = getattr(projection, "_rows", None)
+        identity += (id(projection), id(rows), id(getattr(rows, "_weight", None)), getattr(projection, "matvec_rows", 0))
+    weights = [norm._parameters["weight"] for norm in (*norms, modules.get("q_norm"), modules.get("k_norm"))
+               if norm is not None]
+    identity += (weight.data_ptr() for weight in weights)
+    identity = tuple(identity)
+    entry = _LAYER_KERNELS.get(attention_module)
+    if entry is None or entry[0] != identity:
+        entry = (identity, *_make_layer_kernels(attention_module, projections, *norms))
+        _LAYER_KERNELS[attention_module] = entry
+    return entry[1:]
+
+
+def _make_layer_kernels(attention_module: "Attention", projections: tuple, attention_norm: RMSNorm | None,
+                        mlp_norm: RMSNorm, mlp_branch_norm: RMSNorm | None, next_norm: RMSNorm | None) -> tuple:
+    qkv_width = (attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim
+    kernels = [getattr(projection, "_rows", None) for projection in projections]
+    norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
+    q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
+    weights = [norm.weight for norm in (*norms, q_norm, k_norm) if norm is not None]
+    if any(kernel is None for kernel in kernels) \
+            or any((norm.eps, norm.offset) != (mlp_norm.eps, mlp_norm.offset) for norm in norms) \
+            or any(weight.dtype != torch.float32 or weight.device.type != "cpu" for weight in weights):
+        return None, 0, qkv_width
+    qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
+    kernels = fused.LayerKernels(kernels[0], attention_module.num_heads, attention_module.num_kv_heads, *qk,
+                                 attention_module.scale, kernels[1], kernels[2], kernels[3],
+                                 None if attention_norm is None else attention_norm.weight, mlp_norm.weight,
+                                 None if mlp_branch_norm is None else mlp_branch_norm.weight,
+                                 None if next_norm is None else next_norm.weight, mlp_norm.eps, mlp_norm.offset)
+    return kernels, min(projection.matvec_rows for projection in projections), qkv_width
 
 
 class Attention(nn.Module):

@@ -152,12 +152,11 @@ def compile_fused_kernels() -> None:
                         inv_smoothing=torch.ones(in_features) if smoothed else None)
     arrays = tuple(t.numpy() for t in (torch.ones(1, 4), torch.ones(1, 4), cache, cache.clone(), one - 1,
                                        one[:, None] - 1, one - 1, one))
-    for smoothed, weights in ((True, (w, w)), (False, (None, None))):
-        summed, _ = decode_layer_attention(torch.ones(1, 4), torch.ones(1, 4), rows(12, 4, smoothed), 1, 1, *weights,
-                                           1e-6, True, arrays, 1.0, rows(4, 4, smoothed), w if smoothed else None, w,
-                                           1e-6, True, rows(8, 4, smoothed))
-        for weight in (w, None):
-            decode_layer_mlp(torch.ones(1, 4), rows(4, 4, smoothed), summed, weight, weight, 1e-6, True)
+    for smoothed, weights in ((True, (w, w)), (False, (None, None))):  # the same types with or without
+        kernels = LayerKernels(rows(12, 4, smoothed), 1, 1, *weights, 1e-6, True, 1.0, rows(4, 4, smoothed),
+                               rows(8, 4, smoothed), rows(4, 4, smoothed), weights[0], w, *weights, 1e-6, True)
+        summed, _ = kernels.attention(torch.ones(1, 4), torch.ones(1, 4), arrays)
+        kernels.mlp(torch.ones(1, 4), summed)
 
 
 @njit(nogil=True, cache=True)
@@ -292,54 +291,64 @@ def _decode_rows_attention(qkv, heads, kv_heads, q_weight, k_weight, norm, offse
     _decode_attention(np.ascontiguousarray(qk[:, :heads]), keys, values, blocks, start, length, scale, out)
 
 
-def decode_layer_attention(x: Tensor, normed: Tensor, qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None,
-                           k_weight: Tensor | None, qk_eps: float, qk_offset: bool, attention_arrays: tuple,
-                           scale: float, o_proj, branch_weight: Tensor | None, mlp_weight: Tensor, eps: float,
-                           offset: bool, gate_up_proj) -> tuple[Tensor, Tensor]:
-    """A decode step's layer from its normed input to the gated MLP's gate/up product, in one call:
-    `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm` (the attention branch's norm
-    `branch_weight`, or None, and the MLP's input norm `mlp_weight`) and `gate_up_proj`, with the
-    same kernels and so the same values as those calls made one after another. The projections are
-    lm.matvec.Int8Rows; attention_arrays: (cos, sin, keys, values, slots, blocks, start, length) as
-    `decode_rows_attention` takes them, numpy. x, normed (N, hidden) float32 CPU, contiguous. Returns
-    (the residual sum (N, hidden), gate/up (N, 2 * intermediate))."""
-    rows = x.shape[0]
-    summed = torch.empty_like(x)
-    gate_up = torch.empty(rows, gate_up_proj.out_features)
-    empty = np.empty(0, np.float32)
-    norm = q_weight is not None
-    _decode_layer_attention(x.numpy(), normed.numpy(), *qkv_proj.arrays, heads, kv_heads,
-                            q_weight.detach().numpy() if norm else empty, k_weight.detach().numpy() if norm else empty,
-                            norm, qk_offset, np.float32(qk_eps), *attention_arrays, np.float32(scale), *o_proj.arrays,
-                            empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
-                            mlp_weight.detach().numpy(), offset, np.float32(eps), *gate_up_proj.arrays, thread_parts(),
-                            summed.numpy(), gate_up.numpy())
-    return summed, gate_up
+class LayerKernels:
+    """A decode layer's operands for its two numba calls, prepared once (lm.layers.decode_layer keeps
+    one per layer and builds a new one when any of them changes): the four projections' lm.matvec.Int8Rows
+    (fused q/k/v, o, fused gate/up, down), the attention's head counts, q/k norm and scale, and the norms
+    around the attention and the MLP (the attention branch's and the MLP branch's norm, each optional;
+    the MLP's input norm; the next norm, optional), all sharing `eps` and `offset`. Per step only the
+    inputs, the cache's arrays and the outputs are passed: a call costs its kernel and ~10 us of Python.
 
+    `attention` then `mlp` give the values of `qkv_proj`, `decode_rows_attention`, `o_proj`,
+    `add_rms_norm`, `gate_up_proj`, (the caller's activation), `down_proj` and `add_rms_norm` called one
+    after another: the same kernels."""
 
-def decode_layer_mlp(activated: Tensor, down_proj, residual: Tensor, branch_weight: Tensor | None,
-                     weight: Tensor | None, eps: float, offset: bool) -> tuple[Tensor, Tensor | None]:
-    """The rest of that layer: `down_proj` (lm.matvec.Int8Rows) of the activated product (N, intermediate),
-    then `add_rms_norm` onto residual (N, hidden) with the branch's norm and the next norm (either None).
-    Returns (the layer's output, its next norm or None)."""
-    summed = torch.empty_like(residual)
-    normed = torch.empty_like(residual) if weight is not None else summed
-    empty = np.empty(0, np.float32)
-    _decode_layer_mlp(activated.numpy(), *down_proj.arrays, residual.numpy(),
-                      empty if branch_weight is None else branch_weight.detach().numpy(), branch_weight is not None,
-                      empty if weight is None else weight.detach().numpy(), weight is not None, offset, np.float32(eps),
-                      thread_parts(), summed.numpy(), normed.numpy())
-    return summed, (normed if weight is not None else None)
+    def __init__(self, qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
+                 qk_eps: float, qk_offset: bool, scale: float, o_proj, gate_up_proj, down_proj,
+                 attention_weight: Tensor | None, mlp_weight: Tensor, mlp_branch_weight: Tensor | None,
+                 next_weight: Tensor | None, eps: float, offset: bool) -> None:
+        empty = np.empty(0, np.float32)
+
+        def array(weight):  # a norm's weight as a float32 numpy view (empty for none)
+            return empty if weight is None else weight.detach().numpy()
+
+        self.gate_up_features, self.hidden_size = gate_up_proj.out_features, o_proj.out_features
+        self.has_next = next_weight is not None
+        self._attention = (*qkv_proj.arrays, heads, kv_heads, array(q_weight), array(k_weight), q_weight is not None,
+                           qk_offset, np.float32(qk_eps), np.float32(scale), *o_proj.arrays, array(attention_weight),
+                           attention_weight is not None, array(mlp_weight), offset, np.float32(eps),
+                           *gate_up_proj.arrays)
+        self._mlp = (*down_proj.arrays, array(mlp_branch_weight), mlp_branch_weight is not None, array(next_weight),
+                     next_weight is not None, offset, np.float32(eps))
+
+    def attention(self, x: Tensor, normed: Tensor, attention_arrays: tuple) -> tuple[Tensor, Tensor]:
+        """x, normed (N, hidden) float32 CPU, contiguous; attention_arrays (cos, sin, keys, values, slots,
+        blocks, start, length) as `decode_rows_attention` takes them, numpy. Returns (the residual sum
+        after the attention (N, hidden), gate/up (N, 2 * intermediate))."""
+        summed = torch.empty_like(x)
+        gate_up = torch.empty(x.shape[0], self.gate_up_features)
+        _decode_layer_attention(x.numpy(), normed.numpy(), *attention_arrays, thread_parts(), summed.numpy(),
+                                gate_up.numpy(), *self._attention)
+        return summed, gate_up
+
+    def mlp(self, activated: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The activated product (N, intermediate) and the residual sum `attention` returned: (the
+        layer's output (N, hidden), its next norm or None)."""
+        summed = torch.empty_like(residual)
+        normed = torch.empty_like(residual) if self.has_next else summed
+        _decode_layer_mlp(activated.numpy(), residual.numpy(), thread_parts(), summed.numpy(), normed.numpy(),
+                          *self._mlp)
+        return summed, (normed if self.has_next else None)
 
 
 # The two layer kernels run lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than
 # calling its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
 @njit(nogil=True, cache=True, parallel=True)
-def _decode_layer_attention(x, normed, qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight,
-                            k_weight, norm, qk_offset, qk_eps, cos, sin, keys, values, slots, blocks, start, length,
-                            scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight, branch_norm, mlp_weight,
-                            offset, eps, gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, parts,
-                            summed, gate_up):
+def _decode_layer_attention(x, normed, cos, sin, keys, values, slots, blocks, start, length, parts, summed, gate_up,
+                            qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight, k_weight, norm,
+                            qk_offset, qk_eps, scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight,
+                            branch_norm, mlp_weight, offset, eps, gate_up_smoothing, gate_up_weight, gate_up_scales,
+                            gate_up_bias):
     rows, dim = x.shape[0], keys.shape[3]
     qkv = np.empty((rows, qkv_weight.shape[0]), np.float32)
     quantized, x_scales = _quantize_rows(normed, qkv_smoothing)
@@ -367,8 +376,8 @@ def _decode_layer_attention(x, normed, qkv_smoothing, qkv_weight, qkv_scales, qk
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _decode_layer_mlp(activated, down_smoothing, down_weight, down_scales, down_bias, residual, branch_weight,
-                      branch_norm, weight, norm, offset, eps, parts, summed, normed):
+def _decode_layer_mlp(activated, residual, parts, summed, normed, down_smoothing, down_weight, down_scales, down_bias,
+                      branch_weight, branch_norm, weight, norm, offset, eps):
     branch = np.empty((activated.shape[0], down_weight.shape[0]), np.float32)
     quantized, x_scales = _quantize_rows(activated, down_smoothing)
     count = _split(parts, down_weight.shape[0])
