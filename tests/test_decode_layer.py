@@ -58,9 +58,9 @@ def _generate(model, config) -> list:
     return [(handle.result().token_ids, handle.result().logprobs) for handle in handles]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3", "qwen2"])
-def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
-    model, config, module = _model(family)
+def _spy(module, monkeypatch) -> list[bool]:
+    """Route `module`'s decode_layer through a spy; the returned list gets, per call, whether the fused
+    layer was taken."""
     taken = []
 
     def spy(*args, **kwargs):
@@ -69,6 +69,13 @@ def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
         return out
 
     monkeypatch.setattr(module, "decode_layer", spy)
+    return taken
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "qwen2"])
+def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
+    model, config, module = _model(family)
+    taken = _spy(module, monkeypatch)
     fused = _generate(model, config)
     assert taken and all(taken[-len(model.layers):]), "the fused layer was not taken"
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
@@ -80,14 +87,7 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     read from then on, and a projection that no longer takes int8_matvec at a step's rows sends the layer
     back to the module path."""
     model, config, module = _model("gemma3")
-    taken = []
-
-    def spy(*args, **kwargs):
-        out = layers.decode_layer(*args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(module, "decode_layer", spy)
+    taken = _spy(module, monkeypatch)
     before = _generate(model, config)
     with torch.no_grad():
         for layer in model.layers:  # new tensors: the kept operands would still read the old ones
@@ -99,9 +99,8 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
     assert _generate(model, config) == fused
 
-    monkeypatch.setattr(module, "decode_layer", spy)
+    taken = _spy(module, monkeypatch)
     model.layers[0].mlp.down_proj.set_matvec_rows(0)  # its other kernel (fbgemm) from now on
-    taken.clear()
     mixed = _generate(model, config)
     assert not any(taken[0::len(model.layers)]) and taken[-len(model.layers):] == [False] + [True] * (len(model.layers) - 1)
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
