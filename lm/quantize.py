@@ -10,8 +10,7 @@ Schemes (`quantize_model(model, scheme)`):
   projections, per tensor in the head: Int8DynamicLinear) so the matmul runs int8 x int8 -> int32 in
   PyTorch's CPU kernels (fbgemm's dynamic linear where the CPU has VNNI, each row of x scaled to its own
   range first for per-token scales; oneDNN's _int_mm for the projections elsewhere).
-  At decode's few rows (up to what `choose_matvec_rows` measured faster on this machine, at the first
-  load; later loads read it back: lm.kernel_choices)
+  At decode's few rows (up to what `choose_matvec_rows` measured faster on this machine, at load)
   the projections and the head run lm.matvec.int8_matvec instead: the same int8 weights, each row of
   x quantised over its own range at up to 16 bits, in one numba call.
   CPU only; where PyTorch has no quantized engine, "int8" is used instead (with a warning). Given
@@ -51,7 +50,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.commands import QUANTIZATION_SCHEMES
-from lm.kernel_choices import KernelChoices
 from lm.matvec import Int8Rows, huge_page_copies
 
 log = logging.getLogger(__name__)
@@ -438,22 +436,10 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
 
 def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
     """Int8DynamicLinear.choose_matvec_rows for the projections (not MoE experts) and the head of a
-    float32 model, once per shape and kind, or the rows measured for it at an earlier load on this
-    machine (lm.kernel_choices). The head is measured after a call of the last projection before it,
-    where that is another kernel's (int4's ATen kernel)."""
+    float32 model. The head is measured after a call of the last projection before it, where that is
+    another kernel's (int4's ATen kernel)."""
     if dtype != torch.float32:  # int8_matvec takes float32 activations only: no copies for it
         return
-    kept = KernelChoices.load()
-
-    def choose(layer: Int8DynamicLinear, key: str, before=None) -> int:
-        rows = kept.get(key)
-        if rows is None:
-            rows = layer.choose_matvec_rows(before)
-            kept.put(key, rows)
-        else:
-            layer.set_matvec_rows(rows)
-        return rows
-
     chosen: dict[tuple, int] = {}  # measured once per shape and kind
     for name, layer in model.layers.named_modules():
         # MoE experts stay in fbgemm alone: a row-major copy of every expert would double their memory
@@ -462,7 +448,7 @@ def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
             if key in chosen:
                 layer.set_matvec_rows(chosen[key])
             else:
-                chosen[key] = choose(layer, "projection {}x{} per_token={} {}".format(*key))
+                chosen[key] = layer.choose_matvec_rows()
     if isinstance(model.lm_head, Int8DynamicLinear):
         head = model.lm_head
         if head.weight is not None and head.weight.is_contiguous():  # measured where it will be read from
@@ -473,9 +459,7 @@ def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
         if last is not None and not (isinstance(last, Int8DynamicLinear) and last.matvec_rows):
             x = torch.randn(1, last.in_features, dtype=dtype)  # the model's activations
             before = functools.partial(last, x)
-        choose(head, f"head {head.out_features}x{head.in_features}" + (f" after {type(last).__name__}" if before else ""),
-               before)
-    kept.save()
+        model.lm_head.choose_matvec_rows(before)
     _to_huge_pages(model)
 
 

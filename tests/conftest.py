@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-# Every load measures its kernels (lm.kernel_choices): no test reads choices another run left in ~/.cache.
-os.environ.setdefault("TESSERA_KERNEL_CACHE", "off")
 
 TINY_IMAGE_TOKEN = 500  # image placeholder id of the tiny vision-language checkpoint
 

@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
           "RSS +MiB: peak resident growth while the measurements ran (llama.cpp's includes loading its model); "
           "load s: checkpoint to ready model")
     for scheme, choice in kernels.items():
-        print(f"{scheme} kernels (measured at load, or read back from lm.kernel_choices): {choice}")
+        print(f"{scheme} kernels (measured at load): {choice}")
     for scheme, figures in accuracy.items():
         print(_accuracy_line(scheme, figures, args.new_tokens))
     ratios = {}
