@@ -1,6 +1,7 @@
-"""lm.layers.decode_layer: a decode step's layer in two numba calls (int8-dynamic projections through
-lm.matvec, attention on the paged cache read in place) gives the values of the same layer run module by
-module: the same tokens and bit-identical log-probabilities, across batches of 1 to 6 decode rows, for
+"""lm.layers.decode_layer: a decode step's layer in one numba call (int8-dynamic projections through
+lm.matvec, attention on the paged cache read in place, the gated activation vectorised) gives the values
+of the same layer run module by module: the same tokens and log-probabilities within 1e-4 (the
+activation is within 2 ulp of ATen's, not bit-identical), across batches of 1 to 6 decode rows, for
 Gemma 3 and the dense Qwen shapes (q/k norm, q/k/v biases)."""
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def _generate(model, config) -> list:
     return [(handle.result().token_ids, handle.result().logprobs) for handle in handles]
 
 
+def _assert_close(fused, modules) -> None:
+    """The same tokens and top log-probabilities, each value within 1e-4 (relative to its size past 1)."""
+    assert [tokens for tokens, _ in fused] == [tokens for tokens, _ in modules]
+    for (_, ours), (_, theirs) in zip(fused, modules):
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.token_id == b.token_id and [i for i, _ in a.top] == [i for i, _ in b.top]
+            for x, y in [(a.logprob, b.logprob)] + [(p, q) for (_, p), (_, q) in zip(a.top, b.top)]:
+                assert abs(x - y) <= 1e-4 * max(1.0, abs(y)), (x, y)
+
+
 def _spy(module, monkeypatch) -> list[bool]:
     """Route `module`'s decode_layer through a spy; the returned list gets, per call, whether the fused
     layer was taken."""
@@ -79,7 +90,7 @@ def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
     fused = _generate(model, config)
     assert taken and all(taken[-len(model.layers):]), "the fused layer was not taken"
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
-    assert _generate(model, config) == fused
+    _assert_close(fused, _generate(model, config))
 
 
 def test_the_layer_operands_follow_the_modules(monkeypatch):
@@ -97,11 +108,11 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     fused = _generate(model, config)
     assert all(taken[-len(model.layers):]) and fused != before
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
-    assert _generate(model, config) == fused
+    _assert_close(fused, _generate(model, config))
 
     taken = _spy(module, monkeypatch)
     model.layers[0].mlp.down_proj.set_matvec_rows(0)  # its other kernel (fbgemm) from now on
     mixed = _generate(model, config)
     assert not any(taken[0::len(model.layers)]) and taken[-len(model.layers):] == [False] + [True] * (len(model.layers) - 1)
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
-    assert _generate(model, config) == mixed
+    _assert_close(mixed, _generate(model, config))

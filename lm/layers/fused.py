@@ -12,8 +12,11 @@ apply_rotary_pos_emb), except that the sum of squares of a norm is accumulated i
 mean is rounded to float32 (ATen sums in float32 lanes; both round the same exact mean, to within an
 ulp), and that attention's sums may be reassociated. Where float32's sum of squares would overflow and
 its mean would not (|x| around 1e18 to 1e19 at 640 wide) the norm stays finite, where ATen's (and the
-reference's) rsqrt(inf) gives 0. The gated MLP's activation stays ATen's: numba's tanh and exp are
-scalar libm calls (34 us against ATen's ~10 for the 270M's 2,048 values a row).
+reference's) rsqrt(inf) gives 0. The gated MLP's activation stays ATen's everywhere but in the
+int8-dynamic decode layer (`LayerKernels`: the whole layer in one call), which computes it with
+`gated_activation`: e^x from a polynomial and a built exponent so that the loop vectorises (numba's own
+tanh and exp are scalar libm calls, 34 us for the 270M's 2,048 values a row, against ~3 us here and ~10
+for ATen's), within 2 ulp of ATen's value or of the absolute error both make where 1 + tanh cancels.
 
 `usable` decides per call; the callers (lm.layers) keep the ATen path for everything else: CUDA, other
 dtypes, large inputs, inputs that would broadcast (the kernels take exact shapes and check none: the
@@ -145,7 +148,7 @@ def compile_fused_kernels() -> None:
     for weights in ((w, w), (None, None)):
         decode_rows_attention(torch.ones(1, 3, 4), 1, 1, *weights, 1e-6, True, torch.ones(1, 4), torch.ones(1, 4),
                               cache, cache.clone(), one - 1, one[:, None] - 1, one - 1, one, 1.0)
-    from lm.matvec import Int8Rows  # the int8-dynamic decode layer's two calls (lm.layers.decode_layer)
+    from lm.matvec import Int8Rows  # the int8-dynamic decode layer's call (lm.layers.decode_layer)
 
     def rows(out_features, in_features, smoothed):
         return Int8Rows(torch.ones(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
@@ -154,9 +157,10 @@ def compile_fused_kernels() -> None:
                                        one[:, None] - 1, one - 1, one))
     for smoothed, weights in ((True, (w, w)), (False, (None, None))):  # the same types with or without
         kernels = LayerKernels(rows(12, 4, smoothed), 1, 1, *weights, 1e-6, True, 1.0, rows(4, 4, smoothed),
-                               rows(8, 4, smoothed), rows(4, 4, smoothed), weights[0], w, *weights, 1e-6, True)
-        summed, _ = kernels.attention(torch.ones(1, 4), torch.ones(1, 4), arrays)
-        kernels.mlp(torch.ones(1, 4), summed)
+                               rows(8, 4, smoothed), GELU_TANH, rows(4, 4, smoothed), weights[0], w, *weights, 1e-6,
+                               True)
+        kernels(torch.ones(1, 4), torch.ones(1, 4), arrays)
+    gated_activation(torch.ones(1, 4), torch.ones(1, 4), SILU)
 
 
 @njit(nogil=True, cache=True)
@@ -291,20 +295,25 @@ def _decode_rows_attention(qkv, heads, kv_heads, q_weight, k_weight, norm, offse
     _decode_attention(np.ascontiguousarray(qk[:, :heads]), keys, values, blocks, start, length, scale, out)
 
 
-class LayerKernels:
-    """A decode layer's operands for its two numba calls, prepared once (lm.layers.decode_layer keeps
-    one per layer and builds a new one when any of them changes): the four projections' lm.matvec.Int8Rows
-    (fused q/k/v, o, fused gate/up, down), the attention's head counts, q/k norm and scale, and the norms
-    around the attention and the MLP (the attention branch's and the MLP branch's norm, each optional;
-    the MLP's input norm; the next norm, optional), all sharing `eps` and `offset`. Per step only the
-    inputs, the cache's arrays and the outputs are passed: a call costs its kernel and ~10 us of Python.
+GELU_TANH, SILU = 0, 1  # the gated MLP activations `LayerKernels` computes (config.json's gelu_pytorch_tanh, silu)
 
-    `attention` then `mlp` give the values of `qkv_proj`, `decode_rows_attention`, `o_proj`,
-    `add_rms_norm`, `gate_up_proj`, (the caller's activation), `down_proj` and `add_rms_norm` called one
-    after another: the same kernels."""
+
+class LayerKernels:
+    """A decode layer's operands for its one numba call, prepared once (lm.layers.decode_layer keeps one
+    per layer and builds a new one when any of them changes): the four projections' lm.matvec.Int8Rows
+    (fused q/k/v, o, fused gate/up, down), the attention's head counts, q/k norm and scale, the gated
+    MLP's activation (GELU_TANH or SILU), and the norms around the attention and the MLP (the attention
+    branch's and the MLP branch's norm, each optional; the MLP's input norm; the next norm, optional),
+    all sharing `eps` and `offset`. Per step only the inputs, the cache's arrays and the outputs are
+    passed.
+
+    `__call__` gives the values of `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm`,
+    `gate_up_proj`, the activation times up (`gated_activation`), `down_proj` and `add_rms_norm` called
+    one after another: the same kernels, with the activation computed as `gated_activation` does
+    rather than by ATen (within 2 ulp of it, or of its absolute error where the product cancels)."""
 
     def __init__(self, qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
-                 qk_eps: float, qk_offset: bool, scale: float, o_proj, gate_up_proj, down_proj,
+                 qk_eps: float, qk_offset: bool, scale: float, o_proj, gate_up_proj, activation: int, down_proj,
                  attention_weight: Tensor | None, mlp_weight: Tensor, mlp_branch_weight: Tensor | None,
                  next_weight: Tensor | None, eps: float, offset: bool) -> None:
         empty = np.empty(0, np.float32)
@@ -312,43 +321,98 @@ class LayerKernels:
         def array(weight):  # a norm's weight as a float32 numpy view (empty for none)
             return empty if weight is None else weight.detach().numpy()
 
-        self.gate_up_features, self.hidden_size = gate_up_proj.out_features, o_proj.out_features
+        if activation not in (GELU_TANH, SILU):
+            raise ValueError(f"activation {activation!r}: GELU_TANH ({GELU_TANH}) or SILU ({SILU})")
         self.has_next = next_weight is not None
-        self._attention = (*qkv_proj.arrays, heads, kv_heads, array(q_weight), array(k_weight), q_weight is not None,
-                           qk_offset, np.float32(qk_eps), np.float32(scale), *o_proj.arrays, array(attention_weight),
-                           attention_weight is not None, array(mlp_weight), offset, np.float32(eps),
-                           *gate_up_proj.arrays)
-        self._mlp = (*down_proj.arrays, array(mlp_branch_weight), mlp_branch_weight is not None, array(next_weight),
-                     next_weight is not None, offset, np.float32(eps))
+        self._operands = (*qkv_proj.arrays, heads, kv_heads, array(q_weight), array(k_weight), q_weight is not None,
+                          qk_offset, np.float32(qk_eps), np.float32(scale), *o_proj.arrays, array(attention_weight),
+                          attention_weight is not None, array(mlp_weight), offset, np.float32(eps),
+                          *gate_up_proj.arrays, activation, *down_proj.arrays, array(mlp_branch_weight),
+                          mlp_branch_weight is not None, array(next_weight), next_weight is not None)
 
-    def attention(self, x: Tensor, normed: Tensor, attention_arrays: tuple) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, normed: Tensor, attention_arrays: tuple) -> tuple[Tensor, Tensor | None]:
         """x, normed (N, hidden) float32 CPU, contiguous; attention_arrays (cos, sin, keys, values, slots,
-        blocks, start, length) as `decode_rows_attention` takes them, numpy. Returns (the residual sum
-        after the attention (N, hidden), gate/up (N, 2 * intermediate))."""
-        summed = torch.empty_like(x)
-        gate_up = torch.empty(x.shape[0], self.gate_up_features)
-        _decode_layer_attention(x.numpy(), normed.numpy(), *attention_arrays, thread_parts(), summed.numpy(),
-                                gate_up.numpy(), *self._attention)
-        return summed, gate_up
-
-    def mlp(self, activated: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The activated product (N, intermediate) and the residual sum `attention` returned: (the
-        layer's output (N, hidden), its next norm or None)."""
-        summed = torch.empty_like(residual)
-        normed = torch.empty_like(residual) if self.has_next else summed
-        _decode_layer_mlp(activated.numpy(), residual.numpy(), thread_parts(), summed.numpy(), normed.numpy(),
-                          *self._mlp)
-        return summed, (normed if self.has_next else None)
+        blocks, start, length) as `decode_rows_attention` takes them, numpy. Returns (the layer's output
+        (N, hidden), its next norm or None)."""
+        out = torch.empty_like(x)
+        out_normed = torch.empty_like(x) if self.has_next else out
+        _decode_layer(x.numpy(), normed.numpy(), *attention_arrays, thread_parts(), out.numpy(), out_normed.numpy(),
+                      *self._operands)
+        return out, (out_normed if self.has_next else None)
 
 
-# The two layer kernels run lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than
-# calling its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
+def gated_activation(gate: Tensor, up: Tensor, activation: int) -> Tensor:
+    """act(gate) * up for float32 CPU tensors (..., D) of one shape, act GELU_TANH (0.5 x (1 + tanh(
+    sqrt(2 / pi) (x + 0.044715 x^3))), transformers' gelu_pytorch_tanh) or SILU (x / (1 + e^-x)), in
+    float32 with e^v from `_exp_parts`; what a `LayerKernels` call computes between its projections.
+    Returns a new contiguous (..., D) tensor."""
+    out = _empty(gate)
+    _gated_activation(_rows(gate), _rows(up), activation, _rows(out))
+    return out
+
+
+# e^v = p(r) 2^n, n = round(v / ln 2), r = v - n ln 2 (Cody-Waite: ln 2 split in a high part exact in a few
+# bits and a low part; Cephes' expf constants), p the degree-7 Taylor polynomial of e^r (|r| <= ln 2 / 2: its
+# remainder is below 2^-26 relative). v is clamped to [-87, 88] so that 2^n stays a normal float32.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HIGH = np.float32(0.693359375)
+_LN2_LOW = np.float32(-2.12194440e-4)
+
+
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _exp_parts(v, mantissa, exponent):
+    """e^v[j] = mantissa[j] * exponent[j].view(float32): exponent gets the bits of 2^n, so that both loops
+    vectorise (a scalar bit cast, or libm's expf, would not)."""
+    for j in range(v.shape[0]):
+        x = min(max(v[j], np.float32(-87.0)), np.float32(88.0))
+        n = np.floor(x * _LOG2E + np.float32(0.5))
+        r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+        p = np.float32(1.0 / 5040)
+        p = p * r + np.float32(1.0 / 720)
+        p = p * r + np.float32(1.0 / 120)
+        p = p * r + np.float32(1.0 / 24)
+        p = p * r + np.float32(1.0 / 6)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        mantissa[j] = p * r + np.float32(1.0)
+        exponent[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+
+
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _gated_activation(gate, up, activation, out):
+    """out = act(gate) * up row by row, gate, up, out (N, D) float32 (see gated_activation)."""
+    width = gate.shape[1]
+    v = np.empty(width, np.float32)
+    mantissa = np.empty(width, np.float32)
+    exponent = np.empty(width, np.int32)
+    power = exponent.view(np.float32)
+    for i in range(gate.shape[0]):
+        row = gate[i]
+        if activation == GELU_TANH:  # tanh(u) = 1 - 2 / (1 + e^2u)
+            for j in range(width):
+                x = row[j]
+                v[j] = np.float32(2.0) * (np.float32(0.7978845608028654) * (x + np.float32(0.044715) * (x * x * x)))
+        else:
+            for j in range(width):
+                v[j] = -row[j]
+        _exp_parts(v, mantissa, exponent)
+        if activation == GELU_TANH:
+            for j in range(width):
+                tanh = np.float32(1.0) - np.float32(2.0) / (np.float32(1.0) + mantissa[j] * power[j])
+                out[i, j] = (np.float32(0.5) * row[j] * (np.float32(1.0) + tanh)) * up[i, j]
+        else:
+            for j in range(width):
+                out[i, j] = (row[j] / (np.float32(1.0) + mantissa[j] * power[j])) * up[i, j]
+
+
+# The layer kernel runs lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than calling
+# its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
 @njit(nogil=True, cache=True, parallel=True)
-def _decode_layer_attention(x, normed, cos, sin, keys, values, slots, blocks, start, length, parts, summed, gate_up,
-                            qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight, k_weight, norm,
-                            qk_offset, qk_eps, scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight,
-                            branch_norm, mlp_weight, offset, eps, gate_up_smoothing, gate_up_weight, gate_up_scales,
-                            gate_up_bias):
+def _decode_layer(x, normed, cos, sin, keys, values, slots, blocks, start, length, parts, out, out_normed,
+                  qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight, k_weight, norm, qk_offset,
+                  qk_eps, scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight, branch_norm, mlp_weight, offset,
+                  eps, gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, activation, down_smoothing,
+                  down_weight, down_scales, down_bias, mlp_branch_weight, mlp_branch_norm, next_weight, next_norm):
     rows, dim = x.shape[0], keys.shape[3]
     qkv = np.empty((rows, qkv_weight.shape[0]), np.float32)
     quantized, x_scales = _quantize_rows(normed, qkv_smoothing)
@@ -366,22 +430,23 @@ def _decode_layer_attention(x, normed, cos, sin, keys, values, slots, blocks, st
     for part in prange(count):
         first, stop = _part_bounds(o_weight.shape[0], part, count)
         _matvec_rows(quantized, x_scales, o_weight, o_scales, o_bias, branch, first, stop)
-    mlp_normed = np.empty_like(summed)
+    summed = np.empty_like(x)
+    mlp_normed = np.empty_like(x)
     _add_rms_norm(x, branch, branch_weight, branch_norm, mlp_weight, True, offset, eps, summed, mlp_normed)
+    gate_up = np.empty((rows, gate_up_weight.shape[0]), np.float32)
     quantized, x_scales = _quantize_rows(mlp_normed, gate_up_smoothing)
     count = _split(parts, gate_up_weight.shape[0])
     for part in prange(count):
         first, stop = _part_bounds(gate_up_weight.shape[0], part, count)
         _matvec_rows(quantized, x_scales, gate_up_weight, gate_up_scales, gate_up_bias, gate_up, first, stop)
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def _decode_layer_mlp(activated, residual, parts, summed, normed, down_smoothing, down_weight, down_scales, down_bias,
-                      branch_weight, branch_norm, weight, norm, offset, eps):
-    branch = np.empty((activated.shape[0], down_weight.shape[0]), np.float32)
+    half = gate_up_weight.shape[0] // 2
+    activated = np.empty((rows, half), np.float32)
+    _gated_activation(gate_up[:, :half], gate_up[:, half:], activation, activated)
+    branch = np.empty((rows, down_weight.shape[0]), np.float32)
     quantized, x_scales = _quantize_rows(activated, down_smoothing)
     count = _split(parts, down_weight.shape[0])
     for part in prange(count):
         first, stop = _part_bounds(down_weight.shape[0], part, count)
         _matvec_rows(quantized, x_scales, down_weight, down_scales, down_bias, branch, first, stop)
-    _add_rms_norm(residual, branch, branch_weight, branch_norm, weight, norm, offset, eps, summed, normed)
+    _add_rms_norm(summed, branch, mlp_branch_weight, mlp_branch_norm, next_weight, next_norm, offset, eps, out,
+                  out_normed)

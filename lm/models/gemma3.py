@@ -217,7 +217,7 @@ class Gemma3DecoderLayer(nn.Module):
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
         or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
-        of decode rows in two numba calls where lm.layers.decode_layer applies."""
+        of decode rows in one numba call where lm.layers.decode_layer applies."""
         fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, self.post_attention_layernorm,
                             self.pre_feedforward_layernorm, self.post_feedforward_layernorm, next_norm)
         if fast is not None:

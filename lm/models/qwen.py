@@ -190,7 +190,7 @@ class QwenDecoderLayer(nn.Module):
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
         or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
-        of decode rows in two numba calls where lm.layers.decode_layer applies (a dense MLP)."""
+        of decode rows in one numba call where lm.layers.decode_layer applies (a dense MLP)."""
         if isinstance(self.mlp, GatedMLP):
             fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, None,
                                 self.post_attention_layernorm, None, next_norm)
