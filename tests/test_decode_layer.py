@@ -110,6 +110,18 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
     _assert_close(fused, _generate(model, config))
 
+    for layer in model.layers:  # scalars the operands hold: changed, they are read from then on
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm):
+            norm.eps = 0.5
+        layer.self_attn.scale *= 1.5
+    model.norm.eps = 0.5
+    taken = _spy(module, monkeypatch)
+    rescaled = _generate(model, config)
+    assert all(taken[-len(model.layers):]) and rescaled != fused
+    monkeypatch.setattr(module, "decode_layer", lambda *args, **kwargs: None)
+    _assert_close(rescaled, _generate(model, config))
+
     taken = _spy(module, monkeypatch)
     model.layers[0].mlp.down_proj.set_matvec_rows(0)  # its other kernel (fbgemm) from now on
     mixed = _generate(model, config)

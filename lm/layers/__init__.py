@@ -239,8 +239,8 @@ def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, norm
     arrays = context_arrays(attention_module.layer_idx, cos, sin)
     if arrays is None:
         return None
-    out, out_normed = kernels(x.reshape(rows, hidden).contiguous(), normed.reshape(rows, hidden).contiguous(), arrays)
-    return out.view(x.shape), (None if out_normed is None else out_normed.view(x.shape))
+    return kernels(x if x.is_contiguous() else x.contiguous(), normed if normed.is_contiguous() else normed.contiguous(),
+                   arrays)
 
 
 # decode_layer's operands per attention module: (the identities they were made from, LayerKernels or None,
@@ -259,9 +259,11 @@ def _layer_kernels(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNo
     for projection in projections:
         rows = getattr(projection, "_rows", None)
         identity += (id(projection), id(rows), id(getattr(rows, "_weight", None)), getattr(projection, "matvec_rows", 0))
-    weights = [norm._parameters["weight"] for norm in (*norms, modules.get("q_norm"), modules.get("k_norm"))
-               if norm is not None]
-    identity += (weight.data_ptr() for weight in weights)
+    every_norm = [norm for norm in (*norms, modules.get("q_norm"), modules.get("k_norm")) if norm is not None]
+    identity += (weight.data_ptr() for weight in (norm._parameters["weight"] for norm in every_norm))
+    identity += [(norm.eps, norm.offset) for norm in every_norm]  # read once into the operands: compared too
+    identity.append((attention_module.scale, attention_module.num_heads, attention_module.num_kv_heads,
+                     attention_module.head_dim))
     identity = tuple(identity)
     entry = _LAYER_KERNELS.get(attention_module)
     if entry is None or entry[0] != identity:

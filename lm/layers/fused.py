@@ -159,7 +159,7 @@ def compile_fused_kernels() -> None:
         kernels = LayerKernels(rows(12, 4, smoothed), 1, 1, *weights, 1e-6, True, 1.0, rows(4, 4, smoothed),
                                rows(8, 4, smoothed), GELU_TANH, rows(4, 4, smoothed), weights[0], w, *weights, 1e-6,
                                True)
-        kernels(torch.ones(1, 4), torch.ones(1, 4), arrays)
+        kernels(torch.ones(1, 1, 4), torch.ones(1, 1, 4), arrays)
     gated_activation(torch.ones(1, 4), torch.ones(1, 4), SILU)
 
 
@@ -331,13 +331,13 @@ class LayerKernels:
                           mlp_branch_weight is not None, array(next_weight), next_weight is not None)
 
     def __call__(self, x: Tensor, normed: Tensor, attention_arrays: tuple) -> tuple[Tensor, Tensor | None]:
-        """x, normed (N, hidden) float32 CPU, contiguous; attention_arrays (cos, sin, keys, values, slots,
+        """x, normed (1, N, hidden) float32 CPU, contiguous; attention_arrays (cos, sin, keys, values, slots,
         blocks, start, length) as `decode_rows_attention` takes them, numpy. Returns (the layer's output
-        (N, hidden), its next norm or None)."""
+        (1, N, hidden), its next norm or None)."""
         out = torch.empty_like(x)
         out_normed = torch.empty_like(x) if self.has_next else out
-        _decode_layer(x.numpy(), normed.numpy(), *attention_arrays, thread_parts(), out.numpy(), out_normed.numpy(),
-                      *self._operands)
+        _decode_layer(x.numpy()[0], normed.numpy()[0], *attention_arrays, thread_parts(), out.numpy()[0],
+                      out_normed.numpy()[0], *self._operands)
         return out, (out_normed if self.has_next else None)
 
 
