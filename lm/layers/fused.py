@@ -150,16 +150,15 @@ def compile_fused_kernels() -> None:
                               cache, cache.clone(), one - 1, one[:, None] - 1, one - 1, one, 1.0)
     from lm.matvec import Int8Rows  # the int8-dynamic decode layer's call (lm.layers.decode_layer)
 
-    def rows(out_features, in_features, smoothed):
+    def rows(out_features, in_features):
         return Int8Rows(torch.ones(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
-                        inv_smoothing=torch.ones(in_features) if smoothed else None)
+                        inv_smoothing=torch.ones(in_features))
     arrays = tuple(t.numpy() for t in (torch.ones(1, 4), torch.ones(1, 4), cache, cache.clone(), one - 1,
                                        one[:, None] - 1, one - 1, one))
-    for smoothed, weights in ((True, (w, w)), (False, (None, None))):  # the same types with or without
-        kernels = LayerKernels(rows(12, 4, smoothed), 1, 1, *weights, 1e-6, True, 1.0, rows(4, 4, smoothed),
-                               rows(8, 4, smoothed), GELU_TANH, rows(4, 4, smoothed), weights[0], w, *weights, 1e-6,
-                               True)
-        kernels(torch.ones(1, 1, 4), torch.ones(1, 1, 4), arrays)
+    # one call compiles it: absent weights, smoothing and biases are empty arrays of the same types
+    kernels = LayerKernels(rows(12, 4), 1, 1, w, w, 1e-6, True, 1.0, rows(4, 4), rows(8, 4), GELU_TANH, rows(4, 4),
+                           w, w, w, w, 1e-6, True)
+    kernels(torch.ones(1, 1, 4), torch.ones(1, 1, 4), arrays)
     gated_activation(torch.ones(1, 4), torch.ones(1, 4), SILU)
 
 
