@@ -160,6 +160,19 @@ def test_choosing_keeps_row_major_weights_only_where_int8_matvec_is_taken():
     assert moved.matvec_rows == 0 and moved.packed_nbytes() == 0
 
 
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_layer_reading_its_own_buffer_takes_int8_matvec_when_no_slower(monkeypatch, per_token):
+    """The head (per tensor) reads its weight buffer itself and takes int8_matvec at 0.95 of fbgemm's
+    time; a per-token fbgemm layer, which would keep a row-major copy beside the packed one, does not."""
+    import lm.quantize as quantize
+
+    monkeypatch.setattr(quantize, "_seconds", lambda function, *args: 0.95 if isinstance(function, Int8Rows) else 1.0)
+    layer = Int8DynamicLinear(torch.randn(256, 128), per_token=per_token)
+    assert layer.choose_matvec_rows() == (0 if per_token else MATVEC_MAX_ROWS)
+    monkeypatch.setattr(quantize, "_seconds", lambda function, *args: 1.05 if isinstance(function, Int8Rows) else 1.0)
+    assert layer.choose_matvec_rows() == 0
+
+
 def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
     from lm.layers import fuse_projections
     from lm.models.gemma3 import Gemma3TextModel
