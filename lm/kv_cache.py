@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import typed
 
 from lm.models.base import FULL, SLIDING, DecoderConfig
 
@@ -145,6 +146,7 @@ class PagedKVStorage:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layout.page_layers)]
         self._arrays: dict[int, tuple] = {}
+        self._array_lists: dict[tuple[int, ...], tuple] = {}
 
     def arrays(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys[j], values[j]) as numpy arrays sharing their memory (CPU storage only), made once per
@@ -154,6 +156,15 @@ class PagedKVStorage:
         if cached is None or cached[0] is not keys or cached[1] is not values:  # made again if replaced
             cached = self._arrays[j] = (keys, values, keys.numpy(), values.numpy())
         return cached[2], cached[3]
+
+    def array_list(self, js: tuple[int, ...]):
+        """`arrays(j)` for each j of `js` in order, in a numba typed list (lm.layers.fused.DecodeStack takes
+        every layer's cache as one argument), made once per `js` and made again when a tensor is replaced."""
+        tensors = [(self.keys[j], self.values[j]) for j in js]
+        cached = self._array_lists.get(js)
+        if cached is None or any(a is not b or c is not d for (a, c), (b, d) in zip(cached[0], tensors)):
+            cached = self._array_lists[js] = (tensors, typed.List([self.arrays(j) for j in js]))
+        return cached[1]
 
     def clear(self, blocks: list[int]) -> None:
         """Zero `blocks` (ids) in every layer."""

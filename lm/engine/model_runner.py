@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -191,6 +192,34 @@ class PagedAttention:
             tables = self._table_arrays[id(cos), id(sin)] = (cos, sin, cos[0].contiguous().numpy(),
                                                              sin[0].contiguous().numpy())
         return (*tables[2:], *self.storage.arrays(j), *indices)
+
+    def decode_stack_arrays(self, layer_ids: tuple[int, ...], tables: list[tuple[Tensor, Tensor]]) -> tuple | None:
+        """For a step of decode rows only on a float32 CPU cache: what lm.layers.fused.DecodeStack reads
+        for the layers `layer_ids` in order, whose RoPE tables are `tables` (per layer (cos, sin), each
+        (1, N, D)): (caches, kinds, groups, cos, sin, slots, blocks, start, length) as DecodeStack's call
+        takes them. None for any other step or storage."""
+        placement = [self.layout.placement[i] for i in layer_ids]
+        groups = sorted({g for g, _ in placement})
+        rows_only = {g: self._decode_rows_only(g) for g in groups}
+        if any(batch is None for batch in rows_only.values()) \
+                or not fused.reads_in_place(self.storage.keys[0], self.storage.keys[0]):
+            return None
+        kinds: dict[tuple[int, int], int] = {}  # per pair of tables (the same tensors for a kind's layers)
+        kind_of = [kinds.setdefault((id(cos), id(sin)), len(kinds)) for cos, sin in tables]
+        first = {kind: i for i, kind in reversed(list(enumerate(kind_of)))}  # a layer of each kind
+        cos = np.stack([tables[first[kind]][0][0].numpy() for kind in range(len(kinds))])  # (kinds, N, D)
+        sin = np.stack([tables[first[kind]][1][0].numpy() for kind in range(len(kinds))])
+        width = max(rows_only[g][1].shape[1] for g in groups)
+        rows = self.num_tokens
+        slots, start, length = (np.zeros((len(groups), rows), np.int64) for _ in range(3))
+        blocks = np.zeros((len(groups), rows, width), np.int64)
+        for k, g in enumerate(groups):
+            _, group_blocks, _, group_start, group_length = rows_only[g]
+            slots[k], start[k], length[k] = self.slots[g].numpy(), group_start.numpy(), group_length.numpy()
+            blocks[k, :, :group_blocks.shape[1]] = group_blocks.numpy()
+        index = {g: k for k, g in enumerate(groups)}
+        return (self.storage.array_list(tuple(j for _, j in placement)), np.array(kind_of, np.int64),
+                np.array([index[g] for g, _ in placement], np.int64), cos, sin, slots, blocks, start, length)
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q (1, H, N, D); k, v (1, KV, N, D)

@@ -191,72 +191,90 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, attention) -> Tensor:
     """final_norm(x) after every layer of a pre-norm decoder, x (B, T, hidden). Each layer has an
-    `input_layernorm` and `step(x, normed, cos, sin, attention, next_norm) -> (x, next_norm(x))`, taking
-    its input already normed; `tables(layer)` gives its RoPE (cos, sin). A layer's closing residual add
-    and the norm after it (the next layer's input norm; the final norm after the last layer) are one
-    call (`add_norm`): the same values as the layers' `forward` followed by the final norm. The layers
-    are not called as modules, so forward hooks registered on a decoder layer or on its input norm do
-    not run (hooks on the projections inside do)."""
+    `input_layernorm`, `step(x, normed, cos, sin, attention, next_norm) -> (x, next_norm(x))`, taking
+    its input already normed, and `decode_parts()` (see `decode_stack`); `tables(layer)` gives its RoPE
+    (cos, sin). A layer's closing residual add and the norm after it (the next layer's input norm; the
+    final norm after the last layer) are one call (`add_norm`): the same values as the layers' `forward`
+    followed by the final norm. A step of decode rows may run every layer in one call (`decode_stack`).
+    The layers are not called as modules, so forward hooks registered on a decoder layer or on its input
+    norm do not run (hooks on the projections inside do, except in `decode_stack`)."""
     if not len(layers):
         return final_norm(x)
     normed = layers[0].input_layernorm(x)
+    stacked = decode_stack(layers, x, normed, final_norm, tables, attention)
+    if stacked is not None:
+        return stacked
     following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
     for layer, next_norm in zip(layers, following):
         x, normed = layer.step(x, normed, *tables(layer), attention, next_norm)
     return normed
 
 
-def decode_layer(attention_module: "Attention", mlp: "GatedMLP", x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor,
-                 attention, attention_norm: RMSNorm | None, mlp_norm: RMSNorm, mlp_branch_norm: RMSNorm | None,
-                 next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None] | None:
-    """A pre-norm layer's `step` for a step of decode rows in one numba call (lm.layers.fused.LayerKernels),
-    or None where it does not apply: then the layer runs module by module, with the same values but for
-    the gated MLP's activation (fused.gated_activation's rather than ATen's, within 2 ulp of it).
+def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: RMSNorm, tables,
+                 attention) -> Tensor | None:
+    """`run_decoder`'s result for a step of decode rows in one numba call (lm.layers.fused.DecodeStack),
+    given normed = the first layer's input norm of x; None where it does not apply: then the layers run
+    module by module, with the same values but for the gated MLP's activation (fused.gated_activation's
+    rather than ATen's, within 2 ulp of it).
 
-    The layer: s = x + n_a(attention(normed)), t = s + n_m(mlp(mlp_norm(s))), returned with
-    next_norm(t); n_a = attention_norm and n_m = mlp_branch_norm (Gemma 3's post-norms) or nothing
-    (Qwen). It applies where all four projections (fused q/k/v, o, fused gate/up, down) take
-    lm.matvec.int8_matvec at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the
-    context reads a float32 CPU cache in place for a step of decode rows only
-    (PagedAttention.decode_rows_arrays), x is float32 on the CPU and the norms share eps and offset.
-    Forward hooks on the projections and norms do not run on this path. The operands are prepared on
-    the layer's first step and kept (`_layer_kernels`) while the modules, kernels and weights they were
-    made from stay the same objects."""
-    context_arrays = getattr(attention, "decode_rows_arrays", None)
-    if context_arrays is None or x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 \
+    Each layer's `decode_parts()` gives (input norm, attention, gated MLP, n_a, mlp_norm, n_m), or None
+    where the layer cannot take the call (a MoE layer): the layer is s = x + n_a(attention(normed)),
+    t = s + n_m(mlp(mlp_norm(s))), with n_a and n_m Gemma 3's branch post-norms or None (Qwen). It applies
+    where every layer's four projections (fused q/k/v, o, fused gate/up, down) take lm.matvec.int8_matvec
+    at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the context reads a float32 CPU cache
+    in place for a step of decode rows only (PagedAttention.decode_stack_arrays), x is float32 on the CPU
+    and the norms between the layers (and the final norm) share eps and offset. Forward hooks on the
+    projections and norms do not run on this path. The operands are prepared on the first step and kept
+    (`_stack_kernels`) while the modules, kernels and weights they were made from stay the same objects."""
+    stack_arrays = getattr(attention, "decode_stack_arrays", None)
+    if stack_arrays is None or x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 \
             or normed.shape != x.shape or normed.dtype is not torch.float32 or not normed.is_cpu \
             or (torch.is_grad_enabled() and (x.requires_grad or normed.requires_grad)):
         return None
     rows, hidden = x.shape[1], x.shape[2]
-    kernels, matvec_rows, qkv_width = _layer_kernels(attention_module, mlp, attention_norm, mlp_norm, mlp_branch_norm,
-                                                     next_norm)
+    stack, matvec_rows, qkv_width, layer_ids, head_dim = _stack_kernels(layers, final_norm)
     # the module path would take ATen's kernels above FUSED_MAX_ELEMENTS (fused.usable): keep its values
-    if kernels is None or not 0 < rows <= matvec_rows or rows * max(hidden, qkv_width) > fused.FUSED_MAX_ELEMENTS:
+    if stack is None or not 0 < rows <= matvec_rows or rows * max(hidden, qkv_width) > fused.FUSED_MAX_ELEMENTS:
         return None
-    head_dim = attention_module.head_dim
-    if cos.shape != (1, rows, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32:
+    layer_tables = [tables(layer) for layer in layers]
+    if any(cos.shape != (1, rows, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32
+           or sin.dtype != torch.float32 or not cos.is_cpu or not sin.is_cpu for cos, sin in layer_tables):
         return None
-    arrays = context_arrays(attention_module.layer_idx, cos, sin)
+    arrays = stack_arrays(layer_ids, layer_tables)
     if arrays is None:
         return None
-    return kernels(x if x.is_contiguous() else x.contiguous(), normed if normed.is_contiguous() else normed.contiguous(),
-                   arrays)
+    return stack(x if x.is_contiguous() else x.contiguous(), normed if normed.is_contiguous() else normed.contiguous(),
+                 *arrays)
 
 
-# decode_layer's operands per attention module: (the identities they were made from, LayerKernels or None,
-# matvec rows, q/k/v width). Weak keys: a layer that is dropped drops its entry; a deepcopy makes its own.
-_LAYER_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# decode_stack's operands per decoder (its ModuleList): (the identities they were made from, DecodeStack or
+# None, matvec rows, widest q/k/v, layer ids, head_dim). Weak keys: a model that is dropped drops its entry.
+_STACK_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _layer_kernels(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNorm | None) -> tuple:
-    """decode_layer's (LayerKernels or None where the layer cannot take them, the most rows all four
-    projections take int8_matvec at, q/k/v width), made again when any projection, int8_matvec operand,
-    norm or norm weight is another object (or at another address) than when they were made."""
+def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> tuple:
+    """decode_stack's (DecodeStack or None where the layers cannot take it, the most rows every projection
+    takes int8_matvec at, the widest q/k/v, the attention layer ids, head_dim), made again when any layer's
+    projection, int8_matvec operand, norm or norm weight is another object (or at another address), or a
+    norm's eps/offset or an attention's scale or head counts differ from when they were made."""
+    parts = [layer.decode_parts() for layer in layers]
+    if None in parts:
+        return None, 0, 0, (), 0
+    following = [part[0] for part in parts[1:]] + [final_norm]
+    parts = [part[1:] for part in parts]
+    identity = tuple(_layer_identity(*part, next_norm) for part, next_norm in zip(parts, following))
+    entry = _STACK_KERNELS.get(layers)
+    if entry is None or entry[0] != identity:
+        entry = (identity, *_make_stack_kernels(parts, following))
+        _STACK_KERNELS[layers] = entry
+    return entry[1:]
+
+
+def _layer_identity(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNorm | None) -> tuple:
     modules = attention_module._modules  # read from the dicts: nn.Module's attribute lookup costs ~0.5 us
-    projections = (modules.get("qkv_proj"), modules.get("o_proj"), mlp._modules.get("gate_up_proj"),
-                   mlp._modules.get("down_proj"))
     identity = [id(mlp), id(mlp.act), *map(id, norms)]
-    for projection in projections:
+    for projection in (modules.get("qkv_proj"), modules.get("o_proj"), mlp._modules.get("gate_up_proj"),
+                       mlp._modules.get("down_proj")):
         rows = getattr(projection, "_rows", None)
         identity += (id(projection), id(rows), id(getattr(rows, "_weight", None)), getattr(projection, "matvec_rows", 0))
     every_norm = [norm for norm in (*norms, modules.get("q_norm"), modules.get("k_norm")) if norm is not None]
@@ -264,34 +282,37 @@ def _layer_kernels(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNo
     identity += [(norm.eps, norm.offset) for norm in every_norm]  # read once into the operands: compared too
     identity.append((attention_module.scale, attention_module.num_heads, attention_module.num_kv_heads,
                      attention_module.head_dim))
-    identity = tuple(identity)
-    entry = _LAYER_KERNELS.get(attention_module)
-    if entry is None or entry[0] != identity:
-        entry = (identity, *_make_layer_kernels(attention_module, mlp, projections, *norms))
-        _LAYER_KERNELS[attention_module] = entry
-    return entry[1:]
+    return tuple(identity)
 
 
-def _make_layer_kernels(attention_module: "Attention", mlp: "GatedMLP", projections: tuple, attention_norm: RMSNorm | None,
-                        mlp_norm: RMSNorm, mlp_branch_norm: RMSNorm | None, next_norm: RMSNorm | None) -> tuple:
-    qkv_width = (attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim
-    kernels = [getattr(projection, "_rows", None) for projection in projections]
-    norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
-    q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
-    weights = [norm.weight for norm in (*norms, q_norm, k_norm) if norm is not None]
-    activation = {id(ACTIVATIONS["gelu_pytorch_tanh"]): fused.GELU_TANH, id(ACTIVATIONS["silu"]): fused.SILU}.get(
-        id(mlp.act))
-    if any(kernel is None for kernel in kernels) or activation is None \
-            or any((norm.eps, norm.offset) != (mlp_norm.eps, mlp_norm.offset) for norm in norms) \
-            or any(weight.dtype != torch.float32 or weight.device.type != "cpu" for weight in weights):
-        return None, 0, qkv_width
-    qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
-    kernels = fused.LayerKernels(kernels[0], attention_module.num_heads, attention_module.num_kv_heads, *qk,
-                                 attention_module.scale, kernels[1], kernels[2], activation, kernels[3],
-                                 None if attention_norm is None else attention_norm.weight, mlp_norm.weight,
-                                 None if mlp_branch_norm is None else mlp_branch_norm.weight,
-                                 None if next_norm is None else next_norm.weight, mlp_norm.eps, mlp_norm.offset)
-    return kernels, min(projection.matvec_rows for projection in projections), qkv_width
+def _make_stack_kernels(parts: list[tuple], following: list[RMSNorm]) -> tuple:
+    operands, widths, rows = [], [], []
+    head_dims = {attention_module.head_dim for attention_module, *_ in parts}
+    eps_offset = (following[-1].eps, following[-1].offset)
+    for (attention_module, mlp, attention_norm, mlp_norm, mlp_branch_norm), next_norm in zip(parts, following):
+        modules, mlp_modules = attention_module._modules, mlp._modules
+        projections = (modules.get("qkv_proj"), modules.get("o_proj"), mlp_modules.get("gate_up_proj"),
+                       mlp_modules.get("down_proj"))
+        kernels = [getattr(projection, "_rows", None) for projection in projections]
+        norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
+        q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
+        weights = [norm.weight for norm in (*norms, q_norm, k_norm) if norm is not None]
+        activation = {id(ACTIVATIONS["gelu_pytorch_tanh"]): fused.GELU_TANH, id(ACTIVATIONS["silu"]): fused.SILU}.get(
+            id(mlp.act))
+        if any(kernel is None for kernel in kernels) or activation is None or len(head_dims) != 1 \
+                or any((norm.eps, norm.offset) != eps_offset for norm in norms) \
+                or any(weight.dtype != torch.float32 or weight.device.type != "cpu" for weight in weights):
+            return None, 0, 0, (), 0
+        qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
+        operands.append(fused.layer_operands(
+            kernels[0], attention_module.num_heads, attention_module.num_kv_heads, *qk, attention_module.scale,
+            kernels[1], kernels[2], activation, kernels[3], None if attention_norm is None else attention_norm.weight,
+            mlp_norm.weight, None if mlp_branch_norm is None else mlp_branch_norm.weight, next_norm.weight,
+            *eps_offset))
+        widths.append((attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim)
+        rows.append(min(projection.matvec_rows for projection in projections))
+    return (fused.DecodeStack(operands), min(rows), max(widths),
+            tuple(attention_module.layer_idx for attention_module, *_ in parts), head_dims.pop())
 
 
 class Attention(nn.Module):

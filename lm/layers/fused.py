@@ -13,7 +13,7 @@ mean is rounded to float32 (ATen sums in float32 lanes; both round the same exac
 ulp), and that attention's sums may be reassociated. Where float32's sum of squares would overflow and
 its mean would not (|x| around 1e18 to 1e19 at 640 wide) the norm stays finite, where ATen's (and the
 reference's) rsqrt(inf) gives 0. The gated MLP's activation stays ATen's everywhere but in the
-int8-dynamic decode layer (`LayerKernels`: the whole layer in one call), which computes it with
+int8-dynamic decode step (`DecodeStack`: every layer in one call), which computes it with
 `gated_activation`: e^x from a polynomial and a built exponent so that the loop vectorises (numba's own
 tanh and exp are scalar libm calls, 34 us for the 270M's 2,048 values a row, against ~3 us here and ~10
 for ATen's), within 2 ulp of ATen's value or of the absolute error both make where 1 + tanh cancels.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, typed
 from torch import Tensor
 
 from lm.matvec import _part_bounds, _quantize_rows, _rows as _matvec_rows, _split, thread_parts
@@ -148,17 +148,18 @@ def compile_fused_kernels() -> None:
     for weights in ((w, w), (None, None)):
         decode_rows_attention(torch.ones(1, 3, 4), 1, 1, *weights, 1e-6, True, torch.ones(1, 4), torch.ones(1, 4),
                               cache, cache.clone(), one - 1, one[:, None] - 1, one - 1, one, 1.0)
-    from lm.matvec import Int8Rows  # the int8-dynamic decode layer's call (lm.layers.decode_layer)
+    from lm.matvec import Int8Rows  # the int8-dynamic decode step's layers (lm.layers.decode_stack)
 
     def rows(out_features, in_features):
         return Int8Rows(torch.ones(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
                         inv_smoothing=torch.ones(in_features))
-    arrays = tuple(t.numpy() for t in (torch.ones(1, 4), torch.ones(1, 4), cache, cache.clone(), one - 1,
-                                       one[:, None] - 1, one - 1, one))
     # one call compiles it: absent weights, smoothing and biases are empty arrays of the same types
-    kernels = LayerKernels(rows(12, 4), 1, 1, w, w, 1e-6, True, 1.0, rows(4, 4), rows(8, 4), GELU_TANH, rows(4, 4),
-                           w, w, w, w, 1e-6, True)
-    kernels(torch.ones(1, 1, 4), torch.ones(1, 1, 4), arrays)
+    stack = DecodeStack([layer_operands(rows(12, 4), 1, 1, w, w, 1e-6, True, 1.0, rows(4, 4), rows(8, 4), GELU_TANH,
+                                        rows(4, 4), w, w, w, w, 1e-6, True)])
+    caches = typed.List([(cache.numpy(), cache.clone().numpy())])
+    index = np.zeros((1, 1), np.int64)
+    stack(torch.ones(1, 1, 4), torch.ones(1, 1, 4), caches, index[0], index[0], np.ones((1, 1, 4), np.float32),
+          np.ones((1, 1, 4), np.float32), index, index[:, :, None], index, index + 1)
     gated_activation(torch.ones(1, 4), torch.ones(1, 4), SILU)
 
 
@@ -294,56 +295,74 @@ def _decode_rows_attention(qkv, heads, kv_heads, q_weight, k_weight, norm, offse
     _decode_attention(np.ascontiguousarray(qk[:, :heads]), keys, values, blocks, start, length, scale, out)
 
 
-GELU_TANH, SILU = 0, 1  # the gated MLP activations `LayerKernels` computes (config.json's gelu_pytorch_tanh, silu)
+GELU_TANH, SILU = 0, 1  # the gated MLP activations `DecodeStack` computes (config.json's gelu_pytorch_tanh, silu)
 
 
-class LayerKernels:
-    """A decode layer's operands for its one numba call, prepared once (lm.layers.decode_layer keeps one
-    per layer and builds a new one when any of them changes): the four projections' lm.matvec.Int8Rows
-    (fused q/k/v, o, fused gate/up, down), the attention's head counts, q/k norm and scale, the gated
-    MLP's activation (GELU_TANH or SILU), and the norms around the attention and the MLP (the attention
-    branch's and the MLP branch's norm, each optional; the MLP's input norm; the next norm, optional),
-    all sharing `eps` and `offset`. Per step only the inputs, the cache's arrays and the outputs are
-    passed.
+def layer_operands(qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
+                   qk_eps: float, qk_offset: bool, scale: float, o_proj, gate_up_proj, activation: int, down_proj,
+                   attention_weight: Tensor | None, mlp_weight: Tensor, mlp_branch_weight: Tensor | None,
+                   next_weight: Tensor, eps: float, offset: bool) -> tuple:
+    """One decoder layer's operands for `DecodeStack`: the four projections' lm.matvec.Int8Rows (fused
+    q/k/v, o, fused gate/up, down), the attention's head counts, q/k norm (weights (head_dim,) float32 or
+    None, eps, offset) and scale, the gated MLP's activation (GELU_TANH or SILU), and the norms' float32
+    weights (hidden,): the attention branch's and the MLP branch's (each optional), the MLP's input norm,
+    and the norm after the layer (the next layer's input norm, the final norm after the last), all four
+    sharing `eps` and `offset`. The arrays share the tensors' memory. Raises ValueError for another
+    activation."""
+    empty = np.empty(0, np.float32)
 
-    `__call__` gives the values of `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm`,
+    def array(weight):  # a norm's weight as a float32 numpy view (empty for none)
+        return empty if weight is None else weight.detach().numpy()
+
+    if activation not in (GELU_TANH, SILU):
+        raise ValueError(f"activation {activation!r}: GELU_TANH ({GELU_TANH}) or SILU ({SILU})")
+    return (*qkv_proj.arrays, heads, kv_heads, array(q_weight), array(k_weight), q_weight is not None, qk_offset,
+            np.float32(qk_eps), np.float32(scale), *o_proj.arrays, array(attention_weight),
+            attention_weight is not None, array(mlp_weight), offset, np.float32(eps), *gate_up_proj.arrays,
+            activation, *down_proj.arrays, array(mlp_branch_weight), mlp_branch_weight is not None,
+            array(next_weight))
+
+
+class DecodeStack:
+    """A decode step's decoder layers in one numba call, for int8-dynamic layers (lm.layers.decode_stack
+    keeps one per model and builds a new one when any operand changes): `layers`, one `layer_operands`
+    tuple per layer in order, held in a numba typed list so that a call passes them as one argument.
+
+    Each layer gives the values of `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm`,
     `gate_up_proj`, the activation times up (`gated_activation`), `down_proj` and `add_rms_norm` called
-    one after another: the same kernels, with the activation computed as `gated_activation` does
-    rather than by ATen (within 2 ulp of it, or of its absolute error where the product cancels)."""
+    one after another: the same kernels, with the activation computed as `gated_activation` does rather
+    than by ATen (within 2 ulp of it, or of its absolute error where the product cancels). One call
+    instead of one per layer saves the Python between the layers (~1.5 of 13 ms a token for the 270M on
+    the 2-core dev machine, where each Python call after a layer's weights have streamed through the
+    caches costs ~20 us)."""
 
-    def __init__(self, qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None, k_weight: Tensor | None,
-                 qk_eps: float, qk_offset: bool, scale: float, o_proj, gate_up_proj, activation: int, down_proj,
-                 attention_weight: Tensor | None, mlp_weight: Tensor, mlp_branch_weight: Tensor | None,
-                 next_weight: Tensor | None, eps: float, offset: bool) -> None:
-        empty = np.empty(0, np.float32)
+    def __init__(self, layers: list[tuple]) -> None:
+        if not layers:
+            raise ValueError("DecodeStack takes one or more layers")
+        self.num_layers = len(layers)
+        self._layers = typed.List(layers)
 
-        def array(weight):  # a norm's weight as a float32 numpy view (empty for none)
-            return empty if weight is None else weight.detach().numpy()
-
-        if activation not in (GELU_TANH, SILU):
-            raise ValueError(f"activation {activation!r}: GELU_TANH ({GELU_TANH}) or SILU ({SILU})")
-        self.has_next = next_weight is not None
-        self._operands = (*qkv_proj.arrays, heads, kv_heads, array(q_weight), array(k_weight), q_weight is not None,
-                          qk_offset, np.float32(qk_eps), np.float32(scale), *o_proj.arrays, array(attention_weight),
-                          attention_weight is not None, array(mlp_weight), offset, np.float32(eps),
-                          *gate_up_proj.arrays, activation, *down_proj.arrays, array(mlp_branch_weight),
-                          mlp_branch_weight is not None, array(next_weight), next_weight is not None)
-
-    def __call__(self, x: Tensor, normed: Tensor, attention_arrays: tuple) -> tuple[Tensor, Tensor | None]:
-        """x, normed (1, N, hidden) float32 CPU, contiguous; attention_arrays (cos, sin, keys, values, slots,
-        blocks, start, length) as `decode_rows_attention` takes them, numpy. Returns (the layer's output
-        (1, N, hidden), its next norm or None)."""
+    def __call__(self, x: Tensor, normed: Tensor, caches, kinds: np.ndarray, groups: np.ndarray, cos: np.ndarray,
+                 sin: np.ndarray, slots: np.ndarray, blocks: np.ndarray, start: np.ndarray,
+                 length: np.ndarray) -> Tensor:
+        """x, normed (1, N, hidden) float32 CPU, contiguous (normed: the first layer's input norm of x);
+        caches: a numba typed list of each layer's (keys, values) cache arrays (blocks, block_size, KV, D)
+        float32 (lm.kv_cache.PagedKVStorage.array_list); kinds, groups (layers,) int64: each layer's RoPE
+        tables and KV group; cos, sin (kinds, N, D) float32; per KV group, as `decode_rows_attention`
+        takes them: slots (groups, N), blocks (groups, N, width) (zero past a row's blocks), start and
+        length (groups, N), all int64. Returns the last layer's output after its next norm (the final
+        norm), (1, N, hidden) float32."""
         out = torch.empty_like(x)
-        out_normed = torch.empty_like(x) if self.has_next else out
-        _decode_layer(x.numpy()[0], normed.numpy()[0], *attention_arrays, thread_parts(), out.numpy()[0],
-                      out_normed.numpy()[0], *self._operands)
-        return out, (out_normed if self.has_next else None)
+        out_normed = torch.empty_like(x)
+        _decode_stack(x.numpy()[0], normed.numpy()[0], self._layers, caches, kinds, groups, cos, sin, slots, blocks,
+                      start, length, thread_parts(), out.numpy()[0], out_normed.numpy()[0])
+        return out_normed
 
 
 def gated_activation(gate: Tensor, up: Tensor, activation: int) -> Tensor:
     """act(gate) * up for float32 CPU tensors (..., D) of one shape, act GELU_TANH (0.5 x (1 + tanh(
     sqrt(2 / pi) (x + 0.044715 x^3))), transformers' gelu_pytorch_tanh) or SILU (x / (1 + e^-x)), in
-    float32 with e^v from `_exp_parts`; what a `LayerKernels` call computes between its projections.
+    float32 with e^v from `_exp_parts`; what a `DecodeStack` call computes between each layer's projections.
     Returns a new contiguous (..., D) tensor."""
     out = _empty(gate)
     _gated_activation(_rows(gate), _rows(up), activation, _rows(out))
@@ -404,48 +423,48 @@ def _gated_activation(gate, up, activation, out):
                 out[i, j] = (row[j] / (np.float32(1.0) + mantissa[j] * power[j])) * up[i, j]
 
 
-# The layer kernel runs lm.matvec's int8_matvec inline (quantise, then the parts in prange) rather than calling
-# its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
+# The stack kernel runs lm.matvec's int8_matvec inline (`_product`: quantise, then the parts in prange) rather
+# than calling its parallel kernel: numba's cache cannot load a function that calls a parallel one (it crashes).
+@njit(nogil=True, inline="always")
+def _product(x, smoothing, weight, scales, bias, out, parts):
+    quantized, x_scales = _quantize_rows(x, smoothing)
+    count = _split(parts, weight.shape[0])
+    for part in prange(count):
+        first, stop = _part_bounds(weight.shape[0], part, count)
+        _matvec_rows(quantized, x_scales, weight, scales, bias, out, first, stop)
+
+
 @njit(nogil=True, cache=True, parallel=True)
-def _decode_layer(x, normed, cos, sin, keys, values, slots, blocks, start, length, parts, out, out_normed,
-                  qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight, k_weight, norm, qk_offset,
-                  qk_eps, scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight, branch_norm, mlp_weight, offset,
-                  eps, gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, activation, down_smoothing,
-                  down_weight, down_scales, down_bias, mlp_branch_weight, mlp_branch_norm, next_weight, next_norm):
-    rows, dim = x.shape[0], keys.shape[3]
-    qkv = np.empty((rows, qkv_weight.shape[0]), np.float32)
-    quantized, x_scales = _quantize_rows(normed, qkv_smoothing)
-    count = _split(parts, qkv_weight.shape[0])
-    for part in prange(count):
-        first, stop = _part_bounds(qkv_weight.shape[0], part, count)
-        _matvec_rows(quantized, x_scales, qkv_weight, qkv_scales, qkv_bias, qkv, first, stop)
-    attended = np.empty((rows, heads * dim), np.float32)
-    _decode_rows_attention(qkv.reshape(rows, qkv_weight.shape[0] // dim, dim), heads, kv_heads, q_weight, k_weight,
-                           norm, qk_offset, qk_eps, cos, sin, keys, values, slots, blocks, start, length, scale,
-                           attended.reshape(rows, heads, dim))
-    branch = np.empty((rows, o_weight.shape[0]), np.float32)
-    quantized, x_scales = _quantize_rows(attended, o_smoothing)
-    count = _split(parts, o_weight.shape[0])
-    for part in prange(count):
-        first, stop = _part_bounds(o_weight.shape[0], part, count)
-        _matvec_rows(quantized, x_scales, o_weight, o_scales, o_bias, branch, first, stop)
-    summed = np.empty_like(x)
-    mlp_normed = np.empty_like(x)
-    _add_rms_norm(x, branch, branch_weight, branch_norm, mlp_weight, True, offset, eps, summed, mlp_normed)
-    gate_up = np.empty((rows, gate_up_weight.shape[0]), np.float32)
-    quantized, x_scales = _quantize_rows(mlp_normed, gate_up_smoothing)
-    count = _split(parts, gate_up_weight.shape[0])
-    for part in prange(count):
-        first, stop = _part_bounds(gate_up_weight.shape[0], part, count)
-        _matvec_rows(quantized, x_scales, gate_up_weight, gate_up_scales, gate_up_bias, gate_up, first, stop)
-    half = gate_up_weight.shape[0] // 2
-    activated = np.empty((rows, half), np.float32)
-    _gated_activation(gate_up[:, :half], gate_up[:, half:], activation, activated)
-    branch = np.empty((rows, down_weight.shape[0]), np.float32)
-    quantized, x_scales = _quantize_rows(activated, down_smoothing)
-    count = _split(parts, down_weight.shape[0])
-    for part in prange(count):
-        first, stop = _part_bounds(down_weight.shape[0], part, count)
-        _matvec_rows(quantized, x_scales, down_weight, down_scales, down_bias, branch, first, stop)
-    _add_rms_norm(summed, branch, mlp_branch_weight, mlp_branch_norm, next_weight, next_norm, offset, eps, out,
-                  out_normed)
+def _decode_stack(x, normed, layers, caches, kinds, groups, cos, sin, slots, blocks, start, length, parts, out,
+                  out_normed):
+    rows = x.shape[0]
+    last = len(layers) - 1
+    for i in range(len(layers)):
+        (qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, heads, kv_heads, q_weight, k_weight, norm, qk_offset, qk_eps,
+         scale, o_smoothing, o_weight, o_scales, o_bias, branch_weight, branch_norm, mlp_weight, offset, eps,
+         gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, activation, down_smoothing, down_weight,
+         down_scales, down_bias, mlp_branch_weight, mlp_branch_norm, next_weight) = layers[i]
+        keys, values = caches[i]
+        kind, g = kinds[i], groups[i]
+        dim = keys.shape[3]
+        qkv = np.empty((rows, qkv_weight.shape[0]), np.float32)
+        _product(normed, qkv_smoothing, qkv_weight, qkv_scales, qkv_bias, qkv, parts)
+        attended = np.empty((rows, heads * dim), np.float32)
+        _decode_rows_attention(qkv.reshape(rows, qkv_weight.shape[0] // dim, dim), heads, kv_heads, q_weight, k_weight,
+                               norm, qk_offset, qk_eps, cos[kind], sin[kind], keys, values, slots[g], blocks[g],
+                               start[g], length[g], scale, attended.reshape(rows, heads, dim))
+        branch = np.empty((rows, o_weight.shape[0]), np.float32)
+        _product(attended, o_smoothing, o_weight, o_scales, o_bias, branch, parts)
+        summed = np.empty_like(x)
+        mlp_normed = np.empty_like(x)
+        _add_rms_norm(x, branch, branch_weight, branch_norm, mlp_weight, True, offset, eps, summed, mlp_normed)
+        gate_up = np.empty((rows, gate_up_weight.shape[0]), np.float32)
+        _product(mlp_normed, gate_up_smoothing, gate_up_weight, gate_up_scales, gate_up_bias, gate_up, parts)
+        half = gate_up_weight.shape[0] // 2
+        activated = np.empty((rows, half), np.float32)
+        _gated_activation(gate_up[:, :half], gate_up[:, half:], activation, activated)
+        branch = np.empty((rows, down_weight.shape[0]), np.float32)
+        _product(activated, down_smoothing, down_weight, down_scales, down_bias, branch, parts)
+        x = out if i == last else np.empty_like(x)
+        normed = out_normed if i == last else np.empty_like(x)
+        _add_rms_norm(summed, branch, mlp_branch_weight, mlp_branch_norm, next_weight, True, offset, eps, x, normed)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, decode_layer, linear,
+from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear,
                        run_decoder)
 from lm.models.base import FULL, SLIDING, LAYER_TYPES, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
@@ -213,15 +213,18 @@ class Gemma3DecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
         return self.step(x, self.input_layernorm(x), cos, sin, attention, None)[0]
 
+    def decode_parts(self) -> tuple:
+        """(input norm, attention, MLP, attention branch norm, MLP input norm, MLP branch norm): the layer
+        as lm.layers.decode_stack runs it, read from the module dict (each nn.Module attribute lookup of a
+        submodule costs ~0.5 us, and this runs every decode step)."""
+        modules = self._modules
+        return (modules["input_layernorm"], modules["self_attn"], modules["mlp"], modules["post_attention_layernorm"],
+                modules["pre_feedforward_layernorm"], modules["post_feedforward_layernorm"])
+
     def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
-        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
-        of decode rows in one numba call where lm.layers.decode_layer applies."""
-        fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, self.post_attention_layernorm,
-                            self.pre_feedforward_layernorm, self.post_feedforward_layernorm, next_norm)
-        if fast is not None:
-            return fast
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
         branch = self.self_attn(normed, cos, sin, attention)
         x, normed = add_norm(x, branch, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         return add_norm(x, self.mlp(normed), self.post_feedforward_layernorm, next_norm)

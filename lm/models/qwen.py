@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, decode_layer, linear,
+from lm.layers import (Attention, GatedMLP, Linear, RMSNorm, RotaryFrequencies, add_norm, linear,
                        run_decoder)
 from lm.models.base import FULL, SLIDING, DecoderConfig, KeyLayout, ModelFamily, id_tuple
 
@@ -186,16 +186,18 @@ class QwenDecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention) -> Tensor:
         return self.step(x, self.input_layernorm(x), cos, sin, attention, None)[0]
 
+    def decode_parts(self) -> tuple | None:
+        """(input norm, attention, MLP, None, MLP input norm, None): the layer as lm.layers.decode_stack runs
+        it (no branch norms), read from the module dict (it runs every decode step); None for a MoE layer."""
+        modules = self._modules
+        mlp = modules["mlp"]
+        return (modules["input_layernorm"], modules["self_attn"], mlp, None, modules["post_attention_layernorm"],
+                None) if isinstance(mlp, GatedMLP) else None
+
     def step(self, x: Tensor, normed: Tensor, cos: Tensor, sin: Tensor, attention,
              next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x (B, T, hidden) given normed = input_layernorm(x): (its output, next_norm of it,
-        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder); a step
-        of decode rows in one numba call where lm.layers.decode_layer applies (a dense MLP)."""
-        if isinstance(self.mlp, GatedMLP):
-            fast = decode_layer(self.self_attn, self.mlp, x, normed, cos, sin, attention, None,
-                                self.post_attention_layernorm, None, next_norm)
-            if fast is not None:
-                return fast
+        or None without next_norm), the closing add and next_norm in one call (lm.layers.run_decoder)."""
         x, normed = add_norm(x, self.self_attn(normed, cos, sin, attention), None, self.post_attention_layernorm)
         return add_norm(x, self.mlp(normed), None, next_norm)
 
