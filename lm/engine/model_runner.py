@@ -86,6 +86,7 @@ class PagedAttention:
             self.offsets.append((a, a + chunk.num_tokens))
             a += chunk.num_tokens
         multi = [i for i, chunk in enumerate(chunks) if chunk.num_tokens > 1]
+        self.decode_rows_step = not multi  # every chunk one token: the step decode_stack_arrays serves
         self.slots: list[Tensor] = []
         self.reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []  # per group: (chunk, blocks, skip, length, mask)
         self.batches: list[list[tuple]] = []  # per group: (rows, blocks (R, nb), mask, start (R,), length (R,))
@@ -198,6 +199,8 @@ class PagedAttention:
         for the layers `layer_ids` in order, whose RoPE tables are `tables` (per layer (cos, sin), each
         (1, N, D)): (caches, kinds, groups, cos, sin, slots, blocks, start, length) as DecodeStack's call
         takes them. None for any other step or storage."""
+        if not self.decode_rows_step:
+            return None
         placement = [self.layout.placement[i] for i in layer_ids]
         groups = sorted({g for g, _ in placement})
         rows_only = {g: self._decode_rows_only(g) for g in groups}

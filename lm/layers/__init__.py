@@ -222,12 +222,14 @@ def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: R
     t = s + n_m(mlp(mlp_norm(s))), with n_a and n_m Gemma 3's branch post-norms or None (Qwen). It applies
     where every layer's four projections (fused q/k/v, o, fused gate/up, down) take lm.matvec.int8_matvec
     at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the context reads a float32 CPU cache
-    in place for a step of decode rows only (PagedAttention.decode_stack_arrays), x is float32 on the CPU
+    in place for a step of decode rows only (its `decode_rows_step` and `decode_stack_arrays`: checked
+    before the operands, so a prefill step pays nothing here), x is float32 on the CPU
     and the norms between the layers (and the final norm) share eps and offset. Forward hooks on the
     projections and norms do not run on this path. The operands are prepared on the first step and kept
     (`_stack_kernels`) while the modules, kernels and weights they were made from stay the same objects."""
     stack_arrays = getattr(attention, "decode_stack_arrays", None)
-    if stack_arrays is None or x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 3 or x.shape[0] != 1 \
+    if stack_arrays is None or not attention.decode_rows_step or x.dtype is not torch.float32 or not x.is_cpu \
+            or x.dim() != 3 or x.shape[0] != 1 \
             or normed.shape != x.shape or normed.dtype is not torch.float32 or not normed.is_cpu \
             or (torch.is_grad_enabled() and (x.requires_grad or normed.requires_grad)):
         return None
