@@ -282,3 +282,29 @@ def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, caps
     assert "127.0.0.1:9" in stderr and not out.exists()
     code, _, stderr = _caption(capsys, images, "--target", "127.0.0.1:9", "--out", out, "--quantize", "int4")
     assert code == 2 and "--quantize sets the in-process engine" in stderr and "drop it," in stderr
+
+
+def test_a_second_job_reuses_the_head_screen_and_gives_the_same_records(checkpoint, images, tmp_path, monkeypatch):
+    from lm.head_screen import GreedyHeadScreen
+    from lm.sampling import SamplingParams
+    from service.caption import CaptionOptions, JobSummary, RecordWriter, collect_inputs, load_local_captioner, run_job
+
+    builds = []
+    build = GreedyHeadScreen.__init__
+
+    def counted(self, weight):
+        builds.append(weight)
+        build(self, weight)
+
+    monkeypatch.setattr(GreedyHeadScreen, "__init__", counted)
+    options = CaptionOptions(prompt=PROMPT, params=SamplingParams(max_new_tokens=4, stop_token_ids=()), concurrency=4)
+    captioner = load_local_captioner(str(checkpoint), options)
+    items, _ = collect_inputs([images])
+    records = []
+    for run in range(2):
+        with RecordWriter(tmp_path / f"run{run}.jsonl") as writer:
+            run_job(captioner, items, writer, JobSummary(inputs=len(items)))
+        records.append(sorted(json.dumps({k: v for k, v in record.items() if k not in ("seconds", "timings")},
+                                         sort_keys=True) for record in _records(tmp_path / f"run{run}.jsonl")))
+    assert len(builds) == 1, "the second job's engine built the screen again"
+    assert records[0] == records[1]

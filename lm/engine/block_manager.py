@@ -47,7 +47,7 @@ class BlockPool:
         self.cached: dict[tuple[int, bytes], int] = {}
         # Free blocks in the order allocation takes them: unregistered first, then registered least
         # recently freed first.
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.allocated: list[int] = []  # handed out since the storage last cleared new blocks
 
     @property
