@@ -101,9 +101,9 @@ def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
 
 
 def test_the_layer_operands_follow_the_modules(monkeypatch):
-    """decode_stack keeps the layers' operands between steps: a norm weight replaced (another tensor) is
-    read from then on, and a projection that no longer takes int8_matvec at a step's rows sends the layers
-    back to the module path."""
+    """decode_stack keeps the layers' operands between steps: a norm weight replaced (another tensor),
+    renumbered layers (other caches) and a changed eps or scale are read from then on, and a projection
+    that no longer takes int8_matvec at a step's rows sends the layers back to the module path."""
     model, config = _model("gemma3")
     taken = _spy(monkeypatch)
     before = _generate(model, config)
@@ -116,6 +116,16 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     assert taken[-1] and fused != before
     _module_by_module(monkeypatch)
     _assert_close(fused, _generate(model, config))
+
+    # renumbered: the first (sliding) layer reads the third's cache (full attention), and the other way round
+    first, third = model.layers[0].self_attn, model.layers[2].self_attn
+    first.layer_idx, third.layer_idx = third.layer_idx, first.layer_idx
+    taken = _spy(monkeypatch)
+    renumbered = _generate(model, config)
+    assert taken[-1] and renumbered != fused
+    _module_by_module(monkeypatch)
+    _assert_close(renumbered, _generate(model, config))
+    first.layer_idx, third.layer_idx = third.layer_idx, first.layer_idx
 
     for layer in model.layers:  # scalars the operands hold: changed, they are read from then on
         for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,

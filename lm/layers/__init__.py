@@ -258,7 +258,7 @@ def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> tuple:
     """decode_stack's (DecodeStack or None where the layers cannot take it, the most rows every projection
     takes int8_matvec at, the widest q/k/v, the attention layer ids, head_dim), made again when any layer's
     projection, int8_matvec operand, norm or norm weight is another object (or at another address), or a
-    norm's eps/offset or an attention's scale or head counts differ from when they were made."""
+    norm's eps/offset or an attention's layer id, scale or head counts differ from when they were made."""
     parts = [layer.decode_parts() for layer in layers]
     if None in parts:
         return None, 0, 0, (), 0
@@ -282,8 +282,8 @@ def _layer_identity(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSN
     every_norm = [norm for norm in (*norms, modules.get("q_norm"), modules.get("k_norm")) if norm is not None]
     identity += (weight.data_ptr() for weight in (norm._parameters["weight"] for norm in every_norm))
     identity += [(norm.eps, norm.offset) for norm in every_norm]  # read once into the operands: compared too
-    identity.append((attention_module.scale, attention_module.num_heads, attention_module.num_kv_heads,
-                     attention_module.head_dim))
+    identity.append((attention_module.layer_idx, attention_module.scale, attention_module.num_heads,
+                     attention_module.num_kv_heads, attention_module.head_dim))
     return tuple(identity)
 
 
