@@ -103,7 +103,8 @@ def test_the_fused_layer_equals_the_layer_module_by_module(family, monkeypatch):
 def test_the_layer_operands_follow_the_modules(monkeypatch):
     """decode_stack keeps the layers' operands between steps: a norm weight replaced (another tensor),
     renumbered layers (other caches) and a changed eps or scale are read from then on, and a projection
-    that no longer takes int8_matvec at a step's rows sends the layers back to the module path."""
+    that no longer takes int8_matvec at a step's rows sends its layer back to the module path, the
+    others staying in one call."""
     model, config = _model("gemma3")
     taken = _spy(monkeypatch)
     before = _generate(model, config)
@@ -142,6 +143,19 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     taken = _spy(monkeypatch)
     model.layers[0].mlp.down_proj.set_matvec_rows(0)  # its other kernel (fbgemm) from now on
     mixed = _generate(model, config)
-    assert taken and not any(taken)
+    segments = layers._STACK_KERNELS[model.layers][1]  # the first layer module by module, the others in one call
+    assert [(s.start, s.stop, s.stack is not None) for s in segments] == [(0, 1, False), (1, len(model.layers), True)]
+    assert taken[-1]
     _module_by_module(monkeypatch)
     _assert_close(mixed, _generate(model, config))
+
+    model.layers[0].mlp.down_proj.set_matvec_rows(8)
+    model.layers[2].self_attn.o_proj.set_matvec_rows(0)  # a module-by-module layer between two runs
+    taken = _spy(monkeypatch)
+    between = _generate(model, config)
+    segments = layers._STACK_KERNELS[model.layers][1]
+    assert [(s.start, s.stop, s.stack is not None) for s in segments] == [(0, 2, True), (2, 3, False),
+                                                                         (3, len(model.layers), True)]
+    assert taken[-1]
+    _module_by_module(monkeypatch)
+    _assert_close(between, _generate(model, config))

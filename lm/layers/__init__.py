@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
     its input already normed, and `decode_parts()` (see `decode_stack`); `tables(layer)` gives its RoPE
     (cos, sin). A layer's closing residual add and the norm after it (the next layer's input norm; the
     final norm after the last layer) are one call (`add_norm`): the same values as the layers' `forward`
-    followed by the final norm. A step of decode rows may run every layer in one call (`decode_stack`).
+    followed by the final norm. A step of decode rows may run its layers in one call (`decode_stack`).
     The layers are not called as modules, so forward hooks registered on a decoder layer or on its input
     norm do not run (hooks on the projections inside do, except in `decode_stack`)."""
     if not len(layers):
@@ -212,21 +213,23 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
 
 def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: RMSNorm, tables,
                  attention) -> Tensor | None:
-    """`run_decoder`'s result for a step of decode rows in one numba call (lm.layers.fused.DecodeStack),
-    given normed = the first layer's input norm of x; None where it does not apply: then the layers run
-    module by module, with the same values but for the gated MLP's activation (fused.gated_activation's
-    rather than ATen's, within 2 ulp of it).
+    """`run_decoder`'s result for a step of decode rows, given normed = the first layer's input norm of x,
+    with each run of consecutive layers that can take it in one numba call (lm.layers.fused.DecodeStack)
+    and any other layer module by module; None where no layer can take it (then `run_decoder` runs every
+    layer module by module). The values are the module path's but for the gated MLP's activation
+    (fused.gated_activation's rather than ATen's, within 2 ulp of it).
 
     Each layer's `decode_parts()` gives (input norm, attention, gated MLP, n_a, mlp_norm, n_m), or None
     where the layer cannot take the call (a MoE layer): the layer is s = x + n_a(attention(normed)),
-    t = s + n_m(mlp(mlp_norm(s))), with n_a and n_m Gemma 3's branch post-norms or None (Qwen). It applies
-    where every layer's four projections (fused q/k/v, o, fused gate/up, down) take lm.matvec.int8_matvec
-    at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows), the context reads a float32 CPU cache
-    in place for a step of decode rows only (its `decode_rows_step` and `decode_stack_arrays`: checked
-    before the operands, so a prefill step pays nothing here), x is float32 on the CPU
-    and the norms between the layers (and the final norm) share eps and offset. Forward hooks on the
-    projections and norms do not run on this path. The operands are prepared on the first step and kept
-    (`_stack_kernels`) while the modules, kernels and weights they were made from stay the same objects."""
+    t = s + n_m(mlp(mlp_norm(s))), with n_a and n_m Gemma 3's branch post-norms or None (Qwen). A layer
+    takes the call where its four projections (fused q/k/v, o, fused gate/up, down) take
+    lm.matvec.int8_matvec at this many rows (int8-dynamic, Int8DynamicLinear.matvec_rows) and its norms
+    and the norm after it (the next layer's input norm, or the final norm) share eps and offset; the step
+    must be decode rows only on a float32 CPU cache read in place (the context's `decode_rows_step`,
+    checked before the operands so that a prompt step pays nothing here, and `decode_stack_arrays`), x
+    float32 on the CPU. Forward hooks on the projections and norms do not run on this path. The operands
+    are prepared on the first step and kept (`_stack_kernels`) while the modules, kernels and weights
+    they were made from stay the same objects."""
     stack_arrays = getattr(attention, "decode_stack_arrays", None)
     if stack_arrays is None or not attention.decode_rows_step or x.dtype is not torch.float32 or not x.is_cpu \
             or x.dim() != 3 or x.shape[0] != 1 \
@@ -234,42 +237,67 @@ def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: R
             or (torch.is_grad_enabled() and (x.requires_grad or normed.requires_grad)):
         return None
     rows, hidden = x.shape[1], x.shape[2]
-    stack, matvec_rows, qkv_width, layer_ids, head_dim = _stack_kernels(layers, final_norm)
+    segments = _stack_kernels(layers, final_norm)
     # the module path would take ATen's kernels above FUSED_MAX_ELEMENTS (fused.usable): keep its values
-    if stack is None or not 0 < rows <= matvec_rows or rows * max(hidden, qkv_width) > fused.FUSED_MAX_ELEMENTS:
+    fits = [segment.stack is not None and 0 < rows <= segment.matvec_rows
+            and rows * max(hidden, segment.qkv_width) <= fused.FUSED_MAX_ELEMENTS for segment in segments]
+    if not any(fits):
         return None
     layer_tables = [tables(layer) for layer in layers]
-    if any(cos.shape != (1, rows, head_dim) or sin.shape != cos.shape or cos.dtype != torch.float32
-           or sin.dtype != torch.float32 or not cos.is_cpu or not sin.is_cpu for cos, sin in layer_tables):
-        return None
-    arrays = stack_arrays(layer_ids, layer_tables)
-    if arrays is None:
-        return None
-    return stack(x if x.is_contiguous() else x.contiguous(), normed if normed.is_contiguous() else normed.contiguous(),
-                 *arrays)
+    following = None
+    for segment, fit in zip(segments, fits):
+        arrays = None
+        if fit and all(cos.shape == (1, rows, segment.head_dim) and sin.shape == cos.shape
+                       and cos.dtype == sin.dtype == torch.float32 and cos.is_cpu and sin.is_cpu
+                       for cos, sin in layer_tables[segment.start:segment.stop]):
+            arrays = stack_arrays(segment.layer_ids, layer_tables[segment.start:segment.stop])
+        if arrays is not None:
+            x, normed = segment.stack(x if x.is_contiguous() else x.contiguous(),
+                                      normed if normed.is_contiguous() else normed.contiguous(), *arrays)
+            continue
+        if following is None:
+            following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
+        for i in range(segment.start, segment.stop):
+            x, normed = layers[i].step(x, normed, *layer_tables[i], attention, following[i])
+    return normed
 
 
-# decode_stack's operands per decoder (its ModuleList): (the identities they were made from, DecodeStack or
-# None, matvec rows, widest q/k/v, layer ids, head_dim). Weak keys: a model that is dropped drops its entry.
+@dataclass(frozen=True)
+class _Segment:
+    """Layers [start, stop) of a decoder: one DecodeStack call for all of them (`stack`), or module by
+    module (`stack` None); the most rows every projection of the run takes int8_matvec at, the widest
+    q/k/v, the attention layer ids, head_dim."""
+
+    start: int
+    stop: int
+    stack: "fused.DecodeStack | None" = None
+    matvec_rows: int = 0
+    qkv_width: int = 0
+    layer_ids: tuple[int, ...] = ()
+    head_dim: int = 0
+
+
+# decode_stack's operands per decoder (its ModuleList): (the identities they were made from, the segments).
+# Weak keys: a model that is dropped drops its entry.
 _STACK_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> tuple:
-    """decode_stack's (DecodeStack or None where the layers cannot take it, the most rows every projection
-    takes int8_matvec at, the widest q/k/v, the attention layer ids, head_dim), made again when any layer's
-    projection, int8_matvec operand, norm or norm weight is another object (or at another address), or a
-    norm's eps/offset or an attention's layer id, scale or head counts differ from when they were made."""
+def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> list[_Segment]:
+    """decode_stack's segments of `layers`, made again when any layer's projection, int8_matvec operand,
+    norm or norm weight is another object (or at another address), or a norm's eps/offset or an
+    attention's layer id, scale or head counts differ from when they were made."""
     parts = [layer.decode_parts() for layer in layers]
-    if None in parts:
-        return None, 0, 0, (), 0
-    following = [part[0] for part in parts[1:]] + [final_norm]
-    parts = [part[1:] for part in parts]
-    identity = tuple(_layer_identity(*part, next_norm) for part, next_norm in zip(parts, following))
+    following = [None if part is None else part[0] for part in parts[1:]] + [final_norm]
+    if None in following[:-1]:  # a layer without parts: its input norm is read as a module attribute
+        following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
+    parts = [None if part is None else part[1:] for part in parts]
+    identity = tuple(None if part is None else _layer_identity(*part, next_norm)
+                     for part, next_norm in zip(parts, following))
     entry = _STACK_KERNELS.get(layers)
     if entry is None or entry[0] != identity:
-        entry = (identity, *_make_stack_kernels(parts, following))
+        entry = (identity, _make_segments(parts, following))
         _STACK_KERNELS[layers] = entry
-    return entry[1:]
+    return entry[1]
 
 
 def _layer_identity(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNorm | None) -> tuple:
@@ -287,34 +315,61 @@ def _layer_identity(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSN
     return tuple(identity)
 
 
-def _make_stack_kernels(parts: list[tuple], following: list[RMSNorm]) -> tuple:
-    operands, widths, rows = [], [], []
-    head_dims = {attention_module.head_dim for attention_module, *_ in parts}
-    eps_offset = (following[-1].eps, following[-1].offset)
-    for (attention_module, mlp, attention_norm, mlp_norm, mlp_branch_norm), next_norm in zip(parts, following):
-        modules, mlp_modules = attention_module._modules, mlp._modules
-        projections = (modules.get("qkv_proj"), modules.get("o_proj"), mlp_modules.get("gate_up_proj"),
-                       mlp_modules.get("down_proj"))
-        kernels = [getattr(projection, "_rows", None) for projection in projections]
-        norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
-        q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
-        weights = [norm.weight for norm in (*norms, q_norm, k_norm) if norm is not None]
-        activation = {id(ACTIVATIONS["gelu_pytorch_tanh"]): fused.GELU_TANH, id(ACTIVATIONS["silu"]): fused.SILU}.get(
-            id(mlp.act))
-        if any(kernel is None for kernel in kernels) or activation is None or len(head_dims) != 1 \
-                or any((norm.eps, norm.offset) != eps_offset for norm in norms) \
-                or any(weight.dtype != torch.float32 or weight.device.type != "cpu" for weight in weights):
-            return None, 0, 0, (), 0
-        qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
-        operands.append(fused.layer_operands(
-            kernels[0], attention_module.num_heads, attention_module.num_kv_heads, *qk, attention_module.scale,
-            kernels[1], kernels[2], activation, kernels[3], None if attention_norm is None else attention_norm.weight,
-            mlp_norm.weight, None if mlp_branch_norm is None else mlp_branch_norm.weight, next_norm.weight,
-            *eps_offset))
-        widths.append((attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim)
-        rows.append(min(projection.matvec_rows for projection in projections))
-    return (fused.DecodeStack(operands), min(rows), max(widths),
-            tuple(attention_module.layer_idx for attention_module, *_ in parts), head_dims.pop())
+def _make_segments(parts: list[tuple | None], following: list[RMSNorm]) -> list[_Segment]:
+    """Runs of consecutive layers whose operands can be made (`_layer_operands`) and that share head_dim,
+    each one DecodeStack; the other layers in module-by-module segments."""
+    segments: list[_Segment] = []
+    run: list[tuple] = []  # (layer index, operands, matvec rows, q/k/v width, layer id, head_dim)
+
+    def close() -> None:
+        if run:
+            segments.append(_Segment(run[0][0], run[-1][0] + 1, fused.DecodeStack([r[1] for r in run]),
+                                     min(r[2] for r in run), max(r[3] for r in run), tuple(r[4] for r in run),
+                                     run[0][5]))
+            run.clear()
+
+    for i, (part, next_norm) in enumerate(zip(parts, following)):
+        layer = None if part is None else _layer_operands(*part, next_norm)
+        if layer is None:
+            close()
+            if segments and segments[-1].stack is None and segments[-1].stop == i:
+                segments[-1] = _Segment(segments[-1].start, i + 1)
+            else:
+                segments.append(_Segment(i, i + 1))
+            continue
+        if run and run[-1][5] != layer[4]:  # another head_dim: the RoPE tables are stacked per call
+            close()
+        run.append((i, *layer))
+    close()
+    return segments
+
+
+def _layer_operands(attention_module: "Attention", mlp: "GatedMLP", attention_norm: RMSNorm | None, mlp_norm: RMSNorm,
+                    mlp_branch_norm: RMSNorm | None, next_norm: RMSNorm) -> tuple | None:
+    """(fused.layer_operands, matvec rows, q/k/v width, layer id, head_dim) of one layer, or None where
+    it cannot take DecodeStack."""
+    modules, mlp_modules = attention_module._modules, mlp._modules
+    projections = (modules.get("qkv_proj"), modules.get("o_proj"), mlp_modules.get("gate_up_proj"),
+                   mlp_modules.get("down_proj"))
+    kernels = [getattr(projection, "_rows", None) for projection in projections]
+    norms = [norm for norm in (attention_norm, mlp_norm, mlp_branch_norm, next_norm) if norm is not None]
+    q_norm, k_norm = attention_module.q_norm, attention_module.k_norm
+    weights = [norm.weight for norm in (*norms, q_norm, k_norm) if norm is not None]
+    activation = {id(ACTIVATIONS["gelu_pytorch_tanh"]): fused.GELU_TANH, id(ACTIVATIONS["silu"]): fused.SILU}.get(
+        id(mlp.act))
+    eps_offset = (next_norm.eps, next_norm.offset)
+    if any(kernel is None for kernel in kernels) or activation is None \
+            or any((norm.eps, norm.offset) != eps_offset for norm in norms) \
+            or any(weight.dtype != torch.float32 or weight.device.type != "cpu" for weight in weights):
+        return None
+    qk = (None, None, 0.0, False) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps, q_norm.offset)
+    operands = fused.layer_operands(
+        kernels[0], attention_module.num_heads, attention_module.num_kv_heads, *qk, attention_module.scale, kernels[1],
+        kernels[2], activation, kernels[3], None if attention_norm is None else attention_norm.weight, mlp_norm.weight,
+        None if mlp_branch_norm is None else mlp_branch_norm.weight, next_norm.weight, *eps_offset)
+    width = (attention_module.num_heads + 2 * attention_module.num_kv_heads) * attention_module.head_dim
+    return (operands, min(projection.matvec_rows for projection in projections), width, attention_module.layer_idx,
+            attention_module.head_dim)
 
 
 class Attention(nn.Module):

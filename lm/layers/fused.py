@@ -350,13 +350,13 @@ class DecodeStack:
         float32 (lm.kv_cache.PagedKVStorage.array_list); kinds, groups (layers,) int64: each layer's RoPE
         tables and KV group; cos, sin (kinds, N, D) float32; per KV group, as `decode_rows_attention`
         takes them: slots (groups, N), blocks (groups, N, width) (zero past a row's blocks), start and
-        length (groups, N), all int64. Returns the last layer's output after its next norm (the final
-        norm), (1, N, hidden) float32."""
+        length (groups, N), all int64. Returns (the last layer's output, its next norm of it), each (1, N,
+        hidden) float32."""
         out = torch.empty_like(x)
         out_normed = torch.empty_like(x)
         _decode_stack(x.numpy()[0], normed.numpy()[0], self._layers, caches, kinds, groups, cos, sin, slots, blocks,
                       start, length, thread_parts(), out.numpy()[0], out_normed.numpy()[0])
-        return out_normed
+        return out, out_normed
 
 
 def gated_activation(gate: Tensor, up: Tensor, activation: int) -> Tensor:
