@@ -13,7 +13,7 @@ mean is rounded to float32 (ATen sums in float32 lanes; both round the same exac
 ulp), and that attention's sums may be reassociated. Where float32's sum of squares would overflow and
 its mean would not (|x| around 1e18 to 1e19 at 640 wide) the norm stays finite, where ATen's (and the
 reference's) rsqrt(inf) gives 0. The gated MLP's activation stays ATen's everywhere but in the
-int8-dynamic decode step (`DecodeStack`: every layer in one call), which computes it with
+int8-dynamic decode step (`DecodeStack`: a run of layers in one call), which computes it with
 `gated_activation`: e^x from a polynomial and a built exponent so that the loop vectorises (numba's own
 tanh and exp are scalar libm calls, 34 us for the 270M's 2,048 values a row, against ~3 us here and ~10
 for ATen's), within 2 ulp of ATen's value or of the absolute error both make where 1 + tanh cancels.
@@ -325,8 +325,9 @@ def layer_operands(qkv_proj, heads: int, kv_heads: int, q_weight: Tensor | None,
 
 class DecodeStack:
     """A decode step's decoder layers in one numba call, for int8-dynamic layers (lm.layers.decode_stack
-    keeps one per model and builds a new one when any operand changes): `layers`, one `layer_operands`
-    tuple per layer in order, held in a numba typed list so that a call passes them as one argument.
+    keeps one per run of layers that can take it and builds a new one when any operand changes):
+    `layers`, one `layer_operands` tuple per layer in order, held in a numba typed list so that a call
+    passes them as one argument.
 
     Each layer gives the values of `qkv_proj`, `decode_rows_attention`, `o_proj`, `add_rms_norm`,
     `gate_up_proj`, the activation times up (`gated_activation`), `down_proj` and `add_rms_norm` called
