@@ -237,14 +237,13 @@ def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: R
             or (torch.is_grad_enabled() and (x.requires_grad or normed.requires_grad)):
         return None
     rows, hidden = x.shape[1], x.shape[2]
-    segments = _stack_kernels(layers, final_norm)
+    segments, following = _stack_kernels(layers, final_norm)
     # the module path would take ATen's kernels above FUSED_MAX_ELEMENTS (fused.usable): keep its values
     fits = [segment.stack is not None and 0 < rows <= segment.matvec_rows
             and rows * max(hidden, segment.qkv_width) <= fused.FUSED_MAX_ELEMENTS for segment in segments]
     if not any(fits):
         return None
     layer_tables = [tables(layer) for layer in layers]
-    following = None
     for segment, fit in zip(segments, fits):
         arrays = None
         if fit and all(cos.shape == (1, rows, segment.head_dim) and sin.shape == cos.shape
@@ -255,8 +254,6 @@ def decode_stack(layers: nn.ModuleList, x: Tensor, normed: Tensor, final_norm: R
             x, normed = segment.stack(x if x.is_contiguous() else x.contiguous(),
                                       normed if normed.is_contiguous() else normed.contiguous(), *arrays)
             continue
-        if following is None:
-            following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
         for i in range(segment.start, segment.stop):
             x, normed = layers[i].step(x, normed, *layer_tables[i], attention, following[i])
     return normed
@@ -282,8 +279,8 @@ class _Segment:
 _STACK_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> list[_Segment]:
-    """decode_stack's segments of `layers`, made again when any layer's projection, int8_matvec operand,
+def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> tuple[list[_Segment], list[RMSNorm]]:
+    """(decode_stack's segments of `layers`, the norm after each layer), the segments made again when any layer's projection, int8_matvec operand,
     norm or norm weight is another object (or at another address), or a norm's eps/offset or an
     attention's layer id, scale or head counts differ from when they were made."""
     parts = [layer.decode_parts() for layer in layers]
@@ -297,7 +294,7 @@ def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> list[_Segment]
     if entry is None or entry[0] != identity:
         entry = (identity, _make_segments(parts, following))
         _STACK_KERNELS[layers] = entry
-    return entry[1]
+    return entry[1], following
 
 
 def _layer_identity(attention_module: "Attention", mlp: "GatedMLP", *norms: RMSNorm | None) -> tuple:
