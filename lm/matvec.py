@@ -78,6 +78,22 @@ class Int8Rows:
         clone._weight = clone.weight.numpy()
         return clone
 
+    def argmax(self, x: Tensor) -> tuple[list[int], list[bool]]:
+        """Per row of x (N, in) float32: the index of the largest output of `self(x)` (the first on ties;
+        meaningless for a row that is not finite) and whether every output of the row is finite: the
+        greedy tokens of an int8 head, decided inside the product's parts instead of a pass over the
+        logits afterwards. Raises ValueError for another x."""
+        out = self._checked_out(x)
+        parts = thread_parts()
+        best = np.empty((x.shape[0], parts), np.float32)
+        index = np.empty((x.shape[0], parts), np.int64)
+        residue = np.empty((x.shape[0], parts), np.float32)
+        x = x.detach()
+        choices, finite = _int8_matvec_argmax(x.numpy() if x.is_contiguous() else x.contiguous().numpy(),
+                                              self._smoothing, self._weight, self._scales, self._bias, out.numpy(),
+                                              parts, best, index, residue)
+        return choices.tolist(), finite.tolist()
+
     @property
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(inv_smoothing, weight, scales, bias) as `_int8_matvec` takes them (empty arrays for none)."""
@@ -92,14 +108,19 @@ class Int8Rows:
         self.weight, self._weight = weight, weight.numpy()
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_cpu:
-            raise ValueError(f"int8_matvec takes x (N, {self.in_features}) float32 on the CPU; got {tuple(x.shape)} "
-                             f"{x.dtype} on {x.device}")
-        out = torch.empty(x.shape[0], self.out_features)
+        out = self._checked_out(x)
         x = x.detach()  # inference only: no autograd graph is recorded
         _int8_matvec(x.numpy() if x.is_contiguous() else x.contiguous().numpy(), self._smoothing, self._weight,
                      self._scales, self._bias, out.numpy(), thread_parts())
         return out
+
+
+    def _checked_out(self, x: Tensor) -> Tensor:
+        """The (N, out) float32 output for x (N, in), after checking x; raises ValueError for another x."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_cpu:
+            raise ValueError(f"int8_matvec takes x (N, {self.in_features}) float32 on the CPU; got {tuple(x.shape)} "
+                             f"{x.dtype} on {x.device}")
+        return torch.empty(x.shape[0], self.out_features)
 
 
 def thread_parts() -> int:
@@ -149,6 +170,38 @@ def _int8_matvec(x, inv_smoothing, weight, scales, bias, out, parts):
     for part in prange(count):
         start, stop = _part_bounds(outputs, part, count)
         _rows(quantized, x_scales, weight, scales, bias, out, start, stop)
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _int8_matvec_argmax(x, inv_smoothing, weight, scales, bias, out, parts, best, index, residue):
+    """_int8_matvec, then per row the first largest output and whether all are finite (Int8Rows.argmax):
+    each part scans its own outputs while they are in its cache (best, index, residue (R, parts) scratch:
+    a part's largest value, its index, the sum of y - y over the part, 0 unless some y is NaN or inf),
+    then the parts are merged in order (a later part wins only when strictly larger)."""
+    quantized, x_scales = _quantize_rows(x, inv_smoothing)
+    rows, outputs = x.shape[0], weight.shape[0]
+    count = _split(parts, outputs)
+    for part in prange(count):
+        start, stop = _part_bounds(outputs, part, count)
+        _rows(quantized, x_scales, weight, scales, bias, out, start, stop)
+        for r in range(rows):
+            largest, at, total = out[r, start], start, np.float32(0)
+            for o in range(start, stop):
+                value = out[r, o]
+                total += value - value
+                if value > largest:
+                    largest, at = value, o
+            best[r, part], index[r, part], residue[r, part] = largest, at, total
+    choices = np.empty(rows, np.int64)
+    finite = np.empty(rows, np.bool_)
+    for r in range(rows):
+        largest, at, total = best[r, 0], index[r, 0], residue[r, 0]
+        for part in range(1, count):
+            total += residue[r, part]
+            if best[r, part] > largest:
+                largest, at = best[r, part], index[r, part]
+        choices[r], finite[r] = at, total == 0
+    return choices, finite
 
 
 @njit(nogil=True, cache=True)

@@ -260,10 +260,23 @@ class Int8DynamicLinear(Int8Linear):
         self.matvec_rows = rows
         return rows
 
+    def _takes_matvec(self, x: Tensor) -> bool:
+        """Whether x (..., in) is decode's few rows that int8_matvec takes (up to `matvec_rows`)."""
+        return 0 < x.numel() <= self.matvec_rows * self.in_features and x.shape[-1] == self.in_features \
+            and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def greedy(self, x: Tensor) -> list[int] | None:
+        """Per row of x (R, in): the index of its largest output, as torch.argmax(self(x), dim=-1) picks it
+        (the first on ties), decided inside int8_matvec's parts (lm.matvec.Int8Rows.argmax) with no pass
+        over the outputs afterwards. None where `forward` would not take int8_matvec for x, or when some
+        row's outputs are not all finite (the full outputs then report it)."""
+        if x.dim() != 2 or not self._takes_matvec(x):
+            return None
+        choices, finite = self._rows.argmax(x)
+        return choices if all(finite) else None
+
     def forward(self, x: Tensor) -> Tensor:
-        if 0 < x.numel() <= self.matvec_rows * self.in_features and x.shape[-1] == self.in_features \
-                and x.dtype == torch.float32 and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad):
-            # decode's few rows: smoothing, quantisation and product in one call (lm.matvec)
+        if self._takes_matvec(x):  # decode's few rows: smoothing, quantisation and product in one call (lm.matvec)
             return self._rows(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.inv_smoothing is not None:
             x = x * self.inv_smoothing.to(x.dtype)

@@ -159,3 +159,34 @@ def test_the_layer_operands_follow_the_modules(monkeypatch):
     assert taken[-1]
     _module_by_module(monkeypatch)
     _assert_close(between, _generate(model, config))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_greedy_tokens_from_the_int8_heads_product_equal_the_argmax_of_its_logits(family, monkeypatch):
+    """Greedy requests take their tokens from the int8 head's own argmax inside int8_matvec
+    (Int8DynamicLinear.greedy); the same requests through the full logits and the engine's argmax give
+    the same tokens."""
+    from lm.engine.model_runner import ModelRunner
+    from lm.matvec import Int8Rows
+
+    model, config = _model(family)
+    assert isinstance(model.lm_head, Int8DynamicLinear)
+    decided = []
+    argmax = Int8Rows.argmax
+    monkeypatch.setattr(Int8Rows, "argmax", lambda self, x: decided.append(x.shape[0]) or argmax(self, x))
+
+    def tokens():
+        engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, max_batch=6,
+                                                    prefill_chunk=16, stop_token_ids=(), block_size=4))
+        generator = torch.Generator().manual_seed(2)
+        requests = [GenerationRequest(torch.randint(2, 290, (4 + 5 * i,), generator=generator).tolist(),
+                                      SamplingParams(max_new_tokens=5 + 2 * i)) for i in range(5)]
+        handles = [engine.submit(request) for request in requests]
+        while not all(handle.done for handle in handles):
+            engine.step() if engine.stats().running or engine.stats().waiting else engine.output.drain()
+        return [handle.result().token_ids for handle in handles]
+
+    inside = tokens()
+    assert decided and max(decided) > 1, "the head's argmax was not taken"
+    monkeypatch.setattr(ModelRunner, "_quantized_greedy", lambda self, hidden: None)
+    assert tokens() == inside

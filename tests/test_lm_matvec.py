@@ -258,3 +258,45 @@ def test_a_bf16_model_keeps_no_copies_for_int8_matvec():
     model = fuse_projections(Gemma3TextModel(tiny_config(hidden_size=128, intermediate_size=256)).eval())
     quantize_model(model.to(torch.bfloat16), "int8-dynamic")
     assert not any(getattr(module, "_rows", None) is not None for module in model.modules())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_is_the_first_largest_output_and_reports_rows_that_are_not_finite(threads):
+    """Int8Rows.argmax against torch.argmax of the same outputs, and finiteness per row; smoothing and
+    bias included. Two equal largest outputs, one in each thread's part: the first wins."""
+    weight, scales, generator = _operands(4096 + 17, 64)
+    smoothing = torch.rand(64, generator=generator) + 0.5
+    bias = torch.randn(4096 + 17, generator=generator)
+    x = torch.randn(4, 64, generator=generator)
+    x[3, 5] = float("nan")  # that row's outputs are all NaN: not finite; the other rows are untouched
+    weight[4000], scales[4000] = weight[100], scales[100]
+    tied_bias = bias.clone()
+    tied_bias[100] = tied_bias[4000] = 1e4  # rows 100 and 4000: equal outputs, far above the rest
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        rows = Int8Rows(weight, scales, inv_smoothing=smoothing, bias=bias)
+        outputs = rows(x)
+        choices, finite = rows.argmax(x)
+        tied = Int8Rows(weight, scales, inv_smoothing=smoothing, bias=tied_bias)
+        tied_outputs = tied(x[:3])
+        tied_choices, _ = tied.argmax(x[:3])
+    finally:
+        torch.set_num_threads(threads_before)
+    assert finite == [True, True, True, False]
+    assert choices[:3] == torch.argmax(outputs[:3], dim=-1).tolist()
+    assert torch.equal(tied_outputs[:, 100], tied_outputs[:, 4000])
+    assert tied_choices == [100, 100, 100]
+
+
+def test_a_quantized_head_decides_greedy_tokens_only_where_its_forward_takes_int8_matvec():
+    torch.manual_seed(0)
+    head = Int8DynamicLinear(torch.randn(3000, 64), None, per_token=True)
+    x = torch.randn(2, 64)
+    assert head.greedy(x) is None  # matvec_rows 0: its forward is fbgemm's
+    head.set_matvec_rows(2)
+    assert head.greedy(x) == torch.argmax(head(x), dim=-1).tolist()
+    assert head.greedy(torch.randn(3, 64)) is None  # more rows than matvec_rows
+    bad = x.clone()
+    bad[1, 0] = float("inf")
+    assert head.greedy(bad) is None  # a row whose outputs are not finite: the full outputs report it

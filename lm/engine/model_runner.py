@@ -73,7 +73,6 @@ class PagedAttention:
 
     def __init__(self, storage: PagedKVStorage, layout: KVLayout, chunks: list[ScheduledChunk], device: torch.device):
         self.storage, self.layout = storage, layout
-        size = layout.block_size
         dtype = storage.keys[0].dtype  # masks are additive in it, built once for every layer
         # a cache the in-place kernel reads (float32, CPU) pads nothing: every decode row in one batch there
         self.spread = None if fused.reads_in_place(storage.keys[0], storage.keys[0]) else self.BATCH_SPREAD
@@ -85,28 +84,55 @@ class PagedAttention:
         for chunk in chunks:
             self.offsets.append((a, a + chunk.num_tokens))
             a += chunk.num_tokens
+        self.decode_rows_step = a == len(chunks)  # every chunk one token: the step decode_stack_arrays serves
+        self._chunks, self._device, self._dtype = chunks, device, dtype
+        self._planned: tuple | None = None  # (slots, reads, batches), made on first use (`_plan`)
+
+    @property
+    def slots(self) -> list[Tensor]:
+        """Per group: (N,) the storage row each packed token writes."""
+        return self._plan()[0]
+
+    @property
+    def reads(self) -> list[list[tuple[int, Tensor, int, int, Tensor | None]]]:
+        """Per group: (chunk, blocks, skip, length, mask) of each chunk of several tokens."""
+        return self._plan()[1]
+
+    @property
+    def batches(self) -> list[list[tuple]]:
+        """Per group: (rows, blocks (R, nb), mask, start (R,), length (R,)) of each batch of decode rows."""
+        return self._plan()[2]
+
+    def _plan(self) -> tuple:
+        """The step's slots, reads and batches per group, made on first use: a step of decode rows that
+        lm.layers.fused.DecodeStack runs whole (`decode_stack_arrays`) never needs them."""
+        if self._planned is not None:
+            return self._planned
+        chunks, device, dtype, layout = self._chunks, self._device, self._dtype, self.layout
+        size = layout.block_size
         multi = [i for i, chunk in enumerate(chunks) if chunk.num_tokens > 1]
-        self.decode_rows_step = not multi  # every chunk one token: the step decode_stack_arrays serves
-        self.slots: list[Tensor] = []
-        self.reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []  # per group: (chunk, blocks, skip, length, mask)
-        self.batches: list[list[tuple]] = []  # per group: (rows, blocks (R, nb), mask, start (R,), length (R,))
+        slots: list[Tensor] = []
+        reads: list[list[tuple[int, Tensor, int, int, Tensor | None]]] = []
+        batches: list[list[tuple]] = []
         masks: dict[int | None, dict[int, Tensor | None]] = {}
         plans: dict[int | None, list] = {}  # per window: the decode batches (the same for every group of it)
         for g, group in enumerate(layout.groups):
             tables = [chunk.sequence.block_tables[g] for chunk in chunks]
             # plain ints: a tensor op per chunk and group would cost more than the arithmetic
-            self.slots.append(torch.tensor([table[p // size] * size + p % size for chunk, table in zip(chunks, tables)
-                                            for p in range(chunk.start, chunk.end)], device=device))
+            slots.append(torch.tensor([table[p // size] * size + p % size for chunk, table in zip(chunks, tables)
+                                       for p in range(chunk.start, chunk.end)], device=device))
             spans = [self._span(chunk, group.window, size) for chunk in chunks]  # (first block, count, skip, length)
             if group.window not in masks:
                 masks[group.window] = {i: self._mask(chunks[i], group.window, device, dtype) for i in multi}
                 plans[group.window] = self._decode_plan(chunks, spans, size, device, dtype)
-            self.reads.append([(i, torch.tensor(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], device=device),
-                                spans[i][2], spans[i][3], masks[group.window][i]) for i in multi])
-            self.batches.append([
+            reads.append([(i, torch.tensor(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], device=device),
+                           spans[i][2], spans[i][3], masks[group.window][i]) for i in multi])
+            batches.append([
                 (rows_index, torch.tensor([_padded(tables[i][spans[i][0]:spans[i][0] + spans[i][1]], width)
                                            for i in members], device=device), mask, start, length)
                 for members, width, rows_index, mask, start, length in plans[group.window]])
+        self._planned = (slots, reads, batches)
+        return self._planned
 
     @staticmethod
     def _span(chunk: ScheduledChunk, window: int | None, size: int) -> tuple[int, int, int, int]:
@@ -199,27 +225,28 @@ class PagedAttention:
         for the layers `layer_ids` in order, whose RoPE tables are `tables` (per layer (cos, sin), each
         (1, N, D)): (caches, kinds, groups, cos, sin, slots, blocks, start, length) as DecodeStack's call
         takes them. None for any other step or storage."""
-        if not self.decode_rows_step:
+        if not self.decode_rows_step or self.spread is not None:  # spread None: the cache is read in place
             return None
         placement = [self.layout.placement[i] for i in layer_ids]
         groups = sorted({g for g, _ in placement})
-        rows_only = {g: self._decode_rows_only(g) for g in groups}
-        if any(batch is None for batch in rows_only.values()) \
-                or not fused.reads_in_place(self.storage.keys[0], self.storage.keys[0]):
-            return None
         kinds: dict[tuple[int, int], int] = {}  # per pair of tables (the same tensors for a kind's layers)
         kind_of = [kinds.setdefault((id(cos), id(sin)), len(kinds)) for cos, sin in tables]
         first = {kind: i for i, kind in reversed(list(enumerate(kind_of)))}  # a layer of each kind
         cos = np.stack([tables[first[kind]][0][0].numpy() for kind in range(len(kinds))])  # (kinds, N, D)
         sin = np.stack([tables[first[kind]][1][0].numpy() for kind in range(len(kinds))])
-        width = max(rows_only[g][1].shape[1] for g in groups)
-        rows = self.num_tokens
-        slots, start, length = (np.zeros((len(groups), rows), np.int64) for _ in range(3))
-        blocks = np.zeros((len(groups), rows, width), np.int64)
+        # Each row over its own blocks (no batching by length: the kernel reads the cache in place), straight
+        # from the block tables: the same values as the groups' one decode batch (`_decode_rows_only`).
+        size, chunks = self.layout.block_size, self._chunks
+        spans = [[self._span(chunk, self.layout.groups[g].window, size) for chunk in chunks] for g in groups]
+        width = max(span[1] for group_spans in spans for span in group_spans)
+        slots, start, length = (np.zeros((len(groups), len(chunks)), np.int64) for _ in range(3))
+        blocks = np.zeros((len(groups), len(chunks), width), np.int64)  # beyond a row's count: never read
         for k, g in enumerate(groups):
-            _, group_blocks, _, group_start, group_length = rows_only[g]
-            slots[k], start[k], length[k] = self.slots[g].numpy(), group_start.numpy(), group_length.numpy()
-            blocks[k, :, :group_blocks.shape[1]] = group_blocks.numpy()
+            for r, (chunk, (block, count, skip, span_length)) in enumerate(zip(chunks, spans[k])):
+                table = chunk.sequence.block_tables[g]
+                slots[k, r] = table[chunk.start // size] * size + chunk.start % size
+                blocks[k, r, :count] = table[block:block + count]
+                start[k, r], length[k, r] = skip, span_length
         index = {g: k for k, g in enumerate(groups)}
         return (self.storage.array_list(tuple(j for _, j in placement)), np.array(kind_of, np.int64),
                 np.array([index[g] for g, _ in placement], np.int64), cos, sin, slots, blocks, start, length)
@@ -307,11 +334,12 @@ class ModelRunner:
 
     def greedy(self, hidden: Tensor) -> list[int] | None:
         """The argmax token of each row of `hidden` (R, hidden) through the screen, as torch.argmax of
-        `logits(hidden)` picks it; None without a screen, where it does not decide (and, backing off,
-        for the next 1, 2, 4 ... SCREEN_MAX_BACKOFF calls), or when the model's head is no longer the
-        one it was built from (replaced, or changed in place)."""
+        `logits(hidden)` picks it; None where the screen does not decide (and, backing off, for the next
+        1, 2, 4 ... SCREEN_MAX_BACKOFF calls), or when the model's head is no longer the one it was built
+        from (replaced, or changed in place). Without a screen, an int8 head's own decision where it
+        makes one (`_quantized_greedy`), else None."""
         if self.screen is None:
-            return None
+            return self._quantized_greedy(hidden)
         if self.screen.weight is not head_weight(self.model) or self.screen.stale:
             if not self._warned_stale:
                 log.warning("the LM head changed after the engine started: greedy tokens now read the full head")
@@ -333,16 +361,27 @@ class ModelRunner:
             self._screen_backoff = 1
         return chosen
 
+    def _quantized_greedy(self, hidden: Tensor) -> list[int] | None:
+        """The argmax of each row of `logits(hidden)` from an int8 head that decides it inside its product
+        (lm.quantize.Int8DynamicLinear.greedy, on int8_matvec's rows), when the logits are the head's
+        outputs as they are (no final soft-capping); None otherwise."""
+        greedy = getattr(getattr(self.model, "lm_head", None), "greedy", None)
+        if greedy is None or getattr(getattr(self.model, "config", None), "final_logit_softcapping", None) is not None:
+            return None
+        return greedy(hidden)
+
     def run(self, chunks: list[ScheduledChunk]) -> Tensor | None:
         """One forward over `chunks`; returns the final hidden states (R, hidden), model dtype, of the
         chunks that sample, in order, or None if none does. Raises whatever the network raises."""
         ids, positions, image_rows, soft_tokens, last_rows = [], [], [], [], []
+        with_images = any(chunk.sequence.soft_tokens is not None for chunk in chunks)  # else no image rows
         row = 0
         for chunk in chunks:
             sequence = chunk.sequence
             ids.extend(sequence.token_ids[chunk.start:chunk.end])
-            positions.append(torch.arange(chunk.start, chunk.end))
-            image_rows.append(_tiles_at(sequence.tile_ids, chunk.start, chunk.end) >= 0)
+            positions.extend(range(chunk.start, chunk.end))
+            if with_images:
+                image_rows.append(_tiles_at(sequence.tile_ids, chunk.start, chunk.end) >= 0)
             if sequence.soft_tokens is not None:
                 tiles = sequence.tiles_in(chunk.start, chunk.end)
                 if tiles.stop > tiles.start:
@@ -351,10 +390,10 @@ class ModelRunner:
             if chunk.samples:
                 last_rows.append(row - 1)
         input_ids = torch.tensor(ids, device=self.device)[None]  # (1, N)
-        position_ids = torch.cat(positions).to(self.device)[None]  # (1, N)
-        image_mask = torch.cat(image_rows).to(self.device)[None]  # (1, N)
+        position_ids = torch.tensor(positions, device=self.device)[None]  # (1, N)
         attention = PagedAttention(self.storage, self.layout, chunks, self.device)
         if soft_tokens:
+            image_mask = torch.cat(image_rows).to(self.device)[None]  # (1, N)
             hidden = self.model(input_ids, position_ids, attention,
                                 soft_tokens=torch.cat(soft_tokens).to(self.device), image_mask=image_mask)
         else:

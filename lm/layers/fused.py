@@ -161,6 +161,7 @@ def compile_fused_kernels() -> None:
     stack(torch.ones(1, 1, 4), torch.ones(1, 1, 4), caches, index[0], index[0], np.ones((1, 1, 4), np.float32),
           np.ones((1, 1, 4), np.float32), index, index[:, :, None], index, index + 1)
     gated_activation(torch.ones(1, 4), torch.ones(1, 4), SILU)
+    rows(4, 4).argmax(torch.ones(1, 4))  # an int8 head's greedy tokens (lm.quantize.Int8DynamicLinear.greedy)
 
 
 @njit(nogil=True, cache=True)
