@@ -163,14 +163,25 @@ def test_choosing_keeps_row_major_weights_only_where_int8_matvec_is_taken():
 @pytest.mark.parametrize("per_token", [True, False])
 def test_a_layer_reading_its_own_buffer_takes_int8_matvec_when_no_slower(monkeypatch, per_token):
     """The head (per tensor) reads its weight buffer itself and takes int8_matvec at 0.95 of fbgemm's
-    time; a per-token fbgemm layer, which would keep a row-major copy beside the packed one, does not."""
+    time; a per-token fbgemm layer, which would keep a row-major copy beside the packed one, does not
+    above one row. A per-token layer takes one row whatever the timings (the fused decode layer needs
+    all four projections there); the head only where int8_matvec is no slower."""
     import lm.quantize as quantize
 
-    monkeypatch.setattr(quantize, "_seconds", lambda function, *args: 0.95 if isinstance(function, Int8Rows) else 1.0)
+    timed = []
+
+    def seconds(function, *args):
+        timed.append(args[0].shape[0])
+        return share if isinstance(function, Int8Rows) else 1.0
+
+    monkeypatch.setattr(quantize, "_seconds", seconds)
     layer = Int8DynamicLinear(torch.randn(256, 128), per_token=per_token)
-    assert layer.choose_matvec_rows() == (0 if per_token else MATVEC_MAX_ROWS)
-    monkeypatch.setattr(quantize, "_seconds", lambda function, *args: 1.05 if isinstance(function, Int8Rows) else 1.0)
-    assert layer.choose_matvec_rows() == 0
+    share = 0.95
+    assert layer.choose_matvec_rows() == (1 if per_token else MATVEC_MAX_ROWS)
+    assert (1 in timed) != per_token  # one row is not measured for a per-token layer
+    share = 1.05
+    assert layer.choose_matvec_rows() == (1 if per_token else 0)
+    assert (layer._rows is not None) == per_token
 
 
 def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
