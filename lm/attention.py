@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,6 +104,28 @@ def tile_ids_from_mask(image_mask: Tensor, tokens_per_tile: int, *, first_id: in
     first = torch.as_tensor(first_id, device=image_mask.device).reshape(-1, 1)  # (B or 1, 1)
     tiles = index.div(tokens_per_tile, rounding_mode="floor") + first
     return torch.where(image_mask, tiles, torch.full_like(tiles, -1))
+
+
+def tile_spans_from_mask(image_mask: np.ndarray, tokens_per_tile: int) -> list[tuple[int, int]]:
+    """[start, end) of each image tile's placeholders in one sequence's mask (T,) bool, in order: the
+    tiles `tile_ids_from_mask` numbers 0, 1, ... for that mask, with its ValueErrors (a placeholder count
+    that is not a multiple of tokens_per_tile, a tile interrupted by text), read from the runs of
+    placeholders in numpy (a prompt's tiles at submission, 855 tokens: 17 against 58 us for the torch
+    version, before its ids are read back into spans). A run of placeholders holds whole tiles exactly when its length is a multiple of
+    tokens_per_tile; with the count a multiple, that is the torch version's rule that no tile starts
+    after text at an index that is not a multiple."""
+    mask = np.asarray(image_mask, dtype=bool).reshape(-1)
+    count = int(np.count_nonzero(mask))
+    if count % tokens_per_tile:
+        raise ValueError(f"image placeholders per sequence {[count]} are not multiples of {tokens_per_tile} "
+                         "tokens per tile")
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8), prepend=0, append=0)).tolist()  # run starts, ends
+    spans = []
+    for start, end in zip(edges[0::2], edges[1::2]):
+        if (end - start) % tokens_per_tile:
+            raise ValueError(f"an image tile's {tokens_per_tile} placeholders are interrupted by other tokens")
+        spans.extend((first, first + tokens_per_tile) for first in range(start, end, tokens_per_tile))
+    return spans
 
 
 class FullAttention:

@@ -74,6 +74,8 @@ def non_finite_soft_token(soft_tokens: torch.Tensor) -> str | None:
     in row-major order, as "a non-finite value (nan) at tile 0, token 17, channel 3"; None when every
     value is finite."""
     flat = soft_tokens.detach().reshape(-1)  # (tiles * tokens * channels,)
+    if bool(torch.isfinite(flat.sum())):  # one pass: a NaN or inf makes the sum NaN or inf (finite values
+        return None  # summing past the dtype's range too: those are then checked one by one)
     bad = ~torch.isfinite(flat)
     if not bool(bad.any()):
         return None

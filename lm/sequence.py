@@ -92,7 +92,7 @@ class Sequence:
     def __init__(self, request: GenerationRequest, handle: RequestHandle, *, stop_token_ids: tuple[int, ...],
                  soft_tokens: torch.Tensor | None, tile_ids: torch.Tensor, tile_spans: list[tuple[int, int]],
                  tile_hashes: list[bytes], generator: torch.Generator, decoder,
-                 thinking: ThinkingTokens | None = None, reasoning_decoder=None):
+                 thinking: ThinkingTokens | None = None, reasoning_decoder=None, submitted_at: float | None = None):
         self.request = request
         self.handle = handle
         self.params: SamplingParams = request.params
@@ -122,7 +122,8 @@ class Sequence:
         self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, computed on demand
         self.preemptions = 0
         self.streamed = 0  # generated tokens the output thread has streamed
-        self.submitted_at = time.perf_counter()
+        # time.perf_counter() when the request arrived (Engine.submit, before its checks): latencies count from it
+        self.submitted_at = time.perf_counter() if submitted_at is None else submitted_at
         self.first_token_at: float | None = None
 
     @property

@@ -333,25 +333,6 @@ def test_tiles_in_a_range_are_those_of_its_positions(model_and_config, layout):
             assert sequence.tiles_overlapping(start, end) == expected
 
 
-def test_tile_spans_are_each_tiles_run_of_placeholders():
-    """The engine's [start, end) per tile equals, for every layout of text and adjacent or separated
-    tiles, the first and one past the last position holding that tile's id."""
-    import random
-
-    from lm.attention import tile_ids_from_mask
-    from lm.engine.engine import _tile_spans
-
-    generator = random.Random(0)
-    for _ in range(300):
-        mask = []
-        for _ in range(generator.randrange(0, 5)):
-            mask += [False] * generator.randrange(0, 3) + [True] * (4 * generator.randrange(1, 3))
-        mask += [False] * generator.randrange(1, 3)
-        ids = tile_ids_from_mask(torch.tensor([mask]), 4)[0].tolist()
-        expected = [(ids.index(tile), len(ids) - ids[::-1].index(tile)) for tile in sorted(set(ids) - {-1})]
-        assert _tile_spans(torch.tensor(ids)) == expected
-
-
 def test_the_one_call_decode_path_equals_recompute(fused_model_and_config, monkeypatch):
     """With fused projections a step of decode rows goes from the qkv projection to the o projection in
     one call (norm, rotation, cache write, attention): across block and window boundaries, with prefix
@@ -392,3 +373,23 @@ def test_the_caches_arrays_follow_its_tensors(model_and_config):
     storage.keys[0] = torch.zeros_like(storage.keys[0])
     assert np.shares_memory(storage.arrays(0)[0], storage.keys[0].numpy())
     assert np.shares_memory(storage.arrays(0)[1], values)  # the values tensor is still the same one
+
+
+def test_latencies_count_from_submission_including_its_checks(model_and_config, monkeypatch):
+    """A request's time to first token and total time start when `submit` is called: the checks and
+    image hashing it does in the caller's thread are part of them."""
+    import time
+
+    import lm.engine.engine as engine_module
+
+    model, config = model_and_config
+    ids, mask = image_prompt([1])
+    soft = torch.randn(1, TILE, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    content_hash = engine_module._content_hash
+    monkeypatch.setattr(engine_module, "_content_hash", lambda tile: time.sleep(0.05) or content_hash(tile))
+    engine = paged_engine(model, config)
+    handle = engine.submit(image_request(ids, mask, soft, "slow-checks"))
+    while not handle.done:
+        engine.step()
+    result = handle.result()
+    assert result.time_to_first_token_s >= 0.05 and result.total_time_s >= result.time_to_first_token_s

@@ -71,3 +71,26 @@ def test_tile_ids_from_mask():
 def test_tile_ids_refuse_partial_tiles(image):
     with pytest.raises(ValueError, match="placeholders"):
         tile_ids_from_mask(torch.tensor(image), 2)
+
+
+def test_tile_spans_from_mask_are_the_runs_tile_ids_from_mask_numbers():
+    """The spans of every tile id tile_ids_from_mask gives, in order, and its errors, on random layouts."""
+    from lm.attention import tile_spans_from_mask
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        pieces = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=generator))):
+            text, tiles = (int(n) for n in torch.randint(0, 4, (2,), generator=generator))
+            pieces += [False] * text + [True] * (3 * tiles + int(torch.randint(0, 2, (1,), generator=generator)))
+        mask = torch.tensor(pieces or [False], dtype=torch.bool)
+        try:
+            ids = tile_ids_from_mask(mask[None], 3)[0]
+        except ValueError as exc:
+            with pytest.raises(ValueError) as caught:
+                tile_spans_from_mask(mask.numpy(), 3)
+            assert str(caught.value) == str(exc)
+            continue
+        expected = [(int(torch.nonzero(ids == tile)[0]), int(torch.nonzero(ids == tile)[-1]) + 1)
+                    for tile in range(int(ids.max()) + 1)]
+        assert tile_spans_from_mask(mask.numpy(), 3) == expected

@@ -22,9 +22,10 @@ or on the free list, and the prefix map points only at blocks registered under t
 from __future__ import annotations
 
 import hashlib
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import numpy as np
 
 from lm.kv_cache import KVLayout
 
@@ -112,16 +113,23 @@ class BlockManager:
     def block_key(self, sequence, index: int) -> bytes:
         """Chained key of full block `index` of `sequence` (computed once, then kept on the sequence)."""
         keys = sequence.block_keys
-        size = self.layout.block_size
-        while len(keys) <= index:
-            i = len(keys)
-            digest = hashlib.blake2b(keys[-1] if keys else b"tessera-kv", digest_size=16)
-            tokens = sequence.token_ids[i * size:(i + 1) * size]
-            digest.update(array("q", tokens).tobytes())
-            for first, tile_hash, tile_start in sequence.tiles_overlapping(i * size, (i + 1) * size):
-                digest.update((first - i * size).to_bytes(4, "little") + tile_hash + tile_start.to_bytes(8, "little"))
-            keys.append(digest.digest())
+        if index >= len(keys):
+            self._extend_keys(sequence, index + 1)
         return keys[index]
+
+    def _extend_keys(self, sequence, count: int) -> None:
+        """Key full blocks len(sequence.block_keys) .. count - 1: BLAKE2b chained over the previous key,
+        the block's token ids (int64, little-endian) and each image tile it overlaps (offset, content hash,
+        tile start)."""
+        keys, size = sequence.block_keys, self.layout.block_size
+        first = len(keys)
+        tokens = np.asarray(sequence.token_ids[first * size:count * size], dtype="<i8")  # one conversion
+        for i in range(first, count):
+            digest = hashlib.blake2b(keys[-1] if keys else b"tessera-kv", digest_size=16)
+            digest.update(tokens[(i - first) * size:(i - first + 1) * size])
+            for position, tile_hash, tile_start in sequence.tiles_overlapping(i * size, (i + 1) * size):
+                digest.update((position - i * size).to_bytes(4, "little") + tile_hash + tile_start.to_bytes(8, "little"))
+            keys.append(digest.digest())
 
     # ----- admission -----------------------------------------------------------------------------
 
@@ -134,8 +142,10 @@ class BlockManager:
             return 0, [[] for _ in groups]
         found: list[list[int | None]] = [[] for _ in groups]
         longest = 0  # blocks 0..longest-1 are cached in every full-attention group
+        if len(sequence.block_keys) < limit // size:
+            self._extend_keys(sequence, limit // size)  # all at once: a hit or not, they key the blocks once computed
         for index in range(limit // size):
-            key = self.block_key(sequence, index)
+            key = sequence.block_keys[index]
             blocks = [self.pool.cached.get((g, key)) for g in range(len(groups))]
             for g, block in enumerate(blocks):
                 found[g].append(block)

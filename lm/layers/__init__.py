@@ -205,7 +205,7 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
     stacked = decode_stack(layers, x, normed, final_norm, tables, attention)
     if stacked is not None:
         return stacked
-    following = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
+    following = [layer.input_layernorm for layer in list(layers)[1:]] + [final_norm]  # (a ModuleList slice: a new module)
     for layer, next_norm in zip(layers, following):
         x, normed = layer.step(x, normed, *tables(layer), attention, next_norm)
     return normed
