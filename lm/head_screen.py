@@ -192,15 +192,16 @@ class GreedyHeadScreen:
         return self._each_row(accumulators, bounds, rounding)
 
     def _each_row(self, accumulators: np.ndarray, bounds: np.ndarray, rounding: float) -> Iterator[Tensor | None]:
-        found = np.empty(self._limit + 1, np.int64)
+        upper, lower = np.empty(accumulators.shape[1], np.float32), np.empty(accumulators.shape[1], np.float32)
         out_eps = np.float32(self._out_eps)
         for row in range(accumulators.shape[0]):
             s_x, x_l1, largest = bounds[row]
             # e_v = per_l1 |W_v|_1 + per_step w_v (float32: the roundings of these factors are in _SAFETY)
             per_l1, per_step = _SAFETY * 0.5 * s_x + largest * rounding, _SAFETY * 0.5 * x_l1
-            count = _row_candidates(accumulators[row], self._step, self._l1, np.float32(s_x), np.float32(per_l1),
-                                    np.float32(per_step), out_eps, self._limit, found)
-            yield torch.from_numpy(found[:count].copy()) if count <= self._limit else None
+            _row_bounds(accumulators[row], self._step, self._l1, np.float32(s_x), np.float32(per_l1),
+                        np.float32(per_step), out_eps, upper, lower)
+            index = np.flatnonzero(upper >= lower.max())  # reaches the largest lower bound
+            yield torch.from_numpy(index) if index.shape[0] <= self._limit else None
 
     def argmax(self, hidden: Tensor) -> list[int] | None:
         """The greedy token of each row of `hidden` (R, hidden) (final-norm states, the model's dtype):
@@ -236,8 +237,8 @@ def head_weight(model) -> Tensor | None:
 def compile_screen_kernel() -> None:
     """Compile (or load from numba's on-disk cache) the screen's kernels now, not in the first step."""
     _quantize_rows(np.ones((1, 4), np.float32), 1.0)
-    one = np.ones(4, np.float32)
-    _row_candidates(np.zeros(4, np.int32), one, one, *np.ones(4, np.float32), 1, np.empty(2, np.int64))
+    one, out = np.ones(4, np.float32), np.empty(4, np.float32)
+    _row_bounds(np.zeros(4, np.int32), one, one, *np.ones(4, np.float32), out, np.empty_like(out))
 
 
 @njit(nogil=True, cache=True)
@@ -270,28 +271,14 @@ def _quantize_rows(x, max_abs):
 
 
 @njit(nogil=True, cache=True)
-def _row_candidates(accumulators, step, l1, scale, per_l1, per_step, out_eps, limit, found):
-    """One row's candidates: the head rows v whose upper bound reaches the largest lower bound, written
-    in ascending order into found (at least limit + 1 entries); returns their count, or limit + 1 as soon
-    as there are more than `limit`. The bounds, in float32 (their roundings, a few eps of |a_v|, are
-    inside out_eps): a_v = accumulators[v] * (scale * step[v]), e_v = per_l1 * l1[v] + per_step * step[v]
-    + out_eps (|a_v| + e_v); upper = a_v + e_v, lower = a_v - e_v. accumulators (vocab,) int32: q_x . q_v;
-    step, l1 (vocab,) float32: w_v, |W_v|_1. Two passes over the vocabulary (the largest lower bound,
-    then the rows reaching it), nothing written per row."""
-    largest = np.float32(-np.inf)
+def _row_bounds(accumulators, step, l1, scale, per_l1, per_step, out_eps, upper, lower):
+    """One row's bounds on every head row's logit, in float32 (vectorised; its roundings, a few eps of
+    |a_v|, are inside out_eps): a_v = accumulators[v] * (scale * step[v]), e_v = per_l1 * l1[v] + per_step *
+    step[v] + out_eps (|a_v| + e_v); upper = a_v + e_v, lower = a_v - e_v. accumulators (vocab,) int32:
+    q_x . q_v; step, l1 (vocab,) float32: w_v, |W_v|_1; upper, lower (vocab,) float32, written."""
     for v in range(accumulators.shape[0]):
         approx = np.float32(accumulators[v]) * (scale * step[v])
         error = per_l1 * l1[v] + per_step * step[v]
         error += out_eps * (abs(approx) + error)
-        largest = max(largest, approx - error)
-    count = 0
-    for v in range(accumulators.shape[0]):
-        approx = np.float32(accumulators[v]) * (scale * step[v])
-        error = per_l1 * l1[v] + per_step * step[v]
-        error += out_eps * (abs(approx) + error)
-        if approx + error >= largest:
-            found[count] = v
-            count += 1
-            if count > limit:
-                break
-    return count
+        upper[v] = approx + error
+        lower[v] = approx - error
