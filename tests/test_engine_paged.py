@@ -393,3 +393,42 @@ def test_latencies_count_from_submission_including_its_checks(model_and_config, 
         engine.step()
     result = handle.result()
     assert result.time_to_first_token_s >= 0.05 and result.total_time_s >= result.time_to_first_token_s
+
+
+def test_after_each_step_only_the_computed_blocks_need_registering_or_releasing(model_and_config, monkeypatch):
+    """BlockManager.computed looks only at the blocks a step computed (from the chunk's start): a look at
+    every block of the request right after it, the way it worked before, releases nothing more and
+    registers only blocks that were refused when they became full (another block held their key then:
+    two requests computed the same prefix at once; as in vLLM, such a copy is not cached later), through
+    images across blocks, sliding windows, prefix hits and preemption."""
+    from lm.engine.block_manager import BlockManager, BlockPool
+
+    model, config = model_and_config
+    computed, register = BlockManager.computed, BlockPool.register
+    refused, looked = set(), []
+
+    def logged(self, group, key, block):
+        register(self, group, key, block)
+        if self.key_of[block] != (group, key):
+            refused.add(block)
+
+    def checked(self, sequence, start=0):
+        computed(self, sequence, start)
+        keys, counts, tables = list(self.pool.key_of), list(self.pool.ref_count), [list(t) for t in sequence.block_tables]
+        computed(self, sequence, 0)
+        assert [list(t) for t in sequence.block_tables] == tables and list(self.pool.ref_count) == counts
+        registered_late = {b for b, (old, new) in enumerate(zip(keys, self.pool.key_of)) if old != new}
+        assert registered_late <= refused and all(keys[b] is None for b in registered_late)
+        looked.append(start)
+
+    monkeypatch.setattr(BlockPool, "register", logged)
+    monkeypatch.setattr(BlockManager, "computed", checked)
+    ids, mask = image_prompt([1, 2])
+    soft = torch.randn(3, TILE, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    requests = [GenerationRequest(ids, SamplingParams(max_new_tokens=16), soft_tokens=soft, image_mask=torch.tensor(mask),
+                                  request_id=name) for name in ("a", "a-again")]
+    requests += text_requests(4, new_tokens=16, shared=prompt_of(10, 99))
+    engine = paged_engine(model, config, block_size=3, blocks=60, max_batch=6, prefill_chunk=9)
+    run(engine, requests)
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0 and max(looked) > 0

@@ -221,17 +221,22 @@ class BlockManager:
 
     # ----- after a step --------------------------------------------------------------------------
 
-    def computed(self, sequence) -> None:
-        """`sequence.num_computed_tokens` advanced: register its newly full blocks for prefix caching,
-        and release sliding-window blocks no later query reads."""
+    def computed(self, sequence, start: int = 0) -> None:
+        """`sequence.num_computed_tokens` advanced from `start`: register its newly full blocks for prefix
+        caching, and release sliding-window blocks no later query reads. Blocks full before `start` were
+        registered, and window blocks before it released, by the call for the step that computed up to
+        `start` (or came from the prefix cache, keyed): a step's work here follows what it computed, not
+        the whole context (0: look at every block). A block refused when it became full (another block
+        held its key: two requests computed the same prefix at once) is not offered again, as in vLLM."""
         computed, size = sequence.num_computed_tokens, self.layout.block_size
         for g, (group, table) in enumerate(zip(self.layout.groups, sequence.block_tables)):
             if self.enable_prefix_caching:
-                for index in range(computed // size):
+                for index in range(start // size, computed // size):
                     block = table[index] if index < len(table) else None
                     if block is not None and self.pool.key_of[block] is None:
                         self.pool.register(g, self.block_key(sequence, index), block)
-            for index in range(self.layout.first_needed_block(group, computed)):
+            first, stop = self.layout.first_needed_block(group, start), self.layout.first_needed_block(group, computed)
+            for index in range(first, stop):
                 if table[index] is not None:
                     self.pool.release(table[index])
                     table[index] = None

@@ -91,7 +91,7 @@ class Scheduler:
         """The step ran: advance each chunk's request and let the block manager cache and trim."""
         for chunk in chunks:
             chunk.sequence.num_computed_tokens = chunk.end
-            self.block_manager.computed(chunk.sequence)
+            self.block_manager.computed(chunk.sequence, chunk.start)
 
     def remove(self, sequence: Sequence) -> None:
         """A finished, cancelled or failed request leaves, its blocks released."""
