@@ -196,17 +196,18 @@ class Int8DynamicLinear(Int8Linear):
             self.matvec_rows, self._rows = 0, None
         return super()._apply(fn, recurse)
 
-    def choose_matvec_rows(self, preceded_by=None) -> int:
+    def choose_matvec_rows(self, preceded_by=None, *, fused_layer: bool = False) -> int:
         """Measure this layer on this machine, int8_matvec against its other CPU path, at 1, 2, ...
         MATVEC_MAX_ROWS rows, and set `matvec_rows` to the rows up to which int8_matvec took at most
         MATVEC_MARGIN of the other's time where it reads a row-major copy of its own, at most the other's
         time where it reads the `weight` buffer itself (best of MATVEC_PAIRS pairs; 0: never, or off the
         CPU); returns it. A per-token layer keeps its row-major int8 weights only if it takes int8_matvec.
 
-        A per-token layer (a projection of the int8-dynamic decoder) takes int8_matvec at one row without
-        a measurement: a decode step of one row runs each layer in one call (lm.layers.decode_stack) only
-        where all four of its projections take int8_matvec, and that call saves more than any projection's
-        kernel could lose there. Measured, the 270M's 4096 x 640 gate/up projection came out above the
+        `fused_layer`: this is a per-token projection of a decoder layer that lm.layers.decode_stack can run
+        in one call (its `decode_parts()` is not None); it takes int8_matvec at one row without a
+        measurement: a decode step of one row runs the layer in one call only where all four of its
+        projections take int8_matvec, and that call saves more than any projection's kernel could lose
+        there. Measured, the 270M's 4096 x 640 gate/up projection came out above the
         margin in one load out of several (its kernels are within ~10% of each other at one row), which
         sent every layer of the step to the module path: 47 against ~65-70 tok/s.
 
@@ -236,7 +237,7 @@ class Int8DynamicLinear(Int8Linear):
             return _seconds(function, x)
 
         # A per-token projection takes one row without a measurement (see the docstring).
-        rows_chosen = 1 if self.per_token else 0
+        rows_chosen = 1 if self.per_token and fused_layer else 0
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode():
             for rows in range(rows_chosen + 1, MATVEC_MAX_ROWS + 1):
@@ -468,14 +469,19 @@ def _choose_matvec_rows(model: nn.Module, dtype: torch.dtype) -> None:
     if dtype != torch.float32:  # int8_matvec takes float32 activations only: no copies for it
         return
     chosen: dict[tuple, int] = {}  # measured once per shape and kind
+    # the projections of layers lm.layers.decode_stack can run in one call (not MoE layers)
+    fusable = {id(module) for decoder_layer in model.layers
+               if getattr(decoder_layer, "decode_parts", lambda: None)() is not None
+               for module in decoder_layer.modules()}
     for name, layer in model.layers.named_modules():
         # MoE experts stay in fbgemm alone: a row-major copy of every expert would double their memory
         if isinstance(layer, Int8DynamicLinear) and ".experts." not in f".{name}.":
-            key = (layer.out_features, layer.in_features, layer.per_token, layer.kernel)
+            fused_layer = id(layer) in fusable
+            key = (layer.out_features, layer.in_features, layer.per_token, layer.kernel, fused_layer)
             if key in chosen:
                 layer.set_matvec_rows(chosen[key])
             else:
-                chosen[key] = layer.choose_matvec_rows()
+                chosen[key] = layer.choose_matvec_rows(fused_layer=fused_layer)
     if isinstance(model.lm_head, Int8DynamicLinear):
         head = model.lm_head
         if head.weight is not None and head.weight.is_contiguous():  # measured where it will be read from

@@ -161,11 +161,12 @@ def test_choosing_keeps_row_major_weights_only_where_int8_matvec_is_taken():
 
 
 @pytest.mark.parametrize("per_token", [True, False])
-def test_a_layer_reading_its_own_buffer_takes_int8_matvec_when_no_slower(monkeypatch, per_token):
+@pytest.mark.parametrize("fused_layer", [True, False])
+def test_a_layer_reading_its_own_buffer_takes_int8_matvec_when_no_slower(monkeypatch, per_token, fused_layer):
     """The head (per tensor) reads its weight buffer itself and takes int8_matvec at 0.95 of fbgemm's
-    time; a per-token fbgemm layer, which would keep a row-major copy beside the packed one, does not
-    above one row. A per-token layer takes one row whatever the timings (the fused decode layer needs
-    all four projections there); the head only where int8_matvec is no slower."""
+    time; a per-token fbgemm layer, which would keep a row-major copy beside the packed one, does not.
+    A per-token projection of a layer decode_stack fuses takes one row whatever the timings (the fused
+    layer needs all four projections there); other layers and the head only where it measured so."""
     import lm.quantize as quantize
 
     timed = []
@@ -176,12 +177,13 @@ def test_a_layer_reading_its_own_buffer_takes_int8_matvec_when_no_slower(monkeyp
 
     monkeypatch.setattr(quantize, "_seconds", seconds)
     layer = Int8DynamicLinear(torch.randn(256, 128), per_token=per_token)
+    forced = per_token and fused_layer
     share = 0.95
-    assert layer.choose_matvec_rows() == (1 if per_token else MATVEC_MAX_ROWS)
-    assert (1 in timed) != per_token  # one row is not measured for a per-token layer
+    assert layer.choose_matvec_rows(fused_layer=fused_layer) == (1 if forced else 0 if per_token else MATVEC_MAX_ROWS)
+    assert (1 in timed) != forced  # one row is not measured for a fused per-token layer
     share = 1.05
-    assert layer.choose_matvec_rows() == (1 if per_token else 0)
-    assert (layer._rows is not None) == per_token
+    assert layer.choose_matvec_rows(fused_layer=fused_layer) == (1 if forced else 0)
+    assert (layer._rows is not None) == forced
 
 
 def test_quantize_model_measures_each_shape_once_and_shares_the_choice():
@@ -311,3 +313,24 @@ def test_a_quantized_head_decides_greedy_tokens_only_where_its_forward_takes_int
     bad = x.clone()
     bad[1, 0] = float("inf")
     assert head.greedy(bad) is None  # a row whose outputs are not finite: the full outputs report it
+
+
+def test_argmax_merges_the_parts_in_order_whatever_the_thread_count():
+    """The parts' merge of _int8_matvec_argmax called with 1 to 4 parts directly (on any machine): the
+    first of equal largest outputs lying in different parts wins, as torch.argmax picks it."""
+    from lm.matvec import _NO_ARRAY, _int8_matvec_argmax
+
+    weight, scales, generator = _operands(1024, 32)
+    for copy_to in (300, 600, 1000):  # rows 40 and copy_to give equal outputs, far above the rest
+        weight[copy_to], scales[copy_to] = weight[40], scales[40]
+    bias = torch.zeros(1024)
+    bias[[40, 300, 600, 1000]] = 1e4
+    x = torch.randn(3, 32, generator=generator)
+    expected = torch.argmax(int8_matvec(x, weight, scales, bias=bias), dim=-1).tolist()
+    assert expected == [40, 40, 40]
+    for parts in (1, 2, 3, 4):
+        out = np.empty((3, 1024), np.float32)
+        scratch = [np.empty((3, parts), dtype) for dtype in (np.float32, np.int64, np.float32)]
+        choices, finite = _int8_matvec_argmax(x.numpy(), _NO_ARRAY, weight.numpy(), scales.numpy(), bias.numpy(), out,
+                                              parts, *scratch)
+        assert choices.tolist() == expected and finite.all(), parts

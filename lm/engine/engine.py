@@ -387,7 +387,7 @@ class Engine:
         wants_logprobs = any(c.sequence.params.logprobs is not None for c in chunks)
         logits = choices = None
         if plain and not wants_logprobs:
-            choices = self.runner.greedy(hidden)  # the head's int8 screen, where it decides
+            choices = self.runner.greedy(hidden)  # the head's screen or an int8 head's argmax, where they decide
             finite = [True] * len(chunks)  # the screen decides only rows whose logits are all finite
         if choices is None:
             logits = self.runner.logits(hidden)  # (R, vocab) fp32

@@ -319,7 +319,7 @@ def _tiles_at(tile_ids: Tensor, start: int, end: int) -> Tensor:
 class ModelRunner:
     """Runs the network over a step's chunks on the paged cache, and its head over the rows that sample:
     in full (`logits`) or, for greedy rows, through the head's int8 screen where there is one
-    (`greedy`, lm.head_screen)."""
+    (`greedy`, lm.head_screen), or by an int8 head's own argmax inside its product."""
 
     def __init__(self, model, storage: PagedKVStorage, layout: KVLayout, *, device: torch.device,
                  screen: GreedyHeadScreen | None = None):
