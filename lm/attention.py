@@ -111,9 +111,9 @@ def tile_spans_from_mask(image_mask: np.ndarray, tokens_per_tile: int) -> list[t
     tiles `tile_ids_from_mask` numbers 0, 1, ... for that mask, with its ValueErrors (a placeholder count
     that is not a multiple of tokens_per_tile, a tile interrupted by text), read from the runs of
     placeholders in numpy (a prompt's tiles at submission, 855 tokens: 17 against 58 us for the torch
-    version, before its ids are read back into spans). A run of placeholders holds whole tiles exactly when its length is a multiple of
-    tokens_per_tile; with the count a multiple, that is the torch version's rule that no tile starts
-    after text at an index that is not a multiple."""
+    version, before its ids are read back into spans). A run of placeholders holds whole tiles exactly
+    when its length is a multiple of tokens_per_tile; with the count a multiple, that is the torch
+    version's rule that no tile starts after text at an index that is not a multiple."""
     mask = np.asarray(image_mask, dtype=bool).reshape(-1)
     count = int(np.count_nonzero(mask))
     if count % tokens_per_tile:

@@ -128,7 +128,8 @@ class BlockManager:
             digest = hashlib.blake2b(keys[-1] if keys else b"tessera-kv", digest_size=16)
             digest.update(tokens[(i - first) * size:(i - first + 1) * size])
             for position, tile_hash, tile_start in sequence.tiles_overlapping(i * size, (i + 1) * size):
-                digest.update((position - i * size).to_bytes(4, "little") + tile_hash + tile_start.to_bytes(8, "little"))
+                offset = (position - i * size).to_bytes(4, "little")
+                digest.update(offset + tile_hash + tile_start.to_bytes(8, "little"))
             keys.append(digest.digest())
 
     # ----- admission -----------------------------------------------------------------------------

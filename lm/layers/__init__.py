@@ -205,7 +205,7 @@ def run_decoder(layers: nn.ModuleList, x: Tensor, final_norm: RMSNorm, tables, a
     stacked = decode_stack(layers, x, normed, final_norm, tables, attention)
     if stacked is not None:
         return stacked
-    following = [layer.input_layernorm for layer in list(layers)[1:]] + [final_norm]  # (a ModuleList slice: a new module)
+    following = [layer.input_layernorm for layer in list(layers)[1:]] + [final_norm]  # (a slice: a new ModuleList)
     for layer, next_norm in zip(layers, following):
         x, normed = layer.step(x, normed, *tables(layer), attention, next_norm)
     return normed
@@ -280,9 +280,10 @@ _STACK_KERNELS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyD
 
 
 def _stack_kernels(layers: nn.ModuleList, final_norm: RMSNorm) -> tuple[list[_Segment], list[RMSNorm]]:
-    """(decode_stack's segments of `layers`, the norm after each layer), the segments made again when any layer's projection, int8_matvec operand,
-    norm or norm weight is another object (or at another address), or a norm's eps/offset or an
-    attention's layer id, scale or head counts differ from when they were made."""
+    """(decode_stack's segments of `layers`, the norm after each layer), the segments made again when
+    any layer's projection, int8_matvec operand, norm or norm weight is another object (or at another
+    address), or a norm's eps/offset or an attention's layer id, scale or head counts differ from when
+    they were made."""
     parts = [layer.decode_parts() for layer in layers]
     following = [None if part is None else part[0] for part in parts[1:]] + [final_norm]
     if None in following[:-1]:  # a layer without parts: its input norm is read as a module attribute
