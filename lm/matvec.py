@@ -83,14 +83,12 @@ class Int8Rows:
         meaningless for a row that is not finite) and whether every output of the row is finite: the
         greedy tokens of an int8 head, decided inside the product's parts instead of a pass over the
         logits afterwards. Raises ValueError for another x."""
-        out = self._checked_out(x)
+        x, out = self._checked(x)
         parts = thread_parts()
         best = np.empty((x.shape[0], parts), np.float32)
         index = np.empty((x.shape[0], parts), np.int64)
         residue = np.empty((x.shape[0], parts), np.float32)
-        x = x.detach()
-        choices, finite = _int8_matvec_argmax(x.numpy() if x.is_contiguous() else x.contiguous().numpy(),
-                                              self._smoothing, self._weight, self._scales, self._bias, out.numpy(),
+        choices, finite = _int8_matvec_argmax(x, self._smoothing, self._weight, self._scales, self._bias, out.numpy(),
                                               parts, best, index, residue)
         return choices.tolist(), finite.tolist()
 
@@ -108,19 +106,18 @@ class Int8Rows:
         self.weight, self._weight = weight, weight.numpy()
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = self._checked_out(x)
-        x = x.detach()  # inference only: no autograd graph is recorded
-        _int8_matvec(x.numpy() if x.is_contiguous() else x.contiguous().numpy(), self._smoothing, self._weight,
-                     self._scales, self._bias, out.numpy(), thread_parts())
+        x, out = self._checked(x)
+        _int8_matvec(x, self._smoothing, self._weight, self._scales, self._bias, out.numpy(), thread_parts())
         return out
 
-
-    def _checked_out(self, x: Tensor) -> Tensor:
-        """The (N, out) float32 output for x (N, in), after checking x; raises ValueError for another x."""
+    def _checked(self, x: Tensor) -> tuple[np.ndarray, Tensor]:
+        """x (N, in) float32 after checking it, as a row-major numpy array (no autograd graph is recorded:
+        inference only), and the empty (N, out) float32 output; raises ValueError for another x."""
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features or not x.is_cpu:
             raise ValueError(f"int8_matvec takes x (N, {self.in_features}) float32 on the CPU; got {tuple(x.shape)} "
                              f"{x.dtype} on {x.device}")
-        return torch.empty(x.shape[0], self.out_features)
+        x = x.detach()
+        return (x.numpy() if x.is_contiguous() else x.contiguous().numpy()), torch.empty(x.shape[0], self.out_features)
 
 
 def thread_parts() -> int:

@@ -236,7 +236,7 @@ class Int8DynamicLinear(Int8Linear):
                 before()
             return _seconds(function, x)
 
-        # A per-token projection takes one row without a measurement (see the docstring).
+        # A per-token projection of a layer decode_stack fuses takes one row without a measurement (docstring).
         rows_chosen = 1 if self.per_token and fused_layer else 0
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode():

@@ -3,7 +3,11 @@ sampling, stopping, streaming, cancellation, limits."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,6 +302,35 @@ def test_background_thread_streams_tokens(model_and_config):
     finally:
         engine.stop()
     assert tokens == result.token_ids == reference_greedy(model, config, prompt_of(7, 8), 16)
+
+
+EXIT_MID_STEP = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from test_lm_engine import tiny_config
+    from lm.engine import Engine, EngineConfig
+    from lm.models.gemma3 import Gemma3TextModel
+    from lm.requests import GenerationRequest
+    from lm.sampling import SamplingParams
+    config = tiny_config(hidden_size=128, intermediate_size=512, max_position_embeddings=4096)
+    engine = Engine(Gemma3TextModel(config).eval(), config, EngineConfig(
+        max_seq_len=4096, kv_budget_bytes=1 << 27, prefill_chunk=1024, stop_token_ids=()))
+    engine.start()
+    for _ in range(4):  # about a second of steps, each a 1,024-token chunk
+        engine.submit(GenerationRequest([3] * 3000, SamplingParams(max_new_tokens=100)))
+    time.sleep(0.3)
+    print("main thread ends", flush=True)
+""")
+
+
+def test_exit_while_a_step_runs_ends_the_process_normally():
+    """A program that ends while its engine thread is inside a forward exits with status 0: the engine's
+    thread finishes its step first (a daemon thread ended inside PyTorch by the interpreter's
+    finalization aborts the process: "terminate called without an active exception", status 134)."""
+    done = subprocess.run([sys.executable, "-c", EXIT_MID_STEP, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=120)
+    assert "main thread ends" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "terminate" not in done.stderr, (done.returncode, done.stderr[-2000:])
 
 
 def test_limits_give_clear_errors(model_and_config):

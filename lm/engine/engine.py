@@ -24,10 +24,12 @@ The engine owns the model, the cache and the thread that drives them; callers ta
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +56,10 @@ from lm.structured import GrammarCompiler, GrammarError, GrammarMatcher, Structu
 from lm.thinking import ThinkingTokens
 
 log = logging.getLogger(__name__)
+
+# Engines whose thread was started and not stopped: joined at interpreter exit (`_stop_at_exit`).
+_STARTED: weakref.WeakSet = weakref.WeakSet()
+EXIT_JOIN_SECONDS = 30.0  # longest wait at exit for an engine's step in progress to end
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,7 @@ class Engine:
             compile_kernels()
             self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
             self._thread.start()
+            _STARTED.add(self)
 
     def stop(self, cancel_pending: bool = True) -> None:
         """Stop the background thread; requests still queued or running are cancelled."""
@@ -204,6 +211,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        _STARTED.discard(self)
         if cancel_pending:
             self._take_incoming()
             for sequence in list(self.scheduler.waiting) + self.scheduler.running:
@@ -503,3 +511,23 @@ def _content_hash(tensor: torch.Tensor) -> bytes:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Let every started engine's thread finish its step and end before the interpreter finalizes. A
+    daemon thread still inside a PyTorch call then would be ended by the interpreter while in C++ code
+    (pthread_exit unwinding a noexcept frame), which aborts the process ("terminate called without an
+    active exception") after the program itself ended normally. Requests still queued are left as they
+    are: the process is exiting."""
+    engines = list(_STARTED)
+    for engine in engines:
+        with engine._lock:
+            engine._stopping = True
+            engine._lock.notify()
+    for engine in engines:
+        thread = engine._thread
+        if thread is not None:
+            thread.join(EXIT_JOIN_SECONDS)
+            if thread.is_alive():
+                log.warning("an engine step was still running %.0f s after exit began", EXIT_JOIN_SECONDS)
