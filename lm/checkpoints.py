@@ -84,24 +84,37 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None, *, progress: b
     Raises ModelNotInstalledError (an OSError) for a named model whose extra is not installed,
     FileNotFoundError / ValueError for a path that is not a checkpoint directory or a .gguf file."""
     cache_root = Path(cache_dir) if cache_dir is not None else gguf.default_cache_root()
+    check_model_spec(spec)
     if spec == DEFAULT_MODEL:
         return embedded_default(cache_root, progress=progress)
     if spec in PACKAGED_MODELS:
         return packaged_checkpoint(spec, cache_root, progress=progress)
     path = Path(spec).expanduser()
     if path.is_dir():
+        return path
+    digest = gguf.sha256_file(path)
+    # A packaged model's own GGUF (or a copy of it) shares the named model's conversion.
+    name = next((n for n, m in PACKAGED_MODELS.items() if m.sha256 == digest), _name_for(path))
+    return gguf.cached_checkpoint(path, name, cache_root, sha256=digest, progress=progress)
+
+
+def check_model_spec(spec: str) -> None:
+    """What `resolve_model` checks before any conversion (cheap: a server checks it before it binds its
+    ports): FileNotFoundError / ValueError for a path that is not a checkpoint directory or a .gguf
+    file; a named model passes."""
+    if spec == DEFAULT_MODEL or spec in PACKAGED_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json; a checkpoint directory must "
                                     "hold config.json, the weights (*.safetensors) and tokenizer.json")
-        return path
+        return
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; pass a .gguf file, a checkpoint "
                              f"directory or one of the named models {_named_models()}")
-        digest = gguf.sha256_file(path)
-        # A packaged model's own GGUF (or a copy of it) shares the named model's conversion.
-        name = next((n for n, m in PACKAGED_MODELS.items() if m.sha256 == digest), _name_for(path))
-        return gguf.cached_checkpoint(path, name, cache_root, sha256=digest, progress=progress)
+        return
     raise FileNotFoundError(f"model {spec!r} is neither a named model {_named_models()} nor an existing .gguf "
                             "file or checkpoint directory")
 

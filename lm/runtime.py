@@ -15,6 +15,7 @@ from lm.engine import Engine, EngineConfig
 from lm.sampling import checkpoint_sampling_defaults
 from lm.tokenizer import Tokenizer
 from lm.weights import load_text_model
+from vision.config import usable_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +46,7 @@ def load_language_model(spec: str, *, device: str | torch.device = "cpu", dtype:
                         progress: bool = True) -> LanguageModel:
     """`spec` is `gemma3-270m` (the embedded default), a `.gguf` file or a checkpoint directory."""
     started = time.perf_counter()
+    device = usable_device(device)  # before any weights are read
     path = resolve_model(spec, cache_dir, progress=progress)
     config, model = load_text_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)

@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lm.layers import fuse_projections
 from lm.models import family_of, read_config_json
 from lm.models.base import DecoderConfig, KeyLayout, ModelFamily
+from vision.weights import open_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -63,7 +63,7 @@ def load_text_state(path: Path, family: ModelFamily, config: DecoderConfig, mode
     state: dict[str, torch.Tensor] = {}
     head = None
     for file in files:
-        with safe_open(path / file, framework="pt", device="cpu") as handle:
+        with open_safetensors(path / file) as handle:
             for key in handle.keys():
                 if key in expected and key_files[key] == file:
                     state[expected[key]] = handle.get_tensor(key).to(device=device, dtype=dtype)
@@ -83,7 +83,7 @@ def _key_files(path: Path) -> dict[str, str]:
         index = json.loads((path / INDEX_FILE).read_text())
         return dict(index["weight_map"])
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="pt", device="cpu") as handle:
+        with open_safetensors(path / SINGLE_FILE) as handle:
             return {key: SINGLE_FILE for key in handle.keys()}
     raise FileNotFoundError(
         f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found; expected a safetensors checkpoint directory"
@@ -123,7 +123,7 @@ def _check_shapes(
     """Compare every expected tensor's shape (read from the file headers) with the model's."""
     wrong = []
     for file in files:
-        with safe_open(path / file, framework="pt", device="cpu") as handle:
+        with open_safetensors(path / file) as handle:
             for key in handle.keys():
                 if key in expected:
                     found, wanted = tuple(handle.get_slice(key).get_shape()), shapes[expected[key]]

@@ -104,14 +104,23 @@ class ServeConfig:
                              "model behind the gateway, which clients put in `model`")
         if not self.media_timeout_s > 0:
             raise ValueError(f"--media-timeout-s must be positive (seconds), got {self.media_timeout_s}")
-        if not 0 <= self.http_port < 65536:
-            raise ValueError(f"--http-port must be a port number (0 = off), got {self.http_port}")
+        for name, meaning in (("port", "0 = the role's default"), ("http_port", "0 = off"), ("metrics_port", "0 = off")):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"--{name.replace('_', '-')} must be a port number ({meaning}), got "
+                                 f"{getattr(self, name)}")
         for name in ("max_batch", "max_seq_len", "kv_budget_mb", "prefill_chunk", "block_size", "max_queue",
                      "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.quantize is not None and self.quantize not in QUANTIZATION_SCHEMES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {self.quantize!r}")
+        if self.role in ("all", "lm", "vision"):  # the roles that load a model
+            from vision.config import usable_device
+
+            try:
+                usable_device(self.device)
+            except ValueError as error:
+                raise ValueError(f"--device: {error}") from None
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:

@@ -248,8 +248,30 @@ def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=No
     return result, images
 
 
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_ranges(body: _Sampling, max_tokens: int | None) -> None:
+    """400 naming the field for numbers the wire's int32 / float32 fields cannot hold as given (a float
+    beyond float32's range would arrive as inf; an int beyond int32's would not arrive at all), for
+    max_tokens under 1, and for top_k under -1 (-1 and 0: off). The finer rules (temperature >= 0,
+    top_p in (0, 1], ...) are the LM service's (lm.sampling.SamplingParams)."""
+    if max_tokens is not None and not 1 <= max_tokens <= _INT32_MAX:
+        raise ApiError(400, f"max_tokens must be a positive integer (at most {_INT32_MAX}), got {max_tokens}",
+                       param="max_tokens")
+    if body.top_k is not None and not -1 <= body.top_k <= _INT32_MAX:
+        raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive integer (at most {_INT32_MAX}), got "
+                            f"{body.top_k}", param="top_k")
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = getattr(body, name)
+        if value is not None and not abs(value) <= _FLOAT32_MAX:  # NaN fails this too
+            raise ApiError(400, f"{name} must be a finite number within float32's range, got {value}", param=name)
+
+
 def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_tokens: int,
                       logprobs: int | None) -> lm_pb2.SamplingParams:
+    _check_ranges(body, max_tokens)
     message = lm_pb2.SamplingParams(
         max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
@@ -257,6 +279,8 @@ def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_to
     for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
         if getattr(body, name) is not None:
             setattr(message, name, getattr(body, name))
+    if body.top_k == -1:
+        message.top_k = 0  # vLLM's and many clients' "top-k off"
     if body.seed is not None:
         if not 0 <= body.seed < 2**63:
             raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", param="seed")

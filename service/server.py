@@ -245,7 +245,10 @@ class TesseraServer:
             if self.vision is not None:
                 await self.vision.load()
         except Exception as error:  # noqa: BLE001 - reported to the operator; the server cannot serve
-            log.exception("loading failed")
+            if isinstance(error, (OSError, ValueError)):  # the checkpoint's fault (named in the message)
+                log.error("loading failed: %s", error)
+            else:
+                log.exception("loading failed")
             self.load_error = error
             self.loaded.set()
             return

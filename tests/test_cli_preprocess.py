@@ -107,3 +107,12 @@ def test_unparseable_flag_is_an_argparse_error(capsys, images):
         main(["preprocess", "--min-crop-size", "big", str(images["wide"])])
     assert exit_info.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where, reason", [("missing/tiles.npy", "does not exist"), (".", "is a directory"),
+                                           ("notes.txt/tiles.npy", "is not a directory")])
+def test_an_unwritable_out_is_refused_before_the_work(capsys, images, tmp_path, where, reason):
+    """--out that cannot be written is a usage error (2) before any image is read (no line printed)."""
+    (tmp_path / "notes.txt").write_text("x")
+    code, lines, err = run_cli(capsys, str(images["wide"]), "--out", str(tmp_path / where))
+    assert code == 2 and lines == [] and reason in err, err

@@ -69,3 +69,9 @@ def test_onnx_backend_from_the_command_line(vlm_dir, wide_photo, tmp_path, capsy
 def test_not_a_checkpoint_is_a_usage_error(tmp_path, wide_photo, capsys):
     assert main(["encode", "--model", str(tmp_path), str(wide_photo)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_loading(tmp_path, wide_photo, capsys):
+    assert main(["encode", "--model", str(tmp_path / "never-read"), str(wide_photo),
+                 "--out", str(tmp_path / "missing" / "tokens.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err

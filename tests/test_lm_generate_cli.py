@@ -86,6 +86,25 @@ def test_bad_sampling_values_are_refused(capsys):
     assert "top_p" in capsys.readouterr().err
 
 
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
+    messages = tmp_path / "chat.json"
+    messages.write_text('[{"role": "user", "content": "hi"}]')
+    assert main(["generate", "--messages", str(messages), "--raw"]) == 2
+    assert "--raw applies to --prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--pan-and-scan"]) == 2
+    assert "--pan-and-scan" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading(capsys):
+    import torch
+
+    assert main(["generate", "--prompt", "x", "--device", "no-such-device"]) == 2
+    assert "'no-such-device' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--prompt", "x", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
 def test_engine_on_a_prompt_longer_than_the_window_matches_the_reference(embedded_270m, reference_270m):
     """The real model's 512-token window: chunked prefill of a 700-token prompt and cached decoding
     against transformers' own generate."""

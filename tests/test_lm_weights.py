@@ -140,3 +140,22 @@ def test_not_a_checkpoint(tmp_path, vlm):
     save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="no decoder embedding"):
         load_text_model(tmp_path)
+
+
+@pytest.mark.parametrize("keep", ["header", "data"])
+def test_a_truncated_file_is_named(tmp_path, vlm, keep):
+    """What an interrupted download leaves: a file cut inside its header or inside its data. Both the
+    decoder's and the vision tower's loaders name the file in a ValueError (the CLI's exit status 2)."""
+    from vision.weights import load_vision_model
+
+    decoder, config = _as_causal_lm(*vlm)
+    checkpoint = _write(tmp_path / "ckpt", decoder, config)
+    file = checkpoint / "model.safetensors"
+    size = file.stat().st_size
+    file.write_bytes(file.read_bytes()[:1000 if keep == "header" else size - 100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_text_model(checkpoint)
+    vision = _write(tmp_path / "vlm", *vlm)
+    (vision / "model.safetensors").write_bytes((vision / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_vision_model(vision)

@@ -169,3 +169,26 @@ def test_a_remote_gateways_refusal_gets_the_http_status_it_gets_in_process(code,
         asyncio.run(consume())
     mapped = api_error(caught.value)
     assert mapped.status == status and "what went wrong" in str(mapped)
+
+
+def test_sampling_fields_out_of_the_wires_range_name_the_field():
+    """What int32 / float32 cannot carry as sent is a 400 naming the field (not "Value out of range", not
+    an inf the sender never wrote); top_k -1 means off, as vLLM's clients send it."""
+    from service.openai_protocol import CompletionRequest, sampling_to_proto
+
+    def proto(max_tokens=None, **fields):
+        body = CompletionRequest(model="m", prompt="p", **fields)
+        return sampling_to_proto(body, max_tokens=max_tokens, default_max_tokens=64, logprobs=None)
+
+    for max_tokens in (0, -3, 2**31):
+        with pytest.raises(ApiError) as refused:
+            proto(max_tokens)
+        assert refused.value.status == 400 and refused.value.param == "max_tokens"
+    for name, value in [("temperature", 1e308), ("top_p", -1e39), ("presence_penalty", float("inf")),
+                        ("repetition_penalty", float("nan")), ("top_k", -2), ("top_k", 2**31)]:
+        with pytest.raises(ApiError) as refused:
+            proto(**{name: value})
+        assert refused.value.status == 400 and refused.value.param == name, (name, value)
+    assert proto(top_k=-1).top_k == 0 and proto(top_k=-1).HasField("top_k")
+    assert proto(top_k=5).top_k == 5 and not proto().HasField("top_k")
+    assert proto(2**31 - 1).max_new_tokens == 2**31 - 1 and proto().max_new_tokens == 64

@@ -256,6 +256,10 @@ def test_request_limits_come_from_flags_and_environment():
         from_args("lm", parser.parse_args(["--max-tiles", "0"]), {})
     with pytest.raises(ValueError, match="TESSERA_ALLOW_SPECIAL_TOKENS"):
         from_args("lm", parser.parse_args([]), {"TESSERA_ALLOW_SPECIAL_TOKENS": "maybe"})
+    for flag in ("--port", "--http-port", "--metrics-port"):  # refused, not taken modulo 65,536 by the socket
+        for value in ("70000", "-1"):
+            with pytest.raises(ValueError, match=f"{flag} must be a port number"):
+                from_args("all", parser.parse_args([f"{flag}={value}"]), {})
 
 
 def test_configured_limits_are_enforced(checkpoint):

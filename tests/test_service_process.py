@@ -73,6 +73,24 @@ def test_flags_win_over_environment_and_secrets_are_redacted():
         from_args("lm", args, {"TESSERA_MAX_QUEUE": "many"})
 
 
+def test_serve_refuses_a_model_path_and_a_device_it_cannot_use_before_binding(tmp_path, capsys):
+    """Exit status 2 with the reason, and no port bound or announced: a missing path, a file that is not
+    a .gguf, a directory without config.json, an unavailable device."""
+    from service.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    port = free_port()
+    for model, reason in [(tmp_path / "missing", "neither a named model"), (tmp_path / "notes.txt", "not a .gguf"),
+                          (tmp_path / "empty", "has no config.json")]:
+        assert main(["serve", "all", "--model", str(model), "--port", str(port), "--http-port", "0",
+                     "--metrics-port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert reason in err and "listening" not in err, err
+    assert main(["serve", "lm", "--device", "no-such-device", "--port", str(port), "--metrics-port", "0"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tiny_vlm_tok_dir):
     return tiny_vlm_tok_dir

@@ -12,6 +12,29 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+
+
+def usable_device(device) -> "torch.device":
+    """`device` (a name such as "cpu", "cuda", "cuda:1", or a torch.device) as a torch.device this process
+    can run on. Raises ValueError naming the problem: a string that is not a device, or a CUDA device
+    where this PyTorch has no CUDA, sees no GPU, or sees fewer GPUs than the index asks for."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, ...): {error}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available ({reason}); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif parsed.type != "cpu" and parsed.type != getattr(torch.accelerator.current_accelerator(), "type", None):
+        raise ValueError(f"device {device!r}: no {parsed.type} device is available here")
+    return parsed
+
+
 # Activations the SigLIP MLP may use, by the name config.json gives them.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vision.config import VisionConfig
+from vision.config import VisionConfig, usable_device
 
 BACKENDS = ("torch", "onnx")
 
@@ -30,6 +30,7 @@ class EncoderOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown vision backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        usable_device(self.device)  # ValueError naming the problem
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
         if self.backend == "onnx" and (torch.device(self.device).type != "cpu" or self.dtype != torch.float32):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,20 @@ class CheckpointError(ValueError):
     """The checkpoint does not hold the vision weights this config describes."""
 
 
+@contextmanager
+def open_safetensors(file: str | Path) -> Iterator:
+    """safetensors' `safe_open(file, framework="pt", device="cpu")` handle; a file it cannot read (a
+    corrupt or truncated header or data, as an interrupted download leaves) raises CheckpointError naming
+    the file instead of safetensors' own error type."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise CheckpointError(f"{file} is not a readable safetensors file (corrupt or truncated? {error})") from None
+
+
 def name_map(config: VisionConfig) -> dict[str, tuple[str, str]]:
     """Module parameter name -> ("tower" | "projector", checkpoint key without the layout prefix)."""
     names = {
@@ -84,8 +100,6 @@ def load_vision_model(
     device: str | torch.device = "cpu",
 ) -> VisionToSoftTokens:
     """The tower + projector of `checkpoint_dir`, in eval mode, on `device` in `dtype`."""
-    from safetensors import safe_open
-
     checkpoint_dir = Path(checkpoint_dir)
     config = config or VisionConfig.from_checkpoint(checkpoint_dir)
     key_to_file = checkpoint_key_files(checkpoint_dir)
@@ -121,7 +135,7 @@ def load_vision_model(
     for file_name, keys in sorted(by_file.items()):
         if not (checkpoint_dir / file_name).is_file():
             raise CheckpointError(f"{checkpoint_dir}: shard {file_name} (holding {keys[0]}) is missing")
-        with safe_open(str(checkpoint_dir / file_name), framework="pt", device="cpu") as shard:
+        with open_safetensors(checkpoint_dir / file_name) as shard:
             absent = sorted(set(keys) - set(shard.keys()))
             if absent:
                 raise CheckpointError(
@@ -151,9 +165,7 @@ def checkpoint_key_files(checkpoint_dir: Path) -> dict[str, str]:
         return dict(weight_map)
     single = checkpoint_dir / SINGLE_FILE
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt", device="cpu") as handle:
+        with open_safetensors(single) as handle:
             return {key: SINGLE_FILE for key in handle.keys()}
     raise CheckpointError(f"{checkpoint_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 

@@ -82,6 +82,11 @@ def template_kwargs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.raw and args.messages is not None:
+            raise ValueError("--raw applies to --prompt (plain text without the chat format); --messages is "
+                             "always laid out as a chat: drop one of them")
+        if args.pan_and_scan and not args.image:
+            raise ValueError("--pan-and-scan crops the --image files, and none is given")
         params = sampling_params(args)
         messages = _messages(args)
     except (ValueError, OSError) as error:

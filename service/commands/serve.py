@@ -30,11 +30,19 @@ def run(args: argparse.Namespace) -> int:
 
     from service.config import from_args
 
+    from lm.checkpoints import check_model_spec
+
     try:
         config = from_args(args.role, args, os.environ)
     except ValueError as error:
         print(f"tessera serve: {error}", file=sys.stderr)
         return 2
+    if config.role in ("all", "lm", "vision"):  # a model path that cannot be one: before the ports are bound
+        try:
+            check_model_spec(config.model)
+        except (OSError, ValueError) as error:
+            print(f"tessera serve: cannot load model {config.model!r}: {error}", file=sys.stderr)
+            return 2
     print(config.redacted_json(), file=sys.stderr, flush=True)
     if getattr(args, "auth_token", None):
         print("tessera serve: warning: --auth-token is visible to every local user in `ps`; pass the token in "

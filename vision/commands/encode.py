@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+from vision.commands import output_problem
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None and len(args.images) != 1:
         return _usage_error(f"--out saves the soft tokens of one image; got {len(args.images)} images")
+    if args.out is not None and (problem := output_problem(args.out)) is not None:
+        return _usage_error(problem)
     if args.threads < 1:
         return _usage_error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from vision.commands import output_problem
+
 # PanAndScanConfig field -> the flag that sets it, so its validation errors name what the user typed.
 _FLAG_OF_FIELD = {
     "min_crop_size": "--min-crop-size",
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(_with_flag_names(str(error)))
     if args.out is not None and len(args.images) != 1:
         return _usage_error(f"--out saves the tiles of one image; got {len(args.images)} images")
+    if args.out is not None and (problem := output_problem(args.out)) is not None:
+        return _usage_error(problem)
     if args.workers < 1:
         return _usage_error(f"--workers must be at least 1, got {args.workers}")
 
