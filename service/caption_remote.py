@@ -9,7 +9,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
-from service.caption import CaptionItem, CaptionOptions, default_params, error_record, escape_undecodable
+from service.caption import (
+    CaptionInputError, CaptionItem, CaptionOptions, default_params, error_record, escape_undecodable,
+)
 
 
 class RemoteCaptioner:
@@ -26,6 +28,26 @@ class RemoteCaptioner:
         self.params = options.params or default_params()
         self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self.timeout_s, self.retries, self.max_message_mb = timeout_s, retries, max_message_mb
+
+    def check_model_sees_images(self, timeout_s: float = 10.0) -> None:
+        """Raise CaptionInputError when the server at `target` answers GetInfo (`tessera serve all` serves
+        it beside the gateway) for a text-only model: every image would fail. Any other outcome (no
+        answer yet, a gateway without the LM service beside it) leaves it to the job's own calls, which
+        retry while the server comes up."""
+        import grpc
+
+        from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                info = lm_pb2_grpc.LanguageModelServiceStub(channel).GetInfo(
+                    lm_pb2.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
+            except grpc.RpcError:
+                return
+        if not info.accepts_images:
+            raise CaptionInputError(f"the model served at {self.target} ({info.model or 'unnamed'}) is text-only "
+                                    "(GetInfo: accepts_images=false): it cannot caption images; point --target at "
+                                    "a gateway serving a vision-language checkpoint")
 
     def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
         import grpc

@@ -412,6 +412,9 @@ class OpenAIFront:
         if body.logprobs is not None and not 0 <= body.logprobs <= 5:
             raise ApiError(400, "logprobs must be in [0, 5] (the most likely tokens per step)", param="logprobs")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise ApiError(400, "prompt as token ids is not supported here: send the prompt as text (a string or a "
+                                "list of strings)", param="prompt")
         if not prompts or len(prompts) * body.n > MAX_N:
             raise ApiError(400, f"give 1 to {MAX_N} prompts x n", param="prompt")
         sampling = sampling_to_proto(body, max_tokens=body.max_tokens, default_max_tokens=self.settings.default_max_tokens,

@@ -173,7 +173,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # token ids are refused with their own message
     logprobs: int | None = None  # the legacy API's: the N most likely tokens at each step (0-5)
     echo: bool = False
     suffix: str | None = None

@@ -271,6 +271,21 @@ def test_target_captions_through_a_running_gateway(checkpoint, images, reference
     assert json.loads(stdout)["summary"]["failed"] == len(BAD)
 
 
+def test_target_serving_a_text_only_model_is_refused_before_any_record(gemma270m_dir, images, tmp_path, capsys):
+    """The server answers GetInfo with accepts_images=false: exit 2 naming it, no output file (every image
+    would otherwise be recorded as failed, and skipped by the rerun against the right server)."""
+    from service_fixtures import start_server
+
+    server = start_server("lm", model=str(gemma270m_dir))
+    try:
+        out = tmp_path / "never.jsonl"
+        code, _, stderr = _caption(capsys, images, "--target", server.target, "--out", out)
+    finally:
+        server.stop()
+    assert code == 2 and "text-only" in stderr and "accepts_images=false" in stderr, stderr
+    assert not out.exists()
+
+
 def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, capsys):
     """--kv-budget-mb, --prefill-chunk and the other in-process engine flags would be ignored by a gateway:
     with --target they are refused, named, before any connection or output."""

@@ -75,3 +75,9 @@ def test_an_unwritable_out_is_refused_before_loading(tmp_path, wide_photo, capsy
     assert main(["encode", "--model", str(tmp_path / "never-read"), str(wide_photo),
                  "--out", str(tmp_path / "missing" / "tokens.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_named_text_only_model_is_resolved_and_refused(wide_photo, capsys):
+    """`--model gemma3-270m` names the embedded model (not a path), which has no vision tower."""
+    assert main(["encode", "--model", "gemma3-270m", str(wide_photo)]) == 2
+    assert "not a vision-language checkpoint" in capsys.readouterr().err

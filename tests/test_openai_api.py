@@ -600,6 +600,11 @@ def test_nulls_are_unset_logit_bias_steers_and_unsupported_fields_are_refused(st
                         ({"modalities": ["text", "audio"]}, "modalities")):
         reply = httpx.post(stack[1] + "/v1/chat/completions", json={**body, **extra}, headers=headers, timeout=60)
         assert reply.status_code == 400 and name in reply.json()["error"]["message"], (extra, reply.text)
+    for prompt in ([1, 2, 3], [[1, 2], [3]]):  # token ids: a 400 of their own, not a validation error on `str`
+        reply = httpx.post(stack[1] + "/v1/completions", json={"model": "tiny-qwen3", "prompt": prompt, "max_tokens": 2},
+                           headers=headers, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
+        assert "token ids" in reply.json()["error"]["message"]
 
 
 def test_parallel_tool_calls_false_gives_one_call(client):

@@ -140,7 +140,9 @@ def _captioner(args: argparse.Namespace, options):
     if args.target:
         from service.caption_remote import RemoteCaptioner
 
-        return RemoteCaptioner(args.target, options, auth_token=_auth_token(args))
+        captioner = RemoteCaptioner(args.target, options, auth_token=_auth_token(args))
+        captioner.check_model_sees_images()
+        return captioner
     from lm.runtime import DTYPES
     from service.caption import load_local_captioner
 

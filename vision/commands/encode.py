@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
             intra_op_threads=args.threads,
         )
         start = time.perf_counter()
-        encoder = VisionEncoder.from_checkpoint(args.model, options)
+        from lm.checkpoints import resolve_model  # a named model or a .gguf file too, as the other commands take
+
+        encoder = VisionEncoder.from_checkpoint(resolve_model(args.model), options)
         load_seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
+    except (ValueError, OSError, CheckpointError, RuntimeError) as error:
         return _usage_error(str(error))
 
     config = PanAndScanConfig(enabled=args.pan_and_scan)
