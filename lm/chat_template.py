@@ -204,6 +204,15 @@ class ChatTemplate:
         return cls(templates, backend, special_tokens=special_tokens_of(config),
                    control_tokens=config.get("chat_control_tokens"), image_marker=image_marker)
 
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template a chat with tools is rendered with reads the `tools` variable (jinja2's
+        undeclared variables of its source): Gemma 3's does not, so tools sent to it never reach the prompt."""
+        import jinja2.meta
+
+        source = self.templates[self._name(True)]
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
+
     def control_tokens(self, *, tools: bool = False) -> tuple[str, ...]:
         """The tokens client text is kept from writing, for a chat with or without tools."""
         return self._control_tokens[self._name(tools)]

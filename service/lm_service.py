@@ -194,6 +194,13 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         constraint = structured_output_from_proto(request.sampling)
+        template = loaded.lm.tokenizer.chat_template
+        if request.tools_json and constraint is None and template is not None and not template.takes_tools:
+            # the tools would be dropped in silence: "auto" could never call one (a forced call, constrained
+            # to the tools' schemas by a grammar, still can)
+            raise ValueError(f"the model {self.model_name}'s chat template does not take tools, so they would never "
+                             "reach the prompt: send no tools, or force a call (tool_choice \"required\" or a named "
+                             "function), or serve a model whose template takes tools (Qwen 2.5, Qwen 3)")
         grammar = loaded.engine.grammar(constraint) if constraint is not None else None
         if grammar is not None:
             grammar.allow_thinking = not request.raw  # a raw completion's text is all answer

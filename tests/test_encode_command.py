@@ -68,7 +68,7 @@ def test_onnx_backend_from_the_command_line(vlm_dir, wide_photo, tmp_path, capsy
 
 def test_not_a_checkpoint_is_a_usage_error(tmp_path, wide_photo, capsys):
     assert main(["encode", "--model", str(tmp_path), str(wide_photo)]) == 2
-    assert "config.json not found" in capsys.readouterr().err
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_an_unwritable_out_is_refused_before_loading(tmp_path, wide_photo, capsys):

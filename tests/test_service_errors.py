@@ -278,3 +278,23 @@ def test_lm_info_accepts_images_only_with_a_vision_language_checkpoint(server, c
         assert not info.accepts_images
     finally:
         text_only.stop()
+
+
+def test_tools_a_chat_template_never_reads_are_refused_unless_a_call_is_forced(server, channel):
+    """Gemma 3's template has no `tools`: free text with tools would drop them in silence (INVALID_ARGUMENT
+    naming it); a grammar-forced call (what tool_choice "required" sends) still runs."""
+    import json
+
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    messages = [lm_pb2.ChatMessage(role="user", content=[lm_pb2.ContentPart(text="Weather in Paris?")])]
+    stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Generate(lm_pb2.GenerateRequest(messages=messages, tools_json=tools,
+                                             sampling=lm_pb2.SamplingParams(max_new_tokens=2)), timeout=60, metadata=AUTH)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chat template does not take tools" in refused.value.details()
+    forced = lm_pb2.SamplingParams(max_new_tokens=2, structured_output=lm_pb2.StructuredOutput(json_object=True))
+    reply = stub.Generate(lm_pb2.GenerateRequest(messages=messages, tools_json=tools, sampling=forced), timeout=60,
+                          metadata=AUTH)
+    assert reply.finish_reason == "length" and reply.completion_tokens == 2 and reply.text.startswith("{")
