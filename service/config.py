@@ -114,13 +114,6 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.quantize is not None and self.quantize not in QUANTIZATION_SCHEMES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {self.quantize!r}")
-        if self.role in ("all", "lm", "vision"):  # the roles that load a model
-            from vision.config import usable_device
-
-            try:
-                usable_device(self.device)
-            except ValueError as error:
-                raise ValueError(f"--device: {error}") from None
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.grace_period < 0:

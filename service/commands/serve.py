@@ -28,16 +28,21 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from service.config import from_args
-
     from lm.checkpoints import check_model_spec
+    from service.config import from_args
+    from vision.config import usable_device
 
     try:
         config = from_args(args.role, args, os.environ)
     except ValueError as error:
         print(f"tessera serve: {error}", file=sys.stderr)
         return 2
-    if config.role in ("all", "lm", "vision"):  # a model path that cannot be one: before the ports are bound
+    if config.role in ("all", "lm", "vision"):  # what this machine cannot load, before the ports are bound
+        try:
+            usable_device(config.device)
+        except ValueError as error:
+            print(f"tessera serve: --device: {error}", file=sys.stderr)
+            return 2
         try:
             check_model_spec(config.model)
         except (OSError, ValueError) as error:
