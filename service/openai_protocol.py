@@ -274,6 +274,7 @@ def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_to
     _check_ranges(body, max_tokens)
     message = lm_pb2.SamplingParams(
         max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        max_new_tokens_within_context=max_tokens is not None,  # OpenAI's 400; unset: up to the context
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
     for name in ("temperature", "top_p", "top_k", "repetition_penalty"):

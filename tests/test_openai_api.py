@@ -298,6 +298,25 @@ def test_a_prompt_over_the_context_is_a_400_before_any_token(stack):
     assert reply.status_code == 400 and "the limit is 511" in reply.json()["error"]["message"]
 
 
+def test_max_tokens_beyond_the_context_is_a_400_naming_the_counts(stack):
+    """An explicit max_tokens that the prompt leaves no room for is refused as OpenAI and vLLM refuse it;
+    unset, generation runs to the context."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"model": "tiny-qwen3", "prompt": "Count:", "temperature": 0}
+    prompt_tokens = httpx.post(stack[1] + "/v1/completions", headers=headers, timeout=60,
+                               json={**body, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    reply = httpx.post(stack[1] + "/v1/completions", headers=headers, timeout=60,
+                       json={**body, "max_tokens": 512 - prompt_tokens + 1})
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert "context is 512 tokens" in message and f"at most {512 - prompt_tokens} here" in message, message
+    for fits in ({"max_tokens": 512 - prompt_tokens}, {}):
+        reply = httpx.post(stack[1] + "/v1/completions", headers=headers, timeout=120, json={**body, **fits})
+        assert reply.status_code == 200, reply.text
+        usage = reply.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 512
+
+
 def test_32_concurrent_streams_all_complete(stack):
     async def one(client, index):
         stream = await client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": f"n{index}"}],
