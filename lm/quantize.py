@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import time
 import warnings
 
@@ -423,6 +424,11 @@ def quantize_model(model: nn.Module, scheme: str, *, calibration_ids: list[int] 
     if calibration_ids is not None and len(calibration_ids) == 0:
         raise ValueError("calibration_ids is empty: give the token ids of CALIBRATION_TEXT (calibration_ids(tokenizer)) "
                          "or None for no calibration")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    outside = [i for i in calibration_ids or () if not (isinstance(i, numbers.Integral) and 0 <= i < (vocab or i + 1))]
+    if outside:
+        raise ValueError(f"calibration_ids {outside[:4]} are not token ids of this model (0 to {vocab - 1})"
+                         if vocab else f"calibration_ids {outside[:4]} are not token ids (non-negative integers)")
     if scheme == "int8-dynamic" and not quantized_engine_available():
         log.warning("PyTorch has no quantized engine here; int8-dynamic falls back to int8 (weight-only)")
         scheme = "int8"

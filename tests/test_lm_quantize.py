@@ -179,6 +179,16 @@ def test_empty_calibration_ids_are_refused_by_name():
         quantize_model(torch.nn.Module(), "int8-dynamic", calibration_ids=[])
 
 
+def test_calibration_ids_outside_the_vocabulary_are_refused_by_name():
+    from types import SimpleNamespace
+
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(vocab_size=100)
+    for ids in ([5, 100], [-1], [3.0]):
+        with pytest.raises(ValueError, match=r"are not token ids of this model \(0 to 99\)"):
+            quantize_model(model, "int8-dynamic", calibration_ids=ids)
+
+
 def test_activation_aware_int4_scales_protect_the_channels_that_carry_large_activations():
     """int4 rounds every weight of a group alike; scaling the columns of channels with large activations
     up (and their inputs down: the same product) before quantising (AWQ) cuts the error those channels
