@@ -223,6 +223,9 @@ def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=No
         role = "system" if message.role == "developer" else message.role
         parts = []
         content = message.content
+        if content is None and not (role == "assistant" and message.tool_calls):  # as OpenAI's API answers
+            raise ApiError(400, f"messages[{index}].content is missing or null; only an assistant message with "
+                                "tool_calls may leave it out", param=f"messages[{index}].content")
         if isinstance(content, str):
             parts.append(lm_pb2.ContentPart(text=content))
         elif content is not None:

@@ -192,3 +192,17 @@ def test_sampling_fields_out_of_the_wires_range_name_the_field():
     assert proto(top_k=-1).top_k == 0 and proto(top_k=-1).HasField("top_k")
     assert proto(top_k=5).top_k == 5 and not proto().HasField("top_k")
     assert proto(2**31 - 1).max_new_tokens == 2**31 - 1 and proto().max_new_tokens == 64
+
+
+def test_a_message_without_content_is_refused_unless_it_carries_tool_calls():
+    from service.openai_protocol import Message, messages_to_proto
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ok, _ = messages_to_proto([Message(role="user", content="hi"), Message(role="assistant", tool_calls=[call]),
+                               Message(role="tool", content="{}", tool_call_id="c1")], max_image_bytes=1 << 20)
+    assert [m.role for m in ok] == ["user", "assistant", "tool"]
+    for role in ("user", "system", "tool", "assistant"):
+        with pytest.raises(ApiError) as refused:
+            messages_to_proto([Message(role="user", content="hi"), Message(role=role, content=None)],
+                              max_image_bytes=1 << 20)
+        assert refused.value.status == 400 and refused.value.param == "messages[1].content"
