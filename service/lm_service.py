@@ -195,8 +195,9 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         if request.sampling.max_new_tokens_within_context and len(prompt.token_ids) + params.max_new_tokens > context:
             raise ValueError(f"this model's context is {context:,} tokens; the request asks for "
                              f"{len(prompt.token_ids) + params.max_new_tokens:,} ({len(prompt.token_ids):,} in the "
-                             f"prompt, {params.max_new_tokens:,} to generate): lower max_tokens (at most "
-                             f"{max(context - len(prompt.token_ids), 0):,} here) or shorten the prompt")
+                             f"prompt, {params.max_new_tokens:,} to generate): lower max_tokens or "
+                             f"max_completion_tokens (at most {max(context - len(prompt.token_ids), 0):,} here) or "
+                             "shorten the prompt")
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         constraint = structured_output_from_proto(request.sampling)

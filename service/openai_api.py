@@ -180,9 +180,11 @@ def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[ga
                                timeout_s=settings.media_timeout_s, where=where)
     messages, images = messages_to_proto(body.messages, max_image_bytes=settings.max_image_bytes, fetch=fetch,
                                          max_images=settings.max_images)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    completion_field = body.max_completion_tokens is not None
+    max_tokens = body.max_completion_tokens if completion_field else body.max_tokens
     sampling = sampling_to_proto(body, max_tokens=max_tokens, default_max_tokens=settings.default_max_tokens,
-                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                 max_tokens_field="max_completion_tokens" if completion_field else "max_tokens")
     if body.thinking_budget is not None:
         sampling.thinking_budget = body.thinking_budget
     mode = _tool_mode(body)

@@ -255,14 +255,14 @@ _INT32_MAX = 2**31 - 1
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _check_ranges(body: _Sampling, max_tokens: int | None) -> None:
+def _check_ranges(body: _Sampling, max_tokens: int | None, max_tokens_field: str) -> None:
     """400 naming the field for numbers the wire's int32 / float32 fields cannot hold as given (a float
     beyond float32's range would arrive as inf; an int beyond int32's would not arrive at all), for
     max_tokens under 1, and for top_k under -1 (-1 and 0: off). The finer rules (temperature >= 0,
     top_p in (0, 1], ...) are the LM service's (lm.sampling.SamplingParams)."""
     if max_tokens is not None and not 1 <= max_tokens <= _INT32_MAX:
-        raise ApiError(400, f"max_tokens must be a positive integer (at most {_INT32_MAX}), got {max_tokens}",
-                       param="max_tokens")
+        raise ApiError(400, f"{max_tokens_field} must be a positive integer (at most {_INT32_MAX}), got {max_tokens}",
+                       param=max_tokens_field)
     if body.top_k is not None and not -1 <= body.top_k <= _INT32_MAX:
         raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive integer (at most {_INT32_MAX}), got "
                             f"{body.top_k}", param="top_k")
@@ -273,8 +273,8 @@ def _check_ranges(body: _Sampling, max_tokens: int | None) -> None:
 
 
 def sampling_to_proto(body: _Sampling, *, max_tokens: int | None, default_max_tokens: int,
-                      logprobs: int | None) -> lm_pb2.SamplingParams:
-    _check_ranges(body, max_tokens)
+                      logprobs: int | None, max_tokens_field: str = "max_tokens") -> lm_pb2.SamplingParams:
+    _check_ranges(body, max_tokens, max_tokens_field)
     message = lm_pb2.SamplingParams(
         max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         max_new_tokens_within_context=max_tokens is not None,  # OpenAI's 400; unset: up to the context

@@ -71,6 +71,13 @@ def test_not_a_checkpoint_is_a_usage_error(tmp_path, wide_photo, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+def test_out_without_npy_is_checked_as_the_file_numpy_writes(vlm_dir, wide_photo, tmp_path, capsys):
+    """numpy.save appends .npy: `--out tokens` writes tokens.npy, even beside a folder named tokens."""
+    (tmp_path / "tokens").mkdir()
+    assert main(["encode", "--model", str(vlm_dir), str(wide_photo), "--out", str(tmp_path / "tokens")]) == 0
+    assert np.load(tmp_path / "tokens.npy").ndim == 3
+
+
 def test_an_unwritable_out_is_refused_before_loading(tmp_path, wide_photo, capsys):
     assert main(["encode", "--model", str(tmp_path / "never-read"), str(wide_photo),
                  "--out", str(tmp_path / "missing" / "tokens.npy")]) == 2

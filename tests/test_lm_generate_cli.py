@@ -98,8 +98,13 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
 def test_a_device_this_machine_lacks_is_refused_before_loading(capsys):
     import torch
 
+    from vision.config import usable_device
+
     assert main(["generate", "--prompt", "x", "--device", "no-such-device"]) == 2
     assert "'no-such-device' is not a torch device" in capsys.readouterr().err
+    assert usable_device(torch.device("cpu")) == usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="holds no data"):
+        usable_device("meta")
     if not torch.cuda.is_available():
         assert main(["generate", "--prompt", "x", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err

@@ -184,6 +184,10 @@ def test_sampling_fields_out_of_the_wires_range_name_the_field():
         with pytest.raises(ApiError) as refused:
             proto(max_tokens)
         assert refused.value.status == 400 and refused.value.param == "max_tokens"
+    with pytest.raises(ApiError) as refused:  # the chat API's newer name is the one named
+        sampling_to_proto(CompletionRequest(model="m", prompt="p"), max_tokens=0, default_max_tokens=64,
+                          logprobs=None, max_tokens_field="max_completion_tokens")
+    assert refused.value.param == "max_completion_tokens" and "max_completion_tokens must be" in refused.value.message
     for name, value in [("temperature", 1e308), ("top_p", -1e39), ("presence_penalty", float("inf")),
                         ("repetition_penalty", float("nan")), ("top_k", -2), ("top_k", 2**31)]:
         with pytest.raises(ApiError) as refused:

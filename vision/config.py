@@ -24,14 +24,21 @@ def usable_device(device) -> "torch.device":
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, ...): {error}") from None
-    if parsed.type == "cuda":
+    if parsed.type == "cuda":  # ROCm builds too
         if not torch.cuda.is_available():
-            reason = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+            reason = "no GPU is visible" if built else "this PyTorch build has no CUDA"
             raise ValueError(f"device {device!r}: CUDA is not available ({reason}); use cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif parsed.type != "cpu" and parsed.type != getattr(torch.accelerator.current_accelerator(), "type", None):
-        raise ValueError(f"device {device!r}: no {parsed.type} device is available here")
+    elif parsed.type == "meta":
+        raise ValueError(f"device {device!r} holds no data (shapes only); use cpu or a GPU")
+    elif parsed.type != "cpu":  # mps, xpu, ...: whether a tensor can be made there, on any PyTorch version
+        try:
+            torch.empty(0, device=parsed)
+        except Exception as error:  # noqa: BLE001 - each backend raises its own type
+            reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise ValueError(f"device {device!r}: no {parsed.type} device is available here ({reason})") from None
     return parsed
 
 

@@ -17,6 +17,6 @@ def output_problem(path: str) -> str | None:
         return f"--out {path}: the directory {parent} does not exist"
     if not parent.is_dir():
         return f"--out {path}: {parent} is not a directory"
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    if not os.access(target if target.exists() else parent, os.W_OK):  # an existing file: its own permission
         return f"--out {path}: not writable by this user"
     return None

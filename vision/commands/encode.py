@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None and len(args.images) != 1:
         return _usage_error(f"--out saves the soft tokens of one image; got {len(args.images)} images")
-    if args.out is not None and (problem := output_problem(args.out)) is not None:
+    # numpy.save adds ".npy" to a name without it: the file written is that one
+    if args.out is not None and (problem := output_problem(args.out if args.out.endswith(".npy")
+                                                          else args.out + ".npy")) is not None:
         return _usage_error(problem)
     if args.threads < 1:
         return _usage_error(f"--threads must be at least 1, got {args.threads}")
