@@ -84,7 +84,7 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None, *, progress: b
     Raises ModelNotInstalledError (an OSError) for a named model whose extra is not installed,
     FileNotFoundError / ValueError for a path that is not a checkpoint directory or a .gguf file."""
     cache_root = Path(cache_dir) if cache_dir is not None else gguf.default_cache_root()
-    check_model_spec(spec)
+    check_model_spec(spec, cache_root)
     if spec == DEFAULT_MODEL:
         return embedded_default(cache_root, progress=progress)
     if spec in PACKAGED_MODELS:
@@ -98,11 +98,17 @@ def resolve_model(spec: str, cache_dir: Path | str | None = None, *, progress: b
     return gguf.cached_checkpoint(path, name, cache_root, sha256=digest, progress=progress)
 
 
-def check_model_spec(spec: str) -> None:
+def check_model_spec(spec: str, cache_root: Path | None = None) -> None:
     """What `resolve_model` checks before any conversion (cheap: a server checks it before it binds its
     ports): FileNotFoundError / ValueError for a path that is not a checkpoint directory or a .gguf
-    file; a named model passes."""
-    if spec == DEFAULT_MODEL or spec in PACKAGED_MODELS:
+    file; ModelNotInstalledError (an OSError naming the extra) for a packaged model neither installed
+    nor converted in `cache_root` (default: gguf.default_cache_root()). The embedded default passes."""
+    if spec == DEFAULT_MODEL:
+        return
+    if spec in PACKAGED_MODELS:
+        root = cache_root if cache_root is not None else gguf.default_cache_root()
+        if not gguf.is_complete_checkpoint(root / f"{spec}-{PACKAGED_MODELS[spec].sha256[:16]}"):
+            part_paths(spec)  # its parts' metadata only: nothing is read or assembled here
         return
     path = Path(spec).expanduser()
     if path.is_dir():

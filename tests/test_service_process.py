@@ -89,6 +89,15 @@ def test_serve_refuses_a_model_path_and_a_device_it_cannot_use_before_binding(tm
         assert reason in err and "listening" not in err, err
     assert main(["serve", "lm", "--device", "no-such-device", "--port", str(port), "--metrics-port", "0"]) == 2
     assert "--device" in capsys.readouterr().err
+    from lm.checkpoints import ModelNotInstalledError, check_model_spec
+
+    try:
+        check_model_spec("qwen2.5-coder-1.5b-instruct")
+    except ModelNotInstalledError:  # the packaged model's extra is not installed here, nor its conversion cached
+        assert main(["serve", "lm", "--model", "qwen2.5-coder-1.5b-instruct", "--port", str(port),
+                     "--metrics-port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "qwen25-coder" in err and "listening" not in err, err
 
 
 @pytest.fixture(scope="module")
