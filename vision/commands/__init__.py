@@ -8,7 +8,8 @@ from pathlib import Path
 
 def output_problem(path: str) -> str | None:
     """Why the file `--out PATH` could not be written, checked before any work: a directory there, a
-    parent that is missing or not a directory, or a parent this user cannot write to; None if it can be."""
+    parent that is missing or not a directory, or an existing file (for a new one, its folder) this user
+    cannot write to; None if it can be."""
     target = Path(path)
     parent = target.parent
     if target.is_dir():
