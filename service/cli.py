@@ -38,7 +38,11 @@ def _load(module_name: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(_load(args._module).run(args) or 0)
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: the commands' own cleanup (finally blocks) has run; no traceback
+        print(f"tessera {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

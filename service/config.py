@@ -13,6 +13,7 @@ from lm.commands import QUANTIZATION_SCHEMES
 
 ROLES = ("vision", "lm", "gateway", "all", "openai")
 DEFAULT_PORTS = {"vision": 50051, "lm": 50052, "gateway": 50050, "all": 50050, "openai": 8000}
+MAX_MESSAGE_MB = 2047  # gRPC's message size limits are 32-bit signed byte counts
 _SECRETS = ("auth_token",)
 _HELP = {
     "auth_token": "bearer token clients must send; visible to every local user in `ps`: prefer "
@@ -112,6 +113,9 @@ class ServeConfig:
                      "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_message_mb > MAX_MESSAGE_MB:
+            raise ValueError(f"--max-message-mb must be at most {MAX_MESSAGE_MB} (gRPC's message sizes are 32-bit), "
+                             f"got {self.max_message_mb}")
         if self.quantize is not None and self.quantize not in QUANTIZATION_SCHEMES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {self.quantize!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

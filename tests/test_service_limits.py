@@ -256,6 +256,8 @@ def test_request_limits_come_from_flags_and_environment():
         from_args("lm", parser.parse_args(["--max-tiles", "0"]), {})
     with pytest.raises(ValueError, match="TESSERA_ALLOW_SPECIAL_TOKENS"):
         from_args("lm", parser.parse_args([]), {"TESSERA_ALLOW_SPECIAL_TOKENS": "maybe"})
+    with pytest.raises(ValueError, match="--max-message-mb must be at most 2047"):  # gRPC's sizes are 32-bit
+        from_args("all", parser.parse_args(["--max-message-mb", "2048"]), {})
     for flag in ("--port", "--http-port", "--metrics-port"):  # refused, not taken modulo 65,536 by the socket
         for value in ("70000", "-1"):
             with pytest.raises(ValueError, match=f"{flag} must be a port number"):

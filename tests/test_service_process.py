@@ -227,3 +227,31 @@ def test_tls(checkpoint, tmp_path):
                 gateway_pb2_grpc.GatewayServiceStub(channel).Query(gateway_pb2.QueryRequest(prompt="hi"), timeout=5)
     finally:
         running.stop()
+
+
+def test_ctrl_c_ends_any_command_with_130_and_no_traceback(monkeypatch, capsys):
+    """KeyboardInterrupt inside a command's run (after its own finally blocks) becomes status 130 and one
+    line, as a shell reports SIGINT."""
+    import types
+
+    from service import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda name: types.SimpleNamespace(
+        run=interrupted, add_arguments=real_load(name).add_arguments))
+    assert cli.main(["generate", "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err == "tessera generate: interrupted\n"
+
+
+def test_query_refuses_what_grpc_cannot_take_before_connecting(capsys, tmp_path):
+    from service.cli import main
+
+    for flags, words in [(["--max-message-mb", "2048"], "--max-message-mb must be 1 to 2047"),
+                         (["--max-message-mb", "-1"], "--max-message-mb must be 1 to 2047"),
+                         (["--timeout", "0"], "--timeout must be positive"),
+                         (["--ca-cert", str(tmp_path / "missing.pem")], "--ca-cert")]:
+        assert main(["query", "--target", "127.0.0.1:9", *flags, "hi"]) == 2
+        assert words in capsys.readouterr().err

@@ -61,18 +61,29 @@ def build_request(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from service.config import MAX_MESSAGE_MB
+
     from lm.commands.generate import print_sections
     from proto.tessera.gateway.v1 import gateway_pb2_grpc
 
     try:
+        if not 1 <= args.max_message_mb <= MAX_MESSAGE_MB:
+            raise ValueError(f"--max-message-mb must be 1 to {MAX_MESSAGE_MB} (gRPC's message sizes are 32-bit), "
+                             f"got {args.max_message_mb}")
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be positive (seconds), got {args.timeout}")
         request = build_request(args)
+        try:
+            root_certificate = args.ca_cert.read_bytes() if args.ca_cert else None
+        except OSError as error:
+            raise ValueError(f"--ca-cert {args.ca_cert}: {error.strerror or error}") from None
     except (OSError, ValueError) as error:
         print(f"tessera query: {error}", file=sys.stderr)
         return 2
     limit = args.max_message_mb << 20
     options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-    if args.ca_cert:
-        channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(args.ca_cert.read_bytes()), options)
+    if root_certificate is not None:
+        channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root_certificate), options)
     else:
         channel = grpc.insecure_channel(args.target, options)
     token = args.auth_token or os.environ.get("TESSERA_AUTH_TOKEN")
