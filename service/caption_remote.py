@@ -29,21 +29,37 @@ class RemoteCaptioner:
         self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
         self.timeout_s, self.retries, self.max_message_mb = timeout_s, retries, max_message_mb
 
-    def check_model_sees_images(self, timeout_s: float = 10.0) -> None:
-        """Raise CaptionInputError when the server at `target` answers GetInfo (`tessera serve all` serves
-        it beside the gateway) for a text-only model: every image would fail. Any other outcome (no
-        answer yet, a gateway without the LM service beside it) leaves it to the job's own calls, which
-        retry while the server comes up."""
+    def check_model_sees_images(self, timeout_s: float = 30.0) -> None:
+        """Before any image: ask GetInfo (`tessera serve all` serves it beside the gateway), retrying for
+        up to `timeout_s` while no server answers or it is still loading (UNAVAILABLE). Raises
+        CaptionInputError when none is ready in that time, when it refuses the token, or when it serves a
+        text-only model: every image would fail, and its error record would be skipped by the next run. A
+        gateway without the LM service beside it (UNIMPLEMENTED) is left to the job's own calls."""
         import grpc
 
         from proto.tessera.lm.v1 import lm_pb2, lm_pb2_grpc
 
+        deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:
-            try:
-                info = lm_pb2_grpc.LanguageModelServiceStub(channel).GetInfo(
-                    lm_pb2.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
-            except grpc.RpcError:
-                return
+            stub = lm_pb2_grpc.LanguageModelServiceStub(channel)
+            while True:
+                try:
+                    info = stub.GetInfo(lm_pb2.GetInfoRequest(), metadata=self.metadata, wait_for_ready=True,
+                                        timeout=max(deadline - time.monotonic(), 0.1))
+                    break
+                except grpc.RpcError as error:
+                    code = error.code()
+                    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        raise CaptionInputError(f"the server at {self.target} refused this job's token ({code.name}: "
+                                                f"{error.details()}); set TESSERA_AUTH_TOKEN or --auth-token-file"
+                                                ) from None
+                    if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                        return
+                    if time.monotonic() >= deadline:
+                        raise CaptionInputError(f"no server was ready at {self.target} within {timeout_s:g} s (last "
+                                                f"answer {code.name}: {error.details()}): is --target right and the "
+                                                "server up?") from None
+                    time.sleep(1.0)  # a server still loading its model answers UNAVAILABLE
         if not info.accepts_images:
             raise CaptionInputError(f"the model served at {self.target} ({info.model or 'unnamed'}) is text-only "
                                     "(GetInfo: accepts_images=false): it cannot caption images; point --target at "

@@ -112,10 +112,11 @@ def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path,
     common = [images, "--model", checkpoint, "--out", out, "--max-new-tokens", 2]
     assert _caption(capsys, *common)[0] == 0
     first = out.read_bytes()
-    code, stdout, _ = _caption(capsys, *common)
+    code, stdout, stderr = _caption(capsys, *common)
     assert code == 0 and out.read_bytes() == first
     summary = json.loads(stdout)["summary"]
     assert (summary["skipped"], summary["processed"]) == (6, 0)
+    assert "3 of the images skipped failed in an earlier run" in stderr and "--retry-errors" in stderr
     code, stdout, _ = _caption(capsys, *common, "--retry-errors", "--fail-on-error")
     assert code == 1  # the bad images fail again
     assert json.loads(stdout)["summary"]["processed"] == 3
@@ -284,6 +285,20 @@ def test_target_serving_a_text_only_model_is_refused_before_any_record(gemma270m
         server.stop()
     assert code == 2 and "text-only" in stderr and "accepts_images=false" in stderr, stderr
     assert not out.exists()
+
+
+def test_target_where_no_server_answers_is_refused_before_any_record(images, tmp_path):
+    """A --target nobody serves (or one still loading past the wait) is an input error, not one error
+    record per image that the next run would skip."""
+    from service_fixtures import free_port
+
+    from service.caption import CaptionInputError, CaptionOptions
+    from service.caption_remote import RemoteCaptioner
+
+    started = time.perf_counter()
+    with pytest.raises(CaptionInputError, match="no server was ready at 127.0.0.1:.* within 1.5 s"):
+        RemoteCaptioner(f"127.0.0.1:{free_port()}", CaptionOptions()).check_model_sees_images(timeout_s=1.5)
+    assert time.perf_counter() - started < 10
 
 
 def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, capsys):
