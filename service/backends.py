@@ -189,7 +189,7 @@ class BackendReadiness:
             up = connected and refused is None
             now = time.monotonic()
             if refused is not None and refused != self._refused[backend]:
-                log.warning("%s refuses the gateway: %s", backend, refused)
+                log.warning("%s refuses this server's credentials: %s", backend, refused)
                 self._next_warning[backend] = now + self._repeat_s
             self._refused[backend] = refused
             if up != self._up[backend]:

@@ -25,6 +25,8 @@ _HELP = {
     "backend_tls_cert": "gateway: PEM client certificate for the vision/LM services (with --backend-tls-key)",
     "backend_timeout": "gateway: deadline in seconds of each call to the vision/LM services when the client "
                        "sets none",
+    "port": "gRPC port (openai: its HTTP port); 0 = the role's default: 50050 all and gateway, 50051 vision, "
+            "50052 lm, 8000 openai",
     "http_port": "all: port of the OpenAI-compatible HTTP API (0 = off); `serve openai` serves it on --port",
     "gateway_target": "openai: the gateway it calls (host:port), with --backend-tls-* and the bearer token",
     "served_model_name": "all, openai: the model's name in the HTTP API (/v1/models, the requests' `model`); "
@@ -105,7 +107,8 @@ class ServeConfig:
                              "model behind the gateway, which clients put in `model`")
         if not self.media_timeout_s > 0:
             raise ValueError(f"--media-timeout-s must be positive (seconds), got {self.media_timeout_s}")
-        for name, meaning in (("port", "0 = the role's default"), ("http_port", "0 = off"), ("metrics_port", "0 = off")):
+        for name, meaning in (("port", "0 = the role's default"), ("http_port", "0 = off"),
+                              ("metrics_port", "0 = off")):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"--{name.replace('_', '-')} must be a port number ({meaning}), got "
                                  f"{getattr(self, name)}")

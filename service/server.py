@@ -302,7 +302,7 @@ class TesseraServer:
         loading = asyncio.create_task(self.loaded.wait())
         await asyncio.wait([waiter, loading], return_when=asyncio.FIRST_COMPLETED)
         if self.load_error is None and not stop_requested.is_set():
-            log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
+            log.info("serving %s on port %d", ", ".join(self.service_names) or "no gRPC service", self.port)
             await waiter
         if stop_requested.is_set():
             log.info("stopping: finishing in-flight requests (grace period %.0f s)", self.config.grace_period)

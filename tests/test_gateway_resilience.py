@@ -233,9 +233,10 @@ def test_a_misconfigured_gateway_says_which_backend_and_why(checkpoint, tmp_path
         # The wrong token is reported at once, when the backend first refuses it (no waiting period).
         started.append(start_server("gateway", model="unused", backend_tls_ca=str(cert), auth_token="wrong",
                                     **targets))
-        refusals = _wait_for_warnings(caplog, "refuses the gateway", 2, timeout=5)
+        refusals = _wait_for_warnings(caplog, "refuses this server's credentials", 2, timeout=5)
         assert {message.split(" at ")[0] for message in refusals} == {"vision service", "LM service"}
-        assert all(f" at {backend.target} refuses the gateway: UNAUTHENTICATED: " in m for m in refusals), refusals
+        assert all(f" at {backend.target} refuses this server's credentials: UNAUTHENTICATED: " in m
+                   for m in refusals), refusals
 
         # Plaintext against TLS: never ready; said after the waiting period, then repeated while so.
         monkeypatch.setattr(backends, "NOT_READY_WARN_AFTER_S", 1.0)
