@@ -255,3 +255,16 @@ def test_query_refuses_what_grpc_cannot_take_before_connecting(capsys, tmp_path)
                          (["--ca-cert", str(tmp_path / "missing.pem")], "--ca-cert")]:
         assert main(["query", "--target", "127.0.0.1:9", *flags, "hi"]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_query_reads_a_prompt_of_dash_from_standard_input(monkeypatch):
+    import io
+
+    from service.commands.query import add_arguments, build_request
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    long_prompt = "word " * 40_000  # ~200 KB: past what one command-line argument may hold on Linux
+    monkeypatch.setattr("sys.stdin", io.StringIO(long_prompt))
+    assert build_request(parser.parse_args(["-"])).prompt == long_prompt
+    assert build_request(parser.parse_args(["plain"])).prompt == "plain"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the question or instruction")
+    parser.add_argument("prompt", help="the question or instruction; - reads it from standard input (a prompt "
+                                       "longer than the command line allows)")
     parser.add_argument("--target", default="localhost:50050", help="gateway address (default localhost:50050)")
     parser.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
                         help="an image to send (repeatable)")
@@ -53,7 +54,8 @@ def build_request(args: argparse.Namespace):
         sampling.thinking_budget = args.thinking_budget
     kwargs = {name: json.dumps(value) for name, value in template_kwargs(args).items()}
     images = [tensor_pb2.Image(data=path.read_bytes()) for path in args.image]
-    return gateway_pb2.QueryRequest(prompt=args.prompt, raw=args.raw, images=images, sampling=sampling,
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return gateway_pb2.QueryRequest(prompt=prompt, raw=args.raw, images=images, sampling=sampling,
                                     pan_and_scan=tensor_pb2.PanAndScanOptions(enabled=args.pan_and_scan),
                                     chat_template_kwargs=kwargs)
 
