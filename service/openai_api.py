@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
+CLIENT_CLOSED = 499  # the requests counter's status for a stream its client closed (nginx's "client closed request")
 
 
 @dataclass(frozen=True)
@@ -526,12 +527,15 @@ class OpenAIFront:
 
     async def _sse_stream(self, route: str, runs, events):
         """`events` (a route's SSE chunks) as sent: an error after the status line goes in the stream as
-        OpenAI's error JSON, the request is counted by how it ended, the queries are closed whatever
-        happens (a client gone included), and `[DONE]` ends a stream that was not cut."""
+        OpenAI's error JSON, the request is counted by how it ended (CLIENT_CLOSED when the client left
+        mid-stream), the queries are closed whatever happens, and `[DONE]` ends a stream that was not cut."""
         try:
             async for event in events:
                 yield event
             self._count(route, 200)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            self._count(route, CLIENT_CLOSED)
+            raise
         except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             failure = api_error(error)
             self._count(route, failure.status)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -315,6 +316,28 @@ def test_max_tokens_beyond_the_context_is_a_400_naming_the_counts(stack):
         assert reply.status_code == 200, reply.text
         usage = reply.json()["usage"]
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= 512
+
+
+def test_a_stream_its_client_closes_is_counted_as_client_closed(stack):
+    """The requests counter keeps every request: one whose client left mid-stream counts as status 499."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    def closed() -> float:
+        for line in httpx.get(stack[1] + "/metrics").text.splitlines():
+            if line.startswith('tessera_http_requests_total{route="completions",status="499"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = closed()
+    with httpx.stream("POST", stack[1] + "/v1/completions", headers=headers, timeout=60, json={
+            "model": "tiny-qwen3", "prompt": "Count:", "max_tokens": 400, "temperature": 0, "stream": True}) as reply:
+        assert reply.status_code == 200
+        events = [line for _, line in zip(range(3), (x for x in reply.iter_lines() if x.startswith("data: ")))]
+    assert len(events) == 3 and "[DONE]" not in events[-1]
+    deadline = time.monotonic() + 20
+    while closed() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert closed() == before + 1
 
 
 def test_32_concurrent_streams_all_complete(stack):
