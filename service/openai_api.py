@@ -742,6 +742,10 @@ class HttpServer:
             await asyncio.sleep(0.02)
         return sock.getsockname()[1]
 
+    def force_exit(self) -> None:
+        """During `stop`: close the connections of requests still running instead of waiting for them."""
+        self._server.force_exit = True
+
     async def stop(self) -> None:
         if self._task is None:
             return

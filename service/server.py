@@ -305,10 +305,22 @@ class TesseraServer:
             log.info("serving %s on port %d", ", ".join(self.service_names) or "no gRPC service", self.port)
             await waiter
         if stop_requested.is_set():
-            log.info("stopping: finishing in-flight requests (grace period %.0f s)", self.config.grace_period)
+            log.info("stopping: finishing in-flight requests (grace period %.0f s; a second signal ends them now)",
+                     self.config.grace_period)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop_now)
         await self.stop()
         loading.cancel()
         return 1 if self.load_error is not None else 0
+
+    def _stop_now(self) -> None:
+        """A second SIGTERM/SIGINT during the drain: abort in-flight RPCs and HTTP requests instead of
+        waiting out the grace period (as uvicorn and vLLM do on a second Ctrl-C)."""
+        log.warning("second signal: ending in-flight requests now")
+        if self._http is not None:
+            self._http.force_exit()
+        if self._server is not None:
+            asyncio.ensure_future(self._server.stop(None))  # the most restrictive grace wins (grpc.aio)
 
 
 def _full_name(service_name: str) -> str:

@@ -158,6 +158,40 @@ def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
     assert "stopping" in stderr
 
 
+def test_a_second_signal_ends_the_drain_at_once(checkpoint):
+    """SIGINT starts the graceful drain (grace 60 s); a second SIGINT aborts the stream still running
+    and the process exits within seconds, with status 0."""
+    port = free_port()
+    env = {**os.environ, "TESSERA_GRACE_PERIOD": "60", "TESSERA_METRICS_PORT": "0", "TESSERA_HTTP_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
+         "--port", str(port), "--kv-budget-mb", "64", "--max-seq-len", "4096"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, process)
+        with grpc.insecure_channel(target) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            request = gateway_pb2.QueryRequest(prompt="go on", sampling=lm_pb2.SamplingParams(
+                max_new_tokens=4000, stop_token_ids=lm_pb2.StopTokenIds()))
+            stream = stub.QueryStream(request, timeout=120)
+            [next(stream) for _ in range(3)]
+            process.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert process.poll() is None  # draining: the stream goes on
+            process.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError):
+                list(stream)  # aborted, not run to its 4,000 tokens
+            assert process.wait(timeout=30) == 0
+            assert time.monotonic() - started < 20
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "second signal" in process.stderr.read()
+
+
 def test_status_codes_by_exception_and_internal_errors_carry_a_request_id(caplog):
     import asyncio
     import threading
