@@ -304,6 +304,7 @@ class OpenAIFront:
         self.gateway = gateway
         self.settings = settings
         self.registry = registry
+        self.stopping = False  # set by HttpServer.stop: streams cut from now on are the server's doing
         self.requests = Counter("tessera_http_requests", "HTTP requests finished, by route and status",
                                 ["route", "status"], registry=registry) if registry is not None else None
         app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
@@ -528,13 +529,14 @@ class OpenAIFront:
     async def _sse_stream(self, route: str, runs, events):
         """`events` (a route's SSE chunks) as sent: an error after the status line goes in the stream as
         OpenAI's error JSON, the request is counted by how it ended (CLIENT_CLOSED when the client left
-        mid-stream), the queries are closed whatever happens, and `[DONE]` ends a stream that was not cut."""
+        mid-stream, 503 when the server's drain cut it), the queries are closed whatever happens, and
+        `[DONE]` ends a stream that was not cut."""
         try:
             async for event in events:
                 yield event
             self._count(route, 200)
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-            self._count(route, CLIENT_CLOSED)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away, or the server's drain ended
+            self._count(route, 503 if self.stopping else CLIENT_CLOSED)
             raise
         except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
             failure = api_error(error)
@@ -716,6 +718,7 @@ class HttpServer:
         config = uvicorn.Config(front.app, host=host, port=port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=int(grace_period) or None, access_log=False)
         self._server = _Server(config)
+        self._front = front
         self._host, self._port = host, port
         self._task: asyncio.Task | None = None
 
@@ -749,6 +752,7 @@ class HttpServer:
     async def stop(self) -> None:
         if self._task is None:
             return
+        self._front.stopping = True
         self._server.should_exit = True
         with contextlib.suppress(BaseException):
             await self._task
