@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         print("tessera caption: warning: JOB_COMPLETION_INDEX is set but TESSERA_SHARD_COUNT is not, so this pod "
               "captions every image; set TESSERA_SHARD_COUNT to the Job's completions", file=sys.stderr)
     todo, mine, skipped = plan_job(items, done, shard, retry_errors=args.retry_errors)
-    failed_before = 0 if args.retry_errors else sum(1 for item in items if "error" in done.get(item.id, {}))
+    failed_before = 0 if args.retry_errors else sum(1 for item in items if (shard is None or shard.owns(item.id))
+                                                    and "error" in done.get(item.id, {}))
     if failed_before:
         print(f"tessera caption: {failed_before} of the images skipped failed in an earlier run (their error records "
               f"are in {args.out}); --retry-errors runs them again", file=sys.stderr)

@@ -63,10 +63,9 @@ def build_request(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from service.config import MAX_MESSAGE_MB
-
     from lm.commands.generate import print_sections
     from proto.tessera.gateway.v1 import gateway_pb2_grpc
+    from service.config import MAX_MESSAGE_MB
 
     try:
         if not 1 <= args.max_message_mb <= MAX_MESSAGE_MB:
