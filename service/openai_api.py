@@ -305,6 +305,7 @@ class OpenAIFront:
         self.settings = settings
         self.registry = registry
         self.stopping = False  # set by HttpServer.stop: streams cut from now on are the server's doing
+        self.closing = asyncio.Event()  # set just before the drain's grace period ends: streams say so and end
         self.requests = Counter("tessera_http_requests", "HTTP requests finished, by route and status",
                                 ["route", "status"], registry=registry) if registry is not None else None
         app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
@@ -531,10 +532,24 @@ class OpenAIFront:
         OpenAI's error JSON, the request is counted by how it ended (CLIENT_CLOSED when the client left
         mid-stream, 503 when the server's drain cut it), the queries are closed whatever happens, and
         `[DONE]` ends a stream that was not cut."""
+        closing = asyncio.ensure_future(self.closing.wait())
+        pending: asyncio.Future | None = None
         try:
-            async for event in events:
+            while True:
+                pending = asyncio.ensure_future(anext(events))
+                await asyncio.wait((pending, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not pending.done():  # the drain's grace period is ending: end the stream rather than be cut
+                    failure = ApiError(503, "the server is shutting down and its grace period for requests in "
+                                            "flight has ended; the answer is incomplete")
+                    self._count(route, failure.status)
+                    yield _sse(failure.body())
+                    break
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    self._count(route, 200)
+                    break
                 yield event
-            self._count(route, 200)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away, or the server's drain ended
             self._count(route, 503 if self.stopping else CLIENT_CLOSED)
             raise
@@ -543,6 +558,11 @@ class OpenAIFront:
             self._count(route, failure.status)
             yield _sse(failure.body())
         finally:
+            closing.cancel()
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
             await events.aclose()
             await asyncio.gather(*(run.close() for run in runs))
         yield "data: [DONE]\n\n"
@@ -718,7 +738,7 @@ class HttpServer:
         config = uvicorn.Config(front.app, host=host, port=port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=int(grace_period) or None, access_log=False)
         self._server = _Server(config)
-        self._front = front
+        self._front, self._grace_period = front, grace_period
         self._host, self._port = host, port
         self._task: asyncio.Task | None = None
 
@@ -746,13 +766,19 @@ class HttpServer:
         return sock.getsockname()[1]
 
     def force_exit(self) -> None:
-        """During `stop`: close the connections of requests still running instead of waiting for them."""
+        """During `stop`: end the streams still running (an error event, then [DONE]) and close the
+        connections instead of waiting for them."""
+        self._front.closing.set()
         self._server.force_exit = True
 
     async def stop(self) -> None:
         if self._task is None:
             return
         self._front.stopping = True
+        # A second before uvicorn would cancel the requests still running (and cut their streams
+        # mid-transfer), the streams end themselves with an error event and [DONE].
+        closing = asyncio.get_running_loop().call_later(max(self._grace_period - 1.0, 0.0), self._front.closing.set)
         self._server.should_exit = True
         with contextlib.suppress(BaseException):
             await self._task
+        closing.cancel()

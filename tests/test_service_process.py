@@ -192,6 +192,42 @@ def test_a_second_signal_ends_the_drain_at_once(checkpoint):
     assert "second signal" in process.stderr.read()
 
 
+def test_an_http_stream_outliving_the_grace_period_ends_with_an_error_event(checkpoint):
+    """SIGTERM with a 3 s grace period and an HTTP stream that needs longer: the stream ends with OpenAI's
+    error JSON (503, shutting down) and [DONE] instead of being cut mid-transfer, and the server exits 0
+    without an ASGI traceback."""
+    import httpx2 as httpx
+
+    port, http_port = free_port(), free_port()
+    env = {**os.environ, "TESSERA_GRACE_PERIOD": "3", "TESSERA_METRICS_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
+         "--port", str(port), "--http-port", str(http_port), "--kv-budget-mb", "64", "--max-seq-len", "8192",
+         "--served-model-name", "tiny"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+        body = {"model": "tiny", "prompt": "go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=60) as reply:
+            assert reply.status_code == 200
+            data = []
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line)
+                    if len(data) == 3:
+                        process.send_signal(signal.SIGTERM)
+            assert data[-1] == "data: [DONE]", data[-3:]
+            error = json.loads(data[-2].removeprefix("data: "))["error"]
+            assert "shutting down" in error["message"] and error["type"], error
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert "Exception in ASGI application" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+
 def test_status_codes_by_exception_and_internal_errors_carry_a_request_id(caplog):
     import asyncio
     import threading
