@@ -4,6 +4,7 @@ configuration comes from flags and TESSERA_* variables; the committed stubs matc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -121,16 +122,28 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"server at {target} not SERVING after {timeout} s")
 
 
-def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
+@contextlib.contextmanager
+def serve_all(checkpoint, grace: int, *flags: str, environ: dict | None = None):
+    """`tessera serve all` on the checkpoint as a process (grace period `grace` s, metrics off, `flags`
+    added), SERVING when this yields (process, gRPC port); killed afterwards if it still runs."""
     port = free_port()
-    env = {**os.environ, "TESSERA_GRACE_PERIOD": "30", "TESSERA_METRICS_PORT": "0", "TESSERA_HTTP_PORT": "0"}
+    env = {**os.environ, "TESSERA_GRACE_PERIOD": str(grace), "TESSERA_METRICS_PORT": "0", **(environ or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
-         "--port", str(port), "--kv-budget-mb", "64", "--max-seq-len", "1024"],
+         "--port", str(port), "--kv-budget-mb", "64", *flags],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
     try:
-        wait_serving(target, process)
+        wait_serving(f"127.0.0.1:{port}", process)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
+    with serve_all(checkpoint, 30, "--max-seq-len", "1024", environ={"TESSERA_HTTP_PORT": "0"}) as (process, port):
+        target = f"127.0.0.1:{port}"
         answer = subprocess.run([sys.executable, "-m", "service.cli", "query", "--target", target, "--stream",
                                  "--max-new-tokens", "4", "Say hi"], cwd=REPO, capture_output=True, text=True,
                                 timeout=60)
@@ -148,10 +161,6 @@ def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
         assert pieces[-1].HasField("done") and pieces[-1].done.finish_reason == "length"
         assert pieces[-1].done.completion_tokens == 300
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     stderr = process.stderr.read()
     config = json.loads(next(line for line in stderr.splitlines() if line.startswith("{")))
     assert config["role"] == "all" and config["grace_period"] == 30.0 and config["port"] == port
@@ -161,16 +170,8 @@ def test_sigterm_during_a_stream_finishes_it_then_exits(checkpoint):
 def test_a_second_signal_ends_the_drain_at_once(checkpoint):
     """SIGINT starts the graceful drain (grace 60 s); a second SIGINT aborts the stream still running
     and the process exits within seconds, with status 0."""
-    port = free_port()
-    env = {**os.environ, "TESSERA_GRACE_PERIOD": "60", "TESSERA_METRICS_PORT": "0", "TESSERA_HTTP_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
-         "--port", str(port), "--kv-budget-mb", "64", "--max-seq-len", "4096"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target, process)
-        with grpc.insecure_channel(target) as channel:
+    with serve_all(checkpoint, 60, "--max-seq-len", "4096", environ={"TESSERA_HTTP_PORT": "0"}) as (process, port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             request = gateway_pb2.QueryRequest(prompt="go on", sampling=lm_pb2.SamplingParams(
                 max_new_tokens=4000, stop_token_ids=lm_pb2.StopTokenIds()))
@@ -185,10 +186,6 @@ def test_a_second_signal_ends_the_drain_at_once(checkpoint):
                 list(stream)  # aborted, not run to its 4,000 tokens
             assert process.wait(timeout=30) == 0
             assert time.monotonic() - started < 20
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert "second signal" in process.stderr.read()
 
 
@@ -198,15 +195,9 @@ def test_an_http_stream_outliving_the_grace_period_ends_with_an_error_event(chec
     without an ASGI traceback."""
     import httpx2 as httpx
 
-    port, http_port = free_port(), free_port()
-    env = {**os.environ, "TESSERA_GRACE_PERIOD": "3", "TESSERA_METRICS_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "all", "--model", str(checkpoint), "--host", "127.0.0.1",
-         "--port", str(port), "--http-port", str(http_port), "--kv-budget-mb", "64", "--max-seq-len", "8192",
-         "--served-model-name", "tiny"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_serving(f"127.0.0.1:{port}", process)
+    http_port = free_port()
+    with serve_all(checkpoint, 3, "--http-port", str(http_port), "--max-seq-len", "8192", "--served-model-name",
+                   "tiny") as (process, _):
         body = {"model": "tiny", "prompt": "go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=60) as reply:
             assert reply.status_code == 200
@@ -220,10 +211,6 @@ def test_an_http_stream_outliving_the_grace_period_ends_with_an_error_event(chec
             error = json.loads(data[-2].removeprefix("data: "))["error"]
             assert "shutting down" in error["message"] and error["type"], error
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     stderr = process.stderr.read()
     assert "Exception in ASGI application" not in stderr and "Traceback" not in stderr, stderr[-3000:]
 
