@@ -191,13 +191,12 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             soft_tokens.append(tensor)
         tiles = [t.shape[0] for t in soft_tokens]
         prompt = self._layout(loaded, request, tiles, messages)
-        context = loaded.engine.engine_config.max_seq_len
-        if request.sampling.max_new_tokens_within_context and len(prompt.token_ids) + params.max_new_tokens > context:
+        context, prompt_tokens = loaded.engine.engine_config.max_seq_len, len(prompt.token_ids)
+        if request.sampling.max_new_tokens_within_context and prompt_tokens + params.max_new_tokens > context:
             raise ValueError(f"this model's context is {context:,} tokens; the request asks for "
-                             f"{len(prompt.token_ids) + params.max_new_tokens:,} ({len(prompt.token_ids):,} in the "
-                             f"prompt, {params.max_new_tokens:,} to generate): lower max_tokens or "
-                             f"max_completion_tokens (at most {max(context - len(prompt.token_ids), 0):,} here) or "
-                             "shorten the prompt")
+                             f"{prompt_tokens + params.max_new_tokens:,} ({prompt_tokens:,} in the prompt, "
+                             f"{params.max_new_tokens:,} to generate): lower max_tokens or max_completion_tokens "
+                             f"(at most {max(context - prompt_tokens, 0):,} here) or shorten the prompt")
         stacked = torch.cat(soft_tokens).to(loaded.lm.device) if soft_tokens else None
         kwargs = {"request_id": request.request_id} if request.request_id else {}
         constraint = structured_output_from_proto(request.sampling)

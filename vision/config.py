@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 
-
 def usable_device(device) -> "torch.device":
     """`device` (a name such as "cpu", "cuda", "cuda:1", or a torch.device) as a torch.device this process
-    can run on. Raises ValueError naming the problem: a string that is not a device, or a CUDA device
-    where this PyTorch has no CUDA, sees no GPU, or sees fewer GPUs than the index asks for."""
+    can run on. Raises ValueError naming the problem: a string that is not a device; a CUDA device where
+    this PyTorch has no CUDA, sees no GPU, or sees fewer GPUs than the index asks for; meta (no data);
+    another backend (mps, xpu, ...) where an empty tensor cannot be made."""
     import torch
 
     try:
