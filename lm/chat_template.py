@@ -34,6 +34,7 @@ reference processor expands the rendered text. The same marker written by a user
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -204,10 +205,11 @@ class ChatTemplate:
         return cls(templates, backend, special_tokens=special_tokens_of(config),
                    control_tokens=config.get("chat_control_tokens"), image_marker=image_marker)
 
-    @property
+    @functools.cached_property
     def takes_tools(self) -> bool:
         """Whether the template a chat with tools is rendered with reads the `tools` variable (jinja2's
-        undeclared variables of its source): Gemma 3's does not, so tools sent to it never reach the prompt."""
+        undeclared variables of its source, parsed once): Gemma 3's does not, so tools sent to it never
+        reach the prompt."""
         import jinja2.meta
 
         source = self.templates[self._name(True)]

@@ -205,9 +205,7 @@ class Engine:
 
     def stop(self, cancel_pending: bool = True) -> None:
         """Stop the background thread; requests still queued or running are cancelled."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
+        self._ask_thread_to_stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -218,6 +216,12 @@ class Engine:
                 sequence.handle.cancel()
             self._retire_finished()
         self.output.drain()
+
+    def _ask_thread_to_stop(self) -> None:
+        """The background thread ends after its step in progress; new requests are refused from now."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
@@ -522,9 +526,7 @@ def _stop_at_exit() -> None:
     are: the process is exiting."""
     engines = list(_STARTED)
     for engine in engines:
-        with engine._lock:
-            engine._stopping = True
-            engine._lock.notify()
+        engine._ask_thread_to_stop()
     for engine in engines:
         thread = engine._thread
         if thread is not None:
