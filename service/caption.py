@@ -22,7 +22,8 @@
   after rewriting the file (atomically) without their error records, so each id keeps one record.
 - The in-process pipeline overlaps three stages: images are decoded and tiled on a thread pool,
   tiles of several images are encoded together by the vision tower, and up to `concurrency` prompts
-  wait in the engine, which batches their decoding.
+  wait in the engine, which batches their decoding. Encoded prompts go to the engine only once they
+  fill every free place (or no image is left), so that it decodes full batches (`_submit_ready`).
 """
 
 from __future__ import annotations
@@ -403,6 +404,34 @@ class _Pending:
 _PRODUCER_DONE = object()
 
 
+class _Slots:
+    """The places for captions in the engine (`concurrency`): taken when a prompt is submitted, given
+    back when its caption completes."""
+
+    def __init__(self, count: int):
+        self._free = count
+        self._changed = threading.Condition()
+
+    @property
+    def free(self) -> int:
+        with self._changed:
+            return self._free
+
+    def wait_free(self, timeout: float) -> bool:
+        """Whether a place is free, waiting up to `timeout` seconds for one."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._free > 0, timeout)
+
+    def take(self) -> None:
+        with self._changed:
+            self._free -= 1
+
+    def give_back(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify_all()
+
+
 class LocalCaptioner:
     """A loaded vision-language checkpoint: vision encoder + language model engine in this process."""
 
@@ -443,7 +472,7 @@ class LocalCaptioner:
         # the tiny VLM's 262,144-row head, ~1 s for the 270M's)
         self._screen = engine.runner.screen
         submitted: queue.Queue = queue.Queue()
-        slots = threading.Semaphore(self.options.concurrency)
+        slots = _Slots(self.options.concurrency)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(items, engine, submitted, slots, stop),
                                     name="caption-producer", daemon=True)
@@ -472,14 +501,15 @@ class LocalCaptioner:
                 for pending in [p for p in inflight if p.handle.done]:
                     inflight.remove(pending)
                     emit(self._record(pending))
-                    slots.release()
+                    slots.give_back()
         finally:
             stop.set()
             engine.stop()
             producer.join()
 
-    def _produce(self, items, engine, submitted: queue.Queue, slots: threading.Semaphore, stop) -> None:
+    def _produce(self, items, engine, submitted: queue.Queue, slots: _Slots, stop) -> None:
         try:
+            ready: deque[tuple[CaptionItem, object, _Pending]] = deque()  # encoded prompts not yet submitted
             with ThreadPoolExecutor(self.options.workers, thread_name_prefix="caption-preprocess") as pool:
                 lookahead = 2 * self.options.workers + self.options.vision_batch
                 pending = iter(items)
@@ -495,13 +525,17 @@ class LocalCaptioner:
                 refill()
                 while futures and not stop.is_set():
                     batch = [futures.popleft()]
+                    if not batch[0][1].done():  # the tower waits for an image: the engine may use the cores
+                        _submit_ready(ready, engine, submitted, slots, stop, concurrency=self.options.concurrency,
+                                      idle=True)
                     batch[0][1].result()  # wait for the oldest image
                     # Encode together whatever else is already tiled, up to the vision batch.
                     while futures and futures[0][1].done() and _tiles(batch) < self.options.vision_batch:
                         batch.append(futures.popleft())
                     refill()
-                    self._encode_and_submit([(item, fut.result()) for item, fut in batch], engine, submitted,
-                                            slots, stop)
+                    ready.extend(self._encode([(item, fut.result()) for item, fut in batch], submitted))
+                    _submit_ready(ready, engine, submitted, slots, stop, concurrency=self.options.concurrency,
+                                  last=not futures)
                 for _, future in futures:
                     future.cancel()
         except BaseException as error:  # noqa: BLE001 - handed to the consuming thread, which re-raises
@@ -509,10 +543,13 @@ class LocalCaptioner:
         finally:
             submitted.put(_PRODUCER_DONE)
 
-    def _encode_and_submit(self, prepared, engine, submitted, slots, stop) -> None:
+    def _encode(self, prepared, submitted: queue.Queue) -> list[tuple]:
+        """Encode the tiles of `prepared` [(item, (PreprocessedImage or ImageError, seconds))] in one
+        vision-tower call: [(item, GenerationRequest, _Pending without its handle)] per image; an image
+        that failed to preprocess goes to `submitted` as its error record."""
         import torch
 
-        from lm.requests import EngineError, GenerationRequest
+        from lm.requests import GenerationRequest
 
         good = []
         for item, (result, seconds) in prepared:
@@ -521,29 +558,22 @@ class LocalCaptioner:
             else:
                 submitted.put(error_record(item, result.code, result.message, {"preprocess_s": round(seconds, 4)}))
         if not good:
-            return
+            return []
         started = time.perf_counter()
         soft_tokens = self.encoder.encode_many([torch.from_numpy(r.tiles) for _, r, _ in good])
         encode_s = time.perf_counter() - started
         total_tiles = sum(r.tiles.shape[0] for _, r, _ in good)
+        encoded = []
         for (item, result, seconds), soft in zip(good, soft_tokens):
             tiles = result.tiles.shape[0]
             timings = {"preprocess_s": round(seconds, 4), "encode_s": round(encode_s * tiles / total_tiles, 4)}
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.options.prompt}]}]
             prompt = self._layout(self.lm.tokenizer, messages, [tiles],
                                   tokens_per_tile=self.lm.config.mm_tokens_per_image)
-            while not slots.acquire(timeout=0.1):
-                if stop.is_set():
-                    return
             request = GenerationRequest(prompt.token_ids, self.params, soft_tokens=soft.to(self.lm.device, self.lm.dtype),
                                         image_mask=torch.tensor(prompt.image_mask))
-            try:
-                handle = engine.submit(request)
-            except EngineError as error:
-                slots.release()
-                submitted.put(error_record(item, error.code, str(error), timings))
-                continue
-            submitted.put(_Pending(item, handle, result.num_crops, timings))
+            encoded.append((item, request, _Pending(item, None, result.num_crops, timings)))
+        return encoded
 
     def _record(self, pending: _Pending) -> dict:
         completion = pending.handle.result()
@@ -556,6 +586,39 @@ class LocalCaptioner:
                 "num_crops": pending.num_crops, "finish_reason": completion.finish_reason,
                 "tokens": {"prompt": completion.prompt_tokens, "generated": completion.completion_tokens},
                 "timings": timings}
+
+
+def _submit_ready(ready: deque, engine, submitted: queue.Queue, slots: _Slots, stop: threading.Event, *,
+                  concurrency: int, last: bool = False, idle: bool = False) -> None:
+    """Hand encoded prompts [(item, GenerationRequest, _Pending)] from the left of `ready` to the engine a
+    batch at a time: only once they fill every free place, or `concurrency` of them wait (then waiting
+    for places), or no image is left to encode (`last`: all of them, waiting for places), or the vision
+    tower has nothing to encode yet (`idle`: as many as there are free places, without waiting). A
+    prompt the engine refuses becomes its error record.
+
+    The engine decodes each step's rows together, and on a CPU a step costs nearly the same for one
+    row as for sixteen, while the vision tower wants the same cores: prompts handed over one vision
+    batch at a time kept the engine stepping at four rows or fewer beside the tower (a 16-image job of
+    the tiny VLM at 16 new tokens: ~80 engine steps against 17, 1.42-1.63 s against 1.19-1.25 s on
+    the 2-core dev machine; BENCHMARKS.md)."""
+    from lm.requests import EngineError
+
+    while ready and not stop.is_set():
+        free = slots.free
+        fills = free > 0 and len(ready) >= free
+        if not (fills or last or len(ready) >= concurrency or (idle and free > 0)):
+            return  # encode more first: the next vision batch fills the free places
+        if free == 0 and not slots.wait_free(timeout=0.1):
+            continue  # (stop is checked again)
+        item, request, pending = ready.popleft()
+        slots.take()
+        try:
+            pending.handle = engine.submit(request)
+        except EngineError as error:
+            slots.give_back()
+            submitted.put(error_record(item, error.code, str(error), pending.timings))
+            continue
+        submitted.put(pending)
 
 
 def _prepare(item: CaptionItem, pan_and_scan, limits):

@@ -125,3 +125,89 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
         progress.update({"id": "y", "error": {}})
     lines = plain.getvalue().splitlines()
     assert lines[-1].startswith("caption: 2/3 images (1 failed)") and "ETA" in lines[-1]
+
+
+class _Engine:
+    """Records what is submitted; refuses requests named in `refuse` as the engine refuses a prompt."""
+
+    def __init__(self, refuse=()):
+        self.submitted, self.refuse = [], set(refuse)
+
+    def submit(self, request):
+        from lm.requests import PromptTooLong
+
+        if request in self.refuse:
+            raise PromptTooLong(f"{request} is too long")
+        self.submitted.append(request)
+        return f"handle of {request}"
+
+
+def _ready(*names):
+    from collections import deque
+
+    from service.caption import _Pending
+
+    return deque((CaptionItem(name, name), name, _Pending(CaptionItem(name, name), None, 0, {"encode_s": 0.1}))
+                 for name in names)
+
+
+def _submit(ready, engine, slots, *, last=False, idle=False, concurrency=4):
+    import queue
+    import threading
+
+    from service.caption import _submit_ready
+
+    submitted = queue.Queue()
+    _submit_ready(ready, engine, submitted, slots, threading.Event(), concurrency=concurrency, last=last, idle=idle)
+    return [submitted.get_nowait() for _ in range(submitted.qsize())]
+
+
+def test_prompts_reach_the_engine_only_when_they_fill_the_free_places():
+    from service.caption import _Slots
+
+    engine, slots = _Engine(), _Slots(4)
+    ready = _ready("a", "b", "c")
+    assert _submit(ready, engine, slots, last=False) == [] and len(ready) == 3  # 3 of 4 free: wait for more
+    ready.extend(_ready("d", "e"))
+    out = _submit(ready, engine, slots, last=False)
+    assert engine.submitted == ["a", "b", "c", "d"] and [p.handle for p in out] == [f"handle of {n}" for n in "abcd"]
+    assert slots.free == 0 and list(r[1] for r in ready) == ["e"]
+    assert _submit(ready, engine, slots, last=False) == []  # no free place, fewer than `concurrency` waiting
+    slots.give_back()
+    slots.give_back()  # two places free, one prompt: it waits for a second one ...
+    assert _submit(ready, engine, slots, last=False) == [] and engine.submitted == ["a", "b", "c", "d"]
+    assert len(_submit(ready, engine, slots, last=True)) == 1  # ... unless no image is left to encode
+    assert engine.submitted[-1] == "e" and slots.free == 1 and not ready
+
+
+def test_a_full_queue_of_prompts_waits_for_a_place_and_a_refused_prompt_is_an_error_record():
+    import threading
+
+    from service.caption import _Slots
+
+    engine, slots = _Engine(refuse={"b"}), _Slots(3)
+    for _ in range(3):
+        slots.take()
+    ready = _ready("a", "b", "c")
+    threading.Timer(0.2, slots.give_back).start()  # a caption completes
+    out = _submit(ready, engine, slots, concurrency=3)  # 3 prompts = concurrency: waits for a place
+    assert engine.submitted == ["a"] and [p.handle for p in out] == ["handle of a"]
+    assert list(r[1] for r in ready) == ["b", "c"] and slots.free == 0
+    slots.give_back()
+    slots.give_back()
+    out = _submit(ready, engine, slots, last=True, concurrency=3)
+    assert engine.submitted == ["a", "c"] and slots.free == 1  # the refused prompt's place was given back
+    assert out[0] == {"id": "b", "path": "b", "error": {"code": "prompt_too_long", "message": "b is too long"},
+                      "timings": {"encode_s": 0.1}} and out[1].handle == "handle of c"
+
+
+def test_while_the_tower_waits_for_an_image_the_ready_prompts_take_the_free_places_without_waiting():
+    from service.caption import _Slots
+
+    engine, slots = _Engine(), _Slots(4)
+    slots.take()
+    slots.take()
+    ready = _ready("a", "b", "c")
+    assert len(_submit(ready, engine, slots, idle=True)) == 2  # two free places: two prompts, no wait
+    assert engine.submitted == ["a", "b"] and slots.free == 0 and len(ready) == 1
+    assert _submit(ready, engine, slots, idle=True) == []  # none free: it returns at once
