@@ -8,7 +8,8 @@ widths so it runs on a laptop CPU):
   all captions), writing the JSONL output as `tessera caption` does;
 - reference (`service.caption_reference`): for each image, `Gemma3Processor`
   (Gemma3ImageProcessorPil) then `Gemma3ForConditionalGeneration.generate`, one image at a time.
-Every caption is exactly `--new-tokens` tokens on both sides (stop tokens ignored), greedy.
+Every caption is exactly `--new-tokens` tokens on both sides (stop tokens ignored), greedy. The two
+sides run `--repeats` times each, alternating; the ratio is of the median times.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pan-and-scan", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (medians compared)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from service.tiny_checkpoints import write_tiny_captioning_checkpoint
     from vision.sample import synthetic_photo
 
+    if min(args.images, args.new_tokens, args.repeats, args.threads) < 1:
+        print("--images, --new-tokens, --repeats and --threads must be positive")
+        return 2
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-caption-"))
     try:
@@ -60,32 +66,50 @@ def run(args: argparse.Namespace) -> int:
                                  prefill_chunk=args.prefill_chunk)
         captioner = load_local_captioner(str(checkpoint), options)
         run_job(captioner, items[:2], RecordWriter(work / "warmup.jsonl"), JobSummary())  # warm-up
-        summary = JobSummary(inputs=len(items))
-        with RecordWriter(work / "results.jsonl") as writer:
-            run_job(captioner, items, writer, summary)
-        ours = summary.processed / summary.seconds
-        crops = sum(json.loads(line).get("num_crops", 0) for line in open(work / "results.jsonl"))
+
+        def ours(run: int) -> float:
+            summary = JobSummary(inputs=len(items))
+            with RecordWriter(work / f"results{run}.jsonl") as writer:
+                run_job(captioner, items, writer, summary)
+            if summary.failed:
+                raise RuntimeError(f"{summary.failed} of {len(items)} captions failed")
+            return summary.seconds
+
+        reference = None
+        if not args.skip_reference:
+            from transformers import Gemma3ForConditionalGeneration
+
+            from service.caption_reference import reference_caption, reference_processor
+
+            model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+            processor = reference_processor(checkpoint)
+            reference_caption(model, processor, items[0].path, prompt, new_tokens=2)  # warm-up
+
+            def reference(run: int) -> float:
+                started = time.perf_counter()
+                for item in items:
+                    reference_caption(model, processor, item.path, prompt, new_tokens=args.new_tokens,
+                                      pan_and_scan=args.pan_and_scan, force_length=True)
+                return time.perf_counter() - started
+
+        # the two sides alternate, so that a slower moment of the machine hits both; medians compared
+        seconds: dict[str, list[float]] = {"tessera": [], "reference": []}
+        for run in range(args.repeats):
+            seconds["tessera"].append(ours(run))
+            if reference is not None:
+                seconds["reference"].append(reference(run))
+        crops = sum(json.loads(line).get("num_crops", 0) for line in open(work / "results0.jsonl"))
         print(f"caption bench: {args.images} synthetic photos ({crops} Pan & Scan crops), {args.new_tokens} new "
-              f"tokens each, greedy; torch threads {args.threads}")
-        print(f"  tessera caption  (concurrency {args.concurrency}): {ours:7.3f} images/s "
-              f"({summary.seconds:.2f} s, {summary.failed} failed)")
-        if args.skip_reference:
+              f"tokens each, greedy; torch threads {args.threads}; {args.repeats} alternating runs")
+        ours_s = statistics.median(seconds["tessera"])
+        print(f"  tessera caption  (concurrency {args.concurrency}): {len(items) / ours_s:7.3f} images/s "
+              f"(median {ours_s:.2f} s; runs {', '.join(f'{s:.2f}' for s in seconds['tessera'])})")
+        if reference is None:
             return 0
-        from transformers import Gemma3ForConditionalGeneration
-
-        from service.caption_reference import reference_caption, reference_processor
-
-        model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        processor = reference_processor(checkpoint)
-        reference_caption(model, processor, items[0].path, prompt, new_tokens=2)  # warm-up
-        started = time.perf_counter()
-        for item in items:
-            reference_caption(model, processor, item.path, prompt, new_tokens=args.new_tokens,
-                              pan_and_scan=args.pan_and_scan, force_length=True)
-        seconds = time.perf_counter() - started
-        reference = len(items) / seconds
-        print(f"  transformers loop (one image at a time):   {reference:7.3f} images/s ({seconds:.2f} s)")
-        print(f"  ratio: {ours / reference:.2f}x")
+        reference_s = statistics.median(seconds["reference"])
+        print(f"  transformers loop (one image at a time):   {len(items) / reference_s:7.3f} images/s "
+              f"(median {reference_s:.2f} s; runs {', '.join(f'{s:.2f}' for s in seconds['reference'])})")
+        print(f"  ratio: {reference_s / ours_s:.2f}x")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
