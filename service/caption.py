@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -525,10 +526,14 @@ class LocalCaptioner:
                 refill()
                 while futures and not stop.is_set():
                     batch = [futures.popleft()]
-                    if not batch[0][1].done():  # the tower waits for an image: the engine may use the cores
+                    # While the tower waits for the oldest image, the engine may use the cores: the prompts
+                    # already encoded take each place that frees up meanwhile.
+                    while not batch[0][1].done() and not stop.is_set():
                         _submit_ready(ready, engine, submitted, slots, stop, concurrency=self.options.concurrency,
                                       idle=True)
-                    batch[0][1].result()  # wait for the oldest image
+                        wait_futures([batch[0][1]], timeout=0.05)
+                    if stop.is_set():
+                        break
                     # Encode together whatever else is already tiled, up to the vision batch.
                     while futures and futures[0][1].done() and _tiles(batch) < self.options.vision_batch:
                         batch.append(futures.popleft())

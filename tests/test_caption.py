@@ -338,3 +338,47 @@ def test_a_second_job_reuses_the_head_screen_and_gives_the_same_records(checkpoi
                                          sort_keys=True) for record in _records(tmp_path / f"run{run}.jsonl")))
     assert len(builds) == 1, "the second job's engine built the screen again"
     assert records[0] == records[1]
+
+
+def test_prompts_encoded_before_a_slow_image_are_captioned_while_it_decodes(checkpoint, tmp_path, monkeypatch):
+    """Concurrency 2, one tile per tower call: a and b fill the engine, c waits for a place, and d's decode
+    blocks until released. The places a and b give back go to c meanwhile, so three records exist before
+    d is decoded at all."""
+    import threading
+
+    import service.caption as caption
+    from lm.sampling import SamplingParams
+    from service.caption import CaptionOptions, JobSummary, RecordWriter, collect_inputs, load_local_captioner, run_job
+
+    for i, name in enumerate("abcd"):
+        Image.new("RGB", (64, 48 + i), (40 * i, 90, 160)).save(tmp_path / f"{name}.png")
+    release = threading.Event()
+    prepare = caption._prepare
+
+    def slow_d(item, *args):
+        if item.path.endswith("d.png"):
+            assert release.wait(120), "never released"
+        return prepare(item, *args)
+
+    monkeypatch.setattr(caption, "_prepare", slow_d)
+    # a and b still decode (128 tokens each) when the producer reaches d, so no place is free then
+    options = CaptionOptions(prompt=PROMPT, params=SamplingParams(max_new_tokens=128, stop_token_ids=()),
+                             concurrency=2, vision_batch=1, workers=2)
+    captioner = load_local_captioner(str(checkpoint), options)
+    items, _ = collect_inputs([tmp_path / f"{name}.png" for name in "abcd"])
+    out = tmp_path / "records.jsonl"
+    with RecordWriter(out) as writer:
+        job = threading.Thread(target=run_job, args=(captioner, items, writer, JobSummary(inputs=4)))
+        job.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not out.exists() or out.read_bytes().count(b"\n") < 3:
+                assert time.monotonic() < deadline, "the prompts encoded before the slow image waited for it"
+                time.sleep(0.02)
+            assert not release.is_set()
+        finally:
+            release.set()
+            job.join(120)
+    records = _records(out)
+    assert sorted(Path(r["path"]).name for r in records[:3]) == ["a.png", "b.png", "c.png"]
+    assert [Path(r["path"]).name for r in records[3:]] == ["d.png"] and all("caption" in r for r in records)
