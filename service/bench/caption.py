@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                                  concurrency=args.concurrency, workers=args.workers, vision_batch=args.vision_batch,
                                  prefill_chunk=args.prefill_chunk)
         captioner = load_local_captioner(str(checkpoint), options)
-        run_job(captioner, items[:2], RecordWriter(work / "warmup.jsonl"), JobSummary())  # warm-up
+        with RecordWriter(work / "warmup.jsonl") as writer:
+            run_job(captioner, items[:2], writer, JobSummary())  # warm-up
 
         def ours(run: int) -> float:
             summary = JobSummary(inputs=len(items))
@@ -92,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
                                       pan_and_scan=args.pan_and_scan, force_length=True)
                 return time.perf_counter() - started
 
-        # the two sides alternate, so that a slower moment of the machine hits both; medians compared
+        # the two sides alternate (each run the other one first), so that a slower moment of the machine
+        # hits both; medians compared
         seconds: dict[str, list[float]] = {"tessera": [], "reference": []}
         for run in range(args.repeats):
-            seconds["tessera"].append(ours(run))
-            if reference is not None:
-                seconds["reference"].append(reference(run))
+            sides = [("tessera", ours)] + ([("reference", reference)] if reference is not None else [])
+            for side, measure in sides[::-1] if run % 2 else sides:
+                seconds[side].append(measure(run))
         crops = sum(json.loads(line).get("num_crops", 0) for line in open(work / "results0.jsonl"))
         print(f"caption bench: {args.images} synthetic photos ({crops} Pan & Scan crops), {args.new_tokens} new "
               f"tokens each, greedy; torch threads {args.threads}; {args.repeats} alternating runs")
