@@ -605,7 +605,7 @@ def _submit_ready(ready: deque, engine, submitted: queue.Queue, slots: _Slots, s
     row as for sixteen, while the vision tower wants the same cores: prompts handed over one vision
     batch at a time kept the engine stepping at four rows or fewer beside the tower (a 16-image job of
     the tiny VLM at 16 new tokens: ~80 engine steps against 17, 1.42-1.63 s against 1.19-1.25 s on
-    the 2-core dev machine; BENCHMARKS.md)."""
+    a 2-core machine; BENCHMARKS.md, "Batch captioning")."""
     from lm.requests import EngineError
 
     while ready and not stop.is_set():
