@@ -604,8 +604,9 @@ def _submit_ready(ready: deque, engine, submitted: queue.Queue, slots: _Slots, s
     The engine decodes each step's rows together, and on a CPU a step costs nearly the same for one
     row as for sixteen, while the vision tower wants the same cores: prompts handed over one vision
     batch at a time kept the engine stepping at four rows or fewer beside the tower (a 16-image job of
-    the tiny VLM at 16 new tokens: ~80 engine steps against 17, 1.42-1.63 s against 1.19-1.25 s on
-    a 2-core machine; BENCHMARKS.md, "Batch captioning")."""
+    the tiny VLM at 16 new tokens: ~80 engine steps against 17; `tessera bench caption --skip-reference`,
+    old and new alternating on a 2-core machine, 1.30-1.52 s against 1.23-1.34 s: BENCHMARKS.md, "Batch
+    captioning")."""
     from lm.requests import EngineError
 
     while ready and not stop.is_set():
