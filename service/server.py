@@ -172,7 +172,7 @@ class TesseraServer:
             from service.openai_api import LocalGateway
 
             await self._start_http(LocalGateway(self.gateway, ready=lambda: self._models_ready), config.http_port, token)
-        self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
+        await self._start_metrics()
         self._load_task = asyncio.create_task(self._load())
         if self._backends is not None:
             self._backends_task = asyncio.create_task(self._backends.run())
@@ -195,6 +195,21 @@ class TesseraServer:
                 await self._server.stop(0)
             raise OSError(f"the HTTP port {port}: {error}") from error
 
+    async def _start_metrics(self) -> None:
+        """The Prometheus exporter on --metrics-port (0: none). Raises OSError naming that port when it
+        cannot listen there (taken: every role's default is 9090), after stopping what already started."""
+        port = self.config.metrics_port
+        try:
+            self.metrics_port = self.metrics.serve(port, self.config.host)
+        except OSError as error:
+            if self._backends_task is not None:
+                self._backends_task.cancel()
+            await asyncio.gather(self._http.stop() if self._http is not None else asyncio.sleep(0),
+                                 self._server.stop(0) if self._server is not None else asyncio.sleep(0))
+            for channel in self._channels:
+                await channel.close()
+            raise OSError(f"the metrics port {port}: {error}") from error
+
     async def _start_openai(self, token: str | None) -> int:
         """`serve openai`: the HTTP API alone, in front of the gateway at --gateway-target."""
         from service.openai_api import RemoteGateway
@@ -212,7 +227,7 @@ class TesseraServer:
         await self._start_http(RemoteGateway(channel, metadata, ready=lambda: self._backends.ready, name=str(backend)),
                                config.port, token)
         self.port = self.http_port
-        self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
+        await self._start_metrics()
         self._models_ready = True
         self.loaded.set()
         return self.port
@@ -302,7 +317,10 @@ class TesseraServer:
         loading = asyncio.create_task(self.loaded.wait())
         await asyncio.wait([waiter, loading], return_when=asyncio.FIRST_COMPLETED)
         if self.load_error is None and not stop_requested.is_set():
-            log.info("serving %s on port %d", ", ".join(self.service_names) or "no gRPC service", self.port)
+            if self.service_names:
+                log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
+            else:  # serve openai: the HTTP API alone
+                log.info("serving the OpenAI-compatible HTTP API on port %d", self.port)
             await waiter
         if stop_requested.is_set():
             log.info("stopping: finishing in-flight requests (grace period %.0f s; a second signal ends them now)",

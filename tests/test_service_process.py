@@ -303,6 +303,26 @@ def test_ctrl_c_ends_any_command_with_130_and_no_traceback(monkeypatch, capsys):
     assert capsys.readouterr().err == "tessera generate: interrupted\n"
 
 
+def test_a_busy_metrics_port_is_named_and_the_process_exits_cleanly():
+    """Every role listens for metrics on 9090 by default, so a second role on the same host meets a
+    taken metrics port: the error names that port (not the free gRPC one), with no traceback after it."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        metrics_port, port = busy.getsockname()[1], free_port()
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "gateway", "--host", "127.0.0.1", "--port", str(port),
+             "--metrics-port", str(metrics_port), "--vision-target", "127.0.0.1:9", "--lm-target", "127.0.0.1:9"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"the metrics port {metrics_port}:" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    with socket.socket() as again:  # the gRPC port was given back
+        again.bind(("127.0.0.1", port))
+
+
 def test_query_refuses_what_grpc_cannot_take_before_connecting(capsys, tmp_path):
     from service.cli import main
 
