@@ -367,6 +367,11 @@ def test_dockerfile_has_cpu_and_cuda_variants_a_non_root_user_and_no_weights():
         for container in all_containers(docs):
             cache = [m for m in container.get("volumeMounts", []) if m["name"] == "cache"]
             assert all(m["mountPath"] == f"{home}/.cache" for m in cache)
+            # every role compiles numba kernels into NUMBA_CACHE_DIR at start (the gateway and the HTTP front
+            # too: sampling and decoding): a read-only root needs that directory writable
+            if container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                assert any(not m.get("readOnly") for m in cache), f"{container['name']}: no writable {home}/.cache"
+    assert re.search(rf"\bNUMBA_CACHE_DIR={re.escape(home)}/\.cache/", text)
     ignore = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
               if line and not line.startswith("#")]
     assert ignore[0] == "*" and "**/*.safetensors" in ignore and "**/*.gguf" in ignore  # allow-list context
