@@ -593,9 +593,12 @@ class OpenAIFront:
         try:
             return model.model_validate_json(b"".join(chunks))
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise ApiError(400, f"invalid request body: {where or 'body'}: {first.get('msg')} "
+            # A field of several types (a message's content: a string or a list of parts) fails once per
+            # type; the deepest error is the one inside what the client sent (its image part's url, not
+            # "content is not a string"). Pydantic's labels of those types (`list[ContentPart]`) are left out.
+            deepest = max(error.errors(), key=lambda e: len(e.get("loc", ())))
+            where = ".".join(str(p) for p in deepest.get("loc", ()) if not (isinstance(p, str) and "[" in p))
+            raise ApiError(400, f"invalid request body: {where or 'body'}: {deepest.get('msg')} "
                                 f"({error.error_count()} error(s))", param=where or None) from None
 
     def _count(self, route: str, status: int) -> None:
