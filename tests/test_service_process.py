@@ -329,6 +329,8 @@ def test_query_refuses_what_grpc_cannot_take_before_connecting(capsys, tmp_path)
     for flags, words in [(["--max-message-mb", "2048"], "--max-message-mb must be 1 to 2047"),
                          (["--max-message-mb", "-1"], "--max-message-mb must be 1 to 2047"),
                          (["--timeout", "0"], "--timeout must be positive"),
+                         (["--max-new-tokens", str(2**40)], "--max-new-tokens must be 1 to 2147483647"),
+                         (["--max-new-tokens", "0"], "--max-new-tokens must be 1 to 2147483647"),
                          (["--ca-cert", str(tmp_path / "missing.pem")], "--ca-cert")]:
         assert main(["query", "--target", "127.0.0.1:9", *flags, "hi"]) == 2
         assert words in capsys.readouterr().err

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                              f"got {args.max_message_mb}")
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be positive (seconds), got {args.timeout}")
+        if not 1 <= args.max_new_tokens <= 2**31 - 1:  # the request's int32 (the context ends generation sooner)
+            raise ValueError(f"--max-new-tokens must be 1 to {2**31 - 1}, got {args.max_new_tokens}")
         request = build_request(args)
         try:
             root_certificate = args.ca_cert.read_bytes() if args.ca_cert else None
