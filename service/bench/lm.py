@@ -4,17 +4,25 @@ default; `--model` any supported family), side by side in one process.
 
 Figures: decode tok/s at batch 1 (the fastest of --decode-repeats runs, for every contender), aggregate decode tok/s with 8 concurrent requests, prefill tok/s
 for a 2,048-token prompt, time to first token, load time (quantisation included), resident-memory
-growth while each contender runs, and the ratios. Accuracy of each scheme against fp32: greedy
-agreement (teacher-forced along fp32's greedy continuations, 64 tokens x 8 prompts) and logits cosine.
+growth while each contender runs, and the ratios. Cold and warm start (`start_seconds`): a fresh
+Python process, from its spawn to its first generated token, first with empty on-disk caches (the
+GGUF conversion cache and numba's compiled kernels: a new machine), then again with the caches the
+first one filled. Accuracy of each scheme against fp32: greedy agreement (teacher-forced along
+fp32's greedy continuations, 64 tokens x 8 prompts) and logits cosine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -43,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object too")
     parser.add_argument("--accuracy-only", action="store_true",
                         help="only each scheme's load time and accuracy against fp32 (no speed, no reference)")
+    parser.add_argument("--skip-start", action="store_true",
+                        help="skip the cold and warm start of each contender (fresh processes, ~1-2 min each)")
 
 
 class PeakRSS:
@@ -142,6 +152,72 @@ def quantized_accuracy(fp32_lm, quantized_lm, new_tokens: int) -> dict:
         cosines += torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1).tolist()
     return {"greedy_agreement": agree / total, "logits_cosine_min": min(cosines),
             "logits_cosine_mean": sum(cosines) / len(cosines)}
+
+
+START_TIMEOUT_S = 1800  # one fresh process's start; a cold 1.5B converts ~1 GB first
+
+
+def start_seconds(model: str, scheme: str | None, threads: int, *, llama_cpp: bool = False,
+                  directory: str | Path | None = None) -> tuple[float, float]:
+    """(cold, warm) seconds from spawning a fresh Python process to its first generated token (greedy,
+    the first prompt; `scheme` one of lm.quantize.SCHEMES or None for fp32; `llama_cpp`: llama.cpp's
+    Llama instead, `model` then a GGUF file, which it reads as it is, keeping no on-disk cache). Cold: a new conversion
+    cache and NUMBA_CACHE_DIR, both empty, as on a new machine; warm: the same process again with what
+    the cold one left there. The OS page cache is warm for both (the files were just read). Raises
+    RuntimeError, naming the process's last error line, when a process fails or exceeds START_TIMEOUT_S.
+    `directory`: where the two caches go (an empty directory; default a temporary one, removed after)."""
+    command = [sys.executable, "-m", "service.bench.lm", "--first-token", model, "--threads", str(threads)]
+    if scheme:
+        command += ["--quantize", scheme]
+    if llama_cpp:
+        command.append("--llama-cpp")
+    times = []
+    with contextlib.nullcontext(directory) if directory else tempfile.TemporaryDirectory(prefix="tessera-start-") \
+            as directory:
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(directory) / "numba"), OMP_NUM_THREADS=str(threads))
+        for _ in range(2):
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(command + ["--cache-dir", str(Path(directory) / "models")], env=env,
+                                      capture_output=True, text=True, timeout=START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"starting {' '.join(command[4:])} took over {START_TIMEOUT_S} s") from None
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"starting {' '.join(command[4:])} failed (exit {done.returncode}): {last}")
+            times.append(time.perf_counter() - started)
+    return times[0], times[1]
+
+
+def _first_token(argv: list[str]) -> int:
+    """The process `start_seconds` spawns: load, then generate one greedy token, then exit."""
+    parser = argparse.ArgumentParser(prog="python -m service.bench.lm --first-token")
+    parser.add_argument("model")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--quantize")
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--llama-cpp", action="store_true")
+    args = parser.parse_args(argv)
+    if args.llama_cpp:  # `model` is the GGUF file itself; nothing of the project is imported
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=256,
+                    verbose=False)
+        next(iter(llm.generate(llm.tokenize(PROMPTS[0].encode()), temp=0.0, top_k=1, reset=True)))
+        return 0
+    import torch
+
+    from lm.engine import EngineConfig
+    from lm.requests import GenerationRequest
+    from lm.runtime import load_language_model
+    from lm.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+
+    lm = load_language_model(args.model, quantize=args.quantize, cache_dir=args.cache_dir, progress=False)
+    engine = lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=64 << 20, max_batch=1, stop_token_ids=()))
+    engine.generate(GenerationRequest(lm.tokenizer.encode(PROMPTS[0]), SamplingParams(max_new_tokens=1)))
+    return 0
 
 
 # ----- the reference: transformers -------------------------------------------------------------
@@ -293,21 +369,32 @@ def run(args: argparse.Namespace) -> int:
         llama = bench_llama_cpp(gguf_file, fp32.tokenizer, args) if gguf_file else None
         if llama:
             rows.append(llama)
+    if not args.skip_start:  # after the in-process figures: these processes would disturb them
+        for row in rows:
+            if row["name"].startswith("tessera") or row is llama:
+                scheme = row["name"].removeprefix("tessera ")
+                row["start_cold_s"], row["start_warm_s"] = start_seconds(
+                    str(gguf_file) if row is llama else args.model, None if scheme == "fp32" or row is llama else scheme,
+                    args.threads, llama_cpp=row is llama)
 
     print(f"{'':24}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}{'load s':>8}"
-          f"{'weights MiB':>13}{'KV MiB':>8}{'RSS +MiB':>10}")
+          f"{'weights MiB':>13}{'KV MiB':>8}{'RSS +MiB':>10}{'cold s':>8}{'warm s':>8}")
     for row in rows:
         agg = "-" if row["aggregate_8_tok_s"] is None else f"{row['aggregate_8_tok_s']:.1f}"
         kv = "-" if row["kv_cache_mib"] is None else f"{row['kv_cache_mib']:.0f}"
         load = "-" if row.get("load_s") is None else f"{row['load_s']:.1f}"
+        cold, warm = ("-" if row.get(key) is None else f"{row[key]:.1f}" for key in ("start_cold_s", "start_warm_s"))
         print(f"{row['name']:24}{row['decode_tok_s']:14.1f}{agg:>13}{row['prefill_tok_s']:15.1f}"
-              f"{row['ttft_s']:9.3f}{load:>8}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}")
+              f"{row['ttft_s']:9.3f}{load:>8}{row['weights_mib']:13.0f}{kv:>8}{row['peak_rss_growth_mib']:10.0f}"
+              f"{cold:>8}{warm:>8}")
     print(f"decode tok/s: the fastest of {max(1, args.decode_repeats)} runs of {args.new_tokens} tokens, for every "
           "contender alike; weights: parameter, buffer and fbgemm-packed bytes (llama.cpp: the GGUF file; int8-dynamic's "
           "projections are held packed for fbgemm, and row-major too where lm.matvec takes decode's few rows; "
           "the int8 head both packed and plain for the embedding's lookups); KV: the engine's preallocated cache; "
           "RSS +MiB: peak resident growth while the measurements ran (llama.cpp's includes loading its model); "
-          "load s: checkpoint to ready model")
+          "load s: checkpoint to ready model; cold s / warm s: a fresh process from its spawn to its first token, "
+          "with empty conversion and numba caches, then with the caches the first one filled (llama.cpp keeps none; "
+          "the OS page cache is warm for both)")
     for scheme, choice in kernels.items():
         print(f"{scheme} kernels (measured at load): {choice}")
     for scheme, figures in accuracy.items():
@@ -337,8 +424,6 @@ def _accuracy_line(scheme: str, figures: dict, new_tokens: int) -> str:
 
 
 def _gguf_file(spec: str):
-    from pathlib import Path
-
     from lm.checkpoints import DEFAULT_MODEL, PACKAGED_MODELS, embedded_gguf, packaged_gguf
 
     if spec == DEFAULT_MODEL:
@@ -347,3 +432,7 @@ def _gguf_file(spec: str):
         return packaged_gguf(spec, progress=False)
     path = Path(spec)
     return path if path.suffix.lower() == ".gguf" else None
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--first-token"]:
+    sys.exit(_first_token(sys.argv[2:]))
