@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lm.commands.generate", "generate text with a Gemma 3 or Qwen decoder (and images, Gemma 3 4B-27B)"),
     "caption": ("service.commands.caption", "caption many images into a JSONL file (resumable, sharded)"),
     "bench": ("service.bench", "benchmarks against the reference, side by side"),
-    "serve": ("service.commands.serve", "run a role: the gRPC services vision, lm, gateway, all in one process, or the OpenAI HTTP front"),
+    "serve": ("service.commands.serve",
+              "run a role: vision, lm or gateway (gRPC), all (the three in one process) or openai (the HTTP API)"),
     "query": ("service.commands.query", "ask a running gateway: text (+ images) in, the answer printed"),
 }
 

@@ -161,11 +161,12 @@ def start_seconds(model: str, scheme: str | None, threads: int, *, llama_cpp: bo
                   directory: str | Path | None = None) -> tuple[float, float]:
     """(cold, warm) seconds from spawning a fresh Python process to its first generated token (greedy,
     the first prompt; `scheme` one of lm.quantize.SCHEMES or None for fp32; `llama_cpp`: llama.cpp's
-    Llama instead, `model` then a GGUF file, which it reads as it is, keeping no on-disk cache). Cold: a new conversion
-    cache and NUMBA_CACHE_DIR, both empty, as on a new machine; warm: the same process again with what
-    the cold one left there. The OS page cache is warm for both (the files were just read). Raises
-    RuntimeError, naming the process's last error line, when a process fails or exceeds START_TIMEOUT_S.
-    `directory`: where the two caches go (an empty directory; default a temporary one, removed after)."""
+    Llama instead, `model` then a GGUF file, which it reads as it is, keeping no on-disk cache).
+    Cold: a new conversion cache and NUMBA_CACHE_DIR, both empty, as on a new machine; warm: the same
+    process again with what the cold one left there. The OS page cache is warm for both (the files
+    were just read). `directory`: where the two caches go (an empty directory; default a temporary
+    one, removed after). Raises RuntimeError, naming the process's last error line, when a process
+    fails or exceeds START_TIMEOUT_S."""
     command = [sys.executable, "-m", "service.bench.lm", "--first-token", model, "--threads", str(threads)]
     if scheme:
         command += ["--quantize", scheme]
@@ -213,7 +214,6 @@ def _first_token(argv: list[str]) -> int:
     from lm.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
-
     lm = load_language_model(args.model, quantize=args.quantize, cache_dir=args.cache_dir, progress=False)
     engine = lm.engine(EngineConfig(max_seq_len=256, kv_budget_bytes=64 << 20, max_batch=1, stop_token_ids=()))
     engine.generate(GenerationRequest(lm.tokenizer.encode(PROMPTS[0]), SamplingParams(max_new_tokens=1)))
@@ -374,8 +374,8 @@ def run(args: argparse.Namespace) -> int:
             if row["name"].startswith("tessera") or row is llama:
                 scheme = row["name"].removeprefix("tessera ")
                 row["start_cold_s"], row["start_warm_s"] = start_seconds(
-                    str(gguf_file) if row is llama else args.model, None if scheme == "fp32" or row is llama else scheme,
-                    args.threads, llama_cpp=row is llama)
+                    str(gguf_file) if row is llama else args.model,
+                    None if scheme == "fp32" or row is llama else scheme, args.threads, llama_cpp=row is llama)
 
     print(f"{'':24}{'decode tok/s':>14}{'8-req tok/s':>13}{'prefill tok/s':>15}{'TTFT s':>9}{'load s':>8}"
           f"{'weights MiB':>13}{'KV MiB':>8}{'RSS +MiB':>10}{'cold s':>8}{'warm s':>8}")
