@@ -13,6 +13,7 @@ from service.bench.lm import start_seconds
 from service.tiny_checkpoints import write_tiny_captioning_checkpoint
 
 
+@pytest.mark.slow  # ~45 s: the cold start compiles every numba kernel (the suite keeps to its 15 minutes)
 def test_the_cold_start_fills_the_caches_a_later_start_reads_without_compiling(tmp_path):
     checkpoint = write_tiny_captioning_checkpoint(tmp_path / "tiny")
     caches = tmp_path / "caches"
