@@ -191,8 +191,7 @@ class TesseraServer:
         try:
             self.http_port = await self._http.start()
         except OSError as error:
-            if self._server is not None:
-                await self._server.stop(0)
+            await self._stop_started()
             raise OSError(f"the HTTP port {port}: {error}") from error
 
     async def _start_metrics(self) -> None:
@@ -202,13 +201,18 @@ class TesseraServer:
         try:
             self.metrics_port = self.metrics.serve(port, self.config.host)
         except OSError as error:
-            if self._backends_task is not None:
-                self._backends_task.cancel()
-            await asyncio.gather(self._http.stop() if self._http is not None else asyncio.sleep(0),
-                                 self._server.stop(0) if self._server is not None else asyncio.sleep(0))
-            for channel in self._channels:
-                await channel.close()
+            await self._stop_started()
             raise OSError(f"the metrics port {port}: {error}") from error
+
+    async def _stop_started(self) -> None:
+        """Undo a start that failed part way (a port taken): the servers, the backends' watch and the
+        channels started so far, so that the process exits without grpc complaining at interpreter exit."""
+        if self._backends_task is not None:
+            self._backends_task.cancel()
+        await asyncio.gather(self._http.stop() if self._http is not None else asyncio.sleep(0),
+                             self._server.stop(0) if self._server is not None else asyncio.sleep(0))
+        for channel in self._channels:
+            await channel.close()
 
     async def _start_openai(self, token: str | None) -> int:
         """`serve openai`: the HTTP API alone, in front of the gateway at --gateway-target."""
