@@ -510,7 +510,7 @@ class LocalCaptioner:
 
     def _produce(self, items, engine, submitted: queue.Queue, slots: _Slots, stop) -> None:
         try:
-            ready: deque[tuple[CaptionItem, object, _Pending]] = deque()  # encoded prompts not yet submitted
+            ready: deque[tuple[object, _Pending]] = deque()  # encoded prompts not yet submitted
             with ThreadPoolExecutor(self.options.workers, thread_name_prefix="caption-preprocess") as pool:
                 lookahead = 2 * self.options.workers + self.options.vision_batch
                 pending = iter(items)
@@ -550,7 +550,7 @@ class LocalCaptioner:
 
     def _encode(self, prepared, submitted: queue.Queue) -> list[tuple]:
         """Encode the tiles of `prepared` [(item, (PreprocessedImage or ImageError, seconds))] in one
-        vision-tower call: [(item, GenerationRequest, _Pending without its handle)] per image; an image
+        vision-tower call: [(GenerationRequest, _Pending without its handle)] per image; an image
         that failed to preprocess goes to `submitted` as its error record."""
         import torch
 
@@ -577,7 +577,7 @@ class LocalCaptioner:
                                   tokens_per_tile=self.lm.config.mm_tokens_per_image)
             request = GenerationRequest(prompt.token_ids, self.params, soft_tokens=soft.to(self.lm.device, self.lm.dtype),
                                         image_mask=torch.tensor(prompt.image_mask))
-            encoded.append((item, request, _Pending(item, None, result.num_crops, timings)))
+            encoded.append((request, _Pending(item, None, result.num_crops, timings)))
         return encoded
 
     def _record(self, pending: _Pending) -> dict:
@@ -595,7 +595,7 @@ class LocalCaptioner:
 
 def _submit_ready(ready: deque, engine, submitted: queue.Queue, slots: _Slots, stop: threading.Event, *,
                   concurrency: int, last: bool = False, idle: bool = False) -> None:
-    """Hand encoded prompts [(item, GenerationRequest, _Pending)] from the left of `ready` to the engine a
+    """Hand encoded prompts [(GenerationRequest, _Pending)] from the left of `ready` to the engine a
     batch at a time: only once they fill every free place, or `concurrency` of them wait (then waiting
     for places), or no image is left to encode (`last`: all of them, waiting for places), or the vision
     tower has nothing to encode yet (`idle`: as many as there are free places, without waiting). A
@@ -616,13 +616,13 @@ def _submit_ready(ready: deque, engine, submitted: queue.Queue, slots: _Slots, s
             return  # encode more first: the next vision batch fills the free places
         if free == 0 and not slots.wait_free(timeout=0.1):
             continue  # (stop is checked again)
-        item, request, pending = ready.popleft()
+        request, pending = ready.popleft()
         slots.take()
         try:
             pending.handle = engine.submit(request)
         except EngineError as error:
             slots.give_back()
-            submitted.put(error_record(item, error.code, str(error), pending.timings))
+            submitted.put(error_record(pending.item, error.code, str(error), pending.timings))
             continue
         submitted.put(pending)
 

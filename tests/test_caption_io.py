@@ -147,8 +147,7 @@ def _ready(*names):
 
     from service.caption import _Pending
 
-    return deque((CaptionItem(name, name), name, _Pending(CaptionItem(name, name), None, 0, {"encode_s": 0.1}))
-                 for name in names)
+    return deque((name, _Pending(CaptionItem(name, name), None, 0, {"encode_s": 0.1})) for name in names)
 
 
 def _submit(ready, engine, slots, *, last=False, idle=False, concurrency=4):
@@ -171,7 +170,7 @@ def test_prompts_reach_the_engine_only_when_they_fill_the_free_places():
     ready.extend(_ready("d", "e"))
     out = _submit(ready, engine, slots, last=False)
     assert engine.submitted == ["a", "b", "c", "d"] and [p.handle for p in out] == [f"handle of {n}" for n in "abcd"]
-    assert slots.free == 0 and list(r[1] for r in ready) == ["e"]
+    assert slots.free == 0 and list(r[0] for r in ready) == ["e"]
     assert _submit(ready, engine, slots, last=False) == []  # no free place, fewer than `concurrency` waiting
     slots.give_back()
     slots.give_back()  # two places free, one prompt: it waits for a second one ...
@@ -192,7 +191,7 @@ def test_a_full_queue_of_prompts_waits_for_a_place_and_a_refused_prompt_is_an_er
     threading.Timer(0.2, slots.give_back).start()  # a caption completes
     out = _submit(ready, engine, slots, concurrency=3)  # 3 prompts = concurrency: waits for a place
     assert engine.submitted == ["a"] and [p.handle for p in out] == ["handle of a"]
-    assert list(r[1] for r in ready) == ["b", "c"] and slots.free == 0
+    assert list(r[0] for r in ready) == ["b", "c"] and slots.free == 0
     slots.give_back()
     slots.give_back()
     out = _submit(ready, engine, slots, last=True, concurrency=3)
