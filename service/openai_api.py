@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lm.prompt import RequestTooLarge
 from lm.requests import EngineOverloaded, EngineStopped
@@ -45,6 +46,7 @@ from proto.tessera.lm.v1 import lm_pb2
 from service.interceptors import (
     OVERLOADED, REPLY_TOO_LARGE, REQUEST_TOO_LARGE, BackendError, DeadlineExceeded, NotReady, error_reason,
 )
+from service import openai_protocol
 from service.media_fetch import fetch_image
 from service.openai_protocol import (
     ApiError, ChatCompletionRequest, CompletionRequest, messages_to_proto, pan_and_scan_to_proto, sampling_to_proto,
@@ -165,6 +167,22 @@ class ToolMode:
     kind: str = "none"  # none | auto | required | named
     function: str = ""  # named: the function
     single: bool = False  # parallel_tool_calls false: one call at most
+
+
+# pydantic names, in an error's loc, the member of a union it tried: a scalar type, a generic or
+# constrained type (`list[ContentPart]`, `literal['auto','none']`, `function-after[...]`) or a model class
+_SCALAR_LABELS = frozenset({"str", "int", "float", "bool", "bytes", "none"})
+_TYPE_LABEL = re.compile(r"(?:list|dict|set|frozenset|tuple|literal|nullable|union|tagged-union|json-or-python|"
+                         r"lax-or-strict|chain|is-instance|function-(?:after|before|wrap|plain))\[.*\]", re.S)
+_MODEL_LABELS = frozenset(name for name, value in vars(openai_protocol).items()
+                          if isinstance(value, type) and issubclass(value, BaseModel))
+
+
+def _union_label(part) -> bool:
+    """Whether an element of a validation error's loc is pydantic's name for a union member rather than a
+    field, index or key the client sent (a client's key that happens to equal one is dropped too)."""
+    return isinstance(part, str) and (part in _SCALAR_LABELS or part in _MODEL_LABELS
+                                      or _TYPE_LABEL.fullmatch(part) is not None)
 
 
 def _chat_query(body: ChatCompletionRequest, settings: HttpSettings) -> tuple[gateway_pb2.QueryRequest, ToolMode]:
@@ -595,9 +613,9 @@ class OpenAIFront:
         except ValidationError as error:
             # A field of several types (a message's content: a string or a list of parts) fails once per
             # type; the deepest error is the one inside what the client sent (its image part's url, not
-            # "content is not a string"). Pydantic's labels of those types (`list[ContentPart]`) are left out.
+            # "content is not a string").
             deepest = max(error.errors(), key=lambda e: len(e.get("loc", ())))
-            where = ".".join(str(p) for p in deepest.get("loc", ()) if not (isinstance(p, str) and "[" in p))
+            where = ".".join(str(p) for p in deepest.get("loc", ()) if not _union_label(p))
             raise ApiError(400, f"invalid request body: {where or 'body'}: {deepest.get('msg')} "
                                 f"({error.error_count()} error(s))", param=where or None) from None
 

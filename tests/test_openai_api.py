@@ -642,11 +642,16 @@ def test_nulls_are_unset_logit_bias_steers_and_unsupported_fields_are_refused(st
                         ({"modalities": ["text", "audio"]}, "modalities")):
         reply = httpx.post(stack[1] + "/v1/chat/completions", json={**body, **extra}, headers=headers, timeout=60)
         assert reply.status_code == 400 and name in reply.json()["error"]["message"], (extra, reply.text)
-    for content, where in (([{"type": "image_url", "image_url": {"url": 123}}], "messages.0.content.0.image_url.url"),
-                           ([{"type": "image_url", "image_url": "data:,"}], "messages.0.content.0.image_url")):
-        # content is a string or a list of parts: the error is the one inside the part sent, not "not a string"
-        reply = httpx.post(stack[1] + "/v1/chat/completions", headers=headers, timeout=60,
-                           json={**body, "messages": [{"role": "user", "content": content}]})
+    for change, where in (({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 123}}]}]},
+                           "messages.0.content.0.image_url.url"),
+                          ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:,"}]}]},
+                           "messages.0.content.0.image_url"),
+                          ({"messages": [{"role": "user", "content": 123}]}, "messages.0.content"),
+                          ({"tool_choice": {"type": "function"}}, "tool_choice.function"),
+                          ({"logit_bias": {"a[1]": "zz"}}, "logit_bias.a[1]")):
+        # content is a string or a list of parts: the error is the one inside the part sent, not "not a string";
+        # pydantic's names of a union's members (`str`, `list[ContentPart]`, `NamedToolChoice`) are not fields
+        reply = httpx.post(stack[1] + "/v1/chat/completions", headers=headers, timeout=60, json={**body, **change})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == where, reply.text
     for prompt in ([1, 2, 3], [[1, 2], [3]]):  # token ids: a 400 of their own, not a validation error on `str`
         reply = httpx.post(stack[1] + "/v1/completions", json={"model": "tiny-qwen3", "prompt": prompt, "max_tokens": 2},
