@@ -31,6 +31,14 @@ def test_the_cold_start_fills_the_caches_a_later_start_reads_without_compiling(t
     assert "[cache] data saved" not in done.stdout, [line for line in done.stdout.splitlines() if "saved" in line][:5]
 
 
+def test_a_directory_with_something_in_it_is_refused_before_any_start(tmp_path):
+    (tmp_path / "left-over").mkdir()
+    for directory in (tmp_path, tmp_path / "a-file"):
+        (tmp_path / "a-file").write_text("")
+        with pytest.raises(ValueError, match="needs an empty directory"):
+            start_seconds("gemma3-270m", None, 1, directory=directory)
+
+
 def test_a_start_that_fails_names_the_process_error(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(RuntimeError, match="failed \\(exit 1\\)") as error:

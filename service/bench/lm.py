@@ -166,8 +166,11 @@ def start_seconds(model: str, scheme: str | None, threads: int, *, llama_cpp: bo
     Cold: a new conversion cache and NUMBA_CACHE_DIR, both empty, as on a new machine; warm: the same
     process again with what the cold one left there. The OS page cache is warm for both (the files
     were just read). `directory`: where the two caches go (an empty directory; default a temporary
-    one, removed after). Raises RuntimeError, naming the process's last error line, when a process
-    fails or exceeds START_TIMEOUT_S."""
+    one, removed after). Raises ValueError for a `directory` that is not an empty directory (the cold
+    start would find caches there, or numba none at all), RuntimeError, naming the process's last
+    error line, when a process fails or exceeds START_TIMEOUT_S."""
+    if directory is not None and (not Path(directory).is_dir() or any(Path(directory).iterdir())):
+        raise ValueError(f"start_seconds needs an empty directory for its caches; {directory} is not one")
     command = [sys.executable, "-m", "service.bench.lm", "--first-token", model, "--threads", str(threads)]
     if scheme:
         command += ["--quantize", scheme]
@@ -435,5 +438,8 @@ def _gguf_file(spec: str):
     return path if path.suffix.lower() == ".gguf" else None
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--first-token"]:
+if __name__ == "__main__":  # only `start_seconds`'s processes run this module
+    if sys.argv[1:2] != ["--first-token"]:
+        sys.exit("usage: python -m service.bench.lm --first-token MODEL --threads N --cache-dir DIR "
+                 "[--quantize SCHEME] [--llama-cpp] (the benchmark itself: tessera bench lm)")
     sys.exit(_first_token(sys.argv[2:]))
