@@ -39,11 +39,16 @@ _HELP = {
 }
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` with an IPv6 literal host in brackets, as gRPC addresses and URLs write it: [::]:50051."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     role: str  # vision | lm | gateway | all
     model: str = "gemma3-270m"  # model id, .gguf file or checkpoint directory (vision, lm, all)
-    host: str = "0.0.0.0"  # bind address
+    host: str = "0.0.0.0"  # bind address: a name, IPv4 or IPv6 literal (::, or [::])
     port: int = 0  # gRPC port (openai: HTTP port); 0 here = the role's default (see DEFAULT_PORTS)
     http_port: int = 8000  # all: OpenAI-compatible HTTP API port (service.openai_api); 0 = off
     gateway_target: str = "localhost:50050"  # openai only: the gateway it calls
@@ -136,6 +141,14 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.port == 0:
             object.__setattr__(self, "port", DEFAULT_PORTS[self.role])
+        if self.host.startswith("[") and self.host.endswith("]"):  # an IPv6 literal as URLs write it: [::]
+            object.__setattr__(self, "host", self.host[1:-1])
+        if not self.host or any(c.isspace() or c in "[]/" for c in self.host):
+            raise ValueError(f"--host must be a host name or an IP address (e.g. 0.0.0.0, :: or [::]), got {self.host!r}")
+
+    def address(self, port: int) -> str:
+        """`host_port` of --host and one of this server's ports: what gRPC binds and the logs print."""
+        return host_port(self.host, port)
 
     def prompt_limits(self):
         """The request limits the LM service and the gateway enforce (lm.prompt.PromptLimits)."""

@@ -35,7 +35,7 @@ from service import gateway as gateway_module
 from service import lm_service, vision_service
 from service.backends import (Backend, BackendReadiness, backend_credentials, open_channel, server_keepalive_options,
                               token_refusal)
-from service.config import ServeConfig
+from service.config import ServeConfig, host_port
 from service.interceptors import BearerTokenInterceptor, ErrorsAndMetricsInterceptor
 from service.metrics import ServerMetrics
 
@@ -157,7 +157,7 @@ class TesseraServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         full_names = [_full_name(n) for n in self.service_names]
         reflection.enable_server_reflection([*full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = f"{config.host}:{config.port}"
+        address = config.address(config.port)
         if config.tls_cert:
             client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
             credentials = grpc.ssl_server_credentials(
@@ -377,7 +377,11 @@ class ServerThread:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        """Where a client on this machine reaches the gRPC port: the bound host, or the loopback address
+        of a wildcard's family."""
+        config = self.server.config
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
+        return host_port(host, self.server.port)
 
     def stop(self, grace: float = 0.0) -> None:
         if self.loop.is_running():

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.tessera.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from proto.tessera.lm.v1 import lm_pb2
-from service_fixtures import free_port
+from service_fixtures import free_port, health_status, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -319,6 +319,35 @@ def test_a_busy_metrics_port_is_named_and_the_process_exits_cleanly():
     assert done.returncode == 2, done.stderr
     assert f"the metrics port {metrics_port}:" in done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+def test_serves_on_an_ipv6_address():
+    """--host :: or [::1]: gRPC needs an IPv6 literal in brackets ([::1]:PORT); written host:port it refused
+    the address ("Misformatted domain name") and the server did not start."""
+    import socket
+
+    from service.config import ServeConfig
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    assert ServeConfig(role="lm", host="[::]").host == "::"
+    assert ServeConfig(role="lm", host="::").address(50052) == "[::]:50052"
+    assert ServeConfig(role="lm", host="0.0.0.0").address(50052) == "0.0.0.0:50052"
+    for bad in ("", "a b", "[::", "host/24"):
+        with pytest.raises(ValueError, match="--host"):
+            ServeConfig(role="lm", host=bad)
+    server = start_server("gateway", model="unused", host="[::1]", port=port, vision_target="127.0.0.1:9",
+                          lm_target="127.0.0.1:9", wait=False)
+    try:
+        assert server.target == f"[::1]:{port}"
+        with grpc.insecure_channel(server.target) as channel:
+            assert health_status(channel, "") is not None  # answered over IPv6
+    finally:
+        server.stop()
 
 
 def test_query_refuses_what_grpc_cannot_take_before_connecting(capsys, tmp_path):

@@ -63,9 +63,9 @@ async def _serve(config) -> int:
     try:
         port = await server.start()
     except (OSError, RuntimeError, ValueError) as error:
-        print(f"tessera serve: cannot start on {config.host}:{config.port}: {error}", file=sys.stderr)
+        print(f"tessera serve: cannot start: {error}", file=sys.stderr)
         return 2
-    print(f"tessera serve {config.role}: listening on {config.host}:{port}"
+    print(f"tessera serve {config.role}: listening on {config.address(port)}"
           + (f", OpenAI-compatible HTTP on :{server.http_port}" if server.http_port and config.role == "all" else "")
           + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), file=sys.stderr, flush=True)
     status = await server.serve_until_signal()
