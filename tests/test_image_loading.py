@@ -122,6 +122,16 @@ def test_truncated_files(fmt):
     assert error_of(data[: len(data) // 2]).code == "truncated"
 
 
+def test_a_png_cut_off_after_its_header():
+    """Only the signature and IHDR: the size is checked from IHDR first, and a size within the limits is
+    named truncated (Pillow's own error names a struct call)."""
+    header_only = png_claiming(100_000, 100_000)[:33]  # signature (8) + IHDR chunk (25)
+    assert error_of(header_only).code == "too_many_pixels"
+    for width, height in ((4_000, 3_000), (64, 48)):
+        error = error_of(png_claiming(width, height)[:33])
+        assert (error.code, error.message) == ("truncated", "PNG data is truncated (no IEND chunk)")
+
+
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (8_000, 7_000)])
 def test_decompression_bomb_refused_from_header(width, height, monkeypatch):
     pixels_max_before = Image.MAX_IMAGE_PIXELS

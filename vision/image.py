@@ -155,21 +155,24 @@ def _too_large_message(size: int, limits: ImageLimits) -> str:
 def _checked_header(data: bytes, limits: ImageLimits) -> Image.Image:
     """The opened (not decoded) image, with its size checked against `limits`."""
     image = _open_header(data, limits)
-    width, height = image.size
+    _check_size(image.format, *image.size, limits)
+    return image
+
+
+def _check_size(fmt: str, width: int, height: int, limits: ImageLimits) -> None:
     if width < 1 or height < 1:
-        raise ImageError("zero_size", f"{image.format} image has a side of 0 pixels ({width}x{height})")
+        raise ImageError("zero_size", f"{fmt} image has a side of 0 pixels ({width}x{height})")
     if width * height > limits.max_pixels:
         raise ImageError(
             "too_many_pixels",
-            f"{image.format} image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+            f"{fmt} image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
             f"the limit is {limits.max_pixels / 1e6:.1f} megapixels",
         )
-    return image
 
 
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open `data` with the first allowed plugin whose magic bytes match; reads the header only."""
-    _check_png_size(data)
+    _check_png_size(data, limits)
     Image.init()  # registers every plugin once; later calls return at once
     prefix = data[:16]
     for fmt in sorted(limits.formats):
@@ -184,8 +187,10 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
         except Image.DecompressionBombError as error:  # e.g. a GIF frame far larger than its screen
             raise ImageError("too_many_pixels", f"{fmt} image exceeds Pillow's hard pixel limit ({error})") from error
         except _DECODE_ERRORS as error:
-            if _riff_truncated(data):  # libwebp only says "could not create decoder object"
-                raise ImageError("truncated", f"{fmt} data is truncated ({_riff_truncated(data)})") from error
+            # libwebp only says "could not create decoder object", Pillow's PNG reader names a struct call
+            reason = _riff_truncated(data) or _png_truncated(data)
+            if reason:
+                raise ImageError("truncated", f"{fmt} data is truncated ({reason})") from error
             raise _decode_error(fmt, error) from error
     allowed = ", ".join(sorted(limits.formats))
     raise ImageError(
@@ -193,12 +198,18 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
     )
 
 
-def _check_png_size(data: bytes) -> None:
-    # Pillow refuses a zero-sized PNG without saying why; say it.
+def _check_png_size(data: bytes, limits: ImageLimits) -> None:
+    # From the IHDR chunk, before Pillow reads further: it refuses a zero-sized PNG without saying why, and
+    # a file cut off after its header would fail on the missing chunks before the size was checked.
     if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", data[16:24])
-        if width == 0 or height == 0:
-            raise ImageError("zero_size", f"PNG image has a side of 0 pixels ({width}x{height})")
+        _check_size("PNG", *struct.unpack(">II", data[16:24]), limits)
+
+
+def _png_truncated(data: bytes) -> str:
+    # A PNG ends with an IEND chunk (length 0, "IEND", CRC); a file without one was cut off.
+    if data.startswith(_PNG_SIGNATURE) and b"IEND" not in data[8:]:
+        return "no IEND chunk"
+    return ""
 
 
 def _riff_truncated(data: bytes) -> str:
