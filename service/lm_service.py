@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             handle.set_notifier(None)
             if not handle.done:
                 handle.cancel()  # client gone, deadline passed or server stopping: freed at the next step
+                self._observe_when_finished(handle)  # the tokens it computed count as work done
 
     def _generation_request(self, loaded: LoadedLanguageModel, request) -> GenerationRequest:
         config = loaded.lm.config
@@ -192,7 +194,9 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         tiles = [t.shape[0] for t in soft_tokens]
         prompt = self._layout(loaded, request, tiles, messages)
         context, prompt_tokens = loaded.engine.engine_config.max_seq_len, len(prompt.token_ids)
-        if request.sampling.max_new_tokens_within_context and prompt_tokens + params.max_new_tokens > context:
+        # (a prompt that leaves no room for one generated token is the engine's PromptTooLong, which says so)
+        if request.sampling.max_new_tokens_within_context and prompt_tokens < context \
+                and prompt_tokens + params.max_new_tokens > context:
             raise ValueError(f"this model's context is {context:,} tokens; the request asks for "
                              f"{prompt_tokens + params.max_new_tokens:,} ({prompt_tokens:,} in the prompt, "
                              f"{params.max_new_tokens:,} to generate): lower max_tokens or max_completion_tokens "
@@ -263,6 +267,20 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         self.metrics.prompt_tokens.inc(completion.prompt_tokens)
         if first_token_at is not None:
             self.metrics.time_to_first_token.observe(first_token_at - started)
+
+    def _observe_when_finished(self, handle) -> None:
+        """Count a cancelled request's tokens (`_observe`) once the engine has finished it, from the output
+        thread's notifier or here if it finished already; exactly once either way."""
+        if self.metrics is None:
+            return
+        once = threading.Lock()
+
+        def observe() -> None:
+            if handle.done and once.acquire(blocking=False):  # never released: the second caller skips
+                self._observe(handle.result(), None, 0.0)
+
+        handle.set_notifier(observe)
+        observe()
 
     def _register_gauges(self, engine: Engine) -> None:
         m = self.metrics

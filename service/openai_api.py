@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
+# /v1/completions' max_tokens when unset: OpenAI's documented default for that endpoint, as vLLM's (chat
+# completions run to the end of the context instead)
+COMPLETIONS_MAX_TOKENS = 16
 CLIENT_CLOSED = 499  # the requests counter's status for a stream its client closed (nginx's "client closed request")
 
 
@@ -68,7 +71,7 @@ class HttpSettings:
     auth_token: str | None = None  # bearer token of /v1/* (health and metrics are open, as gRPC's are)
     max_body_bytes: int = 64 << 20  # largest request body (base64 images included)
     max_image_bytes: int = 20 << 20  # largest decoded image
-    default_max_tokens: int = 4096  # max_tokens when unset: the context's length (generation ends there)
+    default_max_tokens: int = 4096  # chat's max_tokens when unset: the context's length (generation ends there)
     request_timeout_s: float | None = None  # deadline of each gateway query (None: none)
     allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may be fetched from (service.media_fetch)
     media_timeout_s: float = 10.0  # seconds to fetch one image URL
@@ -139,6 +142,23 @@ _HTTP_BY_GRPC = {
 }
 
 
+# A \u escape of a high surrogate not followed by a low one, or of a low one not after a high one
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                               rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+# The request fields whose ranges the LM service checks (lm.sampling.SamplingParams, each problem beginning
+# with the field's name: "top_p must be in (0, 1], got 1.5"), by that name.
+_SAMPLING_FIELDS = {name: name for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                            "frequency_penalty", "repetition_penalty", "seed", "logit_bias", "stop")}
+_SAMPLING_FIELDS["max_new_tokens"] = "max_tokens"
+
+
+def _sampling_param(message: str) -> str | None:
+    """The request field a 400 from the LM service's sampling checks names first, or None."""
+    return _SAMPLING_FIELDS.get(message.split(" ", 1)[0])
+
+
 def api_error(error: BaseException) -> ApiError:
     """The HTTP error for an exception from a gateway query (the statuses of service.interceptors)."""
     if isinstance(error, ApiError):
@@ -146,7 +166,7 @@ def api_error(error: BaseException) -> ApiError:
     if isinstance(error, RequestTooLarge):
         return ApiError(413, str(error))
     if isinstance(error, (ImageError, ValueError)):
-        return ApiError(400, str(error))
+        return ApiError(400, str(error), param=_sampling_param(str(error)))
     if isinstance(error, EngineOverloaded):
         return ApiError(429, str(error))
     if isinstance(error, (NotReady, EngineStopped)):
@@ -155,7 +175,8 @@ def api_error(error: BaseException) -> ApiError:
         return ApiError(504, str(error))
     if isinstance(error, (BackendError, GatewayCallError)):
         # The gateway's token refused by a backend is the deployment's fault: 503, not the client's 401.
-        return ApiError(_HTTP_BY_GRPC.get(error.code, 500), str(error))
+        status = _HTTP_BY_GRPC.get(error.code, 500)
+        return ApiError(status, str(error), param=_sampling_param(str(error)) if status == 400 else None)
     log.error("internal error in an HTTP request", exc_info=error)
     return ApiError(500, f"internal error ({type(error).__name__}); see the server log")
 
@@ -323,6 +344,7 @@ class OpenAIFront:
         self.settings = settings
         self.registry = registry
         self.stopping = False  # set by HttpServer.stop: streams cut from now on are the server's doing
+        self._created = int(time.time())  # /v1/models' `created`: when this front started serving the model
         self.closing = asyncio.Event()  # set just before the drain's grace period ends: streams say so and end
         self.requests = Counter("tessera_http_requests", "HTTP requests finished, by route and status",
                                 ["route", "status"], registry=registry) if registry is not None else None
@@ -339,7 +361,7 @@ class OpenAIFront:
     # ----- routes ---------------------------------------------------------------------------------
 
     def _model_card(self) -> dict:
-        return {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "tessera"}
+        return {"id": self.settings.model_name, "object": "model", "created": self._created, "owned_by": "tessera"}
 
     async def models(self, request: Request) -> Response:
         try:
@@ -432,15 +454,16 @@ class OpenAIFront:
             raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise ApiError(400, "best_of other than n is not supported", param="best_of")
-        if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-            raise ApiError(400, "logprobs must be in [0, 5] (the most likely tokens per step)", param="logprobs")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (the most likely tokens per step)",
+                           param="logprobs")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not all(isinstance(prompt, str) for prompt in prompts):
             raise ApiError(400, "prompt as token ids is not supported here: send the prompt as text (a string or a "
                                 "list of strings)", param="prompt")
         if not prompts or len(prompts) * body.n > MAX_N:
             raise ApiError(400, f"give 1 to {MAX_N} prompts x n", param="prompt")
-        sampling = sampling_to_proto(body, max_tokens=body.max_tokens, default_max_tokens=self.settings.default_max_tokens,
+        sampling = sampling_to_proto(body, max_tokens=body.max_tokens, default_max_tokens=COMPLETIONS_MAX_TOKENS,
                                      logprobs=body.logprobs)
         structured_output_to_proto(body.response_format, sampling)
         queries = []
@@ -608,15 +631,21 @@ class OpenAIFront:
             if size > limit:
                 raise ApiError(413, f"the request body exceeds {limit:,} bytes")
             chunks.append(part)
+        body = b"".join(chunks)
         try:
-            return model.model_validate_json(b"".join(chunks))
+            return model.model_validate_json(body)
         except ValidationError as error:
             # A field of several types (a message's content: a string or a list of parts) fails once per
             # type; the deepest error is the one inside what the client sent (its image part's url, not
             # "content is not a string").
             deepest = max(error.errors(), key=lambda e: len(e.get("loc", ())))
             where = ".".join(str(p) for p in deepest.get("loc", ()) if not _union_label(p))
-            raise ApiError(400, f"invalid request body: {where or 'body'}: {deepest.get('msg')} "
+            message = deepest.get("msg")
+            if deepest.get("type") == "json_invalid" and _SURROGATE_ESCAPE.search(body):
+                # the parser's words ("unexpected end of hex escape") do not say what is wrong with it
+                message += (" (the body escapes a UTF-16 surrogate, \\ud800-\\udfff, that is not half of a pair: "
+                            "no character; send the character itself or both halves of its pair)")
+            raise ApiError(400, f"invalid request body: {where or 'body'}: {message} "
                                 f"({error.error_count()} error(s))", param=where or None) from None
 
     def _count(self, route: str, status: int) -> None:

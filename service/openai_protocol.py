@@ -9,7 +9,7 @@ OpenAI's own server ignores fields a client library adds.
 
 Where Tessera differs: an unset `temperature` / `top_p` / `top_k` takes the checkpoint's recommendation
 (its generation_config.json with do_sample true), else greedy decoding; an unset `max_tokens` allows
-generation up to the context's end.
+chat completions to run up to the context's end (completions take 16, OpenAI's default there).
 """
 
 from __future__ import annotations
@@ -233,6 +233,9 @@ def messages_to_proto(messages: list[Message], *, max_image_bytes: int, fetch=No
                 where = f"messages[{index}].content[{number}]"
                 if part.type == "text" and part.text is not None:
                     parts.append(lm_pb2.ContentPart(text=part.text))
+                elif part.type == "image_url" and role != "user":
+                    raise ApiError(400, f"{where}: image_url parts are accepted in user messages only (as in OpenAI's "
+                                        f"API); this message's role is {message.role!r}", param=where)
                 elif part.type == "image_url" and part.image_url is not None:
                     images.append(image_from_url(part.image_url.url, max_bytes=max_image_bytes, where=where,
                                                  fetch=fetch))

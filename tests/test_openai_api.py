@@ -318,26 +318,66 @@ def test_max_tokens_beyond_the_context_is_a_400_naming_the_counts(stack):
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= 512
 
 
-def test_a_stream_its_client_closes_is_counted_as_client_closed(stack):
-    """The requests counter keeps every request: one whose client left mid-stream counts as status 499."""
+def test_what_clients_of_openai_and_vllm_rely_on(stack):
+    """Defaults and error fields a new user's trial found missing: completions' unset max_tokens is 16 and
+    its logprobs go to 20, as OpenAI and vLLM have them; a prompt longer than the context is named (not "lower
+    max_tokens to at most 0"); the sampling checks' 400s name their field in `param`; image parts are a user
+    message's; /v1/models gives a creation time."""
     headers = {"Authorization": f"Bearer {TOKEN}"}
 
-    def closed() -> float:
+    def post(route: str, body: dict) -> httpx.Response:
+        return httpx.post(stack[1] + route, json={"model": "tiny-qwen3", **body}, headers=headers, timeout=120)
+
+    reply = post("/v1/completions", {"prompt": "Count:", "temperature": 0, "ignore_eos": True, "logprobs": 20})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 16
+    assert all(len(top) >= 20 for top in reply.json()["choices"][0]["logprobs"]["top_logprobs"])
+    reply = post("/v1/completions", {"prompt": "word " * 2000, "max_tokens": 5})
+    message = reply.json()["error"]["message"]
+    assert reply.status_code == 400 and "the limit is 511" in message and "max_tokens" not in message, reply.text
+    for field, value in (("temperature", -1), ("top_p", 1.5), ("presence_penalty", 3), ("repetition_penalty", 0),
+                         ("min_p", 2)):
+        reply = post("/v1/chat/completions", {"messages": HELLO, "max_tokens": 1, field: value})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field, reply.text
+    image = {"type": "image_url", "image_url": {"url": data_url(photo(64, 48))}}
+    reply = post("/v1/chat/completions", {"max_tokens": 1, "messages": [
+        {"role": "system", "content": [image, {"type": "text", "text": "Be brief."}]}, *HELLO]})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "messages[0].content[0]", reply.text
+    assert "user messages only" in error["message"] and "'system'" in error["message"]
+    reply = httpx.post(stack[1] + "/v1/chat/completions", headers={**headers, "Content-Type": "application/json"},
+                       content=rb'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "Hi \ud800"}]}')
+    assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"], reply.text
+    created = httpx.get(stack[1] + "/v1/models", headers=headers).json()["data"][0]["created"]
+    assert time.time() - 86_400 < created <= time.time()
+
+
+def test_a_stream_its_client_closes_is_counted_as_client_closed(stack):
+    """The requests counter keeps every request: one whose client left mid-stream counts as status 499, and
+    the tokens it generated count in tessera_tokens_generated_total."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    def metric(prefix: str) -> float:
         for line in httpx.get(stack[1] + "/metrics").text.splitlines():
-            if line.startswith('tessera_http_requests_total{route="completions",status="499"}'):
+            if line.startswith(prefix):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    before = closed()
+    def closed() -> float:
+        return metric('tessera_http_requests_total{route="completions",status="499"}')
+
+    before, generated = closed(), metric("tessera_tokens_generated_total ")
     with httpx.stream("POST", stack[1] + "/v1/completions", headers=headers, timeout=60, json={
             "model": "tiny-qwen3", "prompt": "Count:", "max_tokens": 400, "temperature": 0, "stream": True}) as reply:
         assert reply.status_code == 200
         events = [line for _, line in zip(range(3), (x for x in reply.iter_lines() if x.startswith("data: ")))]
     assert len(events) == 3 and "[DONE]" not in events[-1]
     deadline = time.monotonic() + 20
-    while closed() < before + 1 and time.monotonic() < deadline:
+    while (closed() < before + 1 or metric("tessera_tokens_generated_total ") == generated) \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
     assert closed() == before + 1
+    assert generated + 3 <= metric("tessera_tokens_generated_total ") < generated + 400
 
 
 def test_32_concurrent_streams_all_complete(stack):
