@@ -277,14 +277,17 @@ class Shard:
 # ----- output ----------------------------------------------------------------------------------------
 
 def read_records(path: Path) -> dict[str, dict]:
-    """The last record of each id in an existing output file. A torn last line (no newline) is cut off
-    so that appending continues on a line boundary."""
+    """The last record of each id in an existing output file. Raises CaptionInputError, changing nothing,
+    when it is not a regular file or holds a line that is not a caption record (JSON with an id and a
+    caption or an error): --out pointing at another file. Then a torn last line (no newline, beginning
+    as a record does) is cut off so that appending continues on a line boundary."""
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise CaptionInputError(f"--out {path} is not a regular file: the records are appended to a file and read "
+                                "back to resume the job")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        os.truncate(path, end)
     records = {}
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
@@ -292,9 +295,17 @@ def read_records(path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise CaptionInputError(f"{path}:{number} is not a JSON line; is --out pointing at the right file?") from None
-        if isinstance(record, dict) and "id" in record:
-            records[str(record["id"])] = record
+            record = None
+        if not (isinstance(record, dict) and "id" in record and ("caption" in record or "error" in record)):
+            raise CaptionInputError(f"{path}:{number} is not a caption record (a JSON line with an id and a caption "
+                                    "or an error); is --out pointing at the right file?")
+        records[str(record["id"])] = record
+    torn = data[end:].lstrip()[:5]  # what a record written in part begins with: {"id"
+    if torn and torn != b'{"id"'[:len(torn)]:
+        line = data.count(b"\n") + 1
+        raise CaptionInputError(f"{path}:{line} is not a caption record; is --out pointing at the right file?")
+    if end < len(data):
+        os.truncate(path, end)
     return records
 
 

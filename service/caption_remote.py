@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Callable, Sequence
 
 from service.caption import (
@@ -111,12 +110,13 @@ class RemoteCaptioner:
     def _caption(self, stub, item: CaptionItem) -> dict:
         import grpc
 
+        from vision.image import ImageError, read_image_file
+
         started = time.perf_counter()
-        try:
-            data = Path(item.path).read_bytes()
-        except OSError as error:
-            return error_record(item, "unreadable",
-                                f"cannot read {escape_undecodable(item.path)!r}: {error.strerror or error}")
+        try:  # a regular file that fits in one message (the gateway checks the image itself)
+            data = read_image_file(item.path, self.max_message_mb << 20)
+        except ImageError as error:
+            return error_record(item, error.code, escape_undecodable(str(error)))
         request = self._request(data)
         for attempt in range(self.retries + 1):
             try:

@@ -125,18 +125,17 @@ def test_rerun_skips_done_ids_and_can_retry_errors(checkpoint, images, tmp_path,
 
 
 def test_killed_job_leaves_whole_lines_and_resumes(checkpoint, tmp_path):
-    """Kill the job (SIGKILL) after exactly KILL_AFTER of TOTAL records: the image after them is a FIFO
-    nobody writes to, so the job blocks reading it and cannot finish or write more before the kill. The
-    resumed run (the FIFO replaced by a real image) appends the rest: every image once, in whole lines."""
-    total, kill_after = 8, 3
+    """Kill the job (SIGKILL) as soon as it has written KILL_AFTER records: what it wrote is whole lines
+    in input order; the resumed run appends the rest after them: every image once, in whole lines. (A FIFO
+    among the inputs once held the job still at an exact record; a path that is not a regular file is now
+    refused without being opened, as the last lines check.)"""
+    total, kill_after = 16, 3
     images = tmp_path / "many"
     images.mkdir()
     paths = [images / f"{i:02d}.png" for i in range(total)]
     for i, path in enumerate(paths):
-        if i != kill_after:
-            Image.new("RGB", (64 + i, 48), (i * 20, 100, 200)).save(path)
-    os.mkfifo(paths[kill_after])
-    manifest = tmp_path / "list.jsonl"  # a manifest keeps the FIFO in the input list (a directory walk skips it)
+        Image.new("RGB", (64 + i, 48), (i * 10, 100, 200)).save(path)
+    manifest = tmp_path / "list.jsonl"
     manifest.write_text("".join(json.dumps({"path": str(path)}) + "\n" for path in paths))
     ids = [str(path) for path in paths]
     out = tmp_path / "results.jsonl"
@@ -150,9 +149,7 @@ def test_killed_job_leaves_whole_lines_and_resumes(checkpoint, tmp_path):
                 assert job.poll() is None, f"the job exited ({job.returncode}) before the kill: " + \
                     (tmp_path / "killed.stderr").read_text()
                 assert time.monotonic() < deadline, f"fewer than {kill_after} records after 120 s"
-                time.sleep(0.02)
-            time.sleep(0.3)  # were it not blocked on the FIFO, it would write on (and the count below would show it)
-            assert job.poll() is None, "the job finished although an input was never readable"
+                time.sleep(0.01)
             job.send_signal(signal.SIGKILL)
             job.wait(timeout=30)
         finally:
@@ -161,21 +158,28 @@ def test_killed_job_leaves_whole_lines_and_resumes(checkpoint, tmp_path):
                 job.wait()
     assert job.returncode == -signal.SIGKILL
     partial = _records(out)  # whole lines only
-    assert [r["id"] for r in partial] == ids[:kill_after]  # concurrency 1: in input order, and no more
+    done = len(partial)
+    assert kill_after <= done < total, "the job had finished before the kill"
+    assert [r["id"] for r in partial] == ids[:done]  # concurrency 1: in input order
     assert all("caption" in r for r in partial)
 
-    paths[kill_after].unlink()
-    Image.new("RGB", (64 + kill_after, 48), (kill_after * 20, 100, 200)).save(paths[kill_after])
     resume = [*command[:-4], "--max-new-tokens", "2", "--concurrency", "8"]  # same output, faster settings
     finished = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     records = _records(out)
-    assert records[:kill_after] == partial  # appended after the killed run's lines, which are untouched
+    assert records[:done] == partial  # appended after the killed run's lines, which are untouched
     assert sorted(r["id"] for r in records) == sorted(ids)  # each image exactly once: no duplicates
     assert all("caption" in r for r in records), [r for r in records if "caption" not in r]
     summary = json.loads(finished.stdout)["summary"]
-    assert (summary["skipped"], summary["processed"], summary["captioned"]) == \
-        (kill_after, total - kill_after, total - kill_after)
+    assert (summary["skipped"], summary["processed"], summary["captioned"]) == (done, total - done, total - done)
+
+    fifo = tmp_path / "pipe.png"  # nobody writes to it: opening it would block the job for good
+    os.mkfifo(fifo)
+    manifest.write_text(json.dumps({"path": str(fifo)}) + "\n")  # a manifest keeps it (a directory walk skips it)
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stderr  # nothing captioned
+    assert _records(out)[-1]["error"]["code"] == "unreadable" and "not a regular file" in refused.stderr + \
+        _records(out)[-1]["error"]["message"]
 
 
 def test_shards_from_the_indexed_job_environment_are_disjoint_and_complete(checkpoint, images, tmp_path, capsys,

@@ -90,6 +90,60 @@ def test_torn_last_line_is_cut_off_before_appending(tmp_path):
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "c"]
 
 
+def test_an_out_file_that_is_not_a_results_file_is_refused_untouched(tmp_path):
+    """--out pointing at the wrong file: refused before anything is cut (the torn-line rule once removed the
+    last line of any file), and a line without a caption or an error is not taken for a finished image."""
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"important line 1\nimportant line 2 no newline")
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_bytes(b'{"id": "r", "path": "red.png"}\n{"id": "g", "path": "gray.png"}')
+    for path in (notes, manifest):
+        before = path.read_bytes()
+        with pytest.raises(CaptionInputError, match="is not a caption record"):
+            read_records(path)
+        assert path.read_bytes() == before
+    only_torn = tmp_path / "torn.jsonl"
+    only_torn.write_bytes(b"just words")
+    with pytest.raises(CaptionInputError, match="torn.jsonl:1 is not a caption record"):
+        read_records(only_torn)
+    for torn in (b"{", b'{"i', b'{"id": "c", "capt'):  # a record cut anywhere is cut off
+        only_torn.write_bytes(b'{"id": "a", "caption": "x"}\n' + torn)
+        assert set(read_records(only_torn)) == {"a"}
+        assert only_torn.read_bytes() == b'{"id": "a", "caption": "x"}\n'
+    with pytest.raises(CaptionInputError, match="not a regular file"):
+        read_records(tmp_path)
+
+
+def test_out_as_one_of_the_inputs_is_refused(tmp_path, capsys):
+    from service.cli import main
+
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_bytes(b'{"id": "r", "path": "red.png"}\n')
+    assert main(["caption", str(manifest), "--out", str(tmp_path / "." / "images.jsonl"), "--model", "unused"]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err
+    assert manifest.read_bytes() == b'{"id": "r", "path": "red.png"}\n'
+
+
+def test_image_files_that_are_not_regular_files_are_refused_before_reading(tmp_path):
+    """A manifest line naming /dev/zero once read it until memory ran out."""
+    from vision.image import ImageError, load_image, read_image_file
+
+    for path in ("/dev/zero", tmp_path):
+        with pytest.raises(ImageError, match="not a regular file") as caught:
+            load_image(path)
+        assert caught.value.code == "unreadable"
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):  # opening it would block for a writer
+        read_image_file(fifo, 1 << 20)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 2048)
+    with pytest.raises(ImageError) as caught:
+        read_image_file(big, 1024)
+    assert caught.value.code == "too_large"
+    assert read_image_file(big, 2048) == b"\0" * 2048
+
+
 def test_resume_plan_skips_done_and_optionally_retries_errors():
     items = [CaptionItem(x, x) for x in "abc"]
     done = {"a": {"id": "a", "caption": "x"}, "b": {"id": "b", "error": {"code": "empty", "message": ""}}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -127,16 +128,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the file at `path`, read only when it is a regular file of at most `max_bytes` bytes.
+    Raises ImageError: "unreadable" (cannot be read, or not a regular file: a device such as /dev/zero or
+    a pipe can stream without end, or block), "too_large"."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+            raise ImageError("unreadable", f"{str(path)!r} is not a regular file ({kind})")
+        if info.st_size > max_bytes:
+            raise ImageError("too_large", _too_large_message(info.st_size, max_bytes))
+        with open(path, "rb") as file:
+            data = file.read(max_bytes + 1)  # a file that grew since: no more than the limit is read
+    except OSError as error:
+        raise ImageError("unreadable", f"cannot read {str(path)!r}: {error.strerror or error}") from error
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{str(path)!r} grew past {max_bytes:,} bytes while it was read")
+    return data
+
+
 def _read(source, limits: ImageLimits) -> bytes:
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-            if size > limits.max_bytes:
-                raise ImageError("too_large", _too_large_message(size, limits))
-            data = path.read_bytes()
-        except OSError as error:
-            raise ImageError("unreadable", f"cannot read {str(path)!r}: {error.strerror or error}") from error
+        data = read_image_file(source, limits.max_bytes)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
@@ -144,12 +159,12 @@ def _read(source, limits: ImageLimits) -> bytes:
     if not data:
         raise ImageError("empty", "the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError("too_large", _too_large_message(len(data), limits))
+        raise ImageError("too_large", _too_large_message(len(data), limits.max_bytes))
     return data
 
 
-def _too_large_message(size: int, limits: ImageLimits) -> str:
-    return f"the image is {size:,} bytes; the limit is {limits.max_bytes:,} bytes ({limits.max_bytes / 2**20:g} MiB)"
+def _too_large_message(size: int, max_bytes: int) -> str:
+    return f"the image is {size:,} bytes; the limit is {max_bytes:,} bytes ({max_bytes / 2**20:g} MiB)"
 
 
 def _checked_header(data: bytes, limits: ImageLimits) -> Image.Image:
