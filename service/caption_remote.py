@@ -13,11 +13,18 @@ from service.caption import (
 )
 
 
+class ServiceUnavailable(Exception):
+    """The gateway (or a service behind it) stayed UNAVAILABLE through every retry. Not the image's
+    failure: it gets no record, so that a later run captions it. (RESOURCE_EXHAUSTED is retried too, but
+    it also answers a message over the size limit, which is the image's: that one still gets a record.)"""
+
+
 class RemoteCaptioner:
     """Captions through `tessera serve gateway` (or `all`) at `target`: `concurrency` calls in flight;
-    the services decode, encode and batch. Overload and unavailability are retried with backoff; any
-    other failure becomes the image's error record, its code the gRPC status (e.g. invalid_argument
-    for a bad image)."""
+    the services decode, encode and batch. Overload and unavailability are retried with backoff; if
+    unavailability outlasts the retries, the job stops (`run` raises ServiceUnavailable) rather than
+    writing an error record for each image left. Any other failure becomes the image's error record, its code the gRPC
+    status (e.g. invalid_argument for a bad image)."""
 
     _RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
@@ -65,6 +72,9 @@ class RemoteCaptioner:
                                     "a gateway serving a vision-language checkpoint")
 
     def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
+        """Caption `items`, calling `emit` with each record as it comes. Raises ServiceUnavailable once the
+        calls in flight have ended, when the gateway stayed unavailable through a call's retries: no new
+        call is made after that, and the images not captioned get no record."""
         import grpc
 
         from proto.tessera.gateway.v1 import gateway_pb2_grpc
@@ -74,22 +84,30 @@ class RemoteCaptioner:
                                                       ("grpc.max_receive_message_length", limit)])
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         pending = iter(items)
+        outage: ServiceUnavailable | None = None
         try:
             with ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="caption-call") as pool:
                 running = set()
                 while True:
-                    while len(running) < self.options.concurrency:
+                    while outage is None and len(running) < self.options.concurrency:
                         item = next(pending, None)
                         if item is None:
                             break
                         running.add(pool.submit(self._caption, stub, item))
                     if not running:
-                        return
+                        break
                     finished, running = wait(running, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        emit(future.result())
+                        try:
+                            emit(future.result())
+                        except ServiceUnavailable as error:
+                            outage = outage or error
         finally:
             channel.close()
+        if outage is not None:
+            raise ServiceUnavailable(f"the gateway at {self.target} could not take the work through {self.retries} "
+                                     f"retries ({outage}): the job stopped; the images without a record are "
+                                     "captioned when it runs again with the same --out")
 
     def _request(self, data: bytes):
         from proto.tessera.common.v1 import tensor_pb2
@@ -127,6 +145,8 @@ class RemoteCaptioner:
                 if status.name in self._RETRYABLE and attempt < self.retries:
                     time.sleep(min(30.0, 0.5 * 2 ** attempt))
                     continue
+                if status == grpc.StatusCode.UNAVAILABLE:
+                    raise ServiceUnavailable(f"UNAVAILABLE: {error.details() or 'no details'}") from None
                 return error_record(item, status.name.lower(), error.details() or status.name,
                                     {"total_s": round(time.perf_counter() - started, 4)})
         tiles = list(response.tiles_per_image)

@@ -305,6 +305,22 @@ def test_target_where_no_server_answers_is_refused_before_any_record(images, tmp
     assert time.perf_counter() - started < 10
 
 
+def test_a_gateway_that_stays_unavailable_stops_the_job_without_records(images, tmp_path):
+    """UNAVAILABLE through every retry is the service's state, not the images': the job stops after the
+    calls in flight and writes no error record, so the next run (a Job's restart) captions them all."""
+    from service_fixtures import free_port
+
+    from service.caption import CaptionOptions, collect_inputs
+    from service.caption_remote import RemoteCaptioner, ServiceUnavailable
+
+    items, _ = collect_inputs([images])
+    emitted = []
+    captioner = RemoteCaptioner(f"127.0.0.1:{free_port()}", CaptionOptions(concurrency=2), retries=1)
+    with pytest.raises(ServiceUnavailable, match="could not take the work through 1 retries .*UNAVAILABLE"):
+        captioner.run(items, emitted.append)
+    assert emitted == []
+
+
 def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, capsys):
     """--kv-budget-mb, --prefill-chunk and the other in-process engine flags would be ignored by a gateway:
     with --target they are refused, named, before any connection or output."""

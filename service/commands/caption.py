@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tessera caption: {failed_before} of the images skipped failed in an earlier run (their error records "
               f"are in {args.out}); --retry-errors runs them again", file=sys.stderr)
     summary = JobSummary(inputs=mine, skipped=skipped, duplicates=duplicates)
+    outage = None  # the gateway stayed unavailable (--target): the job stopped part way
     where = f" (shard {shard})" if shard else ""
     print(f"tessera caption: {len(items)} images{where}: {mine} in this shard, {skipped} already in {args.out}, "
           f"{len(todo)} to caption", file=sys.stderr)
@@ -132,13 +133,21 @@ def run(args: argparse.Namespace) -> int:
             drop_records(args.out, retried)
         except OSError as error:
             return fail(f"cannot rewrite {args.out} without the error records to retry: {error}")
+        from service.caption_remote import ServiceUnavailable
+
         with RecordWriter(args.out) as writer, _Progress(len(todo), args.progress_interval) as progress:
-            run_job(captioner, todo, writer, summary, on_record=progress.update)
+            try:
+                run_job(captioner, todo, writer, summary, on_record=progress.update)
+            except ServiceUnavailable as error:
+                outage = error
     result = summary.as_dict()
     print(json.dumps({"summary": result, "shard": str(shard) if shard else None, "out": str(args.out)}))
     failures = ", ".join(f"{code} {n}" for code, n in result["failures"].items()) or "none"
     print(f"tessera caption: {summary.captioned} captioned, {summary.failed} failed ({failures}) in "
           f"{summary.seconds:.1f} s ({result['images_per_s'] or 0} images/s)", file=sys.stderr)
+    if outage is not None:
+        print(f"tessera caption: {outage}", file=sys.stderr)
+        return 1
     if todo and summary.captioned == 0:
         return 1
     return 1 if args.fail_on_error and summary.failed else 0
