@@ -147,8 +147,13 @@ class RemoteCaptioner:
                     continue
                 if status == grpc.StatusCode.UNAVAILABLE:
                     raise ServiceUnavailable(f"UNAVAILABLE: {error.details() or 'no details'}") from None
-                return error_record(item, status.name.lower(), error.details() or status.name,
-                                    {"total_s": round(time.perf_counter() - started, 4)})
+                details, code = error.details() or status.name, status.name.lower()
+                # the vision service ends a refused image's message with its ImageError code ("... (truncated)"):
+                # the record takes that code, as the in-process captioner's record does
+                named = details.rsplit("(", 1)[-1][:-1] if details.endswith(")") else ""
+                if status == grpc.StatusCode.INVALID_ARGUMENT and named in ImageError.CODES:
+                    code = named
+                return error_record(item, code, details, {"total_s": round(time.perf_counter() - started, 4)})
         tiles = list(response.tiles_per_image)
         return {"id": item.id, "path": item.path, "caption": response.text.strip(),
                 "num_crops": tiles[0] - 1 if tiles else 0, "finish_reason": response.finish_reason,

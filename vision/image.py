@@ -45,9 +45,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 
 
 class ImageError(Exception):
-    """A refused or undecodable image. `code` is a short machine-readable reason:
-    empty, too_large, unreadable, unsupported_format, zero_size, too_many_pixels, truncated,
-    decode_failed."""
+    """A refused or undecodable image. `code` is a short machine-readable reason, one of CODES."""
+
+    CODES = ("empty", "too_large", "unreadable", "unsupported_format", "zero_size", "too_many_pixels", "truncated",
+             "decode_failed")
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(code, message)  # both in args, so the error pickles across processes
