@@ -278,3 +278,23 @@ def test_a_failure_in_one_row_fails_that_request_only(model_and_config, solo_res
         result, expected = handle.result(), alone[request_id]
         assert (result.finish_reason, result.token_ids, result.text) == \
             (expected.finish_reason, expected.token_ids, expected.text), request_id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_logits_end_the_request_with_a_hint_in_float16(model_and_config, dtype, monkeypatch, caplog):
+    """Logits that are not finite end the request with a warning, not a traceback; in a float16 engine the
+    error says what usually causes it there (activations past float16's range: Gemma 3 in float16)."""
+    import copy
+
+    model, config = model_and_config
+    model = copy.deepcopy(model).to(dtype)
+    engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, stop_token_ids=()),
+                    dtype=dtype)
+    monkeypatch.setattr(engine.runner, "greedy", lambda hidden: None)
+    monkeypatch.setattr(engine.runner, "logits", lambda hidden: torch.full((hidden.shape[0], config.vocab_size),
+                                                                           float("inf")))
+    with caplog.at_level("WARNING"):
+        result = engine.generate(GenerationRequest(prompt_of(10, 1), SamplingParams(max_new_tokens=2)))
+    assert result.finish_reason == "error" and "not finite" in result.error
+    assert ("run it in bfloat16" in result.error) == (dtype == torch.float16)
+    assert "Traceback" not in caplog.text and all(record.exc_info is None for record in caplog.records)

@@ -414,7 +414,8 @@ class Engine:
             sequence = chunk.sequence
             try:  # whatever goes wrong with one row ends that sequence alone
                 if not finite[row]:
-                    raise FloatingPointError("the model's logits for this request are not finite (nan or inf)")
+                    raise FloatingPointError("the model's logits for this request are not finite (nan or inf)"
+                                             + _FLOAT16_HINT * (self.dtype == torch.float16))
                 constrained = self._grammar_applies(sequence)
                 if choices is not None:
                     token = choices[row]
@@ -441,7 +442,7 @@ class Engine:
                         reason = "length"
                 if reason is None and sequence.num_tokens >= self.engine_config.max_seq_len:
                     reason = "length"
-            except GrammarError as exc:  # the request's constraint, not a fault of the server
+            except (GrammarError, FloatingPointError) as exc:  # the request's constraint, or numbers: no traceback
                 log.warning("request %s: %s", sequence.request.request_id, exc)
                 self._finish(sequence, "error", _describe(exc))
                 continue
@@ -501,6 +502,12 @@ class Engine:
         thread complete it (a no-op if it completed there already)."""
         self.scheduler.remove(sequence)
         self.output.finish(sequence, reason, error)
+
+
+# Added to the non-finite logits error of an engine in float16, where that is mostly the model's activations
+# overflowing the format (Gemma 3's reach it: its checkpoints are published in bfloat16).
+_FLOAT16_HINT = ("; the engine runs in float16, whose largest value is 65,504, which a model's activations can exceed: "
+                 "run it in bfloat16 (float32's range) or float32")
 
 
 def _content_hash(tensor: torch.Tensor) -> bytes:
