@@ -477,8 +477,12 @@ class LocalCaptioner:
         return tiles * (self.lm.config.mm_tokens_per_image + 16) + text + self.params.max_new_tokens
 
     def run(self, items: Sequence[CaptionItem], emit: Callable[[dict], None]) -> None:
-        """Caption `items`, calling `emit(record)` from this thread once per item, in completion order."""
-        engine = self.lm.engine(self.engine_config)
+        """Caption `items`, calling `emit(record)` from this thread once per item, in completion order.
+        Raises CaptionInputError, before any item, when the engine's KV budget cannot be allocated."""
+        try:
+            engine = self.lm.engine(self.engine_config)
+        except ValueError as error:
+            raise CaptionInputError(str(error)) from None
         # the head's greedy screen (lm.head_screen) is shared by the engines of one model while one holds
         # it: held here, the next job's engine reuses it instead of building it again (~60-90 ms a job for
         # the tiny VLM's 262,144-row head, ~1 s for the 270M's)

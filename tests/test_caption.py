@@ -325,6 +325,15 @@ def test_a_gateway_that_stays_unavailable_stops_the_job_without_records(images, 
     assert emitted == []
 
 
+def test_a_kv_budget_the_machine_cannot_allocate_is_an_input_error(checkpoint, images, tmp_path, capsys):
+    """1,000 TiB (past any address space, so no overcommit setting lets it through): exit 2 naming the
+    budget, not a traceback, and no record."""
+    out = tmp_path / "r.jsonl"
+    code, _, stderr = _caption(capsys, images, "--model", checkpoint, "--out", out, "--kv-budget-mb", 1000 << 20)
+    assert code == 2 and "could not be allocated on cpu: lower it (--kv-budget-mb)" in stderr, stderr
+    assert "Traceback" not in stderr and not out.read_bytes()
+
+
 def test_in_process_flags_with_target_are_refused_by_name(images, tmp_path, capsys):
     """--kv-budget-mb, --prefill-chunk and the other in-process engine flags would be ignored by a gateway:
     with --target they are refused, named, before any connection or output."""

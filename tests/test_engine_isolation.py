@@ -298,3 +298,9 @@ def test_non_finite_logits_end_the_request_with_a_hint_in_float16(model_and_conf
     assert result.finish_reason == "error" and "not finite" in result.error
     assert ("run it in bfloat16" in result.error) == (dtype == torch.float16)
     assert "Traceback" not in caplog.text and all(record.exc_info is None for record in caplog.records)
+
+
+def test_a_kv_budget_the_machine_cannot_allocate_is_a_value_error_naming_it(model_and_config):
+    model, config = model_and_config
+    with pytest.raises(ValueError, match=r"the KV budget of 1,048,576,000 MiB could not be allocated on cpu: lower it"):
+        Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1000 << 40, stop_token_ids=()))

@@ -108,7 +108,8 @@ class Engine:
         """`model` follows the family network contract (lm.models.base); `tokenizer` (optional,
         lm.tokenizer.Tokenizer) supplies incremental decoders for streamed text and stop strings, and the
         `<think>` markers of a reasoning model (`thinking`, lm.thinking; given explicitly, it wins).
-        Raises ValueError if the KV budget cannot hold one request of `max_seq_len` tokens."""
+        Raises ValueError if the KV budget cannot hold one request of `max_seq_len` tokens or cannot be
+        allocated."""
         self.model = model
         self.config = config
         self.engine_config = engine_config
@@ -127,7 +128,12 @@ class Engine:
                 f"{block_bytes / 2**10:.1f} KiB; one sequence of {engine_config.max_seq_len} tokens needs {needed} "
                 f"({needed * block_bytes / 2**20:.1f} MiB): raise the budget or lower max_seq_len"
             )
-        self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
+        try:
+            self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
+        except (RuntimeError, MemoryError) as exc:  # the allocator's own words ("can't allocate memory", CUDA OOM)
+            raise ValueError(f"the KV budget of {engine_config.kv_budget_bytes / 2**20:,.0f} MiB could not be allocated "
+                             f"on {self.device}: lower it (--kv-budget-mb) ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no details'})") from None
         if self.device.type == "cpu":
             compile_fused_kernels()  # the decoder's small-op kernels (lm.layers.fused), before the first step
         screen = None

@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
                 run_job(captioner, todo, writer, summary, on_record=progress.update)
             except ServiceUnavailable as error:
                 outage = error
+            except CaptionInputError as error:  # the in-process engine cannot start (its KV budget)
+                return fail(str(error))
     result = summary.as_dict()
     print(json.dumps({"summary": result, "shard": str(shard) if shard else None, "out": str(args.out)}))
     failures = ", ".join(f"{code} {n}" for code, n in result["failures"].items()) or "none"
