@@ -25,6 +25,24 @@ TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, sizes, threads), else argparse's usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> str:
+    """argparse type: comma-separated integers >= 1 ("1,8,64"), returned as given."""
+    for part in text.split(","):
+        positive_int(part.strip())
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     for name, (module_name, help_text) in TARGETS.items():
@@ -34,4 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    if isinstance(getattr(args, "model", None), str):  # a bench with --model: a bad one is named before any work
+        from lm.checkpoints import check_model_spec
+
+        try:
+            check_model_spec(args.model)
+        except (OSError, ValueError) as error:
+            print(f"tessera bench {args.target}: --model {args.model}: {error}", file=sys.stderr)
+            return 2
     return int(importlib.import_module(args._bench_module).run(args) or 0)

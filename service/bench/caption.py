@@ -22,20 +22,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.bench import positive_int
 from service.caption import CaptionOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per caption")
-    parser.add_argument("--concurrency", type=int, default=CaptionOptions.concurrency)
-    parser.add_argument("--workers", type=int, default=CaptionOptions.workers)
-    parser.add_argument("--vision-batch", type=int, default=CaptionOptions.vision_batch)
-    parser.add_argument("--prefill-chunk", type=int, default=CaptionOptions.prefill_chunk)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=positive_int, default=16)
+    parser.add_argument("--new-tokens", type=positive_int, default=16, help="tokens generated per caption")
+    parser.add_argument("--concurrency", type=positive_int, default=CaptionOptions.concurrency)
+    parser.add_argument("--workers", type=positive_int, default=CaptionOptions.workers)
+    parser.add_argument("--vision-batch", type=positive_int, default=CaptionOptions.vision_batch)
+    parser.add_argument("--prefill-chunk", type=positive_int, default=CaptionOptions.prefill_chunk)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--pan-and-scan", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (medians compared)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="alternating runs of each side (medians compared)")
 
 
 def run(args: argparse.Namespace) -> int:

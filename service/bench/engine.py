@@ -32,18 +32,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.bench import positive_int
+
 REPEATS = 5  # two-turn image chats per setting (medians reported)
 GOALS = {"concurrency": 4.0, "prefix": 5.0, "decode": 1.5}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=["all", "concurrency", "prefix", "decode"], default="all")
-    parser.add_argument("--requests", type=int, default=64, help="concurrency part: requests (default 64)")
-    parser.add_argument("--kv-budget-mib", type=int, default=1024, help="concurrency part: KV budget (default 1024)")
+    parser.add_argument("--requests", type=positive_int, default=64, help="concurrency part: requests (default 64)")
+    parser.add_argument("--kv-budget-mib", type=positive_int, default=1024,
+                        help="concurrency part: KV budget (default 1024)")
     parser.add_argument("--draws", type=int, default=10,
                         help="concurrency part: workloads (seeds --seed, --seed + 1, ...) whose peak concurrency the "
                              "scheduler alone measures, beside the one run with the network (default 10; 0: none)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
 
 

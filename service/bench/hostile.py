@@ -32,6 +32,8 @@ from pathlib import Path
 
 import grpc
 
+from service.bench import positive_int
+
 HEALTH_INTERVAL_S = 0.05
 HEALTH_DEADLINE_S = 2.0  # a check slower than this fails (probes use 1-5 s timeouts)
 HOSTILE_DEADLINE_S = 60.0
@@ -51,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vision-language checkpoint directory (default: a tiny random one written to a temp dir)")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--hostile-seconds", type=float, default=30.0)
-    parser.add_argument("--streams", type=int, default=4, help="running streams, half GenerateStream, half QueryStream")
-    parser.add_argument("--hostile-clients", type=int, default=4)
+    parser.add_argument("--streams", type=positive_int, default=4,
+                        help="running streams, half GenerateStream, half QueryStream")
+    parser.add_argument("--hostile-clients", type=positive_int, default=4)
     parser.add_argument("--hostile-pause-ms", type=float, default=100.0,
                         help="each hostile client's pause after an answer (0: back to back, a flood)")
     parser.add_argument("--inputs", type=_input_names, default=INPUTS,

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from service.bench import positive_int, positive_ints
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma3-270m", help="model id, .gguf file or checkpoint directory "
                                                                  "(its config gives the shapes; weights are random)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default="1,8,64", help="comma-separated batch sizes (rows of x)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rows", type=positive_ints, default="1,8,64", help="comma-separated batch sizes (rows of x)")
 
 
 def _best_ms(call, repeats: int) -> float:

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from service.bench import positive_int
+
 PROMPTS = [
     "The history of the printing press begins",
     "Write a short story about a lighthouse keeper who",
@@ -38,10 +40,10 @@ PROMPTS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma3-270m", help="model id, .gguf file or checkpoint directory")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
-    parser.add_argument("--prefill-tokens", type=int, default=2048)
-    parser.add_argument("--decode-repeats", type=int, default=3,
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per decode measurement")
+    parser.add_argument("--prefill-tokens", type=positive_int, default=2048)
+    parser.add_argument("--decode-repeats", type=positive_int, default=3,
                         help="batch-1 decode measurements per engine, ours and llama.cpp's alike; the fastest is "
                              "reported (as timeit does: the run the machine disturbed least)")
     parser.add_argument("--skip-reference", action="store_true", help="skip transformers (slow)")
@@ -198,7 +200,7 @@ def _first_token(argv: list[str]) -> int:
     """The process `start_seconds` spawns: load, then generate one greedy token, then exit."""
     parser = argparse.ArgumentParser(prog="python -m service.bench.lm --first-token")
     parser.add_argument("model")
-    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--threads", type=positive_int, required=True)
     parser.add_argument("--quantize")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--llama-cpp", action="store_true")

@@ -19,19 +19,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+
+from service.bench import positive_int, positive_ints
 
 GOAL = 2.0  # Tessera / reference tokens/s at 8 and 512 tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", default="1,8,512", help="comma-separated token counts (default 1,8,512)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side and token count (default 5)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--hidden-size", type=int, default=2048)
-    parser.add_argument("--moe-intermediate-size", type=int, default=768)
-    parser.add_argument("--num-experts", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", type=positive_ints, default="1,8,512",
+                        help="comma-separated token counts (default 1,8,512)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed runs per side and token count (default 5)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--hidden-size", type=positive_int, default=2048)
+    parser.add_argument("--moe-intermediate-size", type=positive_int, default=768)
+    parser.add_argument("--num-experts", type=positive_int, default=128)
+    parser.add_argument("--top-k", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantize", default="",
                         help="comma-separated lm.quantize schemes to time beside fp32 (int8, int8-dynamic, int4)")
@@ -100,6 +105,10 @@ def checkpoint_state_dict(reference) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.top_k > args.num_experts:
+        print(f"tessera bench moe: --top-k {args.top_k} must be at most --num-experts ({args.num_experts})",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.tokens.split(",")]
     load_before = os.getloadavg()

@@ -15,6 +15,8 @@ import io
 import statistics
 import time
 
+from service.bench import positive_int
+
 # (width, height, format) of the benchmark photos
 PHOTOS: tuple[tuple[int, int, str], ...] = (
     (4032, 3024, "JPEG"),
@@ -26,8 +28,10 @@ PHOTOS: tuple[tuple[int, int, str], ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per side and input kind (default 7)")
-    parser.add_argument("--threads", type=int, default=2, help="Tessera worker threads and torch threads (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed runs per side and input kind (default 7)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="Tessera worker threads and torch threads (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ import statistics
 import threading
 import time
 
+from service.bench import positive_int, positive_ints
+
 PROMPTS = [
     "Explain how a refrigerator works in simple terms.",
     "Write a haiku about the sea.",
@@ -26,10 +28,10 @@ PROMPTS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gemma3-270m", help="model id, .gguf file or checkpoint directory")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--clients", type=positive_ints, default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests-per-client", type=positive_int, default=2)
+    parser.add_argument("--new-tokens", type=positive_int, default=16)
     parser.add_argument("--json", action="store_true")
 
 

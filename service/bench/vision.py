@@ -18,13 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.bench import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiles", type=int, default=1, help="tiles per backend, one batch (default 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (default 2)")
-    parser.add_argument("--layers", type=int, default=27,
+    parser.add_argument("--tiles", type=positive_int, default=1, help="tiles per backend, one batch (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch and ONNX Runtime threads (default 2)")
+    parser.add_argument("--layers", type=positive_int, default=27,
                         help="SigLIP layers (default 27 = So400m; fewer for a quick smoke run)")
-    parser.add_argument("--d-model", type=int, default=2560, help="soft-token width (default 2560, Gemma 3 4B)")
+    parser.add_argument("--d-model", type=positive_int, default=2560,
+                        help="soft-token width (default 2560, Gemma 3 4B)")
     parser.add_argument("--skip-int8", action="store_true", help="leave out the int8 ONNX backend")
 
 
