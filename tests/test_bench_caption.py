@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 
 def test_caption_benchmark_runs_both_sides_alternating(capsys):
     from service.bench import run
@@ -23,8 +25,8 @@ def test_caption_benchmark_runs_both_sides_alternating(capsys):
 
 
 def test_caption_benchmark_refuses_a_count_below_one(capsys):
-    from service.bench import run
     from service.cli import build_parser
 
-    assert run(build_parser().parse_args(["bench", "caption", "--repeats", "0"])) == 2
-    assert "must be positive" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["bench", "caption", "--repeats", "0"])
+    assert exited.value.code == 2 and "argument --repeats: must be at least 1" in capsys.readouterr().err

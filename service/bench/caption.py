@@ -48,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from service.tiny_checkpoints import write_tiny_captioning_checkpoint
     from vision.sample import synthetic_photo
 
-    if min(args.images, args.new_tokens, args.repeats, args.threads) < 1:
-        print("--images, --new-tokens, --repeats and --threads must be positive")
-        return 2
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-caption-"))
     try:

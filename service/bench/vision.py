@@ -34,9 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.tiles < 1 or args.threads < 1 or args.layers < 1:
-        print("--tiles, --threads and --layers must be positive")
-        return 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="tessera-bench-vision-") as work:
