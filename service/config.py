@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -37,6 +38,23 @@ _HELP = {
     "backend_keepalive_s": "gateway: seconds between keepalive pings on each backend connection; one unanswered "
                            "as long closes it, so a frozen backend is found within about twice this",
 }
+
+
+def target_problem(target: str) -> str | None:
+    """What is wrong with a gRPC target given as host:port ([v6]:port for an IPv6 literal), or None. A
+    target with a gRPC name scheme (dns:, ipv4:, ipv6:, unix:, ...) is left to gRPC."""
+    if re.match(r"^[a-z][a-z0-9+.-]*:(?!\d+$)", target) and not target.startswith("["):  # scheme:..., not host:port
+        return None
+    host, _, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return "an IPv6 address goes in brackets: [::1]:50051"
+    if not host or any(c.isspace() or c in "[]/" for c in host):
+        return "expected HOST:PORT, e.g. localhost:50051"
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        return f"expected HOST:PORT with a port from 1 to 65535, e.g. localhost:50051"
+    return None
 
 
 def host_port(host: str, port: int) -> str:
@@ -141,6 +159,10 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.port == 0:
             object.__setattr__(self, "port", DEFAULT_PORTS[self.role])
+        for name in ("gateway_target", "vision_target", "lm_target"):
+            problem = target_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {problem}")
         if self.host.startswith("[") and self.host.endswith("]"):  # an IPv6 literal as URLs write it: [::]
             object.__setattr__(self, "host", self.host[1:-1])
         if not self.host or any(c.isspace() or c in "[]/" for c in self.host):

@@ -340,6 +340,12 @@ def test_serves_on_an_ipv6_address():
     for bad in ("", "a b", "[::", "host/24"):
         with pytest.raises(ValueError, match="--host"):
             ServeConfig(role="lm", host=bad)
+    for bad, words in (("::::", "in brackets"), ("::1:50051", "in brackets"), ("tessera-lm", "HOST:PORT"),
+                       ("tessera-lm:0", "port from 1 to 65535"), ("a b:1", "HOST:PORT")):
+        with pytest.raises(ValueError, match=f"--lm-target {re.escape(repr(bad))}: .*{words}"):
+            ServeConfig(role="gateway", lm_target=bad)
+    for good in ("[::1]:50052", "dns:///tessera-lm:50052", "unix:/run/lm.sock", "tessera-lm.ns.svc:50052"):
+        assert ServeConfig(role="gateway", lm_target=good).lm_target == good
     server = start_server("gateway", model="unused", host="[::1]", port=port, vision_target="127.0.0.1:9",
                           lm_target="127.0.0.1:9", wait=False)
     try:
