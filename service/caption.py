@@ -279,8 +279,8 @@ class Shard:
 def read_records(path: Path) -> dict[str, dict]:
     """The last record of each id in an existing output file. Raises CaptionInputError, changing nothing,
     when it is not a regular file or holds a line that is not a caption record (JSON with an id and a
-    caption or an error): --out pointing at another file. Then a torn last line (no newline, beginning
-    as a record does) is cut off so that appending continues on a line boundary."""
+    caption or an error): --out pointing at another file. Then a torn last line (no newline, not complete
+    JSON, beginning as a record does) is cut off so that appending continues on a line boundary."""
     if not path.exists():
         return {}
     if not path.is_file():
@@ -300,10 +300,17 @@ def read_records(path: Path) -> dict[str, dict]:
             raise CaptionInputError(f"{path}:{number} is not a caption record (a JSON line with an id and a caption "
                                     "or an error); is --out pointing at the right file?")
         records[str(record["id"])] = record
-    torn = data[end:].lstrip()[:5]  # what a record written in part begins with: {"id"
-    if torn and torn != b'{"id"'[:len(torn)]:
-        line = data.count(b"\n") + 1
-        raise CaptionInputError(f"{path}:{line} is not a caption record; is --out pointing at the right file?")
+    tail = data[end:].strip()
+    if tail:  # a last line without its newline: a record cut by a kill (cut off here), or not ours
+        try:
+            json.loads(tail)
+            whole = True  # complete JSON: not a torn write
+        except json.JSONDecodeError:
+            whole = False
+        if whole or tail[:5] != b'{"id"'[:len(tail[:5])]:
+            line = data.count(b"\n") + 1
+            raise CaptionInputError(f"{path}:{line} is not a caption record cut off by a kill (a record's line ends "
+                                    "with a newline); is --out pointing at the right file?")
     if end < len(data):
         os.truncate(path, end)
     return records

@@ -4,6 +4,7 @@ per role. See the contract in the README / deployment manifests: names and defau
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, fields
@@ -40,21 +41,33 @@ _HELP = {
 }
 
 
+_GRPC_SCHEMES = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds):")  # gRPC's name resolvers
+
+
 def target_problem(target: str) -> str | None:
     """What is wrong with a gRPC target given as host:port ([v6]:port for an IPv6 literal), or None. A
-    target with a gRPC name scheme (dns:, ipv4:, ipv6:, unix:, ...) is left to gRPC."""
-    if re.match(r"^[a-z][a-z0-9+.-]*:(?!\d+$)", target) and not target.startswith("["):  # scheme:..., not host:port
+    target with one of gRPC's name schemes (dns:, ipv4:, ipv6:, unix:, ...) is left to gRPC."""
+    if _GRPC_SCHEMES.match(target):
         return None
-    host, _, port = target.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
+    bracketed = re.fullmatch(r"\[([^\]]*)\]:(.*)", target)
+    if target.startswith("[") and not bracketed:
+        return "expected [IPv6]:PORT, e.g. [::1]:50051"
+    host, _, port = (bracketed.group(1), ":", bracketed.group(2)) if bracketed else target.rpartition(":")
+    if ":" in host and not bracketed:
         return "an IPv6 address goes in brackets: [::1]:50051"
     if not host or any(c.isspace() or c in "[]/" for c in host):
         return "expected HOST:PORT, e.g. localhost:50051"
-    if not (port.isdigit() and 0 < int(port) < 65536):
-        return f"expected HOST:PORT with a port from 1 to 65535, e.g. localhost:50051"
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return "expected HOST:PORT with a port from 1 to 65535, e.g. localhost:50051"
     return None
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def host_port(host: str, port: int) -> str:
@@ -165,8 +178,10 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {problem}")
         if self.host.startswith("[") and self.host.endswith("]"):  # an IPv6 literal as URLs write it: [::]
             object.__setattr__(self, "host", self.host[1:-1])
-        if not self.host or any(c.isspace() or c in "[]/" for c in self.host):
-            raise ValueError(f"--host must be a host name or an IP address (e.g. 0.0.0.0, :: or [::]), got {self.host!r}")
+        if not self.host or any(c.isspace() or c in "[]/" for c in self.host) or (":" in self.host
+                                                                               and not _is_ipv6(self.host)):
+            raise ValueError(f"--host must be a host name or an IP address without a port (e.g. 0.0.0.0, :: or [::]), "
+                             f"got {self.host!r}")
 
     def address(self, port: int) -> str:
         """`host_port` of --host and one of this server's ports: what gRPC binds and the logs print."""

@@ -68,6 +68,7 @@ _STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = 
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # PromptTooLong, InvalidRequest, bad params, images
+    (FloatingPointError, grpc.StatusCode.INTERNAL),  # the model's logits not finite: said as it is, no traceback
 )
 
 

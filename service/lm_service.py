@@ -139,7 +139,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         handle.set_notifier(lambda: _wake_threadsafe(loop, wake))
-        first_token_at = None
+        first_token_at, observed = None, False
         try:
             while True:
                 wake.clear()
@@ -150,9 +150,12 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                         if completion.finish_reason == "error":
                             if completion.error.startswith(f"{GrammarError.__name__}: "):  # the request's own
                                 raise ValueError(completion.error.split(": ", 1)[1])
+                            if completion.error.startswith(f"{FloatingPointError.__name__}: "):  # the numbers':
+                                raise FloatingPointError(completion.error.split(": ", 1)[1])  # named, no traceback
                             raise RuntimeError(f"generation failed for request {completion.request_id}: "
                                                f"{completion.error}")
                         self._observe(completion, first_token_at, started)
+                        observed = True
                         yield lm_pb2.GenerateStreamResponse(done=_completion_proto(completion, token_text))
                         return
                     if first_token_at is None and event.token_id is not None:
@@ -169,7 +172,8 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
             handle.set_notifier(None)
             if not handle.done:
                 handle.cancel()  # client gone, deadline passed or server stopping: freed at the next step
-                self._observe_when_finished(handle)  # the tokens it computed count as work done
+            if not observed:  # ended before its Completion was read (now, or once the engine finishes it)
+                self._observe_when_finished(handle)
 
     def _generation_request(self, loaded: LoadedLanguageModel, request) -> GenerationRequest:
         config = loaded.lm.config
@@ -264,13 +268,16 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
         if self.metrics is None:
             return
         self.metrics.tokens_generated.inc(completion.completion_tokens)
-        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
+        if completion.finish_reason != "cancelled" or completion.completion_tokens:  # its prompt was computed
+            self.metrics.prompt_tokens.inc(completion.prompt_tokens)
         if first_token_at is not None:
             self.metrics.time_to_first_token.observe(first_token_at - started)
 
     def _observe_when_finished(self, handle) -> None:
-        """Count a cancelled request's tokens (`_observe`) once the engine has finished it, from the output
-        thread's notifier or here if it finished already; exactly once either way."""
+        """Count the tokens (`_observe`) of a request whose stream ended before its Completion was read (the
+        client left, or it was cancelled), once the engine has finished it: from the output thread's
+        notifier, or here if it finished already; once either way. A request cancelled before any token
+        counts no prompt tokens (it may never have been computed)."""
         if self.metrics is None:
             return
         once = threading.Lock()

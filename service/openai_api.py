@@ -173,6 +173,8 @@ def api_error(error: BaseException) -> ApiError:
         return ApiError(503, str(error))
     if isinstance(error, DeadlineExceeded):
         return ApiError(504, str(error))
+    if isinstance(error, FloatingPointError):  # the model's logits were not finite: the server's numbers
+        return ApiError(500, str(error))
     if isinstance(error, (BackendError, GatewayCallError)):
         # The gateway's token refused by a backend is the deployment's fault: 503, not the client's 401.
         status = _HTTP_BY_GRPC.get(error.code, 500)
@@ -641,7 +643,7 @@ class OpenAIFront:
             deepest = max(error.errors(), key=lambda e: len(e.get("loc", ())))
             where = ".".join(str(p) for p in deepest.get("loc", ()) if not _union_label(p))
             message = deepest.get("msg")
-            if deepest.get("type") == "json_invalid" and _SURROGATE_ESCAPE.search(body):
+            if deepest.get("type") == "json_invalid" and "escape" in message and _SURROGATE_ESCAPE.search(body):
                 # the parser's words ("unexpected end of hex escape") do not say what is wrong with it
                 message += (" (the body escapes a UTF-16 surrogate, \\ud800-\\udfff, that is not half of a pair: "
                             "no character; send the character itself or both halves of its pair)")

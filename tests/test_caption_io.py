@@ -102,6 +102,12 @@ def test_an_out_file_that_is_not_a_results_file_is_refused_untouched(tmp_path):
         with pytest.raises(CaptionInputError, match="is not a caption record"):
             read_records(path)
         assert path.read_bytes() == before
+    one_line = tmp_path / "one.jsonl"  # a manifest's single line, no newline: whole JSON, so not a torn record
+    for content in (b'{"id": "r", "path": "red.png"}', b'{"id": "a", "caption": "x"}\n{"id": "q", "path": "x"}'):
+        one_line.write_bytes(content)
+        with pytest.raises(CaptionInputError, match="is not a caption record"):
+            read_records(one_line)
+        assert one_line.read_bytes() == content
     only_torn = tmp_path / "torn.jsonl"
     only_torn.write_bytes(b"just words")
     with pytest.raises(CaptionInputError, match="torn.jsonl:1 is not a caption record"):

@@ -348,6 +348,9 @@ def test_what_clients_of_openai_and_vllm_rely_on(stack):
     reply = httpx.post(stack[1] + "/v1/chat/completions", headers={**headers, "Content-Type": "application/json"},
                        content=rb'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "Hi \ud800"}]}')
     assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"], reply.text
+    reply = httpx.post(stack[1] + "/v1/chat/completions", headers={**headers, "Content-Type": "application/json"},
+                       content=rb'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "\\ud800"},]}')
+    assert reply.status_code == 400 and "surrogate" not in reply.json()["error"]["message"], reply.text  # an escaped \
     created = httpx.get(stack[1] + "/v1/models", headers=headers).json()["data"][0]["created"]
     assert time.time() - 86_400 < created <= time.time()
 

@@ -230,6 +230,13 @@ def test_status_codes_by_exception_and_internal_errors_carry_a_request_id(caplog
     assert status_for(NotReady("x")) == status_for(EngineStopped("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_for(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert status_for(KeyError("bug")) is None
+    # a model's non-finite logits: INTERNAL with the engine's own words (no traceback, no hidden message), and
+    # the HTTP front's 500 says them too
+    from service.openai_api import api_error
+
+    assert status_for(FloatingPointError("the model's logits ... not finite")) == grpc.StatusCode.INTERNAL
+    assert (api_error(FloatingPointError("not finite")).status, api_error(FloatingPointError("not finite")).message) \
+        == (500, "not finite")
 
     async def buggy(request, context):
         raise KeyError("a bug")
@@ -340,8 +347,11 @@ def test_serves_on_an_ipv6_address():
     for bad in ("", "a b", "[::", "host/24"):
         with pytest.raises(ValueError, match="--host"):
             ServeConfig(role="lm", host=bad)
+    with pytest.raises(ValueError, match="without a port"):
+        ServeConfig(role="lm", host="0.0.0.0:8080")
     for bad, words in (("::::", "in brackets"), ("::1:50051", "in brackets"), ("tessera-lm", "HOST:PORT"),
-                       ("tessera-lm:0", "port from 1 to 65535"), ("a b:1", "HOST:PORT")):
+                       ("tessera-lm:0", "port from 1 to 65535"), ("a b:1", "HOST:PORT"), ("[::1]", r"\[IPv6\]:PORT"),
+                       ("tessera-lm:5005l", "port from 1"), ("localhost:50051/", "port from 1")):
         with pytest.raises(ValueError, match=f"--lm-target {re.escape(repr(bad))}: .*{words}"):
             ServeConfig(role="gateway", lm_target=bad)
     for good in ("[::1]:50052", "dns:///tessera-lm:50052", "unix:/run/lm.sock", "tessera-lm.ns.svc:50052"):

@@ -48,7 +48,7 @@ class ImageError(Exception):
     """A refused or undecodable image. `code` is a short machine-readable reason, one of CODES."""
 
     CODES = ("empty", "too_large", "unreadable", "unsupported_format", "zero_size", "too_many_pixels", "truncated",
-             "decode_failed")
+             "decode_failed", "preprocess_failed")
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(code, message)  # both in args, so the error pickles across processes
@@ -135,14 +135,21 @@ def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     a pipe can stream without end, or block), "too_large"."""
     path = Path(path)
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
-            raise ImageError("unreadable", f"{str(path)!r} is not a regular file ({kind})")
-        if info.st_size > max_bytes:
-            raise ImageError("too_large", _too_large_message(info.st_size, max_bytes))
-        with open(path, "rb") as file:
-            data = file.read(max_bytes + 1)  # a file that grew since: no more than the limit is read
+        # non-blocking: opening a pipe nobody writes to returns at once; the kind is read from the open file
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+                raise ImageError("unreadable", f"{str(path)!r} is not a regular file ({kind})")
+            if info.st_size > max_bytes:
+                raise ImageError("too_large", _too_large_message(info.st_size, max_bytes))
+            file, descriptor = os.fdopen(descriptor, "rb"), None  # the file object closes it from here
+            with file:
+                data = file.read(max_bytes + 1)  # a file that grew since: no more than the limit is read
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
     except OSError as error:
         raise ImageError("unreadable", f"cannot read {str(path)!r}: {error.strerror or error}") from error
     if len(data) > max_bytes:

@@ -6,10 +6,10 @@ Parts (`--part`, default all):
   4 KV heads, head_dim 256, window 1024; 4 query heads instead of 8 and a 128-wide residual stream,
   since this measures memory and scheduling, not compute), fp32, a 1 GiB KV budget, `--requests`
   requests of prompt lengths log-uniform in [50, 4000] and 16-256 new tokens, all submitted at once.
-  Printed: peak concurrent sequences, tokens/s, preemptions; the peak over `--draws` more workloads of
-  the same distribution from the scheduler alone (`SchedulingOnly` in place of the network, which the
-  first draw checks step for step against the real run); and the slot design's concurrency at the
-  same budget, which is exact by its own sizing rule: every sequence reserved `max_seq_len` positions in
+  Printed: peak concurrent sequences, tokens/s, preemptions; the peak over `--draws` workloads of the
+  same distribution (the first is the real run's) from the scheduler alone (`SchedulingOnly` in place of
+  the network, checked step for step against the real run on that first one); and the slot design's
+  concurrency at the same budget, exact by its own sizing rule: every sequence reserved `max_seq_len` positions in
   each full layer and a `window` ring in each sliding layer, so it ran min(max_batch, budget // slot)
   sequences (`kv_bytes_for_context(config, max_seq_len, windowed=True)` per slot; that engine is gone).
 - prefix: time to first token with prefix caching on vs off, side by side: (a) the embedded 270M,
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.bench import positive_int
+from service.bench import non_negative_int, positive_int
 
 REPEATS = 5  # two-turn image chats per setting (medians reported)
 GOALS = {"concurrency": 4.0, "prefix": 5.0, "decode": 1.5}
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=positive_int, default=64, help="concurrency part: requests (default 64)")
     parser.add_argument("--kv-budget-mib", type=positive_int, default=1024,
                         help="concurrency part: KV budget (default 1024)")
-    parser.add_argument("--draws", type=int, default=10,
+    parser.add_argument("--draws", type=non_negative_int, default=10,
                         help="concurrency part: workloads (seeds --seed, --seed + 1, ...) whose peak concurrency the "
                              "scheduler alone measures, beside the one run with the network (default 10; 0: none)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
