@@ -254,4 +254,6 @@ async def _why(backend: Backend, channel: grpc.aio.Channel, timeout: float = 2.0
             return (f"it is reachable but its health for {backend.health_name} is not SERVING (still loading its "
                     "model, shutting down, or a vision service on a text-only model)"), False
         return f"{error.code().name}: {details}", True
+    if response.status == health_pb2.HealthCheckResponse.SERVING:  # back while this was asked: no contradiction
+        return "it answers SERVING again (the connection is being re-made)", False
     return f"its health is {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}", False

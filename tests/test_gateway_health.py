@@ -213,3 +213,29 @@ def test_token_file_and_backend_tls_settings(tmp_path):
         ServeConfig(role="lm", tls_client_ca="ca.pem")
     help_text = "".join(parser.format_help().split())  # without argparse's line breaks
     assert "`ps`:preferTESSERA_AUTH_TOKENor--auth-token-file" in help_text
+
+
+def test_the_reason_given_for_a_backend_that_answers_serving_again_does_not_contradict_its_state():
+    """The warning "X is not ready (transient_failure): ..." asks the backend why; one that came back in
+    the meantime answered SERVING, which read "not ready ...: its health is SERVING"."""
+    import asyncio
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from service.backends import Backend, _why
+
+    async def main() -> str:
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await servicer.set("tessera.lm.v1.LanguageModelService", health_pb2.HealthCheckResponse.SERVING)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return (await _why(Backend("LM service", f"127.0.0.1:{port}", "tessera.lm.v1.LanguageModelService"),
+                                   channel))[0]
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(main()) == "it answers SERVING again (the connection is being re-made)"
