@@ -133,16 +133,18 @@ class RequestHandle:
     # engine side
     def _publish(self, event: TokenEvent) -> None:
         self._events.put(event)
-        if self._notify is not None:
-            self._notify()
+        notify = self._notify  # read once: the consumer may clear it meanwhile (set_notifier(None))
+        if notify is not None:
+            notify()
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
         self._finished.set()
         self._events.put(_DONE)
-        if self._notify is not None:
+        notify = self._notify
+        if notify is not None:
             try:
-                self._notify()
+                notify()
             except Exception:  # the caller's bug; the request is over, and the engine must go on
                 log.exception("request %s: the notifier failed at the finish", self.request_id)
 

@@ -279,8 +279,9 @@ class Shard:
 def read_records(path: Path) -> dict[str, dict]:
     """The last record of each id in an existing output file. Raises CaptionInputError, changing nothing,
     when it is not a regular file or holds a line that is not a caption record (JSON with an id and a
-    caption or an error): --out pointing at another file. Then a torn last line (no newline, not complete
-    JSON, beginning as a record does) is cut off so that appending continues on a line boundary."""
+    caption or an error): --out pointing at another file. Then a torn last line (no newline: a record
+    whole but for it, or a beginning of one) is cut off so that appending continues on a line boundary
+    (its image is captioned again)."""
     if not path.exists():
         return {}
     if not path.is_file():
@@ -303,14 +304,14 @@ def read_records(path: Path) -> dict[str, dict]:
     tail = data[end:].strip()
     if tail:  # a last line without its newline: a record cut by a kill (cut off here), or not ours
         try:
-            json.loads(tail)
-            whole = True  # complete JSON: not a torn write
-        except json.JSONDecodeError:
-            whole = False
-        if whole or tail[:5] != b'{"id"'[:len(tail[:5])]:
+            last = json.loads(tail)
+            torn = isinstance(last, dict) and "id" in last and ("caption" in last or "error" in last)  # all but \n
+        except ValueError:  # not complete JSON (or cut inside a UTF-8 character)
+            torn = tail[:5] == b'{"id"'[:len(tail[:5])]
+        if not torn:
             line = data.count(b"\n") + 1
-            raise CaptionInputError(f"{path}:{line} is not a caption record cut off by a kill (a record's line ends "
-                                    "with a newline); is --out pointing at the right file?")
+            raise CaptionInputError(f"{path}:{line} is not a caption record, whole or cut off by a kill; is --out "
+                                    "pointing at the right file?")
     if end < len(data):
         os.truncate(path, end)
     return records

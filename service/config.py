@@ -41,7 +41,7 @@ _HELP = {
 }
 
 
-_GRPC_SCHEMES = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds):")  # gRPC's name resolvers
+_GRPC_SCHEMES = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|vsock|xds|google-c2p):", re.IGNORECASE)  # resolvers
 
 
 def target_problem(target: str) -> str | None:

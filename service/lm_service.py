@@ -146,7 +146,7 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                 events = _drain(handle)
                 for event in events:
                     if event is None:  # finished
-                        completion = handle.result()
+                        completion, observed = handle.result(), True  # counted below, unless it failed
                         if completion.finish_reason == "error":
                             if completion.error.startswith(f"{GrammarError.__name__}: "):  # the request's own
                                 raise ValueError(completion.error.split(": ", 1)[1])
@@ -155,7 +155,6 @@ class LanguageModelServicer(lm_pb2_grpc.LanguageModelServiceServicer):
                             raise RuntimeError(f"generation failed for request {completion.request_id}: "
                                                f"{completion.error}")
                         self._observe(completion, first_token_at, started)
-                        observed = True
                         yield lm_pb2.GenerateStreamResponse(done=_completion_proto(completion, token_text))
                         return
                     if first_token_at is None and event.token_id is not None:

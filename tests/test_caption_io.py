@@ -112,9 +112,10 @@ def test_an_out_file_that_is_not_a_results_file_is_refused_untouched(tmp_path):
     only_torn.write_bytes(b"just words")
     with pytest.raises(CaptionInputError, match="torn.jsonl:1 is not a caption record"):
         read_records(only_torn)
-    for torn in (b"{", b'{"i', b'{"id": "c", "capt'):  # a record cut anywhere is cut off
-        only_torn.write_bytes(b'{"id": "a", "caption": "x"}\n' + torn)
-        assert set(read_records(only_torn)) == {"a"}
+    record = json.dumps({"id": "c", "caption": "一只猫坐在窗台上 café"}, ensure_ascii=False).encode()  # as written
+    for cut in range(1, len(record) + 1):  # a record cut anywhere, inside a character or before its newline
+        only_torn.write_bytes(b'{"id": "a", "caption": "x"}\n' + record[:cut])
+        assert set(read_records(only_torn)) == {"a"}, record[:cut]
         assert only_torn.read_bytes() == b'{"id": "a", "caption": "x"}\n'
     with pytest.raises(CaptionInputError, match="not a regular file"):
         read_records(tmp_path)

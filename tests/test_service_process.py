@@ -354,7 +354,8 @@ def test_serves_on_an_ipv6_address():
                        ("tessera-lm:5005l", "port from 1"), ("localhost:50051/", "port from 1")):
         with pytest.raises(ValueError, match=f"--lm-target {re.escape(repr(bad))}: .*{words}"):
             ServeConfig(role="gateway", lm_target=bad)
-    for good in ("[::1]:50052", "dns:///tessera-lm:50052", "unix:/run/lm.sock", "tessera-lm.ns.svc:50052"):
+    for good in ("[::1]:50052", "dns:///tessera-lm:50052", "unix:/run/lm.sock", "tessera-lm.ns.svc:50052",
+                 "DNS:///tessera-lm:50052", "[fe80::1%eth0]:50052"):
         assert ServeConfig(role="gateway", lm_target=good).lm_target == good
     server = start_server("gateway", model="unused", host="[::1]", port=port, vision_target="127.0.0.1:9",
                           lm_target="127.0.0.1:9", wait=False)

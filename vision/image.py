@@ -136,7 +136,7 @@ def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     path = Path(path)
     try:
         # non-blocking: opening a pipe nobody writes to returns at once; the kind is read from the open file
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
             info = os.fstat(descriptor)
             if not stat.S_ISREG(info.st_mode):

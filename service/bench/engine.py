@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrency part: KV budget (default 1024)")
     parser.add_argument("--draws", type=non_negative_int, default=10,
                         help="concurrency part: workloads (seeds --seed, --seed + 1, ...) whose peak concurrency the "
-                             "scheduler alone measures, beside the one run with the network (default 10; 0: none)")
+                             "scheduler alone measures; the first is the one run with the network, checked step for "
+                             "step (default 10; 0: none)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
 
