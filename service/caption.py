@@ -295,7 +295,7 @@ def read_records(path: Path) -> dict[str, dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8
             record = None
         if not (isinstance(record, dict) and "id" in record and ("caption" in record or "error" in record)):
             raise CaptionInputError(f"{path}:{number} is not a caption record (a JSON line with an id and a caption "

@@ -103,7 +103,8 @@ def test_an_out_file_that_is_not_a_results_file_is_refused_untouched(tmp_path):
             read_records(path)
         assert path.read_bytes() == before
     one_line = tmp_path / "one.jsonl"  # a manifest's single line, no newline: whole JSON, so not a torn record
-    for content in (b'{"id": "r", "path": "red.png"}', b'{"id": "a", "caption": "x"}\n{"id": "q", "path": "x"}'):
+    for content in (b'{"id": "r", "path": "red.png"}', b'{"id": "a", "caption": "x"}\n{"id": "q", "path": "x"}',
+                    b'\xff\xfe binary\n'):
         one_line.write_bytes(content)
         with pytest.raises(CaptionInputError, match="is not a caption record"):
             read_records(one_line)
