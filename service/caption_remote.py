@@ -23,8 +23,9 @@ class RemoteCaptioner:
     """Captions through `tessera serve gateway` (or `all`) at `target`: `concurrency` calls in flight;
     the services decode, encode and batch. Overload and unavailability are retried with backoff; if
     unavailability outlasts the retries, the job stops (`run` raises ServiceUnavailable) rather than
-    writing an error record for each image left. Any other failure becomes the image's error record, its code the gRPC
-    status (e.g. invalid_argument for a bad image)."""
+    writing an error record for each image left. Any other failure becomes the image's error record:
+    its code the image's own (ImageError's, named at the end of the vision service's message) or else
+    the gRPC status."""
 
     _RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 

@@ -131,7 +131,8 @@ class Engine:
         try:
             self.storage = PagedKVStorage(config, self.layout, num_blocks, dtype=dtype, device=self.device)
         except (RuntimeError, MemoryError) as exc:  # the allocator's own words ("can't allocate memory", CUDA OOM)
-            raise ValueError(f"the KV budget of {engine_config.kv_budget_bytes / 2**20:,.0f} MiB could not be allocated "
+            budget_mib = engine_config.kv_budget_bytes / 2**20
+            raise ValueError(f"the KV budget of {budget_mib:,.0f} MiB could not be allocated "
                              f"on {self.device}: lower it (--kv-budget-mb) ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'no details'})") from None
         if self.device.type == "cpu":

@@ -169,13 +169,15 @@ def concurrency(args: argparse.Namespace) -> list[str]:
     print(f"concurrency: 4B attention geometry ({config.num_hidden_layers} layers, "
           f"{config.layer_types.count('full_attention')} full, window {config.sliding_window}, "
           f"{config.num_key_value_heads} KV heads x {config.head_dim}), fp32, KV budget {args.kv_budget_mib} MiB, "
-          f"{args.requests} requests, prompts {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
+          f"{args.requests} requests, prompts {min(lengths)}-{max(lengths)} tokens "
+          f"(mean {statistics.mean(lengths):.0f}), "
           f"{sum(workload[1])} new tokens in all (seed {args.seed})")
     real = run_workload(random_model(config, args.seed), config, workload, budget=budget, max_seq_len=max_seq_len)
     print(f"  paged engine: {real['blocks']} blocks of {real['block_size']} tokens; peak {real['peak']} sequences "
           f"holding KV ({real['peak_decoding']} decoding at once); {real['steps']} steps in {real['seconds']:.1f} s: "
           f"{real['generated'] / real['seconds']:.1f} generated tok/s, "
-          f"{(sum(lengths) + real['generated']) / real['seconds']:.1f} tok/s computed; {real['preemptions']} preemptions")
+          f"{(sum(lengths) + real['generated']) / real['seconds']:.1f} tok/s computed; "
+          f"{real['preemptions']} preemptions")
     print(f"  slot design: {slot / 2**20:.1f} MiB reserved per sequence of max_seq_len {max_seq_len}: "
           f"{slot_sequences} sequences at once")
     # One draw's peak is one sample of a random variable (it moves 2x between draws): the scheduler alone

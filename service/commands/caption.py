@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
                                  concurrency=args.concurrency, workers=args.workers, **engine)
         shard = Shard.parse(args.shard) if args.shard else Shard.from_environment(os.environ)
         items, duplicates = collect_inputs(args.inputs)
-        if any(Path(given).exists() and args.out.exists() and os.path.samefile(given, args.out) for given in args.inputs):
+        if args.out.exists() and any(Path(given).exists() and os.path.samefile(given, args.out)
+                                     for given in args.inputs):
             raise CaptionInputError(f"--out {args.out} is one of the inputs: the records would be appended to it; "
                                     "write them to another file")
         done = read_records(args.out)
