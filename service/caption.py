@@ -276,6 +276,11 @@ class Shard:
 
 # ----- output ----------------------------------------------------------------------------------------
 
+def _is_record(value) -> bool:
+    """Whether a parsed JSON line is a caption record: an object with an id and a caption or an error."""
+    return isinstance(value, dict) and "id" in value and ("caption" in value or "error" in value)
+
+
 def read_records(path: Path) -> dict[str, dict]:
     """The last record of each id in an existing output file. Raises CaptionInputError, changing nothing,
     when it is not a regular file or holds a line that is not a caption record (JSON with an id and a
@@ -297,7 +302,7 @@ def read_records(path: Path) -> dict[str, dict]:
             record = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8
             record = None
-        if not (isinstance(record, dict) and "id" in record and ("caption" in record or "error" in record)):
+        if not _is_record(record):
             raise CaptionInputError(f"{path}:{number} is not a caption record (a JSON line with an id and a caption "
                                     "or an error); is --out pointing at the right file?")
         records[str(record["id"])] = record
@@ -305,7 +310,7 @@ def read_records(path: Path) -> dict[str, dict]:
     if tail:  # a last line without its newline: a record cut by a kill (cut off here), or not ours
         try:
             last = json.loads(tail)
-            torn = isinstance(last, dict) and "id" in last and ("caption" in last or "error" in last)  # all but \n
+            torn = _is_record(last)  # whole but for its newline
         except ValueError:  # not complete JSON (or cut inside a UTF-8 character)
             torn = tail[:5] == b'{"id"'[:len(tail[:5])]
         if not torn:

@@ -25,8 +25,7 @@ TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
-def positive_int(text: str, least: int = 1) -> int:
-    """argparse type: an integer >= 1 (counts, sizes, threads), else argparse's usage error (exit 2)."""
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -36,9 +35,14 @@ def positive_int(text: str, least: int = 1) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, sizes, threads), else argparse's usage error (exit 2)."""
+    return _int_at_least(text, 1)
+
+
 def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return positive_int(text, least=0)
+    """argparse type: an integer >= 0, else argparse's usage error (exit 2)."""
+    return _int_at_least(text, 0)
 
 
 def positive_ints(text: str) -> str:
