@@ -142,6 +142,31 @@ def test_unwritten_cells_full_of_nan_are_never_read(model_and_config):
         assert handle.result().token_ids == reference_greedy(model, config, prompt, 11)
 
 
+def test_a_padded_decode_batch_never_meets_nan_left_in_its_blocks(model_and_config):
+    """In bfloat16 the cache is gathered (not read in place): decode rows of different lengths share a
+    padded call that reads the masked tails of their last blocks. A cache full of NaN gives the same
+    tokens as a fresh one: blocks are zeroed when allocated there (a float32 CPU cache, read exactly,
+    skips that)."""
+    import copy
+
+    model, config = model_and_config
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = [prompt_of(n, seed) for seed, n in enumerate((5, 9, 14, 30))]
+
+    def answers(poisoned: bool) -> list[list[int]]:
+        engine = Engine(model, config, EngineConfig(max_seq_len=96, kv_budget_bytes=1 << 24, max_batch=4,
+                                                    block_size=4, stop_token_ids=()), dtype=torch.bfloat16)
+        assert engine.runner.reads_unwritten_cells
+        for tensor in engine.storage.keys + engine.storage.values:
+            tensor.fill_(float("nan") if poisoned else 0.0)
+        handles = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=11))) for p in prompts]
+        while not all(h.done for h in handles):
+            engine.step()
+        return [h.result().token_ids for h in handles]
+
+    assert answers(poisoned=True) == answers(poisoned=False)
+
+
 def engine_of(model, config):
     return make_engine(model, config)
 

@@ -432,3 +432,44 @@ def test_after_each_step_only_the_computed_blocks_need_registering_or_releasing(
     run(engine, requests)
     stats = engine.stats()
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0 and max(looked) > 0
+
+
+def test_a_chunks_mask_is_the_attention_rule_for_every_window_and_tile_layout():
+    """PagedAttention builds a chunk's mask from each query's range of keys: the same mask as
+    lm.attention.attention_mask (causal, the window, image tiles both ways) over the chunk's keys, for
+    random tile layouts, chunks that never split a tile, and windows shorter and longer than a tile."""
+    import random
+
+    import numpy as np
+
+    from lm.attention import additive_mask, attention_mask
+    from lm.engine.model_runner import PagedAttention, ScheduledChunk
+
+    class Tiled:  # what the mask reads of a Sequence: its tiles' [start, end)
+        def __init__(self, spans):
+            self.tile_spans = spans
+
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        length, spans, position = rng.randint(1, 300), [], rng.randint(0, 12)
+        while position + TILE * 8 <= length and rng.random() < 0.7:  # tiles of 32 tokens, some adjacent
+            spans.append((position, position + TILE * 8))
+            position += TILE * 8 + rng.choice([0, 0, 1, 5])
+        tile_ids = np.full(length, -1)
+        for tile, (start, end) in enumerate(spans):
+            tile_ids[start:end] = tile
+        cuts = sorted({0, length, *(rng.randint(0, length) for _ in range(3))})
+        cuts = [c for c in cuts if not any(start < c < end for start, end in spans)]
+        for start, end in zip(cuts, cuts[1:]):
+            chunk = ScheduledChunk(Tiled(spans), start, end)
+            for window in (None, 1, 7, 32, 100):
+                lo = 0 if window is None else max(0, start - window + 1)
+                expected = attention_mask(torch.arange(start, end)[None], torch.arange(lo, end)[None],
+                                          sliding_window=window, q_tile=torch.from_numpy(tile_ids[start:end])[None],
+                                          k_tile=torch.from_numpy(tile_ids[lo:end])[None])
+                for dtype in (torch.float32, torch.bfloat16):
+                    got = PagedAttention._mask(chunk, window, torch.device("cpu"), dtype)
+                    assert got.dtype == dtype and torch.equal(got, additive_mask(expected, dtype))
+                checked += 1
+    assert checked > 1000

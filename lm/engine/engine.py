@@ -377,7 +377,9 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return
-        self.storage.clear(self.scheduler.block_manager.take_allocated())
+        allocated = self.scheduler.block_manager.take_allocated()
+        if self.runner.reads_unwritten_cells:  # masked, but a NaN left there by an earlier tenant would spread
+            self.storage.clear(allocated)
         try:
             results = [(chunks, self.runner.run(chunks))]
         except Exception as exc:

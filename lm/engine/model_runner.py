@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lm.attention import additive_mask, attention_mask, sdpa
+from lm.attention import additive_mask, sdpa
 from lm.head_screen import GreedyHeadScreen, head_weight
 from lm.kv_cache import KVLayout, PagedKVStorage
 from lm.layers import fused
@@ -166,15 +166,25 @@ class PagedAttention:
 
     @staticmethod
     def _mask(chunk: ScheduledChunk, window: int | None, device, dtype: torch.dtype) -> Tensor:
+        """The additive mask (1, 1, T, S) of a chunk's T queries over its keys [lo, end) (`_span`):
+        lm.attention.attention_mask's rule, built from each query's range of keys. Query p reads keys
+        [max(lo, p - window + 1), p], or up to the end of its image tile when p is a placeholder: causal
+        within the window, and a tile's tokens see its later ones (a chunk never splits a tile; the window
+        drops only keys `window` or more positions back, never a later one). Built in numpy: at a few dozen
+        queries the dozen ATen calls of the mask functions cost ~2-3x as much."""
         sequence = chunk.sequence
         lo = 0 if window is None else max(0, chunk.start - window + 1)
-        q_pos = torch.arange(chunk.start, chunk.end, device=device)[None]  # (1, T)
-        k_pos = torch.arange(lo, chunk.end, device=device)[None]  # (1, S)
-        tiles = sequence.tile_ids.to(device)
-        q_tile = _tiles_at(tiles, chunk.start, chunk.end)[None]
-        k_tile = _tiles_at(tiles, lo, chunk.end)[None]
-        allowed = attention_mask(q_pos, k_pos, sliding_window=window, q_tile=q_tile, k_tile=k_tile)
-        return additive_mask(allowed, dtype)
+        positions = np.arange(chunk.start, chunk.end)
+        first = np.full(positions.shape[0], lo) if window is None else np.maximum(lo, positions - window + 1)
+        last = positions.copy()
+        for tile_start, tile_end in sequence.tile_spans:
+            if tile_start < chunk.end and tile_end > chunk.start:
+                inside_end = min(tile_end, chunk.end)
+                last[max(tile_start, chunk.start) - chunk.start:inside_end - chunk.start] = inside_end - 1
+        keys = np.arange(lo, chunk.end)[None]  # (1, S)
+        allowed = (keys >= first[:, None]) & (keys <= last[:, None])  # (T, S)
+        additive = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+        return torch.from_numpy(additive)[None, None].to(device=device, dtype=dtype)
 
     def _decode_rows_only(self, g: int) -> tuple | None:
         """Group g's one decode batch when the step is decode rows only, all in that batch (in packed
@@ -192,7 +202,7 @@ class PagedAttention:
         cos, sin (1, N, D) to apply first. On a float32 CPU cache the norm, rotation, cache write and
         attention are one call (lm.layers.fused.decode_rows_attention): returns (1, N, H * D). None for
         any other step or storage: the caller norms, rotates and calls `attend`."""
-        if not fused.reads_in_place(qkv, self.storage.keys[0]):
+        if not self.decode_rows_step or not fused.reads_in_place(qkv, self.storage.keys[0]):
             return None
         arrays = self.decode_rows_arrays(layer_idx, cos, sin)
         if arrays is None:
@@ -327,6 +337,14 @@ class ModelRunner:
         self.screen = screen
         self._warned_stale = False
         self._screen_skips, self._screen_backoff = 0, 1  # greedy steps left without the screen; next back-off
+
+    @property
+    def reads_unwritten_cells(self) -> bool:
+        """Whether attention may read cache cells no request has written: padded decode batches gather
+        whole blocks, masking the tail of each row's last block (PagedAttention). A float32 CPU cache is
+        read in place, each row and chunk over exactly the positions it holds, so newly allocated blocks
+        need no zeroing there."""
+        return not fused.reads_in_place(self.storage.keys[0], self.storage.keys[0])
 
     def logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits (R, vocab) of final hidden states (R, hidden)."""

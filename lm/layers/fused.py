@@ -216,11 +216,10 @@ def _qk_norm_rope(qkv, count, heads, q_weight, k_weight, norm, offset, eps, cos,
                 _normalize(qkv[n, h], q_weight if h < heads else k_weight, offset, eps, row)
             else:
                 row[:] = qkv[n, h]
-            low = row[:half].copy()  # rotate_half(x) = (-x[half:], x[:half])
-            for j in range(half):
-                row[j] = row[j] * cos[n, j] + (-row[j + half]) * sin[n, j]
-            for j in range(half, 2 * half):
-                row[j] = row[j] * cos[n, j] + low[j - half] * sin[n, j]
+            for j in range(half):  # rotate_half(x) = (-x[half:], x[:half]), a pair at a time (no copy)
+                low, high = row[j], row[j + half]
+                row[j] = low * cos[n, j] + (-high) * sin[n, j]
+                row[j + half] = high * cos[n, j + half] + low * sin[n, j + half]
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, start: Tensor, length: Tensor,
