@@ -134,10 +134,12 @@ def largest_chunk(config: DecoderConfig, prefill_chunk: int) -> int:
 class PagedKVStorage:
     """Key and value tensors of `num_blocks` blocks: keys[j], values[j] are
     (num_blocks, block_size, kv_heads, head_dim) in the engine's dtype, for the j-th layer of every group.
-    The tensors start uninitialised and blocks are not cleared when freed; the engine clears each block
-    when it is allocated (`clear`), because decode attention reads whole blocks: the positions of a
-    request's last block beyond its length are masked out, but a masked NaN or inf still turns the
-    attention output into NaN (0 x NaN), so whatever an earlier tenant left there must not stay."""
+    The tensors start uninitialised and blocks are not cleared when freed. Where decode attention gathers
+    whole blocks (any cache but float32 on the CPU: lm.engine.model_runner), the engine clears each block
+    when it is allocated (`clear`): the positions of a request's last block beyond its length are masked
+    out, but a masked NaN or inf still turns the attention output into NaN (0 x NaN), so whatever an
+    earlier tenant left there must not stay. A float32 CPU cache is read in place at exactly the
+    positions each request wrote, and is not cleared."""
 
     def __init__(self, config: DecoderConfig, layout: KVLayout, num_blocks: int, *, dtype: torch.dtype,
                  device: torch.device | str):
