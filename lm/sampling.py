@@ -202,10 +202,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, token_ids: lis
     (`token_ids`: prompt then output, `prompt_len` of them the prompt). repetition_penalty (Keskar et al.
     2019, CTRL; transformers' RepetitionPenaltyLogitsProcessor) covers prompt and output tokens;
     presence_penalty and frequency_penalty (OpenAI's definitions, as vLLM applies them) the output only;
-    then `logit_bias` is added. Returns a new float32 tensor; the input is unchanged."""
+    then `logit_bias` is added. Prompt ids past the vocabulary (image placeholders whose id lies beyond it,
+    as in the test models: Gemma 3's 4B-27B place theirs inside) have no logit and are not penalised.
+    Returns a new float32 tensor; the input is unchanged."""
     logits = logits.detach().float().clone()
     if params.repetition_penalty != 1.0 and token_ids:
-        seen = torch.tensor(sorted(set(token_ids)), device=logits.device)
+        vocab = logits.shape[-1]
+        seen = torch.tensor(sorted(t for t in set(token_ids) if 0 <= t < vocab), dtype=torch.long, device=logits.device)
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     output = token_ids[prompt_len:]

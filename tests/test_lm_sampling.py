@@ -103,6 +103,21 @@ def test_repetition_penalty_equals_the_reference_processor(penalty):
     assert not torch.equal(got, logits)
 
 
+def test_repetition_penalty_skips_prompt_ids_past_the_vocabulary():
+    """An image placeholder id beyond the vocabulary (the test VLMs: id 262,144 with 262,144 logits) has no
+    logit: the penalty is the reference processor's over the other ids (it was an IndexError)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from lm.sampling import apply_penalties
+
+    logits = logits_row(8, vocab=50, scale=3.0)
+    token_ids = [3, 50, 50, 50, 7, 12]  # prompt [3, placeholders x3, 7], output [12]
+    inside = [t for t in token_ids if t < 50]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([inside]), logits[None].clone())[0]
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=1.3), token_ids, prompt_len=5)
+    torch.testing.assert_close(got, expected)
+
+
 def test_presence_and_frequency_penalties_follow_the_output_counts():
     """OpenAI's definition: logit - frequency x count - presence x (count > 0), over output tokens only."""
     from lm.sampling import apply_penalties
