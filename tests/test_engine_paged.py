@@ -13,7 +13,7 @@ from lm.engine import Engine, EngineConfig
 from lm.requests import GenerationRequest
 from lm.sampling import SamplingParams
 from test_lm_engine import (  # noqa: F401 - model_and_config is a fixture shared with the engine tests
-    TILE, image_prompt, model_and_config, prompt_of, reference_greedy,
+    IMAGE_ID, TILE, image_prompt, model_and_config, prompt_of, reference_greedy,
 )
 
 
@@ -473,3 +473,41 @@ def test_a_chunks_mask_is_the_attention_rule_for_every_window_and_tile_layout():
                     assert got.dtype == dtype and torch.equal(got, additive_mask(expected, dtype))
                 checked += 1
     assert checked > 1000
+
+
+def test_a_prompt_that_cannot_grow_waits_instead_of_bouncing(model_and_config):
+    """Three text requests and one with a 16-token tile after 4 text tokens, in a budget of one longest
+    request and 4-token chunks: a prompt that cannot get blocks for its next chunk while it is the newest
+    keeps its blocks and waits (it used to preempt itself, be re-admitted at once for the chunk its freed
+    blocks allowed, and stall at the same place: the image request did so every step until the tile's
+    blocks were free). No prefilling request preempts itself; every answer equals the request alone."""
+    import dataclasses
+
+    model, _ = model_and_config
+    tile = 16
+    config = dataclasses.replace(model_and_config[1], mm_tokens_per_image=tile)
+    sizing = paged_engine(model, config, block_size=2, max_seq_len=64, prefill_chunk=4)
+    engine = paged_engine(model, config, block_size=2, max_seq_len=64, prefill_chunk=4, max_batch=4,
+                          blocks=sizing.layout.blocks_for_request(64, tile))
+    ids, mask = [2, 10, 11, 12] + [IMAGE_ID] * tile + [13, 14], [False] * 4 + [True] * tile + [False] * 2
+    soft = torch.randn(1, tile, config.hidden_size, generator=torch.Generator().manual_seed(5))
+    requests = text_requests(3, new_tokens=30) + [GenerationRequest(
+        ids, SamplingParams(max_new_tokens=6), soft_tokens=soft, image_mask=torch.tensor(mask), request_id="image")]
+    growing, self_preempted = [], []
+    grow, preempt = engine.scheduler.block_manager.grow, engine.scheduler._preempt
+
+    def recording_grow(sequence, start, end):
+        growing[:] = [sequence]
+        return grow(sequence, start, end)
+
+    def recording_preempt(victim):
+        if growing and victim is growing[0] and victim.prefilling:
+            self_preempted.append(victim.request.request_id)
+        preempt(victim)
+
+    engine.scheduler.block_manager.grow, engine.scheduler._preempt = recording_grow, recording_preempt
+    handles = run(engine, requests)
+    assert engine.stats().preemptions > 0, "nothing was preempted: the budget is not tight, the test proves nothing"
+    assert not self_preempted, f"prompts preempted themselves: {self_preempted}"
+    for request, handle in zip(requests, handles):
+        assert handle.result().token_ids == greedy_alone(model, config, request), request.request_id

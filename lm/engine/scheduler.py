@@ -5,7 +5,10 @@ requests still prefilling, with at most `max_num_seqs` running requests:
   1. Running requests first, oldest first: a decoding request takes its one token, one still prefilling
      takes the next chunk of what is left (never splitting an image tile). A request that needs a block when
      none is free preempts the newest running request (its blocks freed, itself queued first again, to
-     be recomputed from its prompt and the tokens it already generated), itself last.
+     be recomputed from its prompt and the tokens it already generated), itself last; except that the
+     newest, when it is still prefilling, keeps its blocks and waits for the next step (no admission
+     then: it would be re-admitted at once, for a chunk as far as its freed blocks reach, and stall at
+     the same place again).
   2. Then waiting requests in arrival order while budget, sequence slots and free blocks allow: each
      first takes its longest cached prefix (lm.engine.block_manager), then blocks for its first chunk.
      Admission never preempts.
@@ -39,6 +42,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         # decoding requests before prefilling ones, so that prompts never hold back the streams
         order = [s for s in self.running if not s.prefilling] + [s for s in self.running if s.prefilling]
+        stalled = False  # the newest request, prefilling, waits for blocks: nothing is admitted past it
         for sequence in order:
             if sequence not in self.running:  # preempted by an earlier request of this loop
                 continue
@@ -48,6 +52,13 @@ class Scheduler:
                 continue  # no budget left, or a whole tile that does not fit what is left: next step
             while not self.block_manager.grow(sequence, start, end):
                 victim = self.running[-1]
+                if victim is sequence and prefilling:
+                    # Preempting itself would re-queue it first, to be admitted again at once for the chunk
+                    # its freed blocks allow and stall at the same place (a tile after a few text tokens:
+                    # admitted and preempted every step). It keeps its blocks and waits; a request that
+                    # needs blocks later preempts it as the newest.
+                    stalled = True
+                    break
                 self._preempt(victim)
                 chunks = [c for c in chunks if c.sequence is not victim]
                 if victim is sequence:
@@ -58,7 +69,7 @@ class Scheduler:
                     budget -= end - start
                     prefill_scheduled = True
         budget = self.max_num_prefill_tokens - sum(c.num_tokens for c in chunks if c.start < c.sequence.num_tokens - 1)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not stalled:
             sequence = self.waiting[0]
 
             def end_of(start: int, sequence=sequence) -> int | None:
