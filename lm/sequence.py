@@ -150,13 +150,10 @@ class Sequence:
             found.append((max(tile_start, start), self.tile_hashes[tile], tile_start))
         return found
 
-    def ends_inside_tile(self, position: int) -> bool:
-        """Whether a chunk ending at `position` would split an image tile."""
-        return any(start < position < end for start, end in self.tile_spans)
-
     def next_chunk(self, budget: int) -> tuple[int, int]:
-        """[start, end) of the next tokens to compute: at most `budget` of them, never splitting an
-        image tile (a tile larger than the budget is taken whole)."""
+        """[start, end) of the next tokens to compute: at most `budget` of them, never ending inside an
+        image tile (a tile larger than the budget is taken whole; from inside a tile, where a prefix hit
+        ended, the rest of it)."""
         start = self.num_computed_tokens
         end = min(start + budget, self.num_tokens)
         for tile_start, tile_end in self.tile_spans:
@@ -165,10 +162,12 @@ class Sequence:
                 break
         return start, end
 
-    def tiles_in(self, start: int, end: int) -> slice:
-        """Indices of the tiles whose placeholders lie in [start, end)."""
-        inside = [i for i, (s, e) in enumerate(self.tile_spans) if start <= s and e <= end]
-        return slice(inside[0], inside[-1] + 1) if inside else slice(0, 0)
+    def soft_token_rows(self, start: int, end: int) -> torch.Tensor | None:
+        """The soft tokens (K, hidden) of the placeholders in [start, end), in order (parts of tiles at the
+        range's edges included: a prefix hit can end inside a tile), or None when there are none."""
+        rows = [self.soft_tokens[tile, max(tile_start, start) - tile_start:min(tile_end, end) - tile_start]
+                for tile, (tile_start, tile_end) in enumerate(self.tile_spans) if tile_start < end and tile_end > start]
+        return torch.cat(rows) if rows else None
 
     def append(self, token_id: int, logprob=None) -> tuple[str | None, bool]:
         """Record a sampled token and its TokenLogprob (engine thread): (the finish reason its id alone

@@ -511,3 +511,33 @@ def test_a_prompt_that_cannot_grow_waits_instead_of_bouncing(model_and_config):
     assert not self_preempted, f"prompts preempted themselves: {self_preempted}"
     for request, handle in zip(requests, handles):
         assert handle.result().token_ids == greedy_alone(model, config, request), request.request_id
+
+
+@pytest.mark.parametrize("block_size", [3, 4, 5])
+def test_a_prefix_hit_may_end_inside_an_image_tile(model_and_config, block_size):
+    """The same one-image request twice, and a longer one that extends it: with a 16-token tile (longer
+    than the window of 8) and blocks that end inside it, the second request's cached prefix ends inside
+    the tile (every cacheable length did before, so a repeated caption prompt never hit); its next
+    chunk computes the rest of the tile, seeing the cached part. Answers equal each request alone."""
+    import dataclasses
+
+    model, _ = model_and_config
+    tile = 16
+    config = dataclasses.replace(model_and_config[1], mm_tokens_per_image=tile)
+    # one token after the tile: the longest cacheable prefix (all but the last token) ends inside it
+    ids, mask = [2, 10, 11] + [IMAGE_ID] * tile + [13], [False] * 3 + [True] * tile + [False]
+    soft = torch.randn(1, tile, config.hidden_size, generator=torch.Generator().manual_seed(6))
+
+    def request(extra: list[int], name: str) -> GenerationRequest:
+        return GenerationRequest(ids + extra, SamplingParams(max_new_tokens=8), soft_tokens=soft,
+                                 image_mask=torch.tensor(mask + [False] * len(extra)), request_id=name)
+
+    engine = paged_engine(model, config, block_size=block_size, prefill_chunk=6)
+    hits = []
+    for current in (request([], "first"), request([], "again"), request([20, 21, 22], "longer")):
+        before = engine.stats().prefix_cache_hit_tokens
+        handle = run(engine, [current])[0]
+        hits.append(engine.stats().prefix_cache_hit_tokens - before)
+        assert handle.result().token_ids == greedy_alone(model, config, current), current.request_id
+    assert hits[0] == 0 and hits[1] > 0 and hits[2] >= hits[1]
+    assert 3 < hits[1] < 3 + tile, f"the repeat's hit of {hits[1]} tokens does not end inside the tile"

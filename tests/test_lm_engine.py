@@ -67,7 +67,7 @@ def reference_greedy(model, config, prompt, new_tokens, soft_tokens=None, image_
         tiles = None
         if mask is not None:
             full_mask = torch.cat([mask, torch.zeros(len(ids) - len(mask), dtype=torch.bool)])[None]
-            tiles = tile_ids_from_mask(full_mask, TILE)
+            tiles = tile_ids_from_mask(full_mask, config.mm_tokens_per_image)
         hidden = model(seq, positions, FullAttention(config, positions, tiles), soft_tokens=soft_tokens,
                        image_mask=full_mask)
         ids.append(int(torch.argmax(model.logits(hidden[:, -1]))))

@@ -134,10 +134,12 @@ class BlockManager:
 
     # ----- admission -----------------------------------------------------------------------------
 
-    def find_prefix(self, sequence, limit: int, valid_end=lambda n: True) -> tuple[int, list[list[int | None]]]:
+    def find_prefix(self, sequence, limit: int) -> tuple[int, list[list[int | None]]]:
         """The longest cached prefix of `sequence` of at most `limit` tokens, in whole blocks: (tokens,
-        per-group tables of the cached blocks it would take, None where not needed). `valid_end(n)` can
-        refuse a length (e.g. one that ends inside an image tile). Takes no references."""
+        per-group tables of the cached blocks it would take, None where not needed). The prefix may end
+        inside an image tile: its blocks' keys hold the tile's content hash, so their keys and values are
+        those of the same tile, computed seeing all of it, and the next chunk takes the rest of the tile
+        whole (lm.sequence.Sequence.next_chunk). Takes no references."""
         groups, size = self.layout.groups, self.layout.block_size
         if not self.enable_prefix_caching:
             return 0, [[] for _ in groups]
@@ -155,8 +157,6 @@ class BlockManager:
             longest = index + 1
         for blocks in range(longest, 0, -1):
             tokens = blocks * size
-            if not valid_end(tokens):
-                continue
             tables = []
             for g, group in enumerate(groups):
                 first = self.layout.first_needed_block(group, tokens)
@@ -177,11 +177,11 @@ class BlockManager:
             needed += sum(1 for i in range(first, last) if i >= len(table) or table[i] is None)
         return needed
 
-    def admit(self, sequence, limit: int, end_of, valid_end=lambda n: True) -> bool:
+    def admit(self, sequence, limit: int, end_of) -> bool:
         """Give a waiting request its cached prefix and the blocks of its first chunk, or nothing and
         False if the free blocks are too few. `end_of(start)` is where the chunk beginning at `start`
         ends (the scheduler's budget and tile rules), or None to admit nothing this step."""
-        tokens, tables = self.find_prefix(sequence, limit, valid_end)
+        tokens, tables = self.find_prefix(sequence, limit)
         end = end_of(tokens)
         if end is None:
             return False

@@ -169,8 +169,9 @@ class PagedAttention:
         """The additive mask (1, 1, T, S) of a chunk's T queries over its keys [lo, end) (`_span`):
         lm.attention.attention_mask's rule, built from each query's range of keys. Query p reads keys
         [max(lo, p - window + 1), p], or up to the end of its image tile when p is a placeholder: causal
-        within the window, and a tile's tokens see its later ones (a chunk never splits a tile; the window
-        drops only keys `window` or more positions back, never a later one). Built in numpy: at a few dozen
+        within the window, and a tile's tokens see its later ones (a chunk never ends inside a tile, and one
+        that starts inside a tile after a prefix hit holds the rest of it; the window drops only keys
+        `window` or more positions back, never a later one). Built in numpy: at a few dozen
         queries the dozen ATen calls of the mask functions cost ~2-3x as much."""
         sequence = chunk.sequence
         lo = 0 if window is None else max(0, chunk.start - window + 1)
@@ -401,9 +402,9 @@ class ModelRunner:
             if with_images:
                 image_rows.append(_tiles_at(sequence.tile_ids, chunk.start, chunk.end) >= 0)
             if sequence.soft_tokens is not None:
-                tiles = sequence.tiles_in(chunk.start, chunk.end)
-                if tiles.stop > tiles.start:
-                    soft_tokens.append(sequence.soft_tokens[tiles])
+                rows = sequence.soft_token_rows(chunk.start, chunk.end)  # (K, hidden): whole tiles, or a tile's rest
+                if rows is not None:
+                    soft_tokens.append(rows)
             row += chunk.num_tokens
             if chunk.samples:
                 last_rows.append(row - 1)
@@ -413,7 +414,7 @@ class ModelRunner:
         if soft_tokens:
             image_mask = torch.cat(image_rows).to(self.device)[None]  # (1, N)
             hidden = self.model(input_ids, position_ids, attention,
-                                soft_tokens=torch.cat(soft_tokens).to(self.device), image_mask=image_mask)
+                                soft_tokens=torch.cat(soft_tokens).to(self.device)[None], image_mask=image_mask)
         else:
             hidden = self.model(input_ids, position_ids, attention)
         if not last_rows:

@@ -3,7 +3,7 @@
 Each step computes one token of every decoding request plus at most `max_num_prefill_tokens` tokens of
 requests still prefilling, with at most `max_num_seqs` running requests:
   1. Running requests first, oldest first: a decoding request takes its one token, one still prefilling
-     takes the next chunk of what is left (never splitting an image tile). A request that needs a block when
+     takes the next chunk of what is left (never ending inside an image tile). A request that needs a block when
      none is free preempts the newest running request (its blocks freed, itself queued first again, to
      be recomputed from its prompt and the tokens it already generated), itself last; except that the
      newest, when it is still prefilling, keeps its blocks and waits for the next step (no admission
@@ -78,8 +78,7 @@ class Scheduler:
                 # a whole tile that does not fit what is left of the budget waits for the next step
                 return None if end - start > budget and prefill_scheduled else end
 
-            if not self.block_manager.admit(sequence, sequence.num_tokens - 1, end_of,
-                                            valid_end=lambda n, s=sequence: not s.ends_inside_tile(n)):
+            if not self.block_manager.admit(sequence, sequence.num_tokens - 1, end_of):
                 sequence.num_computed_tokens = 0
                 break
             start, end = sequence.num_computed_tokens, end_of(sequence.num_computed_tokens)
