@@ -483,9 +483,9 @@ def test_a_prompt_that_cannot_grow_waits_instead_of_bouncing(model_and_config):
     blocks were free). No prefilling request preempts itself; every answer equals the request alone."""
     import dataclasses
 
-    model, _ = model_and_config
+    model, config = model_and_config
     tile = 16
-    config = dataclasses.replace(model_and_config[1], mm_tokens_per_image=tile)
+    config = dataclasses.replace(config, mm_tokens_per_image=tile)
     sizing = paged_engine(model, config, block_size=2, max_seq_len=64, prefill_chunk=4)
     engine = paged_engine(model, config, block_size=2, max_seq_len=64, prefill_chunk=4, max_batch=4,
                           blocks=sizing.layout.blocks_for_request(64, tile))
@@ -521,9 +521,9 @@ def test_a_prefix_hit_may_end_inside_an_image_tile(model_and_config, block_size)
     chunk computes the rest of the tile, seeing the cached part. Answers equal each request alone."""
     import dataclasses
 
-    model, _ = model_and_config
+    model, config = model_and_config
     tile = 16
-    config = dataclasses.replace(model_and_config[1], mm_tokens_per_image=tile)
+    config = dataclasses.replace(config, mm_tokens_per_image=tile)
     # one token after the tile: the longest cacheable prefix (all but the last token) ends inside it
     ids, mask = [2, 10, 11] + [IMAGE_ID] * tile + [13], [False] * 3 + [True] * tile + [False]
     soft = torch.randn(1, tile, config.hidden_size, generator=torch.Generator().manual_seed(6))
